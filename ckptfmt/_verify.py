@@ -1,0 +1,158 @@
+"""Verifying a checkpoint: every chunk re-hashed, every file accounted for."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptfmt._pool import pool, workers
+from ckptfmt._progress import progress_bar
+from ckptfmt._reader import read_manifest
+from ckptfmt.errors import CheckpointNotFoundError, FormatError
+from ckptfmt.format.hashing import get_hash
+from ckptfmt.format.spec import MANIFEST_NAME, MANIFEST_TMP_PREFIX
+from ckptfmt.storage.base import Storage
+
+#: Problem kinds. "error" problems make a checkpoint fail verification; "warning" ones do not.
+ERROR_KINDS = ("manifest", "missing_file", "truncated_file", "size_mismatch", "hash_mismatch", "unreadable")
+WARNING_KINDS = ("extra_file", "leftover")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a checkpoint, and where."""
+
+    kind: str
+    message: str
+    severity: str = "error"
+    file: str | None = None
+    tensor: str | None = None
+    chunk: int | None = None
+    offset: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.kind}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The result of :func:`ckptfmt.verify`. ``ok`` is true when no error was found."""
+
+    path: str
+    ok: bool
+    digest: str | None
+    version: str | None
+    tensors: int
+    chunks_checked: int
+    bytes_checked: int
+    seconds: float
+    problems: tuple[Problem, ...] = field(default_factory=tuple)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        d = asdict(self)
+        d["problems"] = [asdict(p) for p in self.problems]
+        return d
+
+
+def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = None) -> VerifyReport:
+    """Check a checkpoint completely; see :func:`ckptfmt.verify`."""
+    t0 = time.perf_counter()
+    problems: list[Problem] = []
+
+    def report(digest: str | None = None, version: str | None = None, tensors: int = 0, chunks: int = 0, nbytes: int = 0) -> VerifyReport:
+        ok = not any(p.severity == "error" for p in problems)
+        return VerifyReport(path, ok, digest, version, tensors, chunks, nbytes, time.perf_counter() - t0, tuple(problems))
+
+    try:
+        m = read_manifest(path, storage)
+    except CheckpointNotFoundError:
+        raise
+    except FormatError as e:
+        problems.append(Problem("manifest", str(e), file=storage.join(path, MANIFEST_NAME)))
+        return report()
+    version = f"{m.version[0]}.{m.version[1]}"
+
+    # Files: present, of the recorded size, and nothing unexplained beside them.
+    usable = [True] * len(m.files)
+    for i, fe in enumerate(m.files):
+        fpath = storage.join(path, fe.path)
+        try:
+            size = storage.size(fpath)
+        except FileNotFoundError:
+            problems.append(Problem("missing_file", f"data file {fpath} is missing", file=fe.path))
+            usable[i] = False
+            continue
+        if size < fe.size:
+            problems.append(Problem("truncated_file", f"data file {fpath} is truncated: {size} of {fe.size} bytes", file=fe.path, offset=size))
+            usable[i] = False
+        elif size > fe.size:
+            problems.append(Problem("size_mismatch", f"data file {fpath} is {size} bytes, the manifest records {fe.size}", file=fe.path, offset=fe.size))
+    known = {fe.path for fe in m.files} | {MANIFEST_NAME}
+    for name in storage.listdir(path):
+        if name in known or storage.isdir(storage.join(path, name)):
+            continue
+        if name.startswith(MANIFEST_TMP_PREFIX):
+            problems.append(Problem("leftover", f"{name} is left over from an interrupted save; it is safe to delete", "warning", file=name))
+        else:
+            problems.append(Problem("extra_file", f"{name} is not part of the checkpoint", "warning", file=name))
+
+    # Chunks: grouped per worker, each worker with its own buffer and file handles.
+    hasher = get_hash(m.hash_alg)
+    cs = m.chunk_size
+    entries = [m.tensor(i) for i in range(m.num_tensors)]
+    jobs = [(e, k) for e in entries for k in range(e.num_chunks) if usable[int(m.chunk_file[e.first_chunk + k])]]
+    total = sum(m.chunk_length(e, k) for e, k in jobs)
+    bar = progress_bar(total, f"verifying {path}", progress)
+    nworkers = workers()
+    slices = [jobs[w::nworkers] for w in range(nworkers)]
+
+    def work(part: list) -> tuple[list[Problem], int, int]:
+        found: list[Problem] = []
+        buf = np.empty(cs, np.uint8)
+        view = memoryview(buf)
+        handles: dict[int, Any] = {}
+        nchunks = nbytes = 0
+        try:
+            for e, k in part:
+                c = e.first_chunk + k
+                f, off, length = int(m.chunk_file[c]), int(m.chunk_offset[c]), m.chunk_length(e, k)
+                fe = m.files[f]
+                try:
+                    h = handles.get(f) or handles.setdefault(f, storage.open_read(storage.join(path, fe.path)))
+                    got = h.readinto(off, view[:length])
+                except OSError as ex:
+                    found.append(Problem("unreadable", f"reading {fe.path} at byte {off} failed: {ex}", file=fe.path, tensor=e.name, chunk=k, offset=off))
+                    continue
+                if got != length:
+                    found.append(Problem("truncated_file", f"tensor {e.name!r} chunk {k}: {fe.path} ends before byte {off + length}", file=fe.path, tensor=e.name, chunk=k, offset=off))
+                elif hasher.digest(view[:length]) != m.chunk_hash(c):
+                    found.append(Problem("hash_mismatch", f"tensor {e.name!r} chunk {k}: hash mismatch in {fe.path} at byte offset {off}", file=fe.path, tensor=e.name, chunk=k, offset=off))
+                nchunks += 1
+                nbytes += length
+                bar.update(length)
+        finally:
+            for h in handles.values():
+                h.close()
+        return found, nchunks, nbytes
+
+    results = [f.result() for f in [pool().submit(work, s) for s in slices]]
+    bar.close()
+    nchunks = nbytes = 0
+    for found, c, b in results:
+        problems.extend(found)
+        nchunks += c
+        nbytes += b
+    problems.sort(key=lambda p: (p.severity != "error", p.file or "", p.offset or 0))
+    return report(m.hexdigest, version, m.num_tensors, nchunks, nbytes)

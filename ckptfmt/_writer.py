@@ -1,0 +1,226 @@
+"""Writing a checkpoint: stream tensors in chunks, hash them in parallel, commit atomically."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import time
+from collections import deque
+from typing import Any, Iterator
+
+import numpy as np
+
+from ckptfmt._pool import pool, workers
+from ckptfmt._progress import progress_bar
+from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError
+from ckptfmt.format.dtypes import dtype_name, needs_byteswap, storage_dtype
+from ckptfmt.format.hashing import DEFAULT_HASH
+from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
+from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME, MANIFEST_TMP_PREFIX
+from ckptfmt.format.tree import encode_tree
+from ckptfmt.storage.base import Storage
+
+#: A new data file is started before a tensor that would push the current one past this.
+DATA_FILE_TARGET = 8 << 30
+_ZEROS = bytes(ALIGNMENT)
+#: Smaller chunks are hashed on the calling thread: a pool round trip would cost more.
+_INLINE_HASH_BYTES = 256 * 1024
+
+
+def is_tensor_leaf(x: Any) -> bool:
+    """numpy arrays and numpy scalars are tensors; numpy str/bytes scalars are plain."""
+    return isinstance(x, np.ndarray) or (isinstance(x, np.generic) and not isinstance(x, (str, bytes)))
+
+
+def _producer(extra: dict | None) -> dict:
+    from ckptfmt import __version__
+
+    info = {
+        "library": "ckptfmt",
+        "version": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    if extra:
+        info.update(extra)
+    return info
+
+
+def _pieces(arr: np.ndarray, piece_bytes: int) -> Iterator[memoryview]:
+    """Yield the bytes of ``arr`` in C order and little-endian, as contiguous pieces.
+
+    Works for any strides and byte order without ever copying more than about
+    ``piece_bytes`` at a time.
+    """
+    swap = needs_byteswap(arr.dtype)
+    if arr.flags.c_contiguous and not swap:
+        flat = arr.reshape(-1).view(np.uint8)
+        for s in range(0, len(flat), piece_bytes):
+            yield memoryview(flat[s : s + piece_bytes])
+        return
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    row_bytes = arr[0].nbytes if arr.shape[0] else 0
+    if row_bytes == 0:
+        return
+    if row_bytes > piece_bytes and arr.ndim > 1:
+        for r in range(arr.shape[0]):
+            yield from _pieces(arr[r], piece_bytes)
+        return
+    rows = max(1, piece_bytes // row_bytes)
+    target = storage_dtype(arr.dtype)
+    for r in range(0, arr.shape[0], rows):
+        block = np.ascontiguousarray(arr[r : r + rows])
+        if swap:
+            block = block.astype(target)
+        yield memoryview(block.reshape(-1).view(np.uint8))
+
+
+def _chunks(arr: np.ndarray, chunk_size: int) -> Iterator[memoryview]:
+    """Yield exactly-``chunk_size`` chunks (the last shorter) of the array's stored bytes."""
+    buf: bytearray | None = None
+    fill = 0
+    for piece in _pieces(arr, chunk_size):
+        if buf is None and len(piece) == chunk_size:
+            yield piece
+            continue
+        while len(piece):
+            if buf is None:
+                buf, fill = bytearray(chunk_size), 0
+            take = min(chunk_size - fill, len(piece))
+            buf[fill : fill + take] = piece[:take]
+            fill += take
+            piece = piece[take:]
+            if fill == chunk_size:
+                yield memoryview(buf)
+                buf = None  # the consumer may still hold the old buffer (hashing)
+    if buf is not None and fill:
+        yield memoryview(buf)[:fill]
+
+
+def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
+    """Encode the tree and list its tensors (each distinct array object once, in tree order)."""
+    tensors: list[tuple[str, np.ndarray]] = []
+    by_id: dict[int, int] = {}
+    keep_alive: list[Any] = []
+
+    def on_tensor(x: Any, name: str) -> int:
+        idx = by_id.get(id(x))
+        if idx is not None:
+            return idx  # the same array object twice (tied weights): stored once
+        arr = np.asarray(x)
+        dtype_name(arr.dtype)  # refuse unsupported dtypes before anything is written
+        if len(arr.shape) > LIMITS.max_rank:
+            raise FormatError(f"tensor {name!r} has rank {arr.ndim}, over the limit of {LIMITS.max_rank}")
+        keep_alive.append(x)
+        by_id[id(x)] = len(tensors)
+        tensors.append((name, arr))
+        return len(tensors) - 1
+
+    tree = encode_tree(state, on_tensor, is_tensor_leaf)
+    names = [n for n, _ in tensors]
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))
+        raise FormatError(f"two tensors would both be named {dup!r} (e.g. keys 0 and '0' in one dict); rename one")
+    return tree, tensors
+
+
+def write_checkpoint(
+    state: Any,
+    path: str,
+    storage: Storage,
+    *,
+    metadata: Any = None,
+    overwrite: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    hash_alg: str = DEFAULT_HASH,
+    sync: bool = True,
+    progress: bool | None = None,
+    producer: dict | None = None,
+) -> str:
+    """Write ``state`` as a checkpoint directory at ``path``; returns the manifest hash (hex)."""
+    manifest_path = storage.join(path, MANIFEST_NAME)
+    if storage.exists(path) and not storage.isdir(path):
+        raise CheckpointExistsError(f"{path} exists and is not a directory; choose another path")
+    old_files: list[str] = []
+    if storage.exists(manifest_path):
+        if not overwrite:
+            raise CheckpointExistsError(f"a checkpoint already exists at {path}; pass overwrite=True to replace it")
+        try:
+            old = decode_manifest(storage.read_file(manifest_path, max_size=LIMITS.max_manifest_bytes), where=manifest_path, check_hash=False)
+            old_files = [f.path for f in old.files if not f.path.startswith("../")]
+        except CkptFmtError:
+            old_files = []  # an unreadable old manifest: leave its files for `verify` to report
+
+    tree, tensors = collect_tensors(state)
+    builder = ManifestBuilder(chunk_size=chunk_size, hash_alg=hash_alg)
+    hasher = builder.hash
+    storage.makedirs(path)
+    token = secrets.token_hex(4)
+    written: list[str] = []
+    total = sum(int(a.nbytes) for _, a in tensors)
+    bar = progress_bar(total, f"saving {os.path.basename(path)}", progress)
+    handle = None
+    window = 2 * workers()
+    try:
+        file_index = -1
+        for name, arr in tensors:
+            ti = builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
+            del ti
+            nbytes = int(arr.nbytes)
+            if handle is None or (handle.tell() and handle.tell() + nbytes > DATA_FILE_TARGET):
+                if handle is not None:
+                    builder.set_file_size(file_index, handle.tell())
+                    handle.close(sync=sync)
+                fname = f"data-{len(written):05d}-{token}{DATA_SUFFIX}"
+                handle = storage.open_write(storage.join(path, fname))
+                written.append(fname)
+                file_index = builder.add_file(fname)
+            pad = -handle.tell() % ALIGNMENT
+            if pad:
+                handle.write(_ZEROS[:pad])
+            pending: deque = deque()
+            for chunk in _chunks(arr, chunk_size):
+                offset = handle.tell()
+                if len(chunk) < _INLINE_HASH_BYTES:
+                    builder.add_chunk(file_index, offset, hasher.digest(chunk))
+                    handle.write(chunk)
+                    bar.update(len(chunk))
+                    continue
+                # Hash on the pool while this thread writes; both release the GIL.
+                pending.append((pool().submit(hasher.digest, chunk), offset))
+                handle.write(chunk)
+                bar.update(len(chunk))
+                while len(pending) > window:
+                    fut, off = pending.popleft()
+                    builder.add_chunk(file_index, off, fut.result())
+            while pending:
+                fut, off = pending.popleft()
+                builder.add_chunk(file_index, off, fut.result())
+        if handle is not None:
+            builder.set_file_size(file_index, handle.tell())
+            handle.close(sync=sync)
+            handle = None
+        data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time())
+        storage.write_atomic(manifest_path, data, sync=sync, tmp_prefix=MANIFEST_TMP_PREFIX)
+    except BaseException:
+        bar.close()
+        if handle is not None:
+            try:
+                handle.close(sync=False)
+            except OSError:
+                pass
+        for fname in written:
+            try:
+                storage.delete(storage.join(path, fname))
+            except OSError:
+                pass
+        raise
+    bar.close()
+    keep = set(written)
+    for fname in old_files:
+        if fname not in keep:
+            storage.delete(storage.join(path, fname))
+    return builder.digest.hex()

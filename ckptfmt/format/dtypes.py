@@ -1,0 +1,95 @@
+"""The dtypes a checkpoint can hold, by their names in the manifest.
+
+All multi-byte values are stored little-endian. bfloat16 and the float8 types come from
+``ml_dtypes`` (a small dependency with no framework behind it).
+
+Example:
+    >>> import numpy as np
+    >>> from ckptfmt.format.dtypes import dtype_name, numpy_dtype
+    >>> dtype_name(np.dtype(">f4")), numpy_dtype("float32")
+    ('float32', dtype('float32'))
+"""
+
+from __future__ import annotations
+
+__all__ = ["DTYPE_NAMES", "dtype_name", "numpy_dtype", "needs_byteswap", "storage_dtype"]
+
+import sys
+
+import ml_dtypes
+import numpy as np
+
+from ckptfmt.errors import FormatError, UnsupportedDtypeError
+
+_NUMPY_BY_NAME: dict[str, np.dtype] = {
+    "bool": np.dtype(np.bool_),
+    "int8": np.dtype("<i1"),
+    "int16": np.dtype("<i2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "uint8": np.dtype("<u1"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "complex64": np.dtype("<c8"),
+    "complex128": np.dtype("<c16"),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+#: Every dtype name the format knows, in a stable order.
+DTYPE_NAMES: tuple[str, ...] = tuple(_NUMPY_BY_NAME)
+
+# ml_dtypes types are numpy "V"-kind or custom kinds; match them by identity of the type.
+_ML_TYPES = {np.dtype(t).type: n for n, t in _NUMPY_BY_NAME.items() if n in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
+_STD_KINDS = {(np.dtype(t).kind, np.dtype(t).itemsize): n for n, t in _NUMPY_BY_NAME.items() if n not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """Return the format's name for a numpy dtype, in either byte order.
+
+    Raises:
+        UnsupportedDtypeError: object, string, structured and other non-numeric dtypes.
+    """
+    dt = np.dtype(dtype)
+    name = _ML_TYPES.get(dt.type)
+    if name is not None:
+        return name
+    if dt.fields is None and dt.subdtype is None:
+        name = _STD_KINDS.get((dt.kind, dt.itemsize))
+        if name is not None:
+            return name
+    raise UnsupportedDtypeError(
+        f"dtype {dt!r} cannot be stored; supported dtypes are: {', '.join(DTYPE_NAMES)}"
+    )
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """Return the little-endian numpy dtype for a format dtype name.
+
+    Raises:
+        FormatError: the name is not one the format defines.
+    """
+    try:
+        return _NUMPY_BY_NAME[name]
+    except (KeyError, TypeError):
+        raise FormatError(f"unknown dtype {name!r} in manifest; known: {', '.join(DTYPE_NAMES)}") from None
+
+
+def needs_byteswap(dtype: np.dtype) -> bool:
+    """True when values of ``dtype`` must be byte-swapped to be stored little-endian."""
+    dt = np.dtype(dtype)
+    if dt.itemsize == 1 or dt.byteorder == "|":
+        return False
+    if dt.byteorder == ">":
+        return True
+    return dt.byteorder == "=" and sys.byteorder == "big"
+
+
+def storage_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype values of ``dtype`` have on disk (its little-endian twin)."""
+    return numpy_dtype(dtype_name(dtype))

@@ -1,0 +1,169 @@
+"""The tree of a saved state: nested dicts, lists and tuples with tensor and plain leaves.
+
+In the manifest a tree node is a msgpack array whose first element is a one-letter tag:
+
+=========================  ===============================================
+``["t", i]``               tensor number ``i`` of the manifest's tensor table
+``["v", value]``           a plain leaf: int, float, bool, str, bytes or None
+``["d", keys, values]``    a dict; keys are str or int, in insertion order
+``["l", items]``           a list
+``["u", items]``           a tuple
+=========================  ===============================================
+
+A tensor's *name* is the path of keys/indices from the root joined by ``/``, with ``~``
+written ``~0`` and ``/`` written ``~1`` inside a key (as in JSON Pointer). A flat
+``{"layer.weight": w}`` state therefore has the tensor name ``layer.weight``.
+
+Example:
+    >>> from ckptfmt.format.tree import escape_key
+    >>> escape_key("a/b~c")
+    'a~1b~0c'
+"""
+
+from __future__ import annotations
+
+__all__ = ["TensorRef", "escape_key", "join_path", "encode_tree", "decode_tree", "PLAIN_TYPES"]
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ckptfmt.errors import FormatError, LimitExceededError, UnsupportedDtypeError
+from ckptfmt.format.spec import LIMITS, Limits
+
+PLAIN_TYPES = (bool, int, float, str, bytes, type(None))
+_INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A placeholder for a tensor leaf: its index in the tensor table and its name."""
+
+    index: int
+    name: str
+
+
+def escape_key(key: str | int) -> str:
+    """Escape one path component so that ``/`` only ever separates components."""
+    if isinstance(key, int):
+        return str(key)
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def join_path(prefix: str, key: str | int) -> str:
+    """Append an escaped component to a ``/``-joined path."""
+    part = escape_key(key)
+    return f"{prefix}/{part}" if prefix else part
+
+
+def encode_tree(
+    obj: Any,
+    on_tensor: Callable[[Any, str], int],
+    is_tensor: Callable[[Any], bool],
+    limits: Limits = LIMITS,
+) -> list:
+    """Encode a state tree into manifest nodes.
+
+    Args:
+        obj: the state (nested dict/list/tuple with tensor and plain leaves).
+        on_tensor: called with (tensor, name) for each tensor leaf; returns its index.
+        is_tensor: tells tensor leaves from everything else.
+        limits: the depth limit to enforce.
+
+    Raises:
+        UnsupportedDtypeError: a leaf is neither a tensor nor a plain value.
+        LimitExceededError: the tree is nested deeper than the limit.
+    """
+
+    def enc(node: Any, path: str, depth: int) -> list:
+        if depth > limits.max_tree_depth:
+            raise LimitExceededError(f"state is nested deeper than {limits.max_tree_depth} levels at {path!r}")
+        if is_tensor(node):
+            return ["t", on_tensor(node, path)]
+        if isinstance(node, dict):
+            keys = list(node)
+            for k in keys:
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise UnsupportedDtypeError(
+                        f"dict key {k!r} at {path or '<root>'!r} is a {type(k).__name__}; only str and int keys can be saved"
+                    )
+                if isinstance(k, int) and not _INT_MIN <= k <= _UINT_MAX:
+                    raise UnsupportedDtypeError(f"dict key {k} at {path or '<root>'!r} does not fit in 64 bits")
+            return ["d", keys, [enc(node[k], join_path(path, k), depth + 1) for k in keys]]
+        if isinstance(node, list):
+            return ["l", [enc(v, join_path(path, i), depth + 1) for i, v in enumerate(node)]]
+        if isinstance(node, tuple):
+            return ["u", [enc(v, join_path(path, i), depth + 1) for i, v in enumerate(node)]]
+        if isinstance(node, PLAIN_TYPES):
+            if isinstance(node, int) and not isinstance(node, bool) and not _INT_MIN <= node <= _UINT_MAX:
+                raise UnsupportedDtypeError(f"int at {path or '<root>'!r} does not fit in 64 bits; store it as a str")
+            return ["v", node]
+        hint = ""
+        mod = type(node).__module__.split(".")[0]
+        if mod in ("torch", "tensorflow", "keras", "jax"):
+            hint = f"; convert {mod} objects with ckptfmt.{'torch' if mod == 'torch' else 'tensorflow'}.save or to numpy first"
+        raise UnsupportedDtypeError(
+            f"cannot save a {type(node).__module__}.{type(node).__qualname__} at {path or '<root>'!r}: "
+            f"leaves must be numpy arrays or int/float/bool/str/bytes/None{hint}"
+        )
+
+    return enc(obj, "", 0)
+
+
+def decode_tree(
+    node: Any,
+    n_tensors: int,
+    make_leaf: Callable[[int], Any],
+    limits: Limits = LIMITS,
+    where: str = "manifest",
+) -> Any:
+    """Rebuild a state tree from manifest nodes, validating every node.
+
+    Args:
+        node: the encoded root.
+        n_tensors: size of the tensor table (every ``["t", i]`` must index it).
+        make_leaf: builds the value of tensor leaf ``i``.
+        limits: the depth and node-count limits to enforce.
+        where: names the file in error messages.
+
+    Raises:
+        FormatError: a node is malformed, or the tree is too deep or too large.
+    """
+    count = [0]
+
+    def bad(msg: str, path: str) -> FormatError:
+        return FormatError(f"{where}: invalid tree node at {path or '<root>'!r}: {msg}")
+
+    def dec(n: Any, path: str, depth: int) -> Any:
+        count[0] += 1
+        if depth > limits.max_tree_depth or count[0] > limits.max_tree_nodes:
+            raise LimitExceededError(f"{where}: tree exceeds depth {limits.max_tree_depth} or {limits.max_tree_nodes} nodes")
+        if not isinstance(n, (list, tuple)) or not n or not isinstance(n[0], str):
+            raise bad("expected [tag, ...]", path)
+        tag = n[0]
+        if tag == "t":
+            if len(n) != 2 or type(n[1]) is not int or not 0 <= n[1] < n_tensors:
+                raise bad(f"tensor index out of range 0..{n_tensors - 1}", path)
+            return make_leaf(n[1])
+        if tag == "v":
+            if len(n) != 2 or not isinstance(n[1], PLAIN_TYPES):
+                raise bad("plain leaf must be int, float, bool, str, bytes or None", path)
+            return n[1]
+        if tag == "d":
+            if len(n) != 3 or not isinstance(n[1], (list, tuple)) or not isinstance(n[2], (list, tuple)) or len(n[1]) != len(n[2]):
+                raise bad("dict node must be ['d', keys, values] of equal length", path)
+            out = {}
+            for k, v in zip(n[1], n[2]):
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise bad(f"dict key {k!r} is not str or int", path)
+                if k in out:
+                    raise bad(f"duplicate dict key {k!r}", path)
+                out[k] = dec(v, join_path(path, k), depth + 1)
+            return out
+        if tag in ("l", "u"):
+            if len(n) != 2 or not isinstance(n[1], (list, tuple)):
+                raise bad("list/tuple node must be [tag, items]", path)
+            items = [dec(v, join_path(path, i), depth + 1) for i, v in enumerate(n[1])]
+            return items if tag == "l" else tuple(items)
+        raise bad(f"unknown tag {tag!r}", path)
+
+    return dec(node, "", 0)

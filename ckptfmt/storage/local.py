@@ -1,0 +1,219 @@
+"""Local filesystem storage: pread/pwrite, fsync, rename-into-place, mmap."""
+
+from __future__ import annotations
+
+__all__ = ["LocalStorage"]
+
+import errno
+import mmap
+import os
+import secrets
+
+from ckptfmt.errors import StorageError
+from ckptfmt.storage.base import ReadHandle, Storage, WriteHandle
+
+
+def _wrap(e: OSError, path: str, doing: str) -> OSError:
+    if isinstance(e, FileNotFoundError):
+        return e
+    hint = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; the disk is full: free space and save again (nothing already saved was changed)"
+    err = StorageError(e.errno, f"{doing} {path} failed: {e.strerror or e}{hint}")
+    err.filename = path
+    return err
+
+
+#: Writes smaller than this are gathered in memory and issued together.
+_SMALL_WRITE = 1 << 20
+
+
+class _LocalRead(ReadHandle):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise _wrap(e, path, "opening") from None
+        self._size = os.fstat(self._fd).st_size
+        self._mmap = None
+
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        total, n = 0, len(buf)
+        while total < n:
+            try:
+                got = os.preadv(self._fd, [buf[total:]], offset + total)
+            except OSError as e:
+                raise _wrap(e, self.path, "reading") from None
+            if got == 0:
+                break
+            total += got
+        return total
+
+    def mmap(self):
+        if self._mmap is None and self._size:
+            self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            # A mapping stays valid after its descriptor is closed; arrays viewing it keep it alive.
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _LocalWrite(WriteHandle):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise _wrap(e, path, "creating") from None
+        self._pos = 0
+        self._buf = bytearray()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if len(view) < _SMALL_WRITE:
+            # Many small tensors: gather them instead of one syscall each.
+            self._buf += view
+            self._pos += len(view)
+            if len(self._buf) >= _SMALL_WRITE:
+                self._flush()
+            return
+        self._flush()
+        self._write_all(view)
+        self._pos += len(view)
+
+    def _flush(self) -> None:
+        if self._buf:
+            buf, self._buf = self._buf, bytearray()
+            self._write_all(memoryview(buf))
+
+    def _write_all(self, view: memoryview) -> None:
+        while len(view):
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                raise _wrap(e, self.path, "writing") from None
+            view = view[n:]
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self, *, sync: bool = True) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self._flush()
+            if sync:
+                os.fsync(self._fd)
+        except OSError as e:
+            raise _wrap(e, self.path, "syncing") from None
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalStorage(Storage):
+    """Storage on the local filesystem.
+
+    Example:
+        >>> import tempfile, os
+        >>> s = LocalStorage(); d = tempfile.mkdtemp()
+        >>> s.write_atomic(os.path.join(d, "x"), b"hi"); s.read_file(os.path.join(d, "x"))
+        b'hi'
+    """
+
+    def join(self, *parts: str) -> str:
+        return os.path.join(*parts)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def size(self, path: str) -> int:
+        return os.stat(path).st_size
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except FileNotFoundError:
+            return []
+
+    def makedirs(self, path: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise _wrap(e, path, "creating directory") from None
+
+    def read_file(self, path: str, *, max_size: int | None = None) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if max_size is not None and size > max_size:
+                    raise StorageError(errno.EFBIG, f"{path} is {size} bytes, more than the {max_size} allowed")
+                return f.read(size + 1 if max_size is None else min(size + 1, max_size + 1))
+        except (FileNotFoundError, StorageError):
+            raise
+        except OSError as e:
+            raise _wrap(e, path, "reading") from None
+
+    def open_read(self, path: str) -> ReadHandle:
+        return _LocalRead(path)
+
+    def open_write(self, path: str) -> WriteHandle:
+        return _LocalWrite(path)
+
+    def write_atomic(self, path: str, data: bytes, *, sync: bool = True, tmp_prefix: str = ".tmp-") -> None:
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f"{tmp_prefix}{name}-{secrets.token_hex(4)}")
+        try:
+            w = _LocalWrite(tmp)
+            try:
+                w.write(data)
+            finally:
+                w.close(sync=sync)
+            os.replace(tmp, path)
+            if sync:
+                self.sync_dir(directory or ".")
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _wrap(e, path, "writing") from None
+
+    def sync_dir(self, path: str) -> None:
+        """Make renames and creations inside ``path`` durable."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the rename is still atomic
+        finally:
+            os.close(fd)
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _wrap(e, path, "deleting") from None
+
+    def rmdir(self, path: str) -> None:
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _wrap(e, path, "removing directory") from None

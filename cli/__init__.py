@@ -1,0 +1,1 @@
+"""The ckptfmt command line (installed as ckptfmt.cli)."""

@@ -1,0 +1,1 @@
+"""Converters between foreign checkpoint formats and ckptfmt (installed as ckptfmt.converters)."""
