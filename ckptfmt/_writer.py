@@ -13,13 +13,13 @@ import numpy as np
 
 from ckptfmt._pool import pool, workers
 from ckptfmt._progress import progress_bar
-from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError
+from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, UnsupportedDtypeError
 from ckptfmt.format.dtypes import dtype_name, needs_byteswap, storage_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH
 from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
 from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 from ckptfmt.format.tree import encode_tree
-from ckptfmt.storage.base import Storage
+from ckptfmt.storage.base import Storage, storage_error
 
 #: A new data file is started before a tensor that would push the current one past this.
 DATA_FILE_TARGET = 8 << 30
@@ -110,7 +110,10 @@ def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
         if idx is not None:
             return idx  # the same array object twice (tied weights): stored once
         arr = np.asarray(x)
-        dtype_name(arr.dtype)  # refuse unsupported dtypes before anything is written
+        try:
+            dtype_name(arr.dtype)  # refuse unsupported dtypes before anything is written
+        except UnsupportedDtypeError as e:
+            raise UnsupportedDtypeError(f"tensor {name!r}: {e}") from None
         if len(arr.shape) > LIMITS.max_rank:
             raise FormatError(f"tensor {name!r} has rank {arr.ndim}, over the limit of {LIMITS.max_rank}")
         keep_alive.append(x)
@@ -184,7 +187,7 @@ def write_checkpoint(
             pending: deque = deque()
             for chunk in _chunks(arr, chunk_size):
                 offset = handle.tell()
-                if len(chunk) < _INLINE_HASH_BYTES:
+                if len(chunk) < _INLINE_HASH_BYTES and not pending:
                     builder.add_chunk(file_index, offset, hasher.digest(chunk))
                     handle.write(chunk)
                     bar.update(len(chunk))
@@ -205,7 +208,7 @@ def write_checkpoint(
             handle = None
         data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time())
         storage.write_atomic(manifest_path, data, sync=sync, tmp_prefix=MANIFEST_TMP_PREFIX)
-    except BaseException:
+    except BaseException as exc:
         bar.close()
         if handle is not None:
             try:
@@ -217,6 +220,8 @@ def write_checkpoint(
                 storage.delete(storage.join(path, fname))
             except OSError:
                 pass
+        if isinstance(exc, OSError) and not isinstance(exc, CkptFmtError):
+            raise storage_error(exc, path, "saving checkpoint") from exc
         raise
     bar.close()
     keep = set(written)

@@ -94,7 +94,7 @@ class Manifest:
     chunk_hashes: bytes
     tree_blob: bytes
     where: str = "manifest"
-    _index: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tensors(self) -> int:
@@ -111,20 +111,21 @@ class Manifest:
 
     def index_of(self, name: str) -> int:
         """Return the tensor number of ``name``; raises KeyError if absent."""
-        if not self._index and self.names:
-            self._index.update((n, i) for i, n in enumerate(self.names))
-        return self._index[name]
+        index = self._cache.get("names")
+        if index is None:
+            index = self._cache["names"] = {n: i for i, n in enumerate(self.names)}
+        return index[name]
 
     def shape(self, i: int) -> tuple[int, ...]:
         start = int(self._dim_starts()[i])
         return tuple(int(d) for d in self.dims[start : start + int(self.ranks[i])])
 
     def _dim_starts(self) -> np.ndarray:
-        cached = self._index.get("\0dim_starts")
+        cached = self._cache.get("dim_starts")
         if cached is None:
             cached = np.zeros(len(self.ranks), np.int64)
             np.cumsum(self.ranks[:-1], out=cached[1:])
-            self._index["\0dim_starts"] = cached
+            self._cache["dim_starts"] = cached
         return cached
 
     def tensor(self, i: int) -> TensorEntry:
@@ -471,6 +472,6 @@ def _check_rel_path(p: str, where: str) -> None:
     parts = p.split("/")
     # v1.0 allows a reference into a sibling checkpoint ("../other/x.data") and nothing else.
     if parts[0] == "..":
-        parts = parts[2:] if len(parts) >= 3 else [".."]
+        parts = parts[2:] if len(parts) >= 3 and parts[1] not in ("", ".", "..") else [".."]
     if any(x in ("", ".", "..") for x in parts):
         raise FormatError(f"{where}: invalid data file path {p!r}")

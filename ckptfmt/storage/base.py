@@ -9,10 +9,25 @@ sync the directory). A reader calls ``read_file`` for the manifest and ``open_re
 
 from __future__ import annotations
 
-__all__ = ["Storage", "ReadHandle", "WriteHandle"]
+__all__ = ["Storage", "ReadHandle", "WriteHandle", "storage_error"]
 
 import abc
+import errno
 from typing import Iterable
+
+from ckptfmt.errors import CkptFmtError, StorageError
+
+
+def storage_error(e: OSError, path: str, doing: str) -> OSError:
+    """Turn an OSError into our StorageError naming the path (FileNotFoundError passes through)."""
+    if isinstance(e, (FileNotFoundError, CkptFmtError)):
+        return e
+    hint = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; the disk is full: free space and save again (nothing already saved was changed)"
+    err = StorageError(e.errno, f"{doing} {path} failed: {e.strerror or e}{hint}")
+    err.filename = path
+    return err
 
 
 class ReadHandle(abc.ABC):

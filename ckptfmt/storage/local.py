@@ -10,18 +10,7 @@ import os
 import secrets
 
 from ckptfmt.errors import StorageError
-from ckptfmt.storage.base import ReadHandle, Storage, WriteHandle
-
-
-def _wrap(e: OSError, path: str, doing: str) -> OSError:
-    if isinstance(e, FileNotFoundError):
-        return e
-    hint = ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "; the disk is full: free space and save again (nothing already saved was changed)"
-    err = StorageError(e.errno, f"{doing} {path} failed: {e.strerror or e}{hint}")
-    err.filename = path
-    return err
+from ckptfmt.storage.base import ReadHandle, Storage, WriteHandle, storage_error as _wrap
 
 
 #: Writes smaller than this are gathered in memory and issued together.
@@ -159,7 +148,7 @@ class LocalStorage(Storage):
                 if max_size is not None and size > max_size:
                     raise StorageError(errno.EFBIG, f"{path} is {size} bytes, more than the {max_size} allowed")
                 return f.read(size + 1 if max_size is None else min(size + 1, max_size + 1))
-        except (FileNotFoundError, StorageError):
+        except (FileNotFoundError, NotADirectoryError, StorageError):
             raise
         except OSError as e:
             raise _wrap(e, path, "reading") from None
