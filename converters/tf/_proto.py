@@ -1,0 +1,551 @@
+"""A small, bounded protobuf wire-format codec and the few TensorFlow messages we need.
+
+Only what a TensorBundle checkpoint holds is modelled: ``BundleHeaderProto``,
+``BundleEntryProto`` (with ``TensorShapeProto`` and ``TensorSliceProto``),
+``VersionDef``, ``TrackableObjectGraph`` and the text-format ``CheckpointState`` of the
+``checkpoint`` file. Field numbers follow TensorFlow's ``.proto`` files; unknown fields
+are skipped on read (and kept verbatim where a message is re-serialized).
+
+Every decoder takes a ``where`` string (file and key) and raises
+:class:`~ckptfmt.errors.FormatError` naming it when the bytes are truncated, a varint is
+too long, or a length runs past its message. Nothing here allocates more than the input.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ckptfmt.errors import FormatError
+
+__all__: list[str] = []  # private module; names are imported explicitly by siblings
+
+# Wire types.
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+
+_ADVICE = "the checkpoint is corrupt or not a TensorFlow checkpoint; re-save it"
+
+
+def _fail(where: str, what: str) -> FormatError:
+    return FormatError(f"{where}: {what}; {_ADVICE}")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def read_varint(buf: bytes | memoryview, pos: int, where: str, limit: int | None = None) -> tuple[int, int]:
+    """Decode an unsigned varint (at most 64 bits) at ``pos``; return ``(value, next_pos)``."""
+    end = len(buf) if limit is None else limit
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise _fail(where, f"varint truncated at byte offset {pos}")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            break
+        shift += 7
+        if shift >= 70:
+            raise _fail(where, f"varint longer than 10 bytes ending at byte offset {pos}")
+    if result >> 64:
+        raise _fail(where, f"varint overflows 64 bits ending at byte offset {pos}")
+    return result, pos
+
+
+def to_signed64(v: int) -> int:
+    return v - (1 << 64) if v >> 63 else v
+
+
+def iter_fields(buf: bytes | memoryview, where: str) -> Iterator[tuple[int, int, object]]:
+    """Yield ``(field_number, wire_type, value)``; ``value`` is an int or a memoryview."""
+    mv = memoryview(buf)
+    n = len(mv)
+    pos = 0
+    while pos < n:
+        key, pos = read_varint(mv, pos, where)
+        num, wt = key >> 3, key & 7
+        if num == 0:
+            raise _fail(where, f"field number 0 at byte offset {pos}")
+        if wt == _VARINT:
+            value, pos = read_varint(mv, pos, where)
+        elif wt == _FIXED64:
+            if pos + 8 > n:
+                raise _fail(where, f"fixed64 field {num} truncated at byte offset {pos}")
+            value = int.from_bytes(mv[pos : pos + 8], "little")
+            pos += 8
+        elif wt == _FIXED32:
+            if pos + 4 > n:
+                raise _fail(where, f"fixed32 field {num} truncated at byte offset {pos}")
+            value = int.from_bytes(mv[pos : pos + 4], "little")
+            pos += 4
+        elif wt == _LEN:
+            length, pos = read_varint(mv, pos, where)
+            if length > n - pos:
+                raise _fail(
+                    where,
+                    f"field {num} claims {length} bytes at byte offset {pos} but only "
+                    f"{n - pos} remain",
+                )
+            value = mv[pos : pos + length]
+            pos += length
+        else:
+            raise _fail(where, f"unsupported wire type {wt} for field {num} at byte offset {pos}")
+        yield num, wt, value
+
+
+def _expect(wt: int, want: int, num: int, where: str) -> None:
+    if wt != want:
+        raise _fail(where, f"field {num} has wire type {wt}, expected {want}")
+
+
+def _str(v: object, where: str) -> str:
+    try:
+        return bytes(v).decode("utf-8")  # type: ignore[arg-type]
+    except UnicodeDecodeError as e:
+        raise _fail(where, f"string field is not valid UTF-8 ({e})") from None
+
+
+def _packed_or_single(wt: int, v: object, where: str) -> list[int]:
+    """Repeated varint fields may arrive packed (LEN) or one by one (VARINT)."""
+    if wt == _VARINT:
+        return [v]  # type: ignore[list-item]
+    if wt == _LEN:
+        out = []
+        mv = v  # type: ignore[assignment]
+        pos = 0
+        while pos < len(mv):  # type: ignore[arg-type]
+            x, pos = read_varint(mv, pos, where)  # type: ignore[arg-type]
+            out.append(x)
+        return out
+    raise _fail(where, f"repeated varint field has wire type {wt}")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def varint(v: int) -> bytes:
+    """Encode a non-negative int (negative ints as 64-bit two's complement)."""
+    if v < 0:
+        v += 1 << 64
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def f_varint(num: int, v: int) -> bytes:
+    return varint(num << 3 | _VARINT) + varint(v)
+
+
+def f_bytes(num: int, b: bytes) -> bytes:
+    return varint(num << 3 | _LEN) + varint(len(b)) + b
+
+
+def f_str(num: int, s: str) -> bytes:
+    return f_bytes(num, s.encode("utf-8"))
+
+
+def f_fixed32(num: int, v: int) -> bytes:
+    return varint(num << 3 | _FIXED32) + struct.pack("<I", v)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class VersionDef:
+    producer: int = 0
+    min_consumer: int = 0
+    bad_consumers: tuple[int, ...] = ()
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview, where: str) -> VersionDef:
+        producer = min_consumer = 0
+        bad: list[int] = []
+        for num, wt, v in iter_fields(buf, where):
+            if num == 1:
+                _expect(wt, _VARINT, num, where)
+                producer = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 2:
+                _expect(wt, _VARINT, num, where)
+                min_consumer = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 3:
+                bad.extend(to_signed64(x) for x in _packed_or_single(wt, v, where))
+        return cls(producer, min_consumer, tuple(bad))
+
+    def encode(self) -> bytes:
+        out = b""
+        if self.producer:
+            out += f_varint(1, self.producer)
+        if self.min_consumer:
+            out += f_varint(2, self.min_consumer)
+        for b in self.bad_consumers:
+            out += f_varint(3, b)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BundleHeader:
+    """``BundleHeaderProto``: the value stored under the empty key of the index."""
+
+    num_shards: int = 0
+    endianness: int = 0  # 0 = LITTLE, 1 = BIG
+    version: VersionDef = field(default_factory=VersionDef)
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview, where: str) -> BundleHeader:
+        num_shards = endianness = 0
+        version = VersionDef()
+        for num, wt, v in iter_fields(buf, where):
+            if num == 1:
+                _expect(wt, _VARINT, num, where)
+                num_shards = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 2:
+                _expect(wt, _VARINT, num, where)
+                endianness = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 3:
+                _expect(wt, _LEN, num, where)
+                version = VersionDef.decode(v, where)  # type: ignore[arg-type]
+        return cls(num_shards, endianness, version)
+
+    def encode(self) -> bytes:
+        out = b""
+        if self.num_shards:
+            out += f_varint(1, self.num_shards)
+        if self.endianness:
+            out += f_varint(2, self.endianness)
+        out += f_bytes(3, self.version.encode())
+        return out
+
+
+Extent = tuple[int, "int | None"]  # (start, length); length None means the whole dimension
+
+
+def _decode_shape(buf: object, where: str) -> tuple[int, ...]:
+    dims: list[int] = []
+    for num, wt, v in iter_fields(buf, where):  # type: ignore[arg-type]
+        if num == 2:
+            _expect(wt, _LEN, num, where)
+            size = 0
+            for dnum, dwt, dv in iter_fields(v, where):  # type: ignore[arg-type]
+                if dnum == 1:
+                    _expect(dwt, _VARINT, dnum, where)
+                    size = to_signed64(dv)  # type: ignore[arg-type]
+            dims.append(size)
+        elif num == 3 and v:
+            raise _fail(where, "tensor shape has unknown rank")
+    return tuple(dims)
+
+
+def _encode_shape(shape: tuple[int, ...]) -> bytes:
+    return b"".join(f_bytes(2, f_varint(1, d) if d else b"") for d in shape)
+
+
+def _decode_slice(buf: object, where: str) -> tuple[Extent, ...]:
+    extents: list[Extent] = []
+    for num, wt, v in iter_fields(buf, where):  # type: ignore[arg-type]
+        if num == 1:
+            _expect(wt, _LEN, num, where)
+            start, length = 0, None
+            for enum_, ewt, ev in iter_fields(v, where):  # type: ignore[arg-type]
+                if enum_ == 1:
+                    _expect(ewt, _VARINT, enum_, where)
+                    start = to_signed64(ev)  # type: ignore[arg-type]
+                elif enum_ == 2:
+                    _expect(ewt, _VARINT, enum_, where)
+                    length = to_signed64(ev)  # type: ignore[arg-type]
+            extents.append((start, length))
+    return tuple(extents)
+
+
+@dataclass(frozen=True, slots=True)
+class BundleEntry:
+    """``BundleEntryProto``: where one tensor's bytes live and how to check them."""
+
+    dtype: int = 0
+    shape: tuple[int, ...] = ()
+    shard_id: int = 0
+    offset: int = 0
+    size: int = 0
+    crc32c: int = 0  # masked, as stored
+    slices: tuple[tuple[Extent, ...], ...] = ()
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview, where: str) -> BundleEntry:
+        dtype = shard_id = offset = size = crc = 0
+        shape: tuple[int, ...] = ()
+        slices: list[tuple[Extent, ...]] = []
+        for num, wt, v in iter_fields(buf, where):
+            if num == 1:
+                _expect(wt, _VARINT, num, where)
+                dtype = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 2:
+                _expect(wt, _LEN, num, where)
+                shape = _decode_shape(v, where)
+            elif num == 3:
+                _expect(wt, _VARINT, num, where)
+                shard_id = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 4:
+                _expect(wt, _VARINT, num, where)
+                offset = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 5:
+                _expect(wt, _VARINT, num, where)
+                size = to_signed64(v)  # type: ignore[arg-type]
+            elif num == 6:
+                _expect(wt, _FIXED32, num, where)
+                crc = v  # type: ignore[assignment]
+            elif num == 7:
+                _expect(wt, _LEN, num, where)
+                slices.append(_decode_slice(v, where))
+        return cls(dtype, shape, shard_id, offset, size, crc, tuple(slices))  # type: ignore[arg-type]
+
+    def encode(self) -> bytes:
+        out = f_varint(1, self.dtype) if self.dtype else b""
+        out += f_bytes(2, _encode_shape(self.shape))
+        if self.shard_id:
+            out += f_varint(3, self.shard_id)
+        if self.offset:
+            out += f_varint(4, self.offset)
+        if self.size:
+            out += f_varint(5, self.size)
+        if self.crc32c:
+            out += f_fixed32(6, self.crc32c)
+        for sl in self.slices:
+            ext = b""
+            for start, length in sl:
+                body = (f_varint(1, start) if start else b"") + (
+                    f_varint(2, length) if length is not None else b""
+                )
+                ext += f_bytes(1, body)
+            out += f_bytes(7, ext)
+        return out
+
+
+# ------------------------------------------------------------------ TrackableObjectGraph
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectReference:
+    node_id: int
+    local_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SerializedTensor:
+    name: str
+    full_name: str
+    checkpoint_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlotVariableReference:
+    original_variable_node_id: int
+    slot_name: str
+    slot_variable_node_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrackableObject:
+    children: tuple[ObjectReference, ...] = ()
+    attributes: tuple[SerializedTensor, ...] = ()
+    slot_variables: tuple[SlotVariableReference, ...] = ()
+    # Fields we do not interpret (registered_saver, has_checkpoint_values), kept as
+    # already-encoded bytes so a graph copied from a template re-serializes unchanged.
+    unknown_fields: bytes = b""
+
+
+def _decode_object(buf: object, where: str) -> TrackableObject:
+    children: list[ObjectReference] = []
+    attrs: list[SerializedTensor] = []
+    slots: list[SlotVariableReference] = []
+    unknown = bytearray()
+    for num, wt, v in iter_fields(buf, where):  # type: ignore[arg-type]
+        if num == 1:
+            _expect(wt, _LEN, num, where)
+            node_id, name = 0, ""
+            for cn, cwt, cv in iter_fields(v, where):  # type: ignore[arg-type]
+                if cn == 1:
+                    _expect(cwt, _VARINT, cn, where)
+                    node_id = to_signed64(cv)  # type: ignore[arg-type]
+                elif cn == 2:
+                    _expect(cwt, _LEN, cn, where)
+                    name = _str(cv, where)
+            children.append(ObjectReference(node_id, name))
+        elif num == 2:
+            _expect(wt, _LEN, num, where)
+            strs = ["", "", ""]
+            for an, awt, av in iter_fields(v, where):  # type: ignore[arg-type]
+                if an in (1, 2, 3):
+                    _expect(awt, _LEN, an, where)
+                    strs[an - 1] = _str(av, where)
+            attrs.append(SerializedTensor(*strs))
+        elif num == 3:
+            _expect(wt, _LEN, num, where)
+            orig, slot_name, slot_node = 0, "", 0
+            for sn, swt, sv in iter_fields(v, where):  # type: ignore[arg-type]
+                if sn == 1:
+                    _expect(swt, _VARINT, sn, where)
+                    orig = to_signed64(sv)  # type: ignore[arg-type]
+                elif sn == 2:
+                    _expect(swt, _LEN, sn, where)
+                    slot_name = _str(sv, where)
+                elif sn == 3:
+                    _expect(swt, _VARINT, sn, where)
+                    slot_node = to_signed64(sv)  # type: ignore[arg-type]
+            slots.append(SlotVariableReference(orig, slot_name, slot_node))
+        elif wt == _LEN:
+            unknown += f_bytes(num, bytes(v))  # type: ignore[arg-type]
+        elif wt == _VARINT:
+            unknown += f_varint(num, v)  # type: ignore[arg-type]
+    return TrackableObject(tuple(children), tuple(attrs), tuple(slots), bytes(unknown))
+
+
+def _encode_object(obj: TrackableObject) -> bytes:
+    out = bytearray()
+    for c in obj.children:
+        out += f_bytes(1, (f_varint(1, c.node_id) if c.node_id else b"") + f_str(2, c.local_name))
+    for a in obj.attributes:
+        out += f_bytes(2, f_str(1, a.name) + f_str(2, a.full_name) + f_str(3, a.checkpoint_key))
+    for s in obj.slot_variables:
+        body = (
+            (f_varint(1, s.original_variable_node_id) if s.original_variable_node_id else b"")
+            + f_str(2, s.slot_name)
+            + (f_varint(3, s.slot_variable_node_id) if s.slot_variable_node_id else b"")
+        )
+        out += f_bytes(3, body)
+    out += obj.unknown_fields
+    return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackableObjectGraph:
+    nodes: tuple[TrackableObject, ...] = ()
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview, where: str) -> TrackableObjectGraph:
+        nodes = []
+        for num, wt, v in iter_fields(buf, where):
+            if num == 1:
+                _expect(wt, _LEN, num, where)
+                nodes.append(_decode_object(v, where))
+        return cls(tuple(nodes))
+
+    def encode(self) -> bytes:
+        return b"".join(f_bytes(1, _encode_object(n)) for n in self.nodes)
+
+
+# ------------------------------------------------------------- CheckpointState (text)
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "a": "\a",
+            "b": "\b", "f": "\f", "v": "\v", "?": "?"}
+
+
+def _unquote(s: str, where: str) -> str:
+    if len(s) < 2 or s[0] != s[-1] or s[0] not in "\"'":
+        raise _fail(where, f"expected a quoted string, got {s[:80]!r}")
+    body = s[1:-1]
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch != "\\":
+            out += ch.encode("utf-8")
+            i += 1
+            continue
+        if i + 1 >= len(body):
+            raise _fail(where, "dangling backslash in quoted string")
+        nxt = body[i + 1]
+        if nxt in _ESCAPES:
+            out += _ESCAPES[nxt].encode()
+            i += 2
+        elif nxt in "01234567":
+            j = i + 1
+            while j < len(body) and j < i + 4 and body[j] in "01234567":
+                j += 1
+            out.append(int(body[i + 1 : j], 8) & 0xFF)
+            i = j
+        elif nxt == "x":
+            j = i + 2
+            while j < len(body) and j < i + 4 and body[j] in "0123456789abcdefABCDEF":
+                j += 1
+            if j == i + 2:
+                raise _fail(where, "\\x escape without hex digits")
+            out.append(int(body[i + 2 : j], 16))
+            i = j
+        else:
+            raise _fail(where, f"unknown escape \\{nxt} in quoted string")
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(where, "path is not valid UTF-8") from None
+
+
+def _quote(s: str) -> str:
+    out = []
+    for b in s.encode("utf-8"):
+        c = chr(b)
+        if c == '"':
+            out.append('\\"')
+        elif c == "\\":
+            out.append("\\\\")
+        elif c == "\n":
+            out.append("\\n")
+        elif 0x20 <= b < 0x7F:
+            out.append(c)
+        else:
+            out.append(f"\\{b:03o}")
+    return '"' + "".join(out) + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointState:
+    """The text-format ``checkpoint`` file TensorFlow keeps next to its checkpoints."""
+
+    model_checkpoint_path: str = ""
+    all_model_checkpoint_paths: tuple[str, ...] = ()
+    all_model_checkpoint_timestamps: tuple[float, ...] = ()
+    last_preserved_timestamp: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> CheckpointState:
+        latest = ""
+        paths: list[str] = []
+        stamps: list[float] = []
+        last = 0.0
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise _fail(f"{where} line {lineno}", f"expected 'field: value', got {line[:80]!r}")
+            name, value = name.strip(), value.strip()
+            here = f"{where} line {lineno}"
+            if name == "model_checkpoint_path":
+                latest = _unquote(value, here)
+            elif name == "all_model_checkpoint_paths":
+                paths.append(_unquote(value, here))
+            elif name in ("all_model_checkpoint_timestamps", "last_preserved_timestamp"):
+                try:
+                    num = float(value)
+                except ValueError:
+                    raise _fail(here, f"{name} is not a number: {value[:80]!r}") from None
+                if name == "last_preserved_timestamp":
+                    last = num
+                else:
+                    stamps.append(num)
+            # Unknown fields are ignored, as a newer TensorFlow may add some.
+        return cls(latest, tuple(paths), tuple(stamps), last)
+
+    def format(self) -> str:
+        lines = [f"model_checkpoint_path: {_quote(self.model_checkpoint_path)}"]
+        lines += [f"all_model_checkpoint_paths: {_quote(p)}" for p in self.all_model_checkpoint_paths]
+        lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in self.all_model_checkpoint_timestamps]
+        if self.last_preserved_timestamp:
+            lines.append(f"last_preserved_timestamp: {self.last_preserved_timestamp!r}")
+        return "\n".join(lines) + "\n"
