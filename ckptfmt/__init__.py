@@ -7,16 +7,19 @@ imported only by the modules that need them (``ckptfmt.torch``, ``ckptfmt.tensor
 Example:
     >>> import numpy as np, ckptfmt, tempfile, os
     >>> d = tempfile.mkdtemp()
-    >>> ckptfmt.save({"w": np.ones((2, 3), np.float32), "step": 7}, os.path.join(d, "ck"))
+    >>> _ = ckptfmt.save({"w": np.ones((2, 3), np.float32), "step": 7}, os.path.join(d, "ck"))
     >>> ckptfmt.load(os.path.join(d, "ck"))["step"]
     7
 """
 
 from __future__ import annotations
 
+from ckptfmt._gc import GcReport, compact, gc, remove
 from ckptfmt.api import CheckpointReader, Problem, VerifyReport, load, open, save, verify
+from ckptfmt.manager import CheckpointManager
 from ckptfmt.errors import (
     CheckpointExistsError,
+    CheckpointLockedError,
     CheckpointNotFoundError,
     CkptFmtError,
     ConversionError,
@@ -39,6 +42,12 @@ __all__ = [
     "load",
     "open",
     "verify",
+    "gc",
+    "remove",
+    "compact",
+    "GcReport",
+    "CheckpointManager",
+    "CheckpointLockedError",
     "CheckpointReader",
     "VerifyReport",
     "Problem",

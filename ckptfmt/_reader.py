@@ -54,7 +54,7 @@ class CheckpointReader:
     Example:
         >>> import numpy as np, ckptfmt, tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "ck")
-        >>> ckptfmt.save({"w": np.arange(10.0)}, p)
+        >>> _ = ckptfmt.save({"w": np.arange(10.0)}, p)
         >>> with ckptfmt.open(p) as r:
         ...     r.keys(), r.slice("w")[2:4]
         (['w'], array([2., 3.]))

@@ -99,6 +99,104 @@ def _chunks(arr: np.ndarray, chunk_size: int) -> Iterator[memoryview]:
         yield memoryview(buf)[:fill]
 
 
+def _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window) -> None:
+    """Write every chunk; hash on the pool while this thread writes (both release the GIL)."""
+    pending: deque = deque()
+    for chunk in _chunks(arr, chunk_size):
+        offset = handle.tell()
+        if len(chunk) < _INLINE_HASH_BYTES and not pending:
+            builder.add_chunk(file_index, offset, hasher.digest(chunk))
+            handle.write(chunk)
+            bar.update(len(chunk))
+            continue
+        pending.append((pool().submit(hasher.digest, chunk), offset))
+        handle.write(chunk)
+        bar.update(len(chunk))
+        while len(pending) > window:
+            fut, off = pending.popleft()
+            builder.add_chunk(file_index, off, fut.result())
+    while pending:
+        fut, off = pending.popleft()
+        builder.add_chunk(file_index, off, fut.result())
+
+
+def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base) -> None:
+    """Hash every chunk (ahead, on the pool); write only those that differ from the parent's."""
+    pending: deque = deque()
+
+    def settle(k: int, chunk: memoryview, digest: bytes) -> None:
+        ref = parent_ref.chunk(base, k, digest)
+        if ref is not None:
+            builder.add_chunk(ref[0], ref[1], digest)
+        else:
+            pad = -handle.tell() % ALIGNMENT
+            if pad:
+                handle.write(_ZEROS[:pad])
+            builder.add_chunk(file_index, handle.tell(), digest)
+            handle.write(chunk)
+        bar.update(len(chunk))
+
+    for k, chunk in enumerate(_chunks(arr, chunk_size)):
+        pending.append((k, chunk, pool().submit(hasher.digest, chunk)))
+        while len(pending) > window:
+            kk, c, fut = pending.popleft()
+            settle(kk, c, fut.result())
+    while pending:
+        kk, c, fut = pending.popleft()
+        settle(kk, c, fut.result())
+
+
+class _ParentRef:
+    """The parent of an incremental save: which of its chunks can be shared, and how to name them."""
+
+    def __init__(self, parent: str, child: str, storage: Storage) -> None:
+        from ckptfmt._reader import read_manifest
+
+        p_abs, c_abs = os.path.abspath(parent), os.path.abspath(child)
+        if os.path.dirname(p_abs) != os.path.dirname(c_abs) or p_abs == c_abs:
+            raise ValueError(
+                f"the parent of an incremental save must be a sibling checkpoint directory: "
+                f"{parent} is not beside {child}"
+            )
+        self.name = os.path.basename(p_abs)
+        self.manifest = read_manifest(parent, storage)
+        self.builder: ManifestBuilder | None = None
+        self._files: dict[int, int] = {}
+        self.shared_bytes = 0
+
+    def describe(self) -> dict:
+        p = self.manifest.parent
+        depth = (p.get("depth", 0) + 1) if isinstance(p, dict) and isinstance(p.get("depth"), int) else 1
+        return {"name": self.name, "digest": self.manifest.hexdigest, "depth": depth}
+
+    def match(self, name: str, arr: np.ndarray):
+        m = self.manifest
+        try:
+            entry = m.tensor(m.index_of(name))
+        except KeyError:
+            return None
+        if entry.dtype != dtype_name(arr.dtype) or entry.shape != tuple(arr.shape):
+            return None
+        return entry
+
+    def chunk(self, entry, k: int, digest: bytes) -> tuple[int, int] | None:
+        """(child file index, offset) of the parent's identical chunk, or None."""
+        m = self.manifest
+        c = entry.first_chunk + k
+        if m.chunk_hash(c) != digest:
+            return None
+        f = int(m.chunk_file[c])
+        idx = self._files.get(f)
+        if idx is None:
+            fe = m.files[f]
+            path = fe.path if fe.path.startswith("../") else f"../{self.name}/{fe.path}"
+            idx = self.builder.add_file(path)
+            self.builder.set_file_size(idx, fe.size)
+            self._files[f] = idx
+        self.shared_bytes += m.chunk_length(entry, k)
+        return idx, int(m.chunk_offset[c])
+
+
 def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
     """Encode the tree and list its tensors (each distinct array object once, in tree order)."""
     tensors: list[tuple[str, np.ndarray]] = []
@@ -142,8 +240,14 @@ def write_checkpoint(
     sync: bool = True,
     progress: bool | None = None,
     producer: dict | None = None,
+    parent: str | None = None,
 ) -> str:
-    """Write ``state`` as a checkpoint directory at ``path``; returns the manifest hash (hex)."""
+    """Write ``state`` as a checkpoint directory at ``path``; returns the manifest hash (hex).
+
+    With ``parent`` (a sibling checkpoint directory), chunks whose hash equals the parent's
+    chunk at the same place of a tensor of the same name, dtype and shape are not written
+    again: the new manifest points at the data the parent already uses.
+    """
     manifest_path = storage.join(path, MANIFEST_NAME)
     if storage.exists(path) and not storage.isdir(path):
         raise CheckpointExistsError(f"{path} exists and is not a directory; choose another path")
@@ -158,7 +262,16 @@ def write_checkpoint(
             old_files = []  # an unreadable old manifest: leave its files for `verify` to report
 
     tree, tensors = collect_tensors(state)
+    parent_ref = None
+    extra: dict = {}
+    if parent is not None:
+        parent_ref = _ParentRef(os.fspath(parent), path, storage)
+        chunk_size = parent_ref.manifest.chunk_size  # chunks must line up to be shared
+        hash_alg = parent_ref.manifest.hash_alg
+        extra["parent"] = parent_ref.describe()
     builder = ManifestBuilder(chunk_size=chunk_size, hash_alg=hash_alg)
+    if parent_ref is not None:
+        parent_ref.builder = builder
     hasher = builder.hash
     storage.makedirs(path)
     token = secrets.token_hex(4)
@@ -184,29 +297,16 @@ def write_checkpoint(
             pad = -handle.tell() % ALIGNMENT
             if pad:
                 handle.write(_ZEROS[:pad])
-            pending: deque = deque()
-            for chunk in _chunks(arr, chunk_size):
-                offset = handle.tell()
-                if len(chunk) < _INLINE_HASH_BYTES and not pending:
-                    builder.add_chunk(file_index, offset, hasher.digest(chunk))
-                    handle.write(chunk)
-                    bar.update(len(chunk))
-                    continue
-                # Hash on the pool while this thread writes; both release the GIL.
-                pending.append((pool().submit(hasher.digest, chunk), offset))
-                handle.write(chunk)
-                bar.update(len(chunk))
-                while len(pending) > window:
-                    fut, off = pending.popleft()
-                    builder.add_chunk(file_index, off, fut.result())
-            while pending:
-                fut, off = pending.popleft()
-                builder.add_chunk(file_index, off, fut.result())
+            base = parent_ref.match(name, arr) if parent_ref is not None else None
+            if base is None:
+                _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window)
+            else:
+                _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base)
         if handle is not None:
             builder.set_file_size(file_index, handle.tell())
             handle.close(sync=sync)
             handle = None
-        data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time())
+        data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time(), extra=extra)
         storage.write_atomic(manifest_path, data, sync=sync, tmp_prefix=MANIFEST_TMP_PREFIX)
     except BaseException as exc:
         bar.close()
@@ -224,8 +324,10 @@ def write_checkpoint(
             raise storage_error(exc, path, "saving checkpoint") from exc
         raise
     bar.close()
-    keep = set(written)
-    for fname in old_files:
-        if fname not in keep:
-            storage.delete(storage.join(path, fname))
+    stale = set(old_files) - set(written)
+    if stale:
+        # Other checkpoints beside this one may share the old files (incremental saves).
+        from ckptfmt._gc import free_files
+
+        free_files(os.path.dirname(os.path.abspath(path)), {os.path.join(path, f) for f in stale})
     return builder.digest.hex()

@@ -37,6 +37,7 @@ def save(
     sync: bool = True,
     progress: bool | None = None,
     producer: dict | None = None,
+    parent: PathLike | None = None,
     storage: Storage | None = None,
 ) -> str:
     """Save a state tree as a checkpoint directory.
@@ -58,6 +59,11 @@ def save(
         sync: fsync data and manifest before returning (turn off only for scratch data).
         progress: show a progress bar (default: on a terminal, for large states).
         producer: extra producer information (e.g. framework versions) for the manifest.
+        parent: an earlier checkpoint in the same directory as ``path``. Chunks equal to the
+            parent's are not written again; the new checkpoint refers to the parent's data
+            (an *incremental* save). It is still complete to every reader. Use
+            :func:`ckptfmt.remove` and :func:`ckptfmt.gc`, not ``rm -r``, to delete checkpoints
+            that others may depend on.
         storage: a storage backend (default: the local filesystem).
 
     Returns:
@@ -83,6 +89,7 @@ def save(
         sync=sync,
         progress=progress,
         producer=producer,
+        parent=None if parent is None else os.fspath(parent),
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "CheckpointNotFoundError",
     "CheckpointExistsError",
+    "CheckpointLockedError",
     "TensorNotFoundError",
     "StorageError",
     "FrameworkNotAvailableError",
@@ -64,6 +65,10 @@ class CheckpointNotFoundError(CkptFmtError, FileNotFoundError):
 
 class CheckpointExistsError(CkptFmtError, FileExistsError):
     """A checkpoint already exists where a new one was to be written."""
+
+
+class CheckpointLockedError(CkptFmtError, BlockingIOError):
+    """Another process (or manager) is writing to the same checkpoint directory."""
 
 
 class TensorNotFoundError(CkptFmtError, KeyError):

@@ -93,6 +93,7 @@ class Manifest:
     chunk_offset: np.ndarray  # int64
     chunk_hashes: bytes
     tree_blob: bytes
+    parent: Any = None
     where: str = "manifest"
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -211,8 +212,11 @@ class ManifestBuilder:
         self.chunk_offset.append(offset)
         self.hashes.append(digest)
 
-    def encode(self, *, tree: Any, metadata: Any, producer: Any, created: float | None = None) -> bytes:
-        """Encode the manifest file (envelope + hashed body) and return its bytes."""
+    def encode(self, *, tree: Any, metadata: Any, producer: Any, created: float | None = None, extra: dict | None = None) -> bytes:
+        """Encode the manifest file (envelope + hashed body) and return its bytes.
+
+        ``extra`` adds optional body fields (e.g. ``parent`` of an incremental save).
+        """
         if len(self.names) > LIMITS.max_tensors:
             raise LimitExceededError(f"{len(self.names)} tensors exceed the limit of {LIMITS.max_tensors}")
         try:
@@ -239,6 +243,8 @@ class ManifestBuilder:
                 },
                 "tree": tree_blob,
             }
+            for k, v in (extra or {}).items():
+                body.setdefault(k, v)
             body_bytes = msgpack.packb(body, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"cannot encode the manifest: {e} (is the metadata a msgpack-able value?)") from None
@@ -442,6 +448,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
         chunk_offset=chunk_offset,
         chunk_hashes=hashes,
         tree_blob=tree_blob,
+        parent=body.get("parent"),
         where=where,
     )
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 FORMAT_NAME = "ckptfmt"
 #: (major, minor). Readers refuse an unknown major and ignore unknown fields of a known one.
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 
 #: The manifest's file name inside a checkpoint directory. Its presence marks a complete
 #: checkpoint: it is written last and made visible by an atomic rename.
