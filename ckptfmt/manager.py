@@ -51,21 +51,48 @@ def _step_dirs(directory: str) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def _snapshot(tree: Any, memo: dict[int, Any] | None = None) -> Any:
-    """Copy every array of a tree to fresh host memory (ties preserved)."""
-    memo = {} if memo is None else memo
-    if is_tensor_leaf(tree):
-        got = memo.get(id(tree))
-        if got is None:
-            got = memo[id(tree)] = np.array(tree, copy=True)
-        return got
-    if isinstance(tree, dict):
-        return {k: _snapshot(v, memo) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_snapshot(v, memo) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_snapshot(v, memo) for v in tree)
-    return tree
+class _Snapshotter:
+    """Copies a tree's arrays into host buffers that are reused from one save to the next.
+
+    Fresh memory is slow to fault in (seconds per GiB on some machines); copying into the
+    buffers of the previous snapshot, once its save has committed, avoids paying that on
+    every async save.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[np.ndarray] = []
+
+    def copy(self, tree: Any) -> Any:
+        memo: dict[int, Any] = {}
+        fresh: list[np.ndarray] = []
+
+        def leaf(x: Any) -> np.ndarray:
+            src = np.asarray(x)
+            i = len(fresh)
+            buf = self._buffers[i] if i < len(self._buffers) else None
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = np.empty_like(src, order="C")
+            np.copyto(buf, src)
+            fresh.append(buf)
+            return buf
+
+        def walk(node: Any) -> Any:
+            if is_tensor_leaf(node):
+                got = memo.get(id(node))
+                if got is None:
+                    got = memo[id(node)] = leaf(node)
+                return got
+            if isinstance(node, dict):
+                return {k: walk(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [walk(v) for v in node]
+            if isinstance(node, tuple):
+                return tuple(walk(v) for v in node)
+            return node
+
+        out = walk(tree)
+        self._buffers = fresh
+        return out
 
 
 class CheckpointManager:
@@ -128,6 +155,7 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._last_save_time = time.monotonic()
         self._mutex = threading.Lock()
+        self._snapshots = _Snapshotter()
         self.recover()
 
     # -- introspection --------------------------------------------------------------
@@ -169,7 +197,7 @@ class CheckpointManager:
         if not self.async_save:
             self._write(step, state, metadata)
             return True
-        snapshot = _snapshot(state)  # the caller may change its arrays as soon as we return
+        snapshot = self._snapshots.copy(state)  # the caller may change its arrays as soon as we return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptfmt-save")
         self._pending = self._executor.submit(self._write, step, snapshot, metadata)
