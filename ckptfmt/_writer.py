@@ -79,6 +79,9 @@ def _pieces(arr: np.ndarray, piece_bytes: int) -> Iterator[memoryview]:
 
 def _chunks(arr: np.ndarray, chunk_size: int) -> Iterator[memoryview]:
     """Yield exactly-``chunk_size`` chunks (the last shorter) of the array's stored bytes."""
+    if arr.flags.c_contiguous and not needs_byteswap(arr.dtype):
+        yield from _pieces(arr, chunk_size)  # already cut at chunk boundaries: no copy
+        return
     buf: bytearray | None = None
     fill = 0
     for piece in _pieces(arr, chunk_size):

@@ -34,6 +34,8 @@ from ckptfmt.errors import CheckpointNotFoundError, CkptFmtError, FormatError
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 from ckptfmt.storage.local import LocalStorage
 
+#: The clock the time trigger reads (tests replace it).
+_clock = time.monotonic
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -153,7 +155,7 @@ class CheckpointManager:
         self._closed = False
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
-        self._last_save_time = time.monotonic()
+        self._last_save_time = _clock()
         self._mutex = threading.Lock()
         self._snapshots = _Snapshotter()
         self.recover()
@@ -180,7 +182,7 @@ class CheckpointManager:
             return True
         if self.save_interval_steps is not None and step % self.save_interval_steps == 0:
             return True
-        return self.save_interval_seconds is not None and time.monotonic() - self._last_save_time >= self.save_interval_seconds
+        return self.save_interval_seconds is not None and _clock() - self._last_save_time >= self.save_interval_seconds
 
     # -- saving ---------------------------------------------------------------------
     def save(self, step: int, state: Any, *, metadata: Any = None, force: bool = False) -> bool:
@@ -193,7 +195,7 @@ class CheckpointManager:
         self._raise_pending()
         if not force and not self.should_save(step):
             return False
-        self._last_save_time = time.monotonic()
+        self._last_save_time = _clock()
         if not self.async_save:
             self._write(step, state, metadata)
             return True

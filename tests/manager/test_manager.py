@@ -41,12 +41,19 @@ def test_step_trigger_and_retention(tmp_path):
             assert out["step"] == s and out["w"].tobytes() == _state(s)["w"].tobytes()
 
 
-def test_time_trigger(tmp_path):
-    with CheckpointManager(tmp_path, save_interval_seconds=0.2, chunk_size=CS) as m:
+def test_time_trigger(tmp_path, monkeypatch):
+    import ckptfmt.manager as manager_module
+
+    now = [1000.0]
+    monkeypatch.setattr(manager_module, "_clock", lambda: now[0])
+    with CheckpointManager(tmp_path, save_interval_seconds=60, chunk_size=CS) as m:
         assert not m.save(1, _state(1))
-        time.sleep(0.25)
+        now[0] += 61
         assert m.save(2, _state(2))
+        now[0] += 30
         assert not m.save(3, _state(3))
+        now[0] += 31
+        assert m.should_save(4)
 
 
 def test_incremental_chain_is_bounded(tmp_path):

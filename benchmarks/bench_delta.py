@@ -1,0 +1,249 @@
+"""Incremental saves and the CheckpointManager: bytes, time, async blocking, chain restore.
+
+Measures, in one run (medians of alternating rounds, page-cached reads, fsync on saves):
+
+1. A ~1 GiB state with 10% of its chunks changed: bytes written and time of an incremental
+   save vs a full save.  Targets: <= 12% of the bytes, <= 25% of the time.
+2. A frozen-backbone fine-tune (90% of parameters frozen, Adam on the rest) over 20 saves:
+   bytes on disk with CheckpointManager(incremental) vs 20 full ckptfmt saves vs 20
+   ``torch.save`` files (if torch is installed).
+3. Async save of 1 GiB: how long ``manager.save`` blocks the training loop vs a synchronous
+   save.  Target: <= 20% (steady state: the snapshot buffers are reused from save to save).
+4. Restore from the end of a 10-deep incremental chain vs from a full checkpoint of the same
+   state.  Target: <= 1.3x.
+5. Compression of changed chunks (XOR with the parent chunk, optional byte shuffle, zstd) on
+   realistic updates (weights ~ N(0, 0.02) after an Adam-sized step; Adam moments): ratio and
+   speed, to decide whether it belongs in the format.
+
+Run: python benchmarks/bench_delta.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import GiB, MiB, Ballast, Case, du, fmt_bytes, fmt_s, header, median, mixed_state, parser, run_rounds, scratch_dir, spread, table  # noqa: E402
+
+import ckptfmt  # noqa: E402
+from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE  # noqa: E402
+from ckptfmt.manager import CheckpointManager, history  # noqa: E402
+
+CS = DEFAULT_CHUNK_SIZE
+
+
+def own_bytes(path: str) -> int:
+    m = ckptfmt.open(path).manifest
+    return sum(f.size for f in m.files if not f.path.startswith("../"))
+
+
+def perturb_chunks(state: dict, fraction: float, rng: np.random.Generator) -> dict:
+    """A copy of ``state`` in which ``fraction`` of all chunks differ in one element."""
+    slots = [(k, c) for k, a in state.items() for c in range(-(-a.nbytes // CS))]
+    pick = rng.choice(len(slots), size=max(1, int(len(slots) * fraction)), replace=False)
+    out = {k: a for k, a in state.items()}
+    copied: set[str] = set()
+    for i in pick:
+        k, c = slots[i]
+        if k not in copied:
+            out[k] = out[k].copy()
+            copied.add(k)
+        flat = out[k].reshape(-1)
+        flat[min(c * CS // 4, flat.size - 1)] += 1.0
+    return out
+
+
+def bench_delta_vs_full(root, size: int, rounds: int) -> list[str]:
+    base = mixed_state(size, n_big=max(1, size // (256 * MiB)))
+    changed = perturb_chunks(base, 0.10, np.random.default_rng(1))
+    parent = str(root / "parent")
+    ckptfmt.save(base, parent)
+    ballast = Ballast(min(2 * GiB, 2 * size))
+    ballast.hold()
+    counter = [0]
+
+    def fresh() -> str:
+        counter[0] += 1
+        return str(root / f"c{counter[0]}")
+
+    paths: dict[str, str] = {}
+
+    def full():
+        paths["full"] = fresh()
+        return ckptfmt.save(changed, paths["full"])
+
+    def delta():
+        paths["delta"] = fresh()
+        return ckptfmt.save(changed, paths["delta"], parent=parent)
+
+    sizes: dict[str, int] = {}
+
+    def after(name):
+        def f(_):
+            sizes[name] = own_bytes(paths[name])
+            shutil.rmtree(paths[name])
+        return f
+
+    times = run_rounds([[Case("full save", full, after=after("full"))], [Case("incremental save", delta, after=after("delta"))]], rounds, ballast=ballast)
+    ballast.release()
+    tf, td = median(times["full save"]), median(times["incremental save"])
+    table(["case", "median", "spread (s)", "bytes written"],
+          [["full save", fmt_s(tf), spread(times["full save"]), fmt_bytes(sizes["full"])],
+           ["incremental save (10% chunks changed)", fmt_s(td), spread(times["incremental save"]), fmt_bytes(sizes["delta"])]],
+          title=f"\n1. incremental vs full save of {fmt_bytes(size)}")
+    b, t = sizes["delta"] / sizes["full"], td / tf
+    return [f"incremental bytes / full bytes = {b:.3f} (target <= 0.12) {'PASS' if b <= 0.12 else 'FAIL'}",
+            f"incremental time / full time   = {t:.3f} (target <= 0.25) {'PASS' if t <= 0.25 else 'FAIL'}"]
+
+
+def bench_finetune(root, n_params: int, saves: int) -> list[str]:
+    rng = np.random.default_rng(2)
+    frozen = rng.standard_normal(int(n_params * 0.9), dtype=np.float32) * 0.02
+    train = rng.standard_normal(n_params - frozen.size, dtype=np.float32) * 0.02
+    m = np.zeros_like(train)
+    v = np.zeros_like(train)
+    inc, full_dir, torch_dir = root / "inc", root / "full", root / "torch"
+    full_dir.mkdir()
+    torch_dir.mkdir()
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    t_inc = t_full = t_torch = 0.0
+    with CheckpointManager(inc, max_to_keep=None, incremental=True) as mgr:
+        for step in range(1, saves + 1):
+            g = rng.standard_normal(train.size, dtype=np.float32) * 0.01
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            train = train - 1e-4 * m / (np.sqrt(v) + 1e-8)
+            state = {"backbone": frozen, "head": train, "adam": {"m": m, "v": v, "step": step}}
+            t = time.perf_counter()
+            mgr.save(step, state)
+            t_inc += time.perf_counter() - t
+            t = time.perf_counter()
+            ckptfmt.save(state, str(full_dir / f"step-{step}"))
+            t_full += time.perf_counter() - t
+            if torch is not None:
+                t = time.perf_counter()
+                p = torch_dir / f"step-{step}.pt"
+                torch.save({"backbone": torch.from_numpy(frozen), "head": torch.from_numpy(train),
+                            "adam": {"m": torch.from_numpy(m), "v": torch.from_numpy(v), "step": step}}, p)
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                t_torch += time.perf_counter() - t
+    depths = [e.depth for e in history(inc)]
+    d_inc, d_full = du(inc), du(full_dir)
+    rows = [["CheckpointManager(incremental)", fmt_bytes(d_inc), "1.00", fmt_s(t_inc / saves)],
+            [f"{saves} full ckptfmt saves", fmt_bytes(d_full), f"{d_full / d_inc:.2f}", fmt_s(t_full / saves)]]
+    if torch is not None:
+        d_t = du(torch_dir)
+        rows.append([f"{saves} torch.save files", fmt_bytes(d_t), f"{d_t / d_inc:.2f}", fmt_s(t_torch / saves)])
+    table(["", "bytes on disk", "x incremental", "mean save"], rows,
+          title=f"\n2. frozen-backbone fine-tune, {n_params * 4 / MiB:.0f} MiB of parameters (90% frozen) + Adam m, v; {saves} saves; chain depths {depths}")
+    return [f"fine-tune: 20 full saves use {d_full / d_inc:.2f}x the disk of incremental saves"]
+
+
+def bench_async(root, size: int, rounds: int) -> list[str]:
+    state = mixed_state(size, n_big=max(1, size // (256 * MiB)))
+    blocked, sync_t = [], []
+    with CheckpointManager(root / "async", max_to_keep=1, incremental=False, async_save=True) as am, \
+            CheckpointManager(root / "sync", max_to_keep=1, incremental=False) as sm:
+        for step in range(1, rounds + 2):
+            t = time.perf_counter()
+            am.save(step, state)
+            b = time.perf_counter() - t
+            am.wait()
+            t = time.perf_counter()
+            sm.save(step, state)
+            s = time.perf_counter() - t
+            if step > 1:  # the first async save faults its snapshot buffers in
+                blocked.append(b)
+                sync_t.append(s)
+            else:
+                first = b
+    r = median(blocked) / median(sync_t)
+    table(["", "median", "spread (s)"],
+          [["async save: time blocked (steady state)", fmt_s(median(blocked)), spread(blocked)],
+           ["async save: time blocked (first save)", fmt_s(first), "-"],
+           ["synchronous save", fmt_s(median(sync_t)), spread(sync_t)]],
+          title=f"\n3. async save of {fmt_bytes(size)}")
+    return [f"async blocked / sync save = {r:.3f} (target <= 0.20) {'PASS' if r <= 0.20 else 'FAIL'}"]
+
+
+def bench_chain_restore(root, size: int, rounds: int) -> list[str]:
+    rng = np.random.default_rng(3)
+    state = mixed_state(size, n_big=max(1, size // (256 * MiB)))
+    prev = str(root / "chain-0")
+    ckptfmt.save(state, prev)
+    for i in range(1, 11):
+        state = perturb_chunks(state, 0.10, rng)
+        cur = str(root / f"chain-{i}")
+        ckptfmt.save(state, cur, parent=prev)
+        prev = cur
+    full = str(root / "full-copy")
+    ckptfmt.save(state, full)
+    nfiles = len(ckptfmt.open(prev).manifest.files)
+    ballast = Ballast(min(2 * GiB, 2 * size))
+    ballast.hold()
+    times = run_rounds([[Case("restore full", lambda: ckptfmt.load(full))], [Case("restore end of 10-deep chain", lambda: ckptfmt.load(prev))]], rounds, ballast=ballast)
+    ballast.release()
+    r = median(times["restore end of 10-deep chain"]) / median(times["restore full"])
+    table(["", "median", "spread (s)"], [[k, fmt_s(median(v)), spread(v)] for k, v in times.items()],
+          title=f"\n4. restore of {fmt_bytes(size)} (chain end reads from {nfiles} data files)")
+    return [f"chain restore / full restore = {r:.3f} (target <= 1.3) {'PASS' if r <= 1.3 else 'FAIL'}"]
+
+
+def bench_compression(n: int) -> list[str]:
+    import zstandard
+
+    rng = np.random.default_rng(4)
+    w0 = (rng.standard_normal(n, dtype=np.float32) * 0.02).astype(np.float32)
+    g = rng.standard_normal(n, dtype=np.float32) * 0.01
+    m = 0.1 * g
+    v = 0.001 * g * g
+    w1 = w0 - np.float32(1e-4) * m / (np.sqrt(v) + np.float32(1e-8))
+    m1 = 0.9 * m + 0.1 * rng.standard_normal(n, dtype=np.float32) * 0.01
+    cases = {"weights after an Adam step (lr 1e-4)": (w0, w1), "Adam m after a step": (m, m1)}
+    cctx = zstandard.ZstdCompressor(level=3)
+    rows, best = [], 0.0
+    for label, (old, new) in cases.items():
+        x = (old.view(np.uint32) ^ new.view(np.uint32))
+        for shuffle in (False, True):
+            data = x.view(np.uint8).reshape(-1, 4).T.copy() if shuffle else x.view(np.uint8)
+            t = time.perf_counter()
+            comp = cctx.compress(data.tobytes())
+            dt = time.perf_counter() - t
+            ratio = new.nbytes / len(comp)
+            best = max(best, ratio)
+            rows.append([label, "xor+shuffle+zstd" if shuffle else "xor+zstd", f"{ratio:.2f}x", f"{new.nbytes / dt / MiB:.0f} MiB/s"])
+        t = time.perf_counter()
+        comp = cctx.compress(new.tobytes())
+        rows.append([label, "zstd alone", f"{new.nbytes / len(comp):.2f}x", f"{new.nbytes / (time.perf_counter() - t) / MiB:.0f} MiB/s"])
+    table(["data", "codec", "size ratio", "compress speed"], rows, title=f"\n5. compressing changed chunks ({fmt_bytes(n * 4)} per case)")
+    return [f"compression of changed chunks: best ratio {best:.2f}x"]
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    size = 256 * MiB if args.quick else GiB
+    rounds = 3 if args.quick else 5
+    header("incremental saves and CheckpointManager", state=fmt_bytes(size), chunk=fmt_bytes(CS))
+    verdicts: list[str] = []
+    with scratch_dir(size * 16, args.dir) as root:
+        verdicts += bench_delta_vs_full(root, size, rounds)
+        verdicts += bench_finetune(root, (8 if args.quick else 32) * (1 << 20), 20)
+        verdicts += bench_async(root, size, rounds)
+        verdicts += bench_chain_restore(root, size, rounds)
+    verdicts += bench_compression(16 * (1 << 20) if not args.quick else 4 * (1 << 20))
+    print("\nsummary")
+    for v in verdicts:
+        print("  " + v)
+
+
+if __name__ == "__main__":
+    main()
