@@ -6,7 +6,7 @@ import pytest
 
 from ckptfmt.errors import FormatError, IntegrityError, LimitExceededError, UnsupportedVersionError
 from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
-from ckptfmt.format.spec import LIMITS, Limits
+from ckptfmt.format.spec import FORMAT_VERSION, LIMITS, Limits
 
 
 def _builder(n=3, cs=4096):
@@ -41,7 +41,7 @@ def test_decode_round_trip():
     e = m.tensor(1)
     assert (e.dtype, e.shape, e.nbytes, e.first_chunk, e.num_chunks) == ("float32", (3, 1000), 12000, 3, 3)
     assert m.chunk_length(e, 2) == 12000 - 2 * 4096
-    assert m.metadata == {"k": [1, 2]} and m.version == (1, 0)
+    assert m.metadata == {"k": [1, 2]} and m.version == FORMAT_VERSION
     assert len(m.hexdigest) == 64 and m.index_of("t2") == 2
 
 

@@ -1,0 +1,430 @@
+"""The ``ckptfmt`` command line: inspect, verify, diff and convert checkpoints of any kind.
+
+Every command is a few lines over :mod:`ckptfmt.converters.kinds` (which detects and
+reads ckptfmt, TensorFlow, torch, safetensors and ONNX checkpoints) and :mod:`ckptfmt`.
+
+Exit codes, for every command:
+
+===  =======================================================================
+0    success (verify: every input intact; diff: identical)
+1    verify: corruption found in at least one input; diff: the inputs differ
+2    usage error: a bad option or argument (click's own code)
+3    an input could not be checked or the command failed: not found, not a
+     supported kind, a framework (torch, onnx) missing, a conversion refused
+===  =======================================================================
+
+Why 3 and not 2: click already exits with 2 on usage errors, and a CI gate has to tell
+"the job was written wrong" from "the artifact is missing or unreadable".
+
+Errors print as one line (``error: ...``) plus a hint; ``--debug`` or ``CKPTFMT_DEBUG=1``
+shows the full traceback instead.
+
+Example:
+    $ ckptfmt verify runs/ckpt-100 model.safetensors && echo intact
+"""
+
+from __future__ import annotations
+
+__all__ = ["main", "convert", "register_convert_command", "CONVERT_COMMANDS", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE", "EXIT_ERROR"]
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+import ckptfmt
+from ckptfmt.cli._lazy import LazyGroup
+from ckptfmt.converters import kinds
+from ckptfmt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptFmtError,
+    ConversionError,
+    FormatError,
+    FrameworkNotAvailableError,
+    IntegrityError,
+    UnmappedKeyError,
+)
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+
+#: Extra ``convert`` subcommands living in other modules, imported only when used:
+#: ``{"tf2torch": "ckptfmt.cli.tf:tf2torch"}``. Other packages can add theirs through the
+#: ``ckptfmt.convert`` entry-point group instead.
+CONVERT_COMMANDS: dict[str, str] = {}
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_DEBUG_HINT = "--debug (or CKPTFMT_DEBUG=1) shows the full traceback"
+
+
+# ----------------------------------------------------------------------- errors
+
+
+def _debug(ctx: click.Context | None) -> bool:
+    if os.environ.get("CKPTFMT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root and root.params.get("debug"))
+
+
+def _message(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, KeyError) and not isinstance(e, CkptFmtError):
+        text = text.strip("'\"")
+    if isinstance(e, CkptFmtError) or isinstance(e, OSError):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _hint(e: BaseException) -> str:
+    if isinstance(e, FrameworkNotAvailableError):
+        return "install the extra named above, or use a checkpoint kind that does not need it"
+    if isinstance(e, CheckpointNotFoundError):
+        return (
+            "check the path; ckptfmt reads ckptfmt directories, TensorFlow prefixes (dir/ckpt-1) or "
+            "directories with a 'checkpoint' file, .safetensors, .pt/.pth/.bin and .onnx files"
+        )
+    if isinstance(e, CheckpointExistsError):
+        return "pass --overwrite to replace it, or choose another destination"
+    if isinstance(e, UnmappedKeyError):
+        return "names must match exactly; compare them with `ckptfmt inspect`"
+    if isinstance(e, ConversionError):
+        return "see `ckptfmt convert --help` for the options that relax a conversion"
+    if isinstance(e, IntegrityError):
+        return "run `ckptfmt verify PATH` for a full report, then restore the checkpoint from a good copy"
+    if isinstance(e, FormatError):
+        return "run `ckptfmt verify PATH` to list every problem with this input"
+    return _DEBUG_HINT
+
+
+def _error_lines(e: BaseException) -> tuple[str, str]:
+    hint = _hint(e)
+    if hint != _DEBUG_HINT:
+        hint = f"{hint}; {_DEBUG_HINT}"
+    return f"error: {_message(e)}", f"hint: {hint}"
+
+
+class _Main(click.Group):
+    """The root group: turns library errors into one line, a hint and exit code 3."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except BrokenPipeError:
+            # The reader went away (`ckptfmt inspect big | head`): stop quietly, as cat does.
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+            raise click.exceptions.Exit(EXIT_OK) from None
+        except Exception as e:
+            if _debug(ctx):
+                raise
+            for line in _error_lines(e):
+                click.echo(line, err=True)
+            raise click.exceptions.Exit(EXIT_ERROR) from None
+
+
+# ----------------------------------------------------------------------- output
+
+
+def _size(n: int) -> str:
+    step = 1024.0
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < step or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= step
+    raise AssertionError("unreachable")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _table(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, allow_nan=False, default=str))
+
+
+def _problem_line(path: str, p: ckptfmt.Problem) -> str:
+    where = [f"{k}={v!r}" if k == "tensor" else f"{k}={v}" for k, v in (("file", p.file), ("tensor", p.tensor), ("offset", p.offset)) if v is not None]
+    loc = f" [{', '.join(where)}]" if where else ""
+    return f"{path}: {p.severity}: {p.kind}{loc}: {p.message}"
+
+
+# ----------------------------------------------------------------------- commands
+
+
+@click.group(cls=_Main, context_settings=_CONTEXT)
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors (also: CKPTFMT_DEBUG=1).")
+@click.version_option(
+    ckptfmt.__version__, "-V", "--version", prog_name="ckptfmt",
+    message=f"%(prog)s %(version)s (checkpoint format {ckptfmt.FORMAT_VERSION[0]}.{ckptfmt.FORMAT_VERSION[1]})",
+)
+def main(debug: bool) -> None:
+    """Inspect, verify, diff and convert checkpoints: ckptfmt directories, TensorFlow
+    checkpoints, torch files (.pt/.pth/.bin), .safetensors and ONNX models.
+
+    \b
+    Exit codes:
+      0  success (verify: all intact; diff: identical)
+      1  verify: corruption found; diff: the inputs differ
+      2  usage error (bad option or argument)
+      3  an input is missing, unreadable or unsupported, or the command failed
+
+    \b
+    Example:
+      ckptfmt inspect runs/ckpt-100
+      ckptfmt verify runs/ckpt-* || echo "corrupt checkpoint" >&2
+    """
+
+
+@main.command("inspect", context_settings=_CONTEXT)
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Show a checkpoint's kind, format version, tensors, totals, metadata and digest.
+
+    Tensor data is not read (use `verify` to check it).
+
+    \b
+    Example:
+      ckptfmt inspect runs/ckpt-100
+      ckptfmt inspect model.safetensors --json | jq '.tensors[].name'
+    """
+    s = kinds.inspect_any(path)
+    if as_json:
+        _echo_json(s.to_dict())
+        return
+    meta = "-" if s.metadata is None else json.dumps(s.to_dict()["metadata"], sort_keys=True)
+    for label, value in (("path", s.path), ("kind", s.kind), ("version", s.version or "-"), ("digest", s.digest or "-"),
+                         ("tensors", f"{s.count} ({_size(s.nbytes)}, {s.nbytes} bytes)"), ("metadata", meta)):
+        click.echo(f"{label + ':':<10}{value}")
+    if s.tensors:
+        click.echo()
+        rows = [("name", "dtype", "shape", "size")] + [(t.name, t.dtype, _shape(t.shape), _size(t.nbytes)) for t in s.tensors]
+        for line in _table(rows, right=(3,)):
+            click.echo(line)
+
+
+def _verify_one(ctx: click.Context, path: str, progress: bool | None) -> dict[str, Any]:
+    """One input's result: status ok/corrupt/unreadable, its report or its error."""
+    kind = None
+    try:
+        kind = kinds.detect_kind(path)
+        report = kinds.verify_any(path, kind=kind, progress=progress)
+    except Exception as e:
+        if _debug(ctx):
+            raise
+        error, hint = _error_lines(e)
+        return {"path": path, "kind": kind, "status": "unreadable", "code": EXIT_ERROR, "error": error[7:], "hint": hint[6:]}
+    status, code = ("ok", EXIT_OK) if report.ok else ("corrupt", EXIT_FOUND)
+    return {"path": path, "kind": kind, "status": status, "code": code, "report": report}
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every input's report.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only problems (nothing when everything is intact).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for large inputs).")
+@click.pass_context
+def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: bool, progress: bool | None) -> None:
+    """Check checkpoints completely: the CI gate. Accepts any kind, several at once.
+
+    ckptfmt: every chunk hash; TensorFlow: every CRC32C; torch: every zip CRC-32 and a
+    weights-only load; safetensors: header and offsets (the format has no checksums);
+    ONNX: onnx.checker and external data files.
+
+    Prints one line per problem, naming the file, tensor and byte offset.
+
+    \b
+    Exit codes:
+      0  every input is intact
+      1  corruption found in at least one input
+      2  usage error
+      3  an input is missing, unreadable or of an unsupported kind
+         (takes precedence over 1)
+
+    \b
+    Example:
+      ckptfmt verify runs/ckpt-100 export/model.safetensors
+      ckptfmt verify --quiet --json ckpts/* > verify.json
+    """
+    results = [_verify_one(ctx, p, progress) for p in paths]
+    code = max(r["code"] for r in results)
+    if as_json:
+        out = [{**(r["report"].to_dict() if "report" in r else {}), **{k: v for k, v in r.items() if k != "report"}} for r in results]
+        _echo_json({"ok": code == EXIT_OK, "exit_code": code, "results": out})
+        ctx.exit(code)
+    for r in results:
+        path, report = r["path"], r.get("report")
+        if r["status"] == "unreadable":
+            click.echo(f"ERROR   {path}: {r['error']}")
+            click.echo(f"        hint: {r['hint']}", err=True)
+            continue
+        if not quiet:
+            nerr = len(report.errors)
+            detail = f"{report.tensors} tensors, {_size(report.bytes_checked)} checked in {report.seconds:.2f} s"
+            word = "ok" if report.ok else "FAILED"
+            extra = "" if report.ok else f", {nerr} problem{'s' if nerr != 1 else ''}"
+            click.echo(f"{word:<8}{path}  ({r['kind']}{' ' + report.version if report.version else ''}, {detail}{extra})")
+        for p in report.problems:
+            if p.severity == "error" or not quiet:
+                click.echo(("" if quiet else "  ") + _problem_line(path, p))
+    if not quiet and len(results) > 1:
+        counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "corrupt", "unreadable")}
+        click.echo(f"{counts['ok']} of {len(results)} intact, {counts['corrupt']} corrupt, {counts['unreadable']} unreadable")
+    ctx.exit(code)
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance (relative to B).")
+@click.pass_context
+def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: float) -> None:
+    """Compare the tensors of two checkpoints, of the same kind or not.
+
+    Lists tensors only in A (-), only in B (+) and changed (~: dtype, shape, max abs and
+    max relative difference). A tensor is changed when its dtype or shape differs or some
+    element fails |a - b| <= atol + rtol * |b|; by default any difference counts.
+    Exits 0 when identical, 1 when different, 3 when an input cannot be read.
+
+    \b
+    Example:
+      ckptfmt diff runs/ckpt-100 export/model.safetensors
+      ckptfmt diff a.pt b.pt --atol 1e-6 --json
+    """
+    r = kinds.diff_any(a, b, atol=atol, rtol=rtol)
+    if as_json:
+        _echo_json(r.to_dict())
+    else:
+        click.echo(f"--- {r.a} ({r.kind_a})")
+        click.echo(f"+++ {r.b} ({r.kind_b})")
+        rows = [("-", t.name, t.dtype, _shape(t.shape), "") for t in r.removed]
+        rows += [("+", t.name, t.dtype, _shape(t.shape), "") for t in r.added]
+        for c in r.changed:
+            stats = "" if c.max_abs is None else f"max abs {c.max_abs:.6g}, max rel {c.max_rel:.6g}"
+            dtype = c.dtype_a if c.dtype_a == c.dtype_b else f"{c.dtype_a} -> {c.dtype_b}"
+            shape = _shape(c.shape_a) if c.shape_a == c.shape_b else f"{_shape(c.shape_a)} -> {_shape(c.shape_b)}"
+            rows.append(("~", c.name, dtype, shape, stats))
+        for line in _table(rows) if rows else []:
+            click.echo(line)
+        verdict = "identical" if r.identical else "different"
+        click.echo(f"{verdict}: {r.unchanged} same, {len(r.changed)} changed, {len(r.removed)} only in A, {len(r.added)} only in B")
+    ctx.exit(EXIT_OK if r.identical else EXIT_FOUND)
+
+
+# ----------------------------------------------------------------------- convert
+
+
+@main.group(cls=LazyGroup, lazy_subcommands=CONVERT_COMMANDS, entry_point_group="ckptfmt.convert", context_settings=_CONTEXT)
+def convert() -> None:
+    """Convert between checkpoint kinds: ckptfmt, safetensors, torch and ONNX.
+
+    Any readable kind is a valid source (TensorFlow checkpoints included). Tensor names
+    are kept; string tensors are left out. The destination appears atomically and is
+    never replaced without --overwrite.
+
+    \b
+    Example:
+      ckptfmt convert to-safetensors runs/ckpt-100 model.safetensors
+      ckptfmt convert onnx-export model.safetensors model.onnx tuned.onnx
+    """
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--overwrite", "-f", is_flag=True, help="Replace DST if it exists.")(fn)
+    return click.option("--skip-unsupported", is_flag=True, help="Leave out tensors whose dtype the target cannot hold.")(fn)
+
+
+def _report(result: kinds.ConvertResult) -> None:
+    for name, reason in result.skipped:
+        click.echo(f"skipped {name} ({reason})", err=True)
+    click.echo(f"wrote {result.path} ({result.kind}, {result.tensors} tensors, {_size(result.nbytes)})")
+
+
+def _to_command(target: str, example_src: str, example_dst: str) -> click.Command:
+    @convert.command(f"to-{target}", context_settings=_CONTEXT,
+                     help=f"Copy every tensor of SRC (any kind) into a new {target} checkpoint DST.\n\n"
+                          f"\b\nExample:\n  ckptfmt convert to-{target} {example_src} {example_dst}")
+    @click.argument("src", type=click.Path())
+    @click.argument("dst", type=click.Path())
+    @_common
+    def command(src: str, dst: str, overwrite: bool, skip_unsupported: bool) -> None:
+        _report(kinds.convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
+
+    return command
+
+
+to_safetensors = _to_command("safetensors", "runs/ckpt-100", "model.safetensors")
+to_ckptfmt = _to_command("ckptfmt", "pytorch_model.bin", "runs/imported")
+to_torch = _to_command("torch", "model.safetensors", "model.pt")
+
+
+@convert.command("onnx-import", context_settings=_CONTEXT)
+@click.argument("model", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["ckptfmt", "safetensors", "torch"]), default=None,
+              help="Kind of DST (default: from its suffix; a directory means ckptfmt).")
+@_common
+def onnx_import(model: str, dst: str, to: str | None, overwrite: bool, skip_unsupported: bool) -> None:
+    """Extract the initializers of MODEL.onnx (external data included) into DST.
+
+    \b
+    Example:
+      ckptfmt convert onnx-import model.onnx weights.safetensors
+      ckptfmt convert onnx-import model.onnx runs/from-onnx --to ckptfmt
+    """
+    _report(kinds.onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
+
+
+@convert.command("onnx-export", context_settings=_CONTEXT)
+@click.argument("src", type=click.Path())
+@click.argument("model", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--allow-missing", is_flag=True, help="Keep the model's values for initializers SRC lacks.")
+@click.option("--allow-unknown", is_flag=True, help="Ignore tensors of SRC the model has no initializer for.")
+@click.option("--overwrite", "-f", is_flag=True, help="Replace OUT if it exists.")
+def onnx_export(src: str, model: str, out: str, allow_missing: bool, allow_unknown: bool, overwrite: bool) -> None:
+    """Write the tensors of SRC into the initializers of MODEL (matched by name) as OUT.
+
+    Shapes and dtypes must match; MODEL is left unchanged and OUT is checked with
+    onnx.checker.
+
+    \b
+    Example:
+      ckptfmt convert onnx-export finetuned.safetensors model.onnx finetuned.onnx
+    """
+    _report(kinds.onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
+
+
+def register_convert_command(command: click.Command) -> click.Command:
+    """Add a subcommand to ``ckptfmt convert`` from another module (usable as a decorator).
+
+    Example:
+        >>> @register_convert_command  # doctest: +SKIP
+        ... @click.command("tf2torch")
+        ... def tf2torch(): ...
+    """
+    convert.add_command(command)
+    return command
+
+
+if __name__ == "__main__":
+    main()
