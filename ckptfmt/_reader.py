@@ -85,6 +85,24 @@ class CheckpointReader:
         """The checkpoint's identity: the hash of its manifest body, as hex."""
         return self.manifest.hexdigest
 
+    def sharing(self) -> dict[str, Any]:
+        """Where this checkpoint's data lies: its parent, chain depth, own and shared bytes.
+
+        ``shared_bytes`` is tensor data stored in other checkpoints' files (incremental saves).
+        """
+        m = self.manifest
+        parent = m.parent if isinstance(m.parent, dict) else {}
+        lengths = np.full(m.num_chunks, m.chunk_size, np.int64)
+        if m.num_chunks:
+            nch = -(-m.nbytes // m.chunk_size)
+            has = nch > 0
+            lengths[m.first_chunk[has] + nch[has] - 1] = m.nbytes[has] - (nch[has] - 1) * m.chunk_size
+        foreign = np.array([f.path.startswith("../") for f in m.files] or [False], bool)
+        shared = int(lengths[foreign[m.chunk_file]].sum()) if m.num_chunks else 0
+        total = int(m.nbytes.sum())
+        return {"parent": parent.get("name"), "depth": int(parent.get("depth", 0) or 0),
+                "own_bytes": total - shared, "shared_bytes": shared, "total_bytes": total}
+
     def keys(self) -> list[str]:
         """Names of all tensors, in save order."""
         return list(self.manifest.names)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 __all__ = ["main", "convert", "register_convert_command", "CONVERT_COMMANDS", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE", "EXIT_ERROR"]
 
+import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -207,12 +209,23 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     """
     s = kinds.inspect_any(path)
     if as_json:
-        _echo_json(s.to_dict())
+        d = s.to_dict()
+        if s.kind == "ckptfmt":
+            with ckptfmt.open(path) as reader:
+                d["sharing"] = reader.sharing()
+        _echo_json(d)
         return
     meta = "-" if s.metadata is None else json.dumps(s.to_dict()["metadata"], sort_keys=True)
     for label, value in (("path", s.path), ("kind", s.kind), ("version", s.version or "-"), ("digest", s.digest or "-"),
                          ("tensors", f"{s.count} ({_size(s.nbytes)}, {s.nbytes} bytes)"), ("metadata", meta)):
         click.echo(f"{label + ':':<10}{value}")
+    if s.kind == "ckptfmt":
+        with ckptfmt.open(path) as reader:
+            share = reader.sharing()
+        if share["parent"]:
+            pct = 100.0 * share["shared_bytes"] / max(1, share["total_bytes"])
+            click.echo(f"{'parent:':<10}{share['parent']} (chain depth {share['depth']}; "
+                       f"{_size(share['shared_bytes'])} = {pct:.1f}% of the data is shared with earlier checkpoints)")
     if s.tensors:
         click.echo()
         rows = [("name", "dtype", "shape", "size")] + [(t.name, t.dtype, _shape(t.shape), _size(t.nbytes)) for t in s.tensors]
@@ -331,6 +344,99 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: f
 
 
 # ----------------------------------------------------------------------- convert
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def log(directory: str, as_json: bool) -> None:
+    """The history of a CheckpointManager directory: steps, times, sizes, bytes each save wrote.
+
+    WROTE is what that save actually put on disk; the rest of SIZE is shared with earlier
+    checkpoints (incremental saves). DEPTH is the position in the incremental chain.
+
+    \b
+    Example:
+      ckptfmt log runs/exp1
+    """
+    from ckptfmt.manager import history
+
+    if not os.path.isdir(directory):
+        raise ckptfmt.CheckpointNotFoundError(f"no directory {directory}")
+    entries = history(directory)
+    if as_json:
+        _echo_json({"directory": directory, "checkpoints": [dataclasses.asdict(e) for e in entries]})
+        return
+    if not entries:
+        click.echo(f"no checkpoints in {directory}")
+        return
+    rows = [("step", "saved at", "tensors", "size", "wrote", "depth", "parent", "digest")]
+    for e in entries:
+        when = datetime.datetime.fromtimestamp(e.created).strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((str(e.step), when, str(e.tensors), _size(e.state_bytes), _size(e.written_bytes), str(e.depth), e.parent or "-", e.digest[:12]))
+    for line in _table(rows, right=(0, 2, 3, 4, 5)):
+        click.echo(line)
+    total = sum(e.written_bytes for e in entries)
+    click.echo(f"\n{len(entries)} checkpoints, {_size(total)} written in all "
+               f"(full saves would have written {_size(sum(e.state_bytes for e in entries))})")
+
+
+@main.command("gc", context_settings=_CONTEXT)
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.option("--grace", "grace", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="Keep unreferenced files younger than this many seconds (a save may still be writing them).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
+    """Free data that no checkpoint in DIRECTORY refers to, and leftovers of interrupted saves.
+
+    Incremental checkpoints share data files, so deleting one (ckptfmt.remove or a
+    CheckpointManager's retention) frees only what nobody else uses. Nothing is deleted
+    if any manifest in DIRECTORY cannot be read.
+
+    \b
+    Example:
+      ckptfmt gc runs/exp1 --dry-run
+    """
+    if not os.path.isdir(directory):
+        raise ckptfmt.CheckpointNotFoundError(f"no directory {directory}")
+    r = ckptfmt.gc(directory, dry_run=dry_run, grace_seconds=grace)
+    if as_json:
+        _echo_json(dataclasses.asdict(r))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for f in r.deleted:
+        click.echo(f"{verb} {f}")
+    for f in r.unreadable:
+        click.echo(f"warning: {f} has an unreadable manifest; nothing was deleted", err=True)
+    if r.kept_young:
+        click.echo(f"kept {len(r.kept_young)} unreferenced file(s) younger than {grace:g} s", err=True)
+    click.echo(f"{verb} {len(r.deleted)} file(s), {_size(r.freed_bytes)}")
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Only say how much data would be copied in.")
+def compact(path: str, dry_run: bool) -> None:
+    """Rewrite an incremental checkpoint as a self-contained one (atomically).
+
+    Afterwards it no longer depends on earlier checkpoints; run `ckptfmt gc` on its
+    directory to free data that only it was keeping alive.
+
+    \b
+    Example:
+      ckptfmt compact runs/exp1/step-900
+    """
+    with ckptfmt.open(path) as reader:
+        share = reader.sharing()
+    if share["shared_bytes"] == 0:
+        click.echo(f"{path} is already self-contained")
+        return
+    if dry_run:
+        click.echo(f"would copy {_size(share['shared_bytes'])} shared with earlier checkpoints into {path}")
+        return
+    digest = ckptfmt.compact(path)
+    click.echo(f"compacted {path}: copied {_size(share['shared_bytes'])}; digest {digest[:16]}")
 
 
 @main.group(cls=LazyGroup, lazy_subcommands=CONVERT_COMMANDS, entry_point_group="ckptfmt.convert", context_settings=_CONTEXT)

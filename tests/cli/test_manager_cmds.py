@@ -1,0 +1,70 @@
+"""`ckptfmt log`, `gc`, `compact` and the sharing line of `inspect`, through CliRunner."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from click.testing import CliRunner
+
+import ckptfmt
+from ckptfmt.cli.main import main
+from ckptfmt.manager import CheckpointManager
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _make_run(tmp_path):
+    with CheckpointManager(tmp_path, max_to_keep=None, chunk_size=4096) as m:
+        w = np.arange(64 * 1024, dtype=np.float32)
+        for s in (1, 2, 3):
+            w[s * 1024] += 1
+            m.save(s, {"w": w.copy(), "step": s})
+    return tmp_path
+
+
+def test_log_table_and_json(tmp_path):
+    d = _make_run(tmp_path)
+    r = _run("log", d)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:3] == ["step", "saved", "at"]
+    assert [l.split()[0] for l in lines[2:5]] == ["1", "2", "3"] and "step-2" in lines[4]
+    assert "3 checkpoints" in r.output
+    j = json.loads(_run("log", d, "--json").output)
+    steps = j["checkpoints"]
+    assert [c["step"] for c in steps] == [1, 2, 3] and [c["depth"] for c in steps] == [0, 1, 2]
+    assert steps[1]["written_bytes"] < steps[0]["written_bytes"] / 10
+    assert _run("log", tmp_path / "nope").exit_code == 3
+
+
+def test_inspect_shows_the_parent_share(tmp_path):
+    d = _make_run(tmp_path)
+    r = _run("inspect", d / "step-3")
+    assert r.exit_code == 0 and "parent:   step-2 (chain depth 2" in r.output and "% of the data is shared" in r.output
+    j = json.loads(_run("inspect", d / "step-3", "--json").output)
+    assert j["sharing"]["parent"] == "step-2" and j["sharing"]["shared_bytes"] > 0
+
+
+def test_compact_then_gc(tmp_path):
+    d = _make_run(tmp_path)
+    r = _run("compact", d / "step-3", "--dry-run")
+    assert r.exit_code == 0 and "would copy" in r.output
+    assert ckptfmt.open(d / "step-3").manifest.parent is not None
+    r = _run("compact", d / "step-3")
+    assert r.exit_code == 0 and "compacted" in r.output
+    assert "already self-contained" in _run("compact", d / "step-3").output
+    ckptfmt.remove(d / "step-1")
+    ckptfmt.remove(d / "step-2")
+    r = _run("gc", d, "--grace", "0", "--dry-run")
+    assert r.exit_code == 0 and "would delete" in r.output
+    assert os.path.isdir(d / "step-1")
+    r = _run("gc", d, "--grace", "0")
+    # remove(step-2) already freed step-2's own data (step-3 no longer needs it after compact);
+    # step-1's data was still used by step-2 when step-1 was removed, so gc frees it now.
+    assert r.exit_code == 0 and "deleted 1 file(s)" in r.output
+    assert not os.path.exists(d / "step-1") and _run("verify", d / "step-3").exit_code == 0
+    assert json.loads(_run("gc", d, "--json").output)["deleted"] == []
