@@ -33,7 +33,7 @@ def test_log_table_and_json(tmp_path):
     lines = r.output.splitlines()
     assert lines[0].split()[:3] == ["step", "saved", "at"]
     rows = [l.split() for l in lines[1:] if l.split() and l.split()[1].startswith("20")]
-    assert [r[0] for r in rows] == ["1", "2", "3"] and rows[2][7] == "step-2"
+    assert [r[0] for r in rows] == ["1", "2", "3"] and rows[2][-2] == "step-2"
     assert "3 checkpoints" in r.output
     j = json.loads(_run("log", d, "--json").output)
     steps = j["checkpoints"]
