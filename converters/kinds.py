@@ -327,8 +327,16 @@ def open_any(path: str | os.PathLike[str], *, kind: str | None = None) -> Source
         ...     src.kind, len(src.keys())
         ('tf', 5)
     """
-    p = os.fspath(path)
+    p = _canonical(path)
     return _source_class(kind or detect_kind(p))(p)
+
+
+def _canonical(path: str | os.PathLike[str]) -> str:
+    """A ckptfmt checkpoint named by its MANIFEST file means the checkpoint directory."""
+    p = os.fspath(path)
+    if os.path.basename(p) == MANIFEST_NAME and os.path.isfile(p):
+        return os.path.dirname(p) or "."
+    return p
 
 
 # --------------------------------------------------------------------- ckptfmt, tf
@@ -581,7 +589,7 @@ def verify_any(path: str | os.PathLike[str], *, kind: str | None = None, progres
         >>> report.ok, [str(p) for p in report.problems]  # doctest: +SKIP
         (True, [])
     """
-    p = os.fspath(path)
+    p = _canonical(path)
     return _source_class(kind or detect_kind(p)).verify(p, progress=progress)
 
 

@@ -69,3 +69,10 @@ def test_compact_then_gc(tmp_path):
     assert r.exit_code == 0 and "deleted 1 file(s)" in r.output
     assert not os.path.exists(d / "step-1") and _run("verify", d / "step-3").exit_code == 0
     assert json.loads(_run("gc", d, "--json").output)["deleted"] == []
+
+
+def test_verify_accepts_a_manifest_file_path(tmp_path):
+    """The pre-commit hook passes file names: DIR/MANIFEST means the checkpoint DIR."""
+    ckptfmt.save({"a": np.ones(3)}, tmp_path / "ck")
+    r = _run("verify", tmp_path / "ck" / "MANIFEST")
+    assert r.exit_code == 0, r.output
