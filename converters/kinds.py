@@ -258,7 +258,7 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
         >>> detect_kind("model.safetensors")  # doctest: +SKIP
         'safetensors'
     """
-    p = os.fspath(path)
+    p = _canonical(path)
     if os.path.isdir(p):
         names = os.listdir(p)
         if MANIFEST_NAME in names:
