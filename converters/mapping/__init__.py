@@ -1,0 +1,74 @@
+"""Checkpoint key mappings: declarative rules, Keras layer conversions, model-guided matching.
+
+* :mod:`.rules`: ``Rename``/``Convert``/``Drop`` rules and tensor ops as data; a ``Mapping``
+  plans (dry run, table), applies, inverts and round-trips through a JSON mapping file.
+* :mod:`.layers`: one conversion per Keras layer class, the Flatten trap, descriptions of live
+  Keras models.
+* :mod:`.match`: pair Keras layers with the modules of a torch model and build the mapping
+  (imports torch, so it is loaded only when one of its names is first used).
+
+Example:
+    >>> import numpy as np
+    >>> from ckptfmt.converters.mapping import Mapping, Convert, Transpose
+    >>> m = Mapping((Convert(("*/kernel",), ("*.weight",), (Transpose((1, 0)),)),))
+    >>> m.apply({"fc/kernel": np.zeros((3, 2))})["fc.weight"].shape
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .layers import (
+    LAYER_CONVERTERS,
+    KerasLayer,
+    KerasWeight,
+    conv_kernel_axes,
+    describe_keras_layer,
+    describe_keras_model,
+    find_flatten_dense,
+    flatten_kernel_ops,
+    layer_rules,
+)
+from .rules import (
+    AppendZeros,
+    Cast,
+    Concat,
+    Convert,
+    Discard,
+    Drop,
+    Entry,
+    Fill,
+    GateReorder,
+    Mapping,
+    Mean,
+    Op,
+    Plan,
+    Rename,
+    Repeat,
+    Reshape,
+    Split,
+    Sum,
+    TensorSpec,
+    Transpose,
+    spec_of,
+)
+
+_LAZY = {"build_mapping", "match_layers"}
+
+__all__ = [
+    "TensorSpec", "spec_of", "Op", "Transpose", "Reshape", "Split", "Concat", "GateReorder", "Cast",
+    "Sum", "AppendZeros", "Repeat", "Mean", "Fill", "Discard", "Rename", "Convert", "Drop",
+    "Entry", "Plan", "Mapping",
+    "KerasWeight", "KerasLayer", "LAYER_CONVERTERS", "layer_rules", "conv_kernel_axes",
+    "flatten_kernel_ops", "find_flatten_dense", "describe_keras_model", "describe_keras_layer",
+    "build_mapping", "match_layers",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import match
+
+        return getattr(match, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

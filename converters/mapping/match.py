@@ -1,0 +1,240 @@
+"""Match Keras layers to the modules of a torch model by type and shape, and build the Mapping.
+
+A Keras layer matches a torch module when the module is of the kind the layer becomes
+(``Dense`` -> ``nn.Linear``, ``DepthwiseConv2D`` -> ``nn.Conv2d`` with ``groups == in``...)
+and the module's own ``state_dict()`` has exactly the keys and shapes the layer's rules
+produce. Registration order never decides anything:
+
+* a layer whose type+shape signature fits exactly one module is matched to it;
+* layers sharing a signature with several modules are matched in execution order, taken from
+  forward hooks on one run of ``example_input`` (the model runs in eval mode under
+  ``no_grad`` and its mode is restored);
+* without ``example_input`` such ties are refused with the candidates listed, as is any
+  layer that fits no module (``pairs={keras name: torch path}`` settles a case by hand).
+
+Example:
+    >>> mapping = build_mapping(describe_keras_model(keras_model), torch_model,
+    ...                         example_input=torch.zeros(1, 3, 32, 32))  # doctest: +SKIP
+    >>> print(mapping.plan(keras_weights, torch_model.state_dict()))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__all__ = ["match_layers", "build_mapping"]
+
+from collections import defaultdict
+from collections.abc import Mapping as AbcMapping
+from collections.abc import Sequence
+from typing import Any
+
+from ckptfmt.errors import ConversionError, FrameworkNotAvailableError
+
+from .layers import KerasLayer, find_flatten_dense, layer_rules
+from .rules import Mapping
+
+try:
+    import torch
+    from torch import nn
+except ImportError as e:  # pragma: no cover - exercised only without torch
+    raise FrameworkNotAvailableError("torch", "torch", feature="model-guided mapping") from e
+
+
+def _accepts(layer: KerasLayer, module: nn.Module) -> bool:
+    """Whether ``module`` is of the kind ``layer`` becomes (shapes are checked separately)."""
+    cls, cfg = layer.class_name, layer.config
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    convt = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+    if cls == "Dense":
+        return isinstance(module, nn.Linear)
+    if cls in ("Conv1D", "Conv2D", "Conv3D"):
+        return isinstance(module, conv[int(cls[4])]) and module.groups == cfg.get("groups", 1)
+    if cls in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
+        return isinstance(module, convt[int(cls[4])])
+    if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
+        return isinstance(module, conv[int(cls[-2])]) and module.groups == module.in_channels
+    if cls in ("SeparableConv1D", "SeparableConv2D"):
+        c = conv[int(cls[-2])]
+        return isinstance(getattr(module, "depthwise", None), c) and isinstance(getattr(module, "pointwise", None), c)
+    if cls == "BatchNormalization":
+        return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    if cls == "LayerNormalization":
+        return isinstance(module, nn.LayerNorm)
+    if cls == "Embedding":
+        return isinstance(module, nn.Embedding)
+    if cls in ("LSTM", "GRU"):
+        return type(module) is getattr(nn, cls) and not module.bidirectional and module.num_layers == 1
+    if cls == "Bidirectional":
+        inner = cfg.get("layer", {}).get("class_name") if isinstance(cfg.get("layer"), dict) else None
+        return isinstance(module, (nn.LSTM, nn.GRU)) and module.bidirectional and module.num_layers == 1 and inner in (None, type(module).__name__)
+    if cls == "MultiHeadAttention":
+        return isinstance(module, nn.MultiheadAttention)
+    return False
+
+
+def _hyper_notes(layer: KerasLayer, path: str, module: nn.Module) -> list[str]:
+    """Mismatches between the Keras config and the torch module that weights cannot fix."""
+    notes = []
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+        eps = layer.config.get("epsilon", 1e-3)
+        if abs(module.eps - eps) > 1e-12:
+            notes.append(f"MISMATCH {layer.name} -> {path}: eps {module.eps} in torch, {eps} in Keras; outputs will differ")
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+        want = 1 - layer.config.get("momentum", 0.99)
+        if abs(module.momentum - want) > 1e-9:
+            notes.append(f"MISMATCH {layer.name} -> {path}: torch momentum {module.momentum}, Keras momentum "
+                         f"{layer.config.get('momentum', 0.99)} means torch momentum {want:.6g}; running statistics will update differently")
+    return notes
+
+
+def _trace_order(model: nn.Module, example_input: Any, modules: dict[str, nn.Module]) -> dict[str, int]:
+    order: dict[str, int] = {}
+    handles = []
+    for path, mod in modules.items():
+        def hook(_m, _inp, path=path):
+            order.setdefault(path, len(order))
+        handles.append(mod.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()  # eval: a trace must not move BatchNorm's running statistics
+        with torch.no_grad():
+            if isinstance(example_input, tuple):
+                model(*example_input)
+            elif isinstance(example_input, dict):
+                model(**example_input)
+            else:
+                model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return order
+
+
+def match_layers(
+    keras_layers: Sequence[KerasLayer],
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    pairs: AbcMapping[str, str] | None = None,
+    flatten_from: AbcMapping[str, Sequence[int]] | None = None,
+) -> list[tuple[KerasLayer, str]]:
+    """Pair every Keras layer that has weights with the path of its torch module.
+
+    Args:
+        keras_layers: the Keras model's layers, in order (see ``describe_keras_model``).
+        model: the torch model.
+        example_input: an input for one forward pass, to order layers that share a signature.
+        pairs: ``{keras layer name: torch module path}`` fixed by hand.
+        flatten_from: ``{dense name: (*spatial, C)}`` from ``find_flatten_dense``.
+
+    Returns:
+        ``[(layer, module path), ...]`` in Keras order.
+
+    Raises:
+        ConversionError: a layer fits no module, or several without ``example_input``, or one
+            module would take two layers (every such problem is listed).
+
+    Example:
+        >>> match_layers(layers, model, torch.zeros(1, 8))  # doctest: +SKIP
+        [(KerasLayer(name='dense', ...), 'fc')]
+    """
+    pairs = dict(pairs or {})
+    flatten_from = dict(flatten_from or {})
+    weighted = [l for l in keras_layers if l.weights]
+    modules = dict(model.named_modules())
+    own = {p: {k: tuple(v.shape) for k, v in m.state_dict().items()} for p, m in modules.items()}
+
+    signature: dict[str, tuple] = {}
+    for layer in weighted:
+        plan = layer_rules(layer, "", flatten_from=flatten_from.get(layer.name)).plan(layer.specs())
+        signature[layer.name] = (layer.class_name, tuple(sorted((k, s.shape) for k, s in plan.target_specs.items())))
+
+    problems: list[str] = []
+    result: dict[str, str] = {}
+    for name, path in pairs.items():
+        if path not in modules:
+            problems.append(f"pairs: torch model has no module {path!r} (for Keras layer {name!r})")
+        else:
+            result[name] = path
+
+    groups: dict[tuple, list[KerasLayer]] = defaultdict(list)
+    for layer in weighted:
+        if layer.name not in result:
+            groups[signature[layer.name]].append(layer)
+    taken = set(result.values())
+    candidates: dict[tuple, list[str]] = {}
+    for sig, layers in groups.items():
+        want = dict(sig[1])
+        candidates[sig] = [p for p, m in modules.items() if p not in taken and own[p] == want and _accepts(layers[0], m)]
+
+    order: dict[str, int] | None = None
+    if example_input is not None and any(len(c) > 1 for c in candidates.values()):
+        order = _trace_order(model, example_input, {p: modules[p] for c in candidates.values() for p in c})
+
+    for sig, layers in groups.items():
+        cands = candidates[sig]
+        names = ", ".join(l.name for l in layers)
+        shapes = ", ".join(f"{k} {s}" for k, s in sig[1])
+        if len(cands) < len(layers):
+            problems.append(f"Keras {sig[0]} layer(s) {names} [{shapes}]: {len(cands)} torch module(s) of that type and shape "
+                            f"({', '.join(cands) or 'none'}) for {len(layers)} layer(s)")
+            continue
+        if len(cands) == 1:
+            result[layers[0].name] = cands[0]
+            continue
+        if order is None:
+            problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] could be torch module(s) {', '.join(cands)}; "
+                            "pass example_input so the execution order decides, or pairs={keras name: torch path}")
+            continue
+        run = sorted((p for p in cands if p in order), key=order.__getitem__)
+        if len(run) != len(layers):
+            problems.append(f"Keras {sig[0]} layer(s) {names}: the forward pass ran {len(run)} of the candidate torch modules "
+                            f"{', '.join(cands)}, not {len(layers)}; pass pairs= to decide")
+            continue
+        result.update({l.name: p for l, p in zip(layers, run)})
+
+    seen: dict[str, str] = {}
+    for name, path in result.items():
+        if path in seen:
+            problems.append(f"torch module {path!r} would take both Keras layers {seen[path]!r} and {name!r}")
+        seen[path] = name
+    if problems:
+        raise ConversionError("cannot match the Keras layers to the torch model:\n  " + "\n  ".join(problems))
+    return [(l, result[l.name]) for l in weighted]
+
+
+def build_mapping(
+    keras_layers: Sequence[KerasLayer],
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    pairs: AbcMapping[str, str] | None = None,
+    flatten_shapes: AbcMapping[str, Sequence[int]] | None = None,
+) -> Mapping:
+    """The Keras -> torch :class:`~.rules.Mapping` for a model, checked against its state_dict.
+
+    Detects the Flatten trap (``flatten_shapes``: ``{flatten name: (H, W, C)}`` when the layer
+    descriptions carry no shapes), matches layers to modules (:func:`match_layers`), and plans
+    the result strictly against ``model.state_dict()`` so every torch key is produced once.
+
+    Raises:
+        ConversionError / UnmappedKeyError: as :func:`match_layers` and :meth:`Mapping.plan`.
+
+    Example:
+        >>> m = build_mapping(describe_keras_model(kmodel), tmodel, torch.zeros(1, 8))  # doctest: +SKIP
+        >>> tmodel.load_state_dict(to_torch(m.apply(keras_weights)))  # doctest: +SKIP
+    """
+    flatten_from = find_flatten_dense(keras_layers, dict(flatten_shapes or {}))
+    matched = match_layers(keras_layers, model, example_input, pairs=pairs, flatten_from=flatten_from)
+    modules = dict(model.named_modules())
+    mapping = Mapping(())
+    notes: list[str] = []
+    for layer, path in matched:
+        mapping = mapping + layer_rules(layer, path, flatten_from=flatten_from.get(layer.name))
+        notes += _hyper_notes(layer, path, modules[path])
+    if flatten_from:
+        notes.append("the torch model must flatten NCHW feature maps channels-first (x.flatten(1)) before the Dense layers noted above")
+    mapping = Mapping(mapping.rules, mapping.notes + tuple(notes))
+    sources = {k: s for layer, _ in matched for k, s in layer.specs().items()}
+    mapping.plan(sources, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    return mapping

@@ -1,0 +1,460 @@
+"""Optimizer state between Keras 3 and torch, slot by slot through the weight mapping's plan.
+
+Each slot (Adam's ``m``/``v``, SGD's momentum, RMSprop's velocity...) belongs to one Keras
+variable and goes through the same layout ops as that variable (the plan entry's
+``for_slots`` variant: a Keras LSTM bias split into ``bias_ih``/``bias_hh`` gives both the
+same slot, since both receive the same gradient). Values change where the two frameworks
+define a slot differently:
+
+=========  ================================  =========================================
+Keras 3    stock torch                       relation
+=========  ================================  =========================================
+Adam m/v   ``exp_avg``/``exp_avg_sq``        equal; epsilon placement differs (report)
+SGD m      ``momentum_buffer``               ``m = -lr * buf`` (exact for a constant lr)
+RMSprop v  ``square_avg``                    equal; epsilon inside vs outside the sqrt
+RMSprop    ``momentum_buffer``               ``mom = lr * buf``
+iterations ``step``                          equal (per parameter in torch)
+=========  ================================  =========================================
+
+The Keras-exact torch optimizers (:mod:`.keras_exact`) keep Keras's slots unchanged.
+
+Example:
+    >>> import numpy as np
+    >>> from ckptfmt.converters.mapping import Mapping, Convert, Transpose
+    >>> plan = Mapping((Convert(("d/kernel",), ("fc.weight",), (Transpose((1, 0)),)),)).plan({"d/kernel": (3, 2)})
+    >>> ks = KerasOptimizerState("SGD", {"learning_rate": 0.1, "momentum": 0.9}, 4,
+    ...                          {"d/kernel": {"momentum": np.ones((3, 2), np.float32)}})
+    >>> conv = keras_to_torch_optimizer(ks, plan, ["fc.weight"])
+    >>> conv.optimizer, float(conv.state[0]["momentum_buffer"][0, 0])
+    ('torch.optim.SGD', -10.0)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KERAS_SLOTS",
+    "KerasOptimizerState",
+    "OptimizerConversion",
+    "keras_optimizer_state",
+    "describe_keras_optimizer",
+    "keras_to_torch_optimizer",
+    "torch_to_keras_optimizer",
+]
+
+import math
+from collections.abc import Mapping as AbcMapping
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptfmt.converters.mapping.rules import Plan
+from ckptfmt.errors import ConversionError, UnmappedKeyError
+
+# Keras 3 slot names per optimizer class, as in ``add_optimizer_variables(vars, name)``.
+KERAS_SLOTS: dict[str, tuple[str, ...]] = {
+    "Adam": ("momentum", "velocity", "velocity_hat"),
+    "AdamW": ("momentum", "velocity", "velocity_hat"),
+    "SGD": ("momentum",),
+    "RMSprop": ("velocity", "momentum", "average_gradient"),
+}
+
+# Keras-exact torch optimizer per Keras class; their state uses Keras's slot names.
+_EXACT = {"Adam": "KerasAdam", "AdamW": "KerasAdam", "SGD": "KerasSGD", "RMSprop": "KerasRMSprop"}
+_EXACT_MODULE = "ckptfmt.converters.optim"
+
+_ADAM_EPS = (
+    "Keras adds epsilon to sqrt(v) before bias correction (update lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v)+eps)); "
+    "torch adds it to sqrt(v_hat) after (lr/(1-b1^t) * m/(sqrt(v)/sqrt(1-b2^t)+eps)), i.e. torch's effective "
+    "epsilon is larger by 1/sqrt(1-b2^t)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KerasOptimizerState:
+    """A Keras 3 optimizer's state, framework-free.
+
+    Attributes:
+        class_name: ``"Adam"``, ``"AdamW"``, ``"SGD"`` or ``"RMSprop"``.
+        config: ``optimizer.get_config()`` (``learning_rate`` a float: the current value).
+        iterations: Keras ``optimizer.iterations``, the count of updates made.
+        slots: ``{variable key: {slot name: array}}`` in Keras layout.
+    """
+
+    class_name: str
+    config: dict[str, Any] = field(hash=False)
+    iterations: int = 0
+    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, hash=False)
+
+    def variables(self, prefix: str, variable_paths: AbcMapping[str, str] | None = None) -> dict[str, np.ndarray]:
+        """The Keras 3 optimizer variables by path: ``{prefix}/iteration``,
+        ``{prefix}/learning_rate`` and ``{prefix}/{variable path with / as _}_{slot}``.
+
+        Args:
+            prefix: the optimizer's name (``"adam"``).
+            variable_paths: ``{variable key: Keras variable path}`` when the keys are not paths.
+
+        Example:
+            >>> s = KerasOptimizerState("SGD", {"learning_rate": 0.1}, 2, {"d/kernel": {"momentum": np.zeros(2)}})
+            >>> sorted(s.variables("sgd"))
+            ['sgd/d_kernel_momentum', 'sgd/iteration', 'sgd/learning_rate']
+        """
+        out = {
+            f"{prefix}/iteration": np.array(self.iterations, np.int64),
+            f"{prefix}/learning_rate": np.array(_lr(self.config), np.float32),
+        }
+        for key, slots in self.slots.items():
+            path = (variable_paths or {}).get(key, key)
+            for name, value in slots.items():
+                out[f"{prefix}/{path.replace('/', '_')}_{name}"] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerConversion:
+    """A torch optimizer's state converted from Keras.
+
+    Attributes:
+        optimizer: the class to build (``"torch.optim.AdamW"``, ``"ckptfmt.converters.optim.KerasAdam"``).
+        hyperparameters: its constructor's keyword arguments.
+        state: ``{param index: {name: array}}`` in the order of ``param_names``.
+        report: what was converted and how far a stock torch optimizer may drift from Keras.
+    """
+
+    optimizer: str
+    hyperparameters: dict[str, Any] = field(hash=False)
+    state: dict[int, dict[str, np.ndarray]] = field(hash=False)
+    report: str
+
+    def state_dict(self, base: AbcMapping[str, Any] | None = None) -> dict[str, Any]:
+        """A torch ``optimizer.state_dict()`` with numpy leaves (one param group).
+
+        Args:
+            base: the target optimizer's own ``state_dict()``: its group supplies the keys
+                this conversion does not set (``foreach``, ``maximize``...) and the params.
+
+        Example:
+            >>> opt.load_state_dict(numpy_to_state(conv.state_dict(opt.state_dict())))  # doctest: +SKIP
+        """
+        group: dict[str, Any] = {}
+        params = list(range(max(self.state, default=-1) + 1))
+        if base is not None:
+            if len(base["param_groups"]) != 1:
+                raise ConversionError("the target optimizer must have exactly one param group")
+            group.update(base["param_groups"][0])
+            params = list(group["params"])
+        group.update(self.hyperparameters)
+        group["params"] = params
+        return {"state": dict(self.state), "param_groups": [group]}
+
+
+def _lr(config: AbcMapping[str, Any]) -> float:
+    lr = config.get("learning_rate", 0.001)
+    if not isinstance(lr, (int, float, np.floating, np.ndarray)) or np.ndim(lr):
+        raise ConversionError(
+            f"the optimizer's learning_rate is a schedule ({lr!r}); pass its current value in config['learning_rate'] "
+            "and rebuild the schedule in the other framework"
+        )
+    return float(lr)
+
+
+def keras_optimizer_state(
+    class_name: str,
+    config: AbcMapping[str, Any],
+    optimizer_variables: AbcMapping[str, np.ndarray],
+    variable_keys: AbcMapping[str, str] | Sequence[str],
+) -> KerasOptimizerState:
+    """Parse Keras 3 optimizer variables (``adam/iteration``, ``adam/dense_kernel_momentum``...).
+
+    Args:
+        class_name: the Keras optimizer class.
+        config: its ``get_config()``.
+        optimizer_variables: ``{path: array}`` of the optimizer's variables.
+        variable_keys: the trainable variables: their Keras paths (``"dense/kernel"``), or
+            ``{key in the weight mapping: Keras path}``.
+
+    Raises:
+        UnmappedKeyError: an optimizer variable belongs to no listed variable (all listed).
+
+    Example:
+        >>> ov = {"sgd/iteration": np.array(3), "sgd/learning_rate": np.array(0.1),
+        ...       "sgd/d_kernel_momentum": np.zeros(2)}
+        >>> keras_optimizer_state("SGD", {"momentum": 0.9}, ov, ["d/kernel"]).iterations
+        3
+    """
+    if class_name not in KERAS_SLOTS:
+        raise ConversionError(f"Keras optimizer {class_name!r} is not supported (supported: {', '.join(KERAS_SLOTS)})")
+    keys = dict(variable_keys) if isinstance(variable_keys, AbcMapping) else {k: k for k in variable_keys}
+    config = dict(config)
+    iterations = 0
+    by_name: dict[str, tuple[str, str]] = {}
+    for key, path in keys.items():
+        for slot in KERAS_SLOTS[class_name]:
+            by_name[f"{path.replace('/', '_')}_{slot}"] = (key, slot)
+    slots: dict[str, dict[str, np.ndarray]] = {}
+    unknown = []
+    for path, value in optimizer_variables.items():
+        name = path.split("/", 1)[1] if "/" in path else path
+        if name == "iteration" or name == "iterations":
+            iterations = int(np.asarray(value))
+        elif name == "learning_rate":
+            config["learning_rate"] = float(np.asarray(value))
+        elif name in by_name:
+            key, slot = by_name[name]
+            slots.setdefault(key, {})[slot] = np.asarray(value)
+        else:
+            unknown.append(path)
+    if unknown:
+        raise UnmappedKeyError(f"{len(unknown)} optimizer variable(s) belong to no listed variable: " + ", ".join(unknown))
+    return KerasOptimizerState(class_name, config, iterations, slots)
+
+
+def describe_keras_optimizer(optimizer: Any, variables: Sequence[Any]) -> KerasOptimizerState:
+    """The state of a live Keras 3 optimizer built on ``variables`` (duck-typed, keys = paths).
+
+    Example:
+        >>> state = describe_keras_optimizer(opt, model.trainable_variables)  # doctest: +SKIP
+    """
+    return keras_optimizer_state(
+        type(optimizer).__name__,
+        optimizer.get_config(),
+        {v.path: np.array(v.numpy()) for v in optimizer.variables},
+        [v.path for v in variables],
+    )
+
+
+def _check_supported(config: AbcMapping[str, Any]) -> list[str]:
+    if config.get("use_ema"):
+        raise ConversionError("the Keras optimizer uses EMA (use_ema=True); its moving-average variables have no torch slot")
+    if config.get("gradient_accumulation_steps"):
+        raise ConversionError("the Keras optimizer accumulates gradients (gradient_accumulation_steps); its accumulators have no torch slot")
+    notes = []
+    for k in ("clipnorm", "clipvalue", "global_clipnorm"):
+        if config.get(k) is not None:
+            notes.append(f"Keras {k}={config[k]} is not optimizer state in torch: clip gradients before step() (torch.nn.utils.clip_grad_norm_/clip_grad_value_)")
+    return notes
+
+
+def _torch_slots(state: KerasOptimizerState, plan: Plan, param_names: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """``{torch param name: {keras slot name: array in torch layout}}``."""
+    index = {n: i for i, n in enumerate(param_names)}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    unknown = [k for k in state.slots if not any(k in e.sources for e in plan.entries)]
+    problems = [f"{k}: has optimizer slots but no entry of the weight plan reads it" for k in unknown]
+    for entry in plan.entries:
+        have = [k for k in entry.sources if k in state.slots]
+        if not have:
+            continue
+        if len(have) != len(entry.sources) or len({frozenset(state.slots[k]) for k in have}) != 1:
+            problems.append(f"{', '.join(entry.sources)}: converted together but their optimizer slots differ")
+            continue
+        for slot in state.slots[have[0]]:
+            values = entry.run(tuple(np.asarray(state.slots[k][slot]) for k in entry.sources), slots=True)
+            for target, value in zip(entry.targets, values):
+                out.setdefault(target, {})[slot] = value
+    problems += [f"{t}: has optimizer slots but is not in param_names" for t in out if t not in index]
+    if problems:
+        raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(problems))
+    return out
+
+
+def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names: Sequence[str], *, exact: bool = False) -> OptimizerConversion:
+    """Convert a Keras optimizer's state to a torch optimizer's.
+
+    Args:
+        state: the Keras state (:func:`keras_optimizer_state`, :func:`describe_keras_optimizer`).
+        plan: the Keras -> torch weight plan (``mapping.plan(keras_weights)``).
+        param_names: the torch parameter names in the optimizer's order (indices of its
+            ``state_dict()``), e.g. ``[n for n, _ in model.named_parameters()]``.
+        exact: target the Keras-exact optimizers (``KerasAdam``...) instead of stock torch ones.
+
+    Raises:
+        ConversionError: an unsupported optimizer or option (EMA, gradient accumulation, a
+            learning-rate schedule without its current value).
+        UnmappedKeyError: slots that the plan or ``param_names`` cannot place.
+
+    Example:
+        >>> conv = keras_to_torch_optimizer(state, plan, names)  # doctest: +SKIP
+        >>> opt = torch.optim.AdamW(model.parameters(), **conv.hyperparameters)  # doctest: +SKIP
+        >>> print(conv.report)  # doctest: +SKIP
+    """
+    cfg, cls, t = state.config, state.class_name, state.iterations
+    notes = _check_supported(cfg)
+    lr = _lr(cfg)
+    wd = float(cfg.get("weight_decay") or 0.0)
+    slots = _torch_slots(state, plan, param_names)
+    index = {n: i for i, n in enumerate(param_names)}
+    out: dict[int, dict[str, np.ndarray]] = {}
+
+    if exact:
+        name = f"{_EXACT_MODULE}.{_EXACT[cls]}"
+        if cls in ("Adam", "AdamW"):
+            hyper = dict(lr=lr, betas=(cfg.get("beta_1", 0.9), cfg.get("beta_2", 0.999)), eps=cfg.get("epsilon", 1e-7), weight_decay=wd, amsgrad=bool(cfg.get("amsgrad")))
+        elif cls == "SGD":
+            hyper = dict(lr=lr, momentum=cfg.get("momentum", 0.0), nesterov=bool(cfg.get("nesterov")), weight_decay=wd)
+        else:
+            hyper = dict(lr=lr, rho=cfg.get("rho", 0.9), momentum=cfg.get("momentum", 0.0), eps=cfg.get("epsilon", 1e-7), centered=bool(cfg.get("centered")), weight_decay=wd)
+        for target, i in index.items():  # step even for slot-less parameters (plain SGD), as torch keeps it
+            out[i] = {"step": np.array(t, np.int64), **slots.get(target, {})}
+        notes.insert(0, f"{name} reproduces Keras 3 {cls}'s updates exactly; slots copied unchanged (layout only), iterations {t} -> step")
+        return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
+
+    if cls in ("Adam", "AdamW"):
+        name = "torch.optim.AdamW" if wd else "torch.optim.Adam"
+        amsgrad = bool(cfg.get("amsgrad"))
+        hyper = dict(lr=lr, betas=(cfg.get("beta_1", 0.9), cfg.get("beta_2", 0.999)), eps=cfg.get("epsilon", 1e-7), weight_decay=wd, amsgrad=amsgrad)
+        for target, s in slots.items():
+            out[index[target]] = {"step": np.array(float(t), np.float32), "exp_avg": s["momentum"], "exp_avg_sq": s["velocity"]}
+            if amsgrad:
+                out[index[target]]["max_exp_avg_sq"] = s["velocity_hat"]
+        b2 = hyper["betas"][1]
+        factor = 1 / math.sqrt(1 - b2 ** (t + 1))
+        notes.insert(0, f"stock {name}: exp_avg = m, exp_avg_sq = v, step = iterations = {t}"
+                        + (f"; Keras's decoupled weight_decay={wd} is AdamW's" if wd else ""))
+        notes.append(f"drift: {_ADAM_EPS}; at the next step (t={t + 1}) by {factor:.3g}x. Each update differs by a relative "
+                     f"eps*(factor-1)/(sqrt(v_hat)+eps): negligible while |gradients| >> eps={hyper['eps']:g}. Use KerasAdam (exact=True) for identical updates")
+    elif cls == "SGD":
+        momentum = float(cfg.get("momentum", 0.0))
+        name = "torch.optim.SGD"
+        hyper = dict(lr=lr, momentum=momentum, nesterov=bool(cfg.get("nesterov")), dampening=0.0, weight_decay=0.0)
+        if momentum:
+            for target, s in slots.items():
+                out[index[target]] = {"momentum_buffer": (s["momentum"] / np.float32(-lr)).astype(s["momentum"].dtype)}
+        notes.insert(0, f"stock {name}: momentum_buffer = -m / lr (lr={lr:g}); Keras's buffer holds -lr times torch's, "
+                        "so the trajectories agree exactly only while lr stays constant (a schedule scales old momentum differently)")
+        if wd:
+            notes.append(f"drift: Keras's decoupled weight_decay={wd} (w -= w*wd*lr) is not torch SGD's (L2 added to the gradient); "
+                         "dropped here. Use KerasSGD (exact=True) to keep it")
+    elif cls == "RMSprop":
+        momentum = float(cfg.get("momentum", 0.0))
+        centered = bool(cfg.get("centered"))
+        name = "torch.optim.RMSprop"
+        hyper = dict(lr=lr, alpha=cfg.get("rho", 0.9), eps=cfg.get("epsilon", 1e-7), momentum=momentum, centered=centered, weight_decay=0.0)
+        for target, s in slots.items():
+            o = {"step": np.array(float(t), np.float32), "square_avg": s["velocity"]}
+            if momentum:
+                o["momentum_buffer"] = (s["momentum"] / np.float32(lr)).astype(s["momentum"].dtype)
+            if centered:
+                o["grad_avg"] = s["average_gradient"]
+            out[index[target]] = o
+        notes.insert(0, f"stock {name}: square_avg = velocity, momentum_buffer = momentum / lr, grad_avg = average_gradient, alpha = rho")
+        notes.append("drift: Keras divides by sqrt(v + eps), torch by sqrt(v) + eps; updates differ where v is near eps^2..eps "
+                     "(small gradients). Use KerasRMSprop (exact=True) for identical updates")
+        if wd:
+            notes.append(f"drift: Keras's decoupled weight_decay={wd} has no torch RMSprop equivalent; dropped. Use KerasRMSprop")
+    else:  # pragma: no cover - keras_optimizer_state rejects other classes
+        raise ConversionError(f"Keras optimizer {cls!r} is not supported")
+    return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
+
+
+def _report(notes: list[str]) -> str:
+    return "\n".join(f"- {n}" for n in notes)
+
+
+_TORCH_TO_KERAS = {
+    "Adam": "Adam", "AdamW": "AdamW", "SGD": "SGD", "RMSprop": "RMSprop",
+    "KerasAdam": "Adam", "KerasSGD": "SGD", "KerasRMSprop": "RMSprop",
+}
+
+
+def torch_to_keras_optimizer(
+    optimizer: str,
+    state_dict: AbcMapping[str, Any],
+    plan: Plan,
+    param_names: Sequence[str],
+    *,
+    iterations: int | None = None,
+) -> tuple[KerasOptimizerState, str]:
+    """Convert a torch optimizer's ``state_dict()`` (numpy leaves) to Keras 3 state.
+
+    Args:
+        optimizer: the torch class name: ``Adam``, ``AdamW``, ``SGD``, ``RMSprop`` or a
+            Keras-exact ``KerasAdam``, ``KerasSGD``, ``KerasRMSprop``.
+        state_dict: its state dict with numpy arrays (``ckptfmt.adapters.torch.state_to_numpy``).
+        plan: the Keras -> torch weight plan; its inverse carries slots back.
+        param_names: the torch parameter names in the optimizer's order.
+        iterations: the Keras iteration count when torch keeps none (stock SGD).
+
+    Returns:
+        ``(KerasOptimizerState, report)``.
+
+    Example:
+        >>> ks, report = torch_to_keras_optimizer("AdamW", sd, plan, names)  # doctest: +SKIP
+        >>> ks.variables("adamw")  # doctest: +SKIP
+    """
+    if optimizer not in _TORCH_TO_KERAS:
+        raise ConversionError(f"torch optimizer {optimizer!r} is not supported (supported: {', '.join(_TORCH_TO_KERAS)})")
+    groups = state_dict["param_groups"]
+    if len(groups) != 1:
+        raise ConversionError(f"the torch optimizer has {len(groups)} param groups; Keras optimizers have one set of hyperparameters")
+    g = groups[0]
+    order = list(g["params"])
+    state = {param_names[order.index(i)]: s for i, s in state_dict["state"].items()}
+    wd = float(g.get("weight_decay") or 0.0)
+    cls = _TORCH_TO_KERAS[optimizer]
+    exact = optimizer.startswith("Keras")
+    notes: list[str] = []
+    lr = float(g["lr"])
+    if cls in ("Adam", "AdamW"):
+        if wd and optimizer == "Adam" and not g.get("decoupled_weight_decay"):
+            notes.append(f"drift: torch Adam's weight_decay={wd} is L2 on the gradient, which Keras has no option for; dropped")
+            wd = 0.0
+        cls = "AdamW" if wd else "Adam"
+        config = dict(learning_rate=lr, beta_1=g["betas"][0], beta_2=g["betas"][1], epsilon=g["eps"], amsgrad=bool(g.get("amsgrad")), weight_decay=wd or None)
+        names = {"momentum": "momentum", "velocity": "velocity", "velocity_hat": "velocity_hat"} if exact else {"exp_avg": "momentum", "exp_avg_sq": "velocity", "max_exp_avg_sq": "velocity_hat"}
+        scale: dict[str, float] = {}
+        if not exact:
+            notes.append(f"from stock torch.optim.{optimizer}: {_ADAM_EPS}; Keras will continue with its own placement")
+    elif cls == "SGD":
+        if wd and not exact:
+            notes.append(f"drift: torch SGD's weight_decay={wd} is L2 on the gradient, which Keras has no option for; dropped")
+            wd = 0.0
+        config = dict(learning_rate=lr, momentum=g.get("momentum", 0.0), nesterov=bool(g.get("nesterov")), weight_decay=wd or None)
+        if not exact and g.get("dampening"):
+            raise ConversionError(f"torch SGD dampening={g['dampening']} has no Keras equivalent")
+        names = {"momentum": "momentum"} if exact else {"momentum_buffer": "momentum"}
+        scale = {} if exact else {"momentum": -lr}
+        if not exact:
+            notes.append(f"from stock torch.optim.SGD: Keras momentum = -lr * momentum_buffer (lr={lr:g})")
+    else:
+        if wd and not exact:
+            notes.append(f"drift: torch RMSprop's weight_decay={wd} is L2 on the gradient, which Keras has no option for; dropped")
+            wd = 0.0
+        config = dict(learning_rate=lr, rho=g["rho"] if exact else g["alpha"], momentum=g.get("momentum", 0.0), epsilon=g["eps"], centered=bool(g.get("centered")), weight_decay=wd or None)
+        names = {"velocity": "velocity", "momentum": "momentum", "average_gradient": "average_gradient"} if exact else {"square_avg": "velocity", "momentum_buffer": "momentum", "grad_avg": "average_gradient"}
+        scale = {} if exact else {"momentum": lr}
+        if not exact:
+            notes.append("from stock torch.optim.RMSprop: Keras momentum = lr * momentum_buffer; epsilon moves inside the sqrt")
+
+    steps = {int(np.asarray(s["step"])) for s in state.values() if "step" in s}
+    if len(steps) > 1:
+        notes.append(f"parameters took different step counts {sorted(steps)}; Keras keeps one: the largest is used")
+    if iterations is None:
+        iterations = max(steps, default=0)
+        if not steps and state:
+            notes.append("torch kept no step count: Keras iterations set to 0; pass iterations= to set it")
+
+    inverse = plan.inverse()
+    slots: dict[str, dict[str, np.ndarray]] = {}
+    problems = []
+    for entry in inverse.entries:
+        have = [k for k in entry.sources if k in state]
+        if not have:
+            continue
+        if len(have) != len(entry.sources):
+            problems.append(f"{', '.join(entry.sources)}: converted together but only {', '.join(have)} have optimizer state")
+            continue
+        for tname, kname in names.items():
+            if tname not in state[have[0]] or state[have[0]][tname] is None:
+                continue
+            values = entry.run(tuple(np.asarray(state[k][tname]) for k in entry.sources), slots=True)
+            for target, value in zip(entry.targets, values):
+                if kname in scale:
+                    value = (value * np.float32(scale[kname])).astype(value.dtype)
+                slots.setdefault(target, {})[kname] = value
+    unplaced = [n for n in state if not any(n in e.sources for e in inverse.entries)]
+    problems += [f"{n}: has optimizer state but no entry of the weight plan writes it" for n in unplaced]
+    if problems:
+        raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(problems))
+    return KerasOptimizerState(cls, config, int(iterations), slots), _report(notes)
