@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ckptfmt._pool import pool
-from ckptfmt.errors import CheckpointNotFoundError, FormatError, IntegrityError, TensorNotFoundError
+from ckptfmt.errors import CheckpointNotFoundError, IntegrityError, TensorNotFoundError
 from ckptfmt.format.hashing import get_hash
 from ckptfmt.format.manifest import Manifest, TensorEntry, decode_manifest
 from ckptfmt.format.spec import LIMITS, MANIFEST_NAME

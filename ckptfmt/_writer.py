@@ -286,8 +286,7 @@ def write_checkpoint(
     try:
         file_index = -1
         for name, arr in tensors:
-            ti = builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
-            del ti
+            builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
             nbytes = int(arr.nbytes)
             if handle is None or (handle.tell() and handle.tell() + nbytes > DATA_FILE_TARGET):
                 if handle is not None:

@@ -6,7 +6,7 @@ the format, the storage and the adapters meet.
 
 from __future__ import annotations
 
-__all__ = ["save", "load", "open", "verify", "CheckpointReader", "VerifyReport", "Problem"]
+__all__ = ["save", "load", "open", "verify", "CheckpointReader", "TensorSlicer", "VerifyReport", "Problem"]
 
 import os
 from typing import Any
