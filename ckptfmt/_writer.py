@@ -293,7 +293,7 @@ def write_checkpoint(
                     builder.set_file_size(file_index, handle.tell())
                     handle.close(sync=sync)
                 fname = f"data-{len(written):05d}-{token}{DATA_SUFFIX}"
-                handle = storage.open_write(storage.join(path, fname))
+                handle = storage.open_write(storage.join(path, fname), durable=sync)
                 written.append(fname)
                 file_index = builder.add_file(fname)
             pad = -handle.tell() % ALIGNMENT

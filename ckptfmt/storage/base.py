@@ -115,8 +115,12 @@ class Storage(abc.ABC):
     def open_read(self, path: str) -> ReadHandle: ...
 
     @abc.abstractmethod
-    def open_write(self, path: str) -> WriteHandle:
-        """Create (or truncate) a file for sequential writing."""
+    def open_write(self, path: str, *, durable: bool = True) -> WriteHandle:
+        """Create (or truncate) a file for sequential writing.
+
+        ``durable`` says the file will be synced at close: a backend may start moving data
+        to stable storage early so that the final sync is short.
+        """
 
     @abc.abstractmethod
     def write_atomic(self, path: str, data: bytes, *, sync: bool = True) -> None:

@@ -22,8 +22,8 @@ def test_failure_midway_keeps_old_checkpoint_and_cleans_up(ckdir):
     before = sorted(os.listdir(ckdir))
 
     class Failing(LocalStorage):
-        def open_write(self, path):
-            h = super().open_write(path)
+        def open_write(self, path, *, durable=True):
+            h = super().open_write(path, durable=durable)
             real = h.write
             count = [0]
 
