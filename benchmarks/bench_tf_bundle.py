@@ -47,7 +47,7 @@ def tf_import_seconds() -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--dir", default="/tmp/bench_tf_bundle")
     args = ap.parse_args()
 
@@ -83,13 +83,18 @@ def main() -> int:
         r = tf.train.load_checkpoint(tf_prefix)
         return {k: r.get_tensor(k) for k in r.get_variable_to_shape_map()}
 
-    for _ in range(args.runs):
-        timed("write ours", lambda: write_checkpoint(ours_prefix, tensors))
-        timed("write tf", lambda: ckpt.write(tf_prefix))
-        got = timed("read ours", read_ours)
-        del got
-        got = timed("read tf", read_tf)
-        del got
+    for run in range(args.runs):
+        # Alternate which tool goes first, so neither always meets the other's dirty pages.
+        writes = [("write ours", lambda: write_checkpoint(ours_prefix, tensors)), ("write tf", lambda: ckpt.write(tf_prefix))]
+        reads = [("read ours", read_ours), ("read tf", read_tf)]
+        if run % 2:
+            writes.reverse()
+            reads.reverse()
+        for label, fn in writes:
+            timed(label, fn)
+        for label, fn in reads:
+            got = timed(label, fn)
+            del got
 
     check = TFCheckpointReader(ours_prefix)
     assert all(np.array_equal(check.get(k), v) for k, v in list(tensors.items())[:5])

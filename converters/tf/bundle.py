@@ -20,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +286,7 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
         self._keys = [k.decode("utf-8", "surrogateescape") for k in self._raw if not k.startswith(b"\x00")]
         self._shard_sizes: dict[int, int] = {}
         self._fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
 
     # -- Mapping protocol --------------------------------------------------------------
 
@@ -415,6 +418,13 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
 
     def _fd(self, shard: int) -> tuple[int, int]:
         fd = self._fds.get(shard)
+        if fd is not None:
+            return fd, self._shard_sizes[shard]
+        with self._fd_lock:  # get() may run on several threads (read_all)
+            return self._open_shard(shard)
+
+    def _open_shard(self, shard: int) -> tuple[int, int]:
+        fd = self._fds.get(shard)
         if fd is None:
             path = self.shard_path(shard)
             try:
@@ -424,8 +434,8 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
                     f"{path}: data shard {shard} of checkpoint {self.prefix} is missing; the "
                     "checkpoint is incomplete, copy all its .data-* files"
                 ) from None
-            self._fds[shard] = fd
             self._shard_sizes[shard] = os.fstat(fd).st_size
+            self._fds[shard] = fd  # published last: the lock-free path in _fd reads it first
         return fd, self._shard_sizes[shard]
 
     def _check_span(self, e: BundleEntry, bkey: bytes) -> int:
@@ -571,8 +581,15 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
         return out
 
     def read_all(self) -> dict[str, np.ndarray]:
-        """Read every tensor into a dict ``{name: array}``."""
-        return {k: self.get(k) for k in self._keys}
+        """Read every tensor into a dict ``{name: array}``.
+
+        Two threads read at once: preadv and the CRC32C check release the GIL, and
+        faulting in fresh output memory is the dominant cost on large checkpoints.
+        """
+        if len(self._keys) < 2:
+            return {k: self.get(k) for k in self._keys}
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptfmt-tf-read") as ex:
+            return dict(zip(self._keys, ex.map(self.get, self._keys)))
 
 
 # ----------------------------------------------------------------------- writer
