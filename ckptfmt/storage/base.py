@@ -20,7 +20,7 @@ from ckptfmt.errors import CkptFmtError, StorageError
 
 def storage_error(e: OSError, path: str, doing: str) -> OSError:
     """Turn an OSError into our StorageError naming the path (FileNotFoundError passes through)."""
-    if isinstance(e, (FileNotFoundError, CkptFmtError)):
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, CkptFmtError)):
         return e
     hint = ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

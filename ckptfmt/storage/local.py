@@ -7,6 +7,7 @@ __all__ = ["LocalStorage"]
 import errno
 import mmap
 import os
+import stat
 import secrets
 
 from ckptfmt.errors import StorageError
@@ -38,13 +39,23 @@ _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2  # start write-back of dirty pages; do not wait
 
 
+def _open_regular(path: str) -> int:
+    """Open a regular file for reading; anything else (a FIFO, a device) is refused, not waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _wrap(e, path, "opening") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise StorageError(errno.EINVAL, f"{path} is not a regular file; refusing to read it")
+    return fd
+
+
 class _LocalRead(ReadHandle):
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise _wrap(e, path, "opening") from None
+        self._fd = _open_regular(path)
         self._size = os.fstat(self._fd).st_size
         self._mmap = None
 
@@ -173,7 +184,7 @@ class LocalStorage(Storage):
 
     def read_file(self, path: str, *, max_size: int | None = None) -> bytes:
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(_open_regular(path), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if max_size is not None and size > max_size:
                     raise StorageError(errno.EFBIG, f"{path} is {size} bytes, more than the {max_size} allowed")

@@ -111,3 +111,20 @@ def test_verify_report_counts_and_json(saved):
 def test_verify_of_nothing_raises(tmp_path):
     with pytest.raises(ckptfmt.CheckpointNotFoundError):
         ckptfmt.verify(tmp_path / "nope")
+
+
+def test_fifos_are_refused_not_waited_on(tmp_path):
+    """A named pipe where a file should be must give an error at once, never a hang."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    os.mkfifo(ck / "MANIFEST")
+    with pytest.raises(ckptfmt.StorageError, match="not a regular file"):
+        ckptfmt.open(ck)
+    good = str(tmp_path / "good")
+    ckptfmt.save({"a": np.ones(4)}, good)
+    data = os.path.join(good, ckptfmt.open(good).manifest.files[0].path)
+    os.remove(data)
+    os.mkfifo(data)
+    with pytest.raises(ckptfmt.CkptFmtError):
+        ckptfmt.load(good)
+    assert not ckptfmt.verify(good).ok
