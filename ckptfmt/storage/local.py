@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LocalStorage"]
+__all__ = ["LocalStorage", "open_regular_file"]
 
 import errno
 import mmap
@@ -39,7 +39,7 @@ _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2  # start write-back of dirty pages; do not wait
 
 
-def _open_regular(path: str) -> int:
+def open_regular_file(path: str) -> int:
     """Open a regular file for reading; anything else (a FIFO, a device) is refused, not waited on."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -55,7 +55,7 @@ def _open_regular(path: str) -> int:
 class _LocalRead(ReadHandle):
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = _open_regular(path)
+        self._fd = open_regular_file(path)
         self._size = os.fstat(self._fd).st_size
         self._mmap = None
 
@@ -184,7 +184,7 @@ class LocalStorage(Storage):
 
     def read_file(self, path: str, *, max_size: int | None = None) -> bytes:
         try:
-            with os.fdopen(_open_regular(path), "rb") as f:
+            with os.fdopen(open_regular_file(path), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if max_size is not None and size > max_size:
                     raise StorageError(errno.EFBIG, f"{path} is {size} bytes, more than the {max_size} allowed")

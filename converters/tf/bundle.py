@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ import numpy as np
 
 from ckptfmt.errors import (
     CheckpointNotFoundError,
+    StorageError,
     FormatError,
     IntegrityError,
     LimitExceededError,
@@ -38,6 +40,7 @@ from ckptfmt.errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
+from ckptfmt.storage.local import open_regular_file
 
 from ._proto import BundleEntry, BundleHeader, CheckpointState, VersionDef, read_varint, varint
 from ._table import build_table, crc32c, mask_crc, read_table, unmask_crc
@@ -235,6 +238,16 @@ def _resolve_prefix(path: str | os.PathLike[str]) -> str:
     )
 
 
+def _open_file(path: str) -> int:
+    """Open a regular file; a FIFO or device is refused at once (never waited on)."""
+    try:
+        return open_regular_file(path)
+    except StorageError as e:
+        if e.errno == errno.EINVAL:
+            raise FormatError(str(e)) from None
+        raise
+
+
 class TFCheckpointReader(Mapping[str, np.ndarray]):
     """Lazy reader of a TensorFlow TensorBundle checkpoint.
 
@@ -258,7 +271,7 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.prefix = _resolve_prefix(path)
         self.index_path = self.prefix + ".index"
-        with open(self.index_path, "rb") as f:
+        with os.fdopen(_open_file(self.index_path), "rb") as f:
             data = f.read()
         pairs = read_table(data, self.index_path)
         if not pairs or pairs[0][0] != b"":
@@ -428,7 +441,7 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
         if fd is None:
             path = self.shard_path(shard)
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                fd = _open_file(path)
             except FileNotFoundError:
                 raise CheckpointNotFoundError(
                     f"{path}: data shard {shard} of checkpoint {self.prefix} is missing; the "

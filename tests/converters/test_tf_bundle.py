@@ -468,3 +468,24 @@ def test_mutated_entries_with_valid_crc_raise_only_our_errors(tmp_path_factory, 
         _exercise(str(d / "ck"))
     except _ALLOWED:
         pass
+
+
+def test_fifo_index_or_shard_is_refused_not_waited_on(tmp_path):
+    import shutil
+
+    src = fixture_prefix("tf_module")
+    d = tmp_path / "c"
+    shutil.copytree(os.path.dirname(src), d)
+    prefix = str(d / os.path.basename(src))
+    shard = prefix + ".data-00000-of-00001"
+    os.remove(shard)
+    os.mkfifo(shard)
+    r = TFCheckpointReader(prefix)
+    with pytest.raises(FormatError, match="not a regular file"):
+        r.get(r.keys()[0])
+    os.remove(prefix + ".index")
+    os.mkfifo(prefix + ".index")
+    from ckptfmt.errors import CkptFmtError
+
+    with pytest.raises(CkptFmtError):  # refused at once (as "no checkpoint here"), never blocks
+        TFCheckpointReader(prefix)
