@@ -21,6 +21,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
         ci = [line.strip() for line in f]
     assert tests in ci, f"{tests!r} is not a line of .ci/run"
     assert "pip install" in install and "torch==2.13.0" in install and "-m venv" in install
+    assert "ckptfmt convert tf2torch fixtures/examples/cnn_adam" in install
 
 
 def test_readme_tf_snippet_runs(monkeypatch):

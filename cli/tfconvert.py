@@ -1,0 +1,101 @@
+"""``ckptfmt convert tf2torch`` / ``torch2tf``: Keras 3 training checkpoints to PyTorch and back.
+
+The work is done by :mod:`ckptfmt.converters.convert`; these commands only parse options and
+print its report. TensorFlow is not needed.
+
+Example:
+    ckptfmt convert tf2torch runs/ckpt-3 resumed.pt --model models.py:make_torch_model
+"""
+
+from __future__ import annotations
+
+__all__ = ["tf2torch", "torch2tf"]
+
+import json
+from typing import Any
+
+import click
+
+from ckptfmt.converters import convert as _convert
+from ckptfmt.errors import ConversionError
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _json(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"--optimizer-config is not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise ConversionError("--optimizer-config must be a JSON object, e.g. '{\"class_name\": \"Adam\"}'")
+    return out
+
+
+def _shared(fn: Any) -> Any:
+    for opt in reversed((
+        click.option("--model", "model", default=None, metavar="MODULE:FACTORY",
+                     help="Torch model factory (pkg.module:fn or file.py:fn); layers are matched by type and shape."),
+        click.option("--map", "mapping", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="JSON mapping file (ckptfmt.converters.mapping); source keys are Keras variable paths."),
+        click.option("--no-optimizer", is_flag=True, help="Convert the weights only."),
+        click.option("--dry-run", is_flag=True, help="Print the mapping table and unused keys; write nothing."),
+        click.option("--overwrite", "-f", is_flag=True, help="Replace DST if it exists."),
+    )):
+        fn = opt(fn)
+    return fn
+
+
+def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
+    if dry_run:
+        click.echo(report.table())
+        return
+    for n in report.notes:
+        click.echo(f"note: {n}", err=True)
+    if report.optimizer_report:
+        click.echo(report.optimizer_report, err=True)
+    opt = f" + {report.optimizer} state" if report.optimizer else ""
+    click.echo(f"wrote {report.destination} ({len(report.plan.target_specs)} tensors{opt})")
+
+
+@click.command("tf2torch", context_settings=_CONTEXT)
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@_shared
+@click.option("--exact-optimizer", is_flag=True, help="Target KerasAdam/KerasSGD/KerasRMSprop (identical updates) instead of stock torch.")
+@click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
+def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, no_optimizer: bool, dry_run: bool,
+             overwrite: bool, exact_optimizer: bool, optimizer_config: str | None) -> None:
+    """Convert a Keras 3 TF checkpoint SRC (weights + optimizer) to a torch DST (.pt or .safetensors).
+
+    \b
+    Example:
+      ckptfmt convert tf2torch runs/ckpt-3 resumed.pt --model models.py:make_torch_model
+      ckptfmt convert tf2torch runs/ckpt-3 weights.safetensors --no-optimizer --dry-run
+    """
+    report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
+                                  exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite)
+    _done(report, dry_run)
+
+
+@click.command("torch2tf", context_settings=_CONTEXT)
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dst", type=click.Path())
+@click.option("--template", required=True, type=click.Path(),
+              help="A TF checkpoint of the target Keras model (and optimizer): its object graph, keys and shapes are reused.")
+@_shared
+@click.option("--optimizer-class", default=None, help="The torch optimizer class when SRC does not record it (SGD, Adam, KerasAdam...).")
+@click.option("--iterations", type=int, default=None, help="Keras iteration count when torch keeps none (stock SGD).")
+def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, no_optimizer: bool, dry_run: bool,
+             overwrite: bool, optimizer_class: str | None, iterations: int | None) -> None:
+    """Convert a torch checkpoint SRC (.pt: model + optimizer) to a Keras 3 TF checkpoint prefix DST.
+
+    \b
+    Example:
+      ckptfmt convert torch2tf resumed.pt out/ckpt-1 --template runs/ckpt-3 --model models.py:make_torch_model
+    """
+    report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
+                                  dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite)
+    _done(report, dry_run)

@@ -1,0 +1,784 @@
+"""Convert a Keras 3 training checkpoint (TF TensorBundle) to PyTorch and back: weights and
+optimizer state, without TensorFlow.
+
+A TF checkpoint stores variables and an object graph, not the Keras layer classes. This
+module reads the object graph (:mod:`ckptfmt.converters.tf.object_graph`), groups the
+variables by the layer object that owns them, infers each layer's kind from its attribute
+names and shapes (:func:`describe_checkpoint_layers`), and then either
+
+* matches the layers with the modules of a torch model by type and shape
+  (``model_factory``; :func:`ckptfmt.converters.mapping.build_mapping`), or
+* uses a mapping file (``mapping``; :class:`ckptfmt.converters.mapping.Mapping`), or
+* without either, a built-in preset: ``{layer name}.weight``... (:func:`preset_mapping`).
+
+Source keys of a plan are the Keras variable paths TensorFlow recorded (``conv/kernel``,
+``sequential/lstm/lstm_cell/kernel``); a checkpoint whose recorded names are not unique
+uses object paths (``model/_operations/1/_kernel``) instead. Optimizer slots are found
+through the object graph (Keras 3 stores them by position, ``optimizer/_variables/N``),
+never by list position alone, and go through their variable's plan entry
+(:mod:`ckptfmt.converters.optim`).
+
+The way back (:func:`torch_to_tf`) needs a *template*: a checkpoint of the target Keras
+model and optimizer (``tf.train.Checkpoint(model=m, optimizer=o).write(...)`` after one
+build), which supplies the object graph, the keys, the shapes and the dtypes; the values
+come from the torch checkpoint through the inverse plan.
+
+Example:
+    >>> report = tf_to_torch("runs/ckpt-3", "resumed.pt", model_factory="mymodels:make")  # doctest: +SKIP
+    >>> print(report.table())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConversionReport",
+    "KerasCheckpoint",
+    "describe_checkpoint_layers",
+    "read_keras_checkpoint",
+    "preset_mapping",
+    "load_factory",
+    "tf_to_torch",
+    "torch_to_tf",
+]
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping as AbcMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckptfmt.errors import CheckpointExistsError, ConversionError, FrameworkNotAvailableError, UnmappedKeyError
+
+from .mapping.layers import LAYER_CONVERTERS, KerasLayer, KerasWeight, find_flatten_dense, layer_rules
+from .mapping.rules import Mapping, Plan, TensorSpec
+from .optim.convert import KERAS_SLOTS, KerasOptimizerState, keras_to_torch_optimizer, torch_to_keras_optimizer
+from .tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, write_checkpoint
+from .tf.object_graph import CheckpointObjectGraph, read_object_graph
+
+# Sub-objects of one Keras layer: their variables belong to the enclosing layer.
+_SUBOBJECTS = {
+    "cell", "forward_layer", "backward_layer",
+    "_query_dense", "_key_dense", "_value_dense", "_output_dense",
+    "query_dense", "key_dense", "value_dense", "output_dense",
+}
+# Keras 3 default optimizer names (the prefix of the variable names TF records).
+_DEFAULT_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
+# Keras 3 defaults of the hyperparameters a TF checkpoint does not store.
+_KERAS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False},
+    "AdamW": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False, "weight_decay": 0.004},
+    "SGD": {"momentum": 0.0, "nesterov": False},
+    "RMSprop": {"rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a Keras checkpoint through its object graph
+
+
+@dataclass(frozen=True, slots=True)
+class KerasCheckpoint:
+    """What a Keras 3 TF checkpoint holds, resolved through its object graph.
+
+    Attributes:
+        keys: ``{source key: checkpoint key}`` of the model's variables.
+        shapes: ``{source key: shape}``.
+        dtypes: ``{source key: numpy dtype}``.
+        layers: the layers in model order (object-graph order), kinds inferred.
+        slots: ``{source key: {slot name: checkpoint key}}``.
+        iterations_key / learning_rate_key: the optimizer's scalars (None without optimizer).
+        optimizer_name: the name TF recorded for the optimizer (``"adam"``), if any.
+        other: checkpoint keys that are neither model nor optimizer (``save_counter``).
+        graph: the object graph.
+    """
+
+    keys: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, np.dtype]
+    layers: tuple[KerasLayer, ...]
+    slots: dict[str, dict[str, str]]
+    iterations_key: str | None
+    learning_rate_key: str | None
+    optimizer_name: str | None
+    other: tuple[str, ...]
+    graph: CheckpointObjectGraph = field(repr=False)
+    problems: tuple[str, ...] = ()
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """``{source key: TensorSpec}`` of the model's variables."""
+        return {k: TensorSpec(s, str(self.dtypes[k])) for k, s in self.shapes.items()}
+
+
+def _natural(path: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("/"))
+
+
+def _layer_node(path: str) -> str:
+    segs = path.split("/")[:-1]
+    while len(segs) > 1 and segs[-1] in _SUBOBJECTS:
+        segs.pop()
+    return "/".join(segs)
+
+
+def _infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[str, Any]]:
+    """Keras class and config of a layer from its weights' roles and shapes."""
+    probe = KerasLayer(name, "?", {}, tuple(weights))
+    try:
+        roles = probe.roles()
+    except ConversionError:
+        roles = {}
+    shapes = {r: w.shape for r, w in roles.items()}
+    have = set(shapes)
+    listing = ", ".join(f"{w.key} {tuple(w.shape)}" for w in weights)
+    fwd = {r.split("/", 1)[1] for r in have if r.startswith("forward/")}
+    if any("forward" in c or "backward" in c for w in weights for c in w.key.split("/")):
+        bi = KerasLayer(name, "Bidirectional", {}, tuple(weights))
+        roles = bi.roles()
+        fwd = {r.split("/", 1)[1]: w.shape for r, w in roles.items() if r.startswith("forward/")}
+        if {"kernel", "recurrent_kernel"} <= set(fwd):
+            units = fwd["recurrent_kernel"][0]
+            inner = _rnn_kind(name, fwd["kernel"], units, fwd.get("bias"))
+            return "Bidirectional", {"layer": {"class_name": inner[0], "config": inner[1]}}
+    if {"kernel", "recurrent_kernel"} <= have and have <= {"kernel", "recurrent_kernel", "bias"}:
+        return _rnn_kind(name, shapes["kernel"], shapes["recurrent_kernel"][0], shapes.get("bias"))
+    if have and all("/" in r for r in have) and {"query/kernel", "key/kernel", "value/kernel", "attention_output/kernel"} <= have:
+        return "MultiHeadAttention", {}
+    if have in ({"kernel"}, {"kernel", "bias"}):
+        rank = len(shapes["kernel"])
+        kind = {2: "Dense", 3: "Conv1D", 4: "Conv2D", 5: "Conv3D"}.get(rank)
+        if kind is not None:
+            return kind, {}
+    if have in ({"depthwise_kernel", "pointwise_kernel"}, {"depthwise_kernel", "pointwise_kernel", "bias"}):
+        return ("SeparableConv2D" if len(shapes["pointwise_kernel"]) == 4 else "SeparableConv1D"), {}
+    if {"moving_mean", "moving_variance"} <= have <= {"gamma", "beta", "moving_mean", "moving_variance"}:
+        return "BatchNormalization", {}
+    if have and have <= {"gamma", "beta"}:
+        return "LayerNormalization", {}
+    if have == {"embeddings"}:
+        return "Embedding", {}
+    raise ConversionError(
+        f"layer {name!r} has weights the converter does not know ({listing}); "
+        f"known layers: {', '.join(sorted(LAYER_CONVERTERS))}. Add a rule for it in a mapping file "
+        "(ckptfmt.converters.mapping.Mapping JSON, see docs/conversions.md) and pass it with --map"
+    )
+
+
+def _rnn_kind(name: str, kernel: tuple[int, ...], units: int, bias: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
+    if kernel[-1] == 4 * units:
+        return "LSTM", {}
+    if kernel[-1] == 3 * units:
+        return "GRU", {"reset_after": bias is None or len(bias) == 2}
+    raise ConversionError(
+        f"recurrent layer {name!r}: kernel {kernel} for {units} units is neither an LSTM (4 gates) nor a GRU (3 gates); "
+        "write its rules in a mapping file and pass it with --map"
+    )
+
+
+def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", optimizer_root: str = "optimizer",
+                          infer_layers: bool = True) -> KerasCheckpoint:
+    """Resolve a Keras 3 TF checkpoint's keys through its object graph.
+
+    Args:
+        reader: the open checkpoint.
+        root: the name the model was saved under (``tf.train.Checkpoint(model=...)``).
+        optimizer_root: likewise for the optimizer.
+        infer_layers: infer each layer's kind (not needed with a mapping file).
+
+    Raises:
+        TensorNotFoundError: the checkpoint has no object graph.
+        ConversionError: a layer of unknown kind (names it and how to add a rule).
+
+    Example:
+        >>> kc = read_keras_checkpoint(TFCheckpointReader("fixtures/tf/keras3_conv_adam"))
+        >>> [(l.name, l.class_name) for l in kc.layers]
+        [('conv', 'Conv2D'), ('bn', 'BatchNormalization'), ('head', 'Dense')]
+    """
+    graph = read_object_graph(reader)
+    infos = graph.resolve()
+    model_vars: dict[str, Any] = {}  # ckpt key -> info
+    slot_keys: dict[str, dict[str, str]] = {}  # variable ckpt key -> {slot: ckpt key}
+    iterations_key = lr_key = opt_name = None
+    other: list[str] = []
+    unknown_opt: list[str] = []
+    for key in reader.keys():
+        if key == OBJECT_GRAPH_KEY:
+            continue
+        info = infos.get(key)
+        if info is None:
+            other.append(key)
+            continue
+        segs = info.path.split("/")
+        if info.slot is not None:
+            slot_keys.setdefault(info.slot.variable_key, {})[info.slot.slot_name] = key
+            opt_name = opt_name or (info.full_name.split("/")[0] if "/" in info.full_name else None)
+        elif segs[0] == root:
+            model_vars[key] = info
+        elif segs[0] == optimizer_root:
+            last = segs[-1].lstrip("_")
+            if last in ("iterations", "iteration"):
+                iterations_key = key
+                opt_name = info.full_name.split("/")[0] if "/" in info.full_name else opt_name
+            elif last == "learning_rate":
+                lr_key = key
+            else:
+                unknown_opt.append(key)
+        else:
+            other.append(key)
+    # Source keys: the recorded Keras variable paths when they are unique, else object paths.
+    names = [i.full_name for i in model_vars.values()]
+    use_names = all(names) and len(set(names)) == len(names)
+    source = {k: (i.full_name if use_names else i.path) for k, i in model_vars.items()}
+    groups: dict[str, list[str]] = {}
+    for key, info in model_vars.items():
+        groups.setdefault(_layer_node(info.path), []).append(key)
+    layers: list[KerasLayer] = []
+    taken: set[str] = set()
+    for node in sorted(groups, key=_natural):
+        keys = groups[node]
+        weights = tuple(KerasWeight(source[k], tuple(reader.shape(k))) for k in keys)
+        name = _layer_name(node, [(model_vars[k].path, model_vars[k].full_name) for k in keys], use_names)
+        if name in taken:
+            name = node
+        taken.add(name)
+        kind, config = _infer_kind(name, weights) if infer_layers else ("?", {})
+        layers.append(KerasLayer(name, kind, config, weights))
+    layers = _insert_flattens(layers) if infer_layers else layers
+    problems = [f"optimizer variable {k} is not a slot of any model variable" for k in unknown_opt]
+    return KerasCheckpoint(
+        keys={source[k]: k for k in model_vars},
+        shapes={source[k]: tuple(reader.shape(k)) for k in model_vars},
+        dtypes={source[k]: reader.dtype(k) for k in model_vars},
+        layers=tuple(layers),
+        slots={source[v]: s for v, s in slot_keys.items() if v in source},
+        iterations_key=iterations_key,
+        learning_rate_key=lr_key,
+        optimizer_name=opt_name,
+        other=tuple(other),
+        graph=graph,
+        problems=tuple(problems + [f"optimizer slots of {v} belong to no model variable" for v in slot_keys if v not in source]),
+    )
+
+
+def _layer_name(node: str, members: list[tuple[str, str]], use_names: bool) -> str:
+    """The Keras layer name: the recorded variable name minus the part below the layer node."""
+    if use_names:
+        path, full = members[0]
+        depth = len(path.split("/")) - len(node.split("/"))
+        comps = full.split("/")
+        if len(comps) > depth:
+            return comps[-depth - 1]
+    return node
+
+
+def _insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
+    """Put a Flatten before each Dense fed by a flattened channels-last feature map.
+
+    A checkpoint has no weightless layers; a Dense whose input width is a multiple ``S > 1``
+    of the channels of the spatial layer before it received a flattened ``(S, C)`` map. The
+    HWC -> CHW row permutation depends only on ``S = H*W``, so one spatial dim suffices.
+    """
+    out: list[KerasLayer] = []
+    channels: int | None = None
+    for layer in layers:
+        if layer.class_name == "Dense" and channels:
+            rows = layer.weight("kernel").shape[0]
+            if rows != channels:
+                if rows % channels:
+                    raise ConversionError(
+                        f"Dense {layer.name!r} takes {rows} features after a layer with {channels} channels; "
+                        "the reshape between them is unknown. Write its rules in a mapping file (--map)"
+                    )
+                out.append(KerasLayer(f"{layer.name}/flatten", "Flatten", {}, (), input_shape=(None, rows // channels, channels)))
+        out.append(layer)
+        if layer.class_name.startswith(("Conv", "Depthwise", "Separable")):
+            channels = layer.weight("kernel").shape[-1] if "kernel" in layer.roles() else layer.weight("pointwise_kernel").shape[-1]
+        elif layer.class_name != "BatchNormalization":
+            channels = None
+    return out
+
+
+def describe_checkpoint_layers(path: str | os.PathLike[str]) -> list[KerasLayer]:
+    """The Keras layers of a TF checkpoint, inferred from its object graph and shapes.
+
+    Example:
+        >>> [l.class_name for l in describe_checkpoint_layers("fixtures/tf/keras3_seq_sgdm")]
+        ['Embedding', 'LSTM', 'GRU', 'Dense']
+    """
+    with TFCheckpointReader(path) as r:
+        return [l for l in read_keras_checkpoint(r).layers if l.weights]
+
+
+def preset_mapping(layers: Sequence[KerasLayer]) -> Mapping:
+    """The built-in preset: each layer becomes the torch module named after it.
+
+    ``conv`` -> ``conv.weight``/``conv.bias``; a Dense after a flattened feature map gets its
+    rows permuted. For models whose torch attributes carry the Keras layer names.
+
+    Example:
+        >>> m = preset_mapping(describe_checkpoint_layers("fixtures/tf/keras3_conv_adam"))
+        >>> sorted(m.plan({k: s for l in describe_checkpoint_layers("fixtures/tf/keras3_conv_adam")
+        ...                for k, s in l.specs().items()}).target_specs)[:2]
+        ['bn.bias', 'bn.num_batches_tracked']
+    """
+    flatten = find_flatten_dense(layers)
+    mapping = Mapping(())
+    for layer in layers:
+        if layer.weights:
+            mapping = mapping + layer_rules(layer, re.sub(r"[^0-9A-Za-z_]", "_", layer.name), flatten_from=flatten.get(layer.name))
+    return mapping
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionReport:
+    """What a conversion did (or, in a dry run, would do).
+
+    Attributes:
+        direction: ``"tf2torch"`` or ``"torch2tf"``.
+        source / destination: the paths.
+        plan: the Keras -> torch weight plan (source key, target key, ops, shapes).
+        key_map: ``{plan source key: checkpoint key}`` on the TF side.
+        unused: source keys left behind (``save_counter``, optimizer state with --no-optimizer).
+        optimizer: the optimizer class written (``"torch.optim.Adam"``), or None.
+        optimizer_hyperparameters: its constructor's arguments.
+        optimizer_report: the slot conversion and expected drift, one ``- `` line each.
+        notes: conventions the weights cannot carry (BatchNorm eps, padding, assumed defaults).
+        written: False for a dry run.
+    """
+
+    direction: str
+    source: str
+    destination: str
+    plan: Plan
+    key_map: dict[str, str] = field(default_factory=dict)
+    unused: tuple[str, ...] = ()
+    optimizer: str | None = None
+    optimizer_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    optimizer_report: str = ""
+    notes: tuple[str, ...] = ()
+    written: bool = False
+
+    def table(self) -> str:
+        """The mapping table, the unused keys, the notes and the optimizer report, as text."""
+        lines = [f"{self.direction}: {self.source} -> {self.destination}" + ("" if self.written else " (dry run: nothing written)"), ""]
+        lines.append(self.plan.table())
+        if self.unused:
+            lines += ["", f"unused source keys ({len(self.unused)}):"] + [f"  {k}" for k in self.unused]
+        extra = [n for n in self.notes if n not in self.plan.notes]
+        if extra:
+            lines += [""] + [f"note: {n}" for n in extra]
+        if self.optimizer:
+            lines += ["", f"optimizer: {self.optimizer}({', '.join(f'{k}={v!r}' for k, v in self.optimizer_hyperparameters.items())})"]
+            lines += [self.optimizer_report] if self.optimizer_report else []
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def load_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
+    """A model factory from ``"pkg.module:factory"`` or ``"path/to/file.py:factory"``.
+
+    The factory returns a ``torch.nn.Module`` or ``(module, example_input)``; the example
+    input orders layers that share a type and shape (execution order).
+
+    Example:
+        >>> load_factory("collections:OrderedDict")()
+        OrderedDict()
+    """
+    if callable(spec):
+        return spec
+    module, sep, attr = spec.rpartition(":")
+    if not sep or not module or not attr:
+        raise ConversionError(f"model factory {spec!r} is not 'pkg.module:function' or 'file.py:function'")
+    if module.endswith(".py") or os.sep in module:
+        path = Path(module)
+        if not path.is_file():
+            raise ConversionError(f"model factory file {module!r} does not exist")
+        name = f"_ckptfmt_factory_{abs(hash(str(path.resolve())))}"
+        mod = sys.modules.get(name)
+        if mod is None:
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            assert loader_spec is not None and loader_spec.loader is not None
+            mod = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = mod
+            loader_spec.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ConversionError(f"cannot import the model factory module {module!r}: {e}") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise ConversionError(f"{module!r} has no callable {attr!r}")
+    return fn
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - exercised only without torch
+        raise FrameworkNotAvailableError("torch", "torch", feature="tf2torch/torch2tf conversion") from e
+    return torch
+
+
+def _make_model(factory: str | Callable[[], Any] | None) -> tuple[Any, Any]:
+    if factory is None:
+        return None, None
+    made = load_factory(factory)()
+    model, example = (made if isinstance(made, tuple) else (made, None))
+    if not isinstance(model, _torch().nn.Module):
+        raise ConversionError(f"the model factory returned a {type(model).__name__}, not a torch.nn.Module")
+    return model, example
+
+
+def _as_mapping(mapping: Mapping | str | os.PathLike[str] | None) -> Mapping | None:
+    if mapping is None or isinstance(mapping, Mapping):
+        return mapping
+    return Mapping.load(mapping)
+
+
+def _check_dst(dst: str, overwrite: bool) -> None:
+    if not overwrite and (os.path.exists(dst) or os.path.exists(dst + ".index")):
+        raise CheckpointExistsError(f"{dst} exists")
+
+
+def _plan(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None, strict: bool,
+          targets: dict[str, tuple[int, ...]] | None = None) -> tuple[Plan, tuple[str, ...]]:
+    """The Keras -> torch plan of a checkpoint, with its notes."""
+    sources = kc.specs()
+    if model is not None:
+        targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if mapping is None:
+        layers = list(kc.layers)
+        if model is not None:
+            from .mapping.match import build_mapping
+
+            mapping = build_mapping(layers, model, example)
+        else:
+            mapping = preset_mapping(layers)
+    plan = mapping.plan(sources, targets, strict=strict)
+    return plan, plan.notes
+
+
+_PRESET_NOTE = ("the checkpoint does not store layer configs: BatchNormalization/LayerNormalization epsilon and "
+                "momentum are assumed to be Keras's defaults (1e-3, 0.99); check your torch model uses them")
+
+
+def _optimizer_class(kc: KerasCheckpoint, config: AbcMapping[str, Any]) -> str:
+    if config.get("class_name"):
+        cls = str(config["class_name"])
+        if cls not in KERAS_SLOTS:
+            raise ConversionError(f"optimizer class {cls!r} is not supported (supported: {', '.join(KERAS_SLOTS)})")
+        return cls
+    slots = frozenset(s for d in kc.slots.values() for s in d)
+    # Keras names optimizers after their class, with "_1", "_2"... for later instances.
+    by_name = _DEFAULT_NAMES.get(re.sub(r"_\d+$", "", (kc.optimizer_name or "").lower()))
+    if by_name is not None and slots <= set(KERAS_SLOTS[by_name]):
+        return by_name
+    candidates = [c for c in ("Adam", "SGD", "RMSprop") if slots <= set(KERAS_SLOTS[c])]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ConversionError(
+        f"cannot tell the Keras optimizer class: it is named {kc.optimizer_name!r} and has slots "
+        f"{', '.join(sorted(slots)) or 'none'}, which fit {', '.join(candidates) or 'no supported class'}; "
+        "pass it with --optimizer-config '{\"class_name\": \"Adam\", ...}'"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# TF -> torch
+
+
+def tf_to_torch(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    model_factory: str | Callable[[], Any] | None = None,
+    mapping: Mapping | str | os.PathLike[str] | None = None,
+    optimizer: bool = True,
+    dry_run: bool = False,
+    exact_optimizer: bool = False,
+    optimizer_config: AbcMapping[str, Any] | None = None,
+    strict: bool = True,
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
+
+    Args:
+        src: the TF checkpoint (prefix ``dir/ckpt-3`` or a directory with a ``checkpoint`` file).
+        dst: ``.pt``/``.pth`` (``{"model": state_dict, "optimizer": state_dict,
+            "optimizer_class", "optimizer_hyperparameters", "conversion_report"}``) or
+            ``.safetensors`` (weights only).
+        model_factory: ``"pkg.module:factory"``, ``"file.py:factory"`` or a callable returning
+            the torch model (or ``(model, example_input)``); layers are matched by type and shape.
+        mapping: a :class:`Mapping` or mapping file; source keys are Keras variable paths.
+        optimizer: convert the optimizer state too (needs ``model_factory`` for the
+            parameter order).
+        dry_run: plan and report only; nothing is read beyond shapes, nothing written.
+        exact_optimizer: target ``KerasAdam``/``KerasSGD``/``KerasRMSprop`` (identical updates)
+            instead of the stock torch optimizer (whose drift the report states).
+        optimizer_config: Keras optimizer config overriding what the checkpoint lacks
+            (``class_name``, ``beta_1``, ``epsilon``, ``momentum``, ``nesterov``...).
+        strict: every source and target key must be mapped (errors list all of them).
+        overwrite: replace ``dst``.
+
+    Raises:
+        ConversionError: unknown or ambiguous layers, unsupported optimizer options.
+        UnmappedKeyError: keys the mapping does not cover (all listed).
+
+    Example:
+        >>> r = tf_to_torch("fixtures/tf/keras3_conv_adam", "/tmp/x.pt", dry_run=True)
+        >>> r.plan.entry_for("conv/kernel").targets
+        ('conv.weight',)
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    mapping = _as_mapping(mapping)
+    model, example = _make_model(model_factory)
+    with TFCheckpointReader(src) as reader:
+        kc = read_keras_checkpoint(reader, infer_layers=mapping is None)
+        plan, notes = _plan(kc, model, example, mapping, strict)
+        notes = notes + ((_PRESET_NOTE,) if mapping is None else ())
+        used = set(kc.keys.values())
+        has_opt = bool(kc.slots) or kc.iterations_key is not None
+        conv = None
+        if optimizer and has_opt and model is None and dry_run:
+            notes = notes + ("optimizer state not planned: it needs --model for the torch parameter order",)
+        elif optimizer and has_opt:
+            if kc.problems:
+                raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(kc.problems))
+            if model is None:
+                raise ConversionError("converting the optimizer state needs the torch model for its parameter order: "
+                                      "pass --model pkg.module:factory, or --no-optimizer for weights only")
+            cfg = dict(optimizer_config or {})
+            cls = _optimizer_class(kc, cfg)
+            config = {**_KERAS_DEFAULTS[cls], **{k: v for k, v in cfg.items() if k != "class_name"}}
+            assumed = sorted(k for k in _KERAS_DEFAULTS[cls] if k not in cfg)
+            lr = float(np.asarray(reader.get(kc.learning_rate_key))) if kc.learning_rate_key else config.get("learning_rate", 0.001)
+            config["learning_rate"] = config.get("learning_rate", lr)
+            iterations = int(np.asarray(reader.get(kc.iterations_key))) if kc.iterations_key else 0
+            slot_values = {} if dry_run else {v: {s: reader.get(k) for s, k in d.items()} for v, d in kc.slots.items()}
+            if dry_run:  # shapes only: zero slots in the right layout
+                slot_values = {v: {s: np.zeros(kc.shapes[v], np.float32) for s in d} for v, d in kc.slots.items()}
+            state = KerasOptimizerState(cls, config, iterations, slot_values)
+            names = [n for n, _ in model.named_parameters()]
+            conv = keras_to_torch_optimizer(state, plan, names, exact=exact_optimizer)
+            notes = notes + (f"optimizer: Keras {cls} (named {kc.optimizer_name!r} in the checkpoint), iterations={iterations}, "
+                             f"learning_rate={config['learning_rate']:g} read from the checkpoint"
+                             + (f"; not stored, assumed Keras defaults: {', '.join(f'{k}={config[k]!r}' for k in assumed)}" if assumed else ""),)
+            used |= {k for d in kc.slots.values() for k in d.values()}
+            used |= {k for k in (kc.iterations_key, kc.learning_rate_key) if k}
+        unused = tuple(k for k in reader.keys() if k not in used and k != OBJECT_GRAPH_KEY)
+        report = ConversionReport(
+            "tf2torch", src, dst, plan, {s: kc.keys[s] for e in plan.entries for s in e.sources},
+            unused, conv.optimizer if conv else None, dict(conv.hyperparameters) if conv else {},
+            conv.report if conv else "", tuple(notes), not dry_run,
+        )
+        if dry_run:
+            return report
+        _check_dst(dst, overwrite)
+        arrays = {s: reader.get(kc.keys[s]) for e in plan.entries for s in e.sources}
+    weights = plan.apply(arrays)
+    del arrays
+    _write_torch(dst, weights, model, conv, report)
+    return report
+
+
+def _optimizer_type(name: str) -> Any:
+    module, _, cls = name.rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _write_torch(dst: str, weights: dict[str, np.ndarray], model: Any, conv: Any, report: ConversionReport) -> None:
+    suffix = Path(dst).suffix.lower()
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    if suffix == ".safetensors":
+        if conv is not None:
+            raise ConversionError("a .safetensors file holds weights only: pass --no-optimizer, or write a .pt file")
+        from safetensors.numpy import save_file
+
+        save_file(weights, tmp, metadata={"converted_by": "ckptfmt tf2torch"})
+        os.replace(tmp, dst)
+        return
+    if suffix not in (".pt", ".pth"):
+        raise ConversionError(f"cannot tell the torch checkpoint kind of {dst!r}: use a .pt/.pth or .safetensors name")
+    torch = _torch()
+    from ckptfmt.adapters.torch import numpy_to_state
+
+    state_dict = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    out: dict[str, Any] = {"model": state_dict}
+    if conv is not None:
+        model.load_state_dict(state_dict)
+        opt = _optimizer_type(conv.optimizer)(model.parameters(), **conv.hyperparameters)
+        opt.load_state_dict(numpy_to_state(conv.state_dict(opt.state_dict())))
+        out.update(optimizer=opt.state_dict(), optimizer_class=conv.optimizer,
+                   optimizer_hyperparameters=dict(conv.hyperparameters))
+    out["conversion_report"] = report.table()
+    torch.save(out, tmp)
+    os.replace(tmp, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# torch -> TF
+
+
+_TORCH_OPT = {"Adam", "AdamW", "SGD", "RMSprop", "KerasAdam", "KerasSGD", "KerasRMSprop"}
+
+
+def _torch_optimizer_name(ckpt: AbcMapping[str, Any], given: str | None) -> str:
+    name = given or ckpt.get("optimizer_class")
+    if name:
+        short = str(name).rpartition(".")[2]
+        if short not in _TORCH_OPT:
+            raise ConversionError(f"torch optimizer {name!r} is not supported (supported: {', '.join(sorted(_TORCH_OPT))})")
+        return short
+    group = ckpt["optimizer"]["param_groups"][0]
+    states = list(ckpt["optimizer"]["state"].values())
+    slot_names = set(states[0]) if states else set()
+    if "betas" in group:
+        keras = "momentum" in slot_names
+        return "KerasAdam" if keras else ("AdamW" if group.get("decoupled_weight_decay") else "Adam")
+    if "alpha" in group:
+        return "RMSprop"
+    if "rho" in group:
+        return "KerasRMSprop"
+    if "dampening" in group:
+        return "SGD"
+    if "nesterov" in group:
+        return "KerasSGD"
+    raise ConversionError("cannot tell the torch optimizer class from its state_dict; pass optimizer_class= (--optimizer-class)")
+
+
+def torch_to_tf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    template: str | os.PathLike[str],
+    model_factory: str | Callable[[], Any] | None = None,
+    mapping: Mapping | str | os.PathLike[str] | None = None,
+    optimizer: bool = True,
+    dry_run: bool = False,
+    optimizer_class: str | None = None,
+    iterations: int | None = None,
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Convert a torch checkpoint (model and optimizer) to a Keras 3 TF checkpoint.
+
+    Args:
+        src: a ``.pt`` holding ``{"model": state_dict, "optimizer": state_dict, ...}`` (as
+            written by :func:`tf_to_torch`) or a bare state_dict; loaded with ``weights_only``.
+        dst: the TF checkpoint prefix to write (``out/ckpt-1``; the ``checkpoint`` state file
+            is updated so ``tf.train.latest_checkpoint(out)`` finds it).
+        template: a TF checkpoint of the target Keras model (and optimizer, to carry its
+            state); its object graph, keys, shapes and dtypes are reused.
+        model_factory / mapping: as for :func:`tf_to_torch` (the same Keras -> torch plan is
+            inverted).
+        optimizer: convert the optimizer state (the template must hold the optimizer's slots).
+        optimizer_class: the torch optimizer class when ``src`` does not say
+            (``"SGD"``, ``"Adam"``, ``"KerasAdam"``...).
+        iterations: the Keras iteration count when torch keeps none (stock SGD).
+
+    Raises:
+        ConversionError / UnmappedKeyError: as for :func:`tf_to_torch`; also template keys the
+            torch checkpoint cannot fill (all listed).
+
+    Example:
+        >>> torch_to_tf("run.pt", "tf/ckpt-1", template="tf_template/ckpt-1",
+        ...             model_factory="models.py:make")  # doctest: +SKIP
+    """
+    torch = _torch()
+    from ckptfmt.adapters.torch import state_to_numpy
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    mapping = _as_mapping(mapping)
+    model, example = _make_model(model_factory)
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ConversionError(f"{src}: expected a dict (a state_dict or {{'model': ..., 'optimizer': ...}}), got {type(ckpt).__name__}")
+    if "model" not in ckpt:
+        ckpt = {"model": ckpt}
+    weights = {k: v.detach().cpu().numpy() for k, v in ckpt["model"].items()}
+    with TFCheckpointReader(template) as reader:
+        kc = read_keras_checkpoint(reader, infer_layers=mapping is None)
+        plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()})
+        back = plan.inverse()
+        out_keys: dict[str, Any] = {}
+        unused = tuple(k for k in weights if not any(k in e.sources for e in back.entries))
+        keras_vals = {} if dry_run else back.apply(weights)
+        for skey, ckey in kc.keys.items():
+            out_keys[ckey] = ("weight", skey)
+        opt_name = None
+        report_text = ""
+        hyper: dict[str, Any] = {}
+        ks = None
+        if optimizer and ckpt.get("optimizer") is not None:
+            if model is None:
+                raise ConversionError("converting the optimizer state needs the torch model for its parameter order: "
+                                      "pass --model pkg.module:factory, or --no-optimizer for weights only")
+            if not kc.slots and kc.iterations_key is None:
+                raise ConversionError(f"the template {template} holds no optimizer state to fill: save it with "
+                                      "tf.train.Checkpoint(model=..., optimizer=...) after the optimizer is built, or pass --no-optimizer")
+            opt_name = _torch_optimizer_name(ckpt, optimizer_class)
+            sd, _ = state_to_numpy(ckpt["optimizer"])
+            names = [n for n, _ in model.named_parameters()]
+            sd = {"state": {int(i): s for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
+            if iterations is None and "iterations" in ckpt:
+                iterations = int(ckpt["iterations"])
+            ks, report_text = torch_to_keras_optimizer(opt_name, sd, plan, names, iterations=iterations)
+            hyper = dict(ks.config)
+            want = {(v, s) for v, d in kc.slots.items() for s in d}
+            have = {(v, s) for v, d in ks.slots.items() for s in d}
+            problems = [f"template slot {s!r} of {v} has no value in the torch optimizer state" for v, s in sorted(want - have)]
+            problems += [f"torch optimizer state {s!r} of {v} has no slot in the template (is its optimizer a Keras {ks.class_name}?)"
+                         for v, s in sorted(have - want)]
+            if problems:
+                raise UnmappedKeyError("the torch optimizer state does not fit the template's optimizer:\n  " + "\n  ".join(problems))
+            for v, d in kc.slots.items():
+                for s, ckey in d.items():
+                    out_keys[ckey] = ("slot", (v, s))
+            if kc.iterations_key:
+                out_keys[kc.iterations_key] = ("iterations", None)
+            if kc.learning_rate_key:
+                out_keys[kc.learning_rate_key] = ("learning_rate", None)
+        leftover = [k for k in reader.keys() if k not in out_keys and k != OBJECT_GRAPH_KEY]
+        report = ConversionReport(
+            "torch2tf", src, dst, plan, dict(kc.keys), unused, ks.class_name if ks else None, hyper,
+            report_text, tuple(notes) + tuple(f"{k}: copied from the template" for k in leftover), not dry_run,
+        )
+        if dry_run:
+            return report
+        _check_dst(dst, overwrite)
+        tensors: dict[str, np.ndarray] = {}
+        for ckey, (kind, ref) in out_keys.items():
+            dtype = reader.dtype(ckey)
+            if kind == "weight":
+                value = keras_vals[ref]
+            elif kind == "slot":
+                value = ks.slots[ref[0]][ref[1]]
+            elif kind == "iterations":
+                value = np.array(ks.iterations)
+            else:
+                value = np.array(ks.config["learning_rate"])
+            value = np.asarray(value)
+            if tuple(value.shape) != tuple(reader.shape(ckey)):
+                raise ConversionError(f"{ckey}: converted shape {value.shape} but the template has {reader.shape(ckey)}")
+            tensors[ckey] = value.astype(dtype, copy=False)
+        for k in leftover:
+            tensors[k] = reader.get(k)
+        graph = reader.get(OBJECT_GRAPH_KEY).item()
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    write_checkpoint(dst, tensors, object_graph=graph, update_state=True)
+    return report
