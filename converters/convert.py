@@ -699,18 +699,19 @@ def torch_to_tf(
         >>> torch_to_tf("run.pt", "tf/ckpt-1", template="tf_template/ckpt-1",
         ...             model_factory="models.py:make")  # doctest: +SKIP
     """
-    torch = _torch()
-    from ckptfmt.adapters.torch import state_to_numpy
+    _torch()  # FrameworkNotAvailableError naming the extra, before any work
+    from ckptfmt.adapters.torch import state_to_numpy, tensor_to_numpy
+    from ckptfmt.torch import load_torch_file
 
     src, dst = os.fspath(src), os.fspath(dst)
     mapping = _as_mapping(mapping)
     model, example = _make_model(model_factory)
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt = load_torch_file(src)  # weights_only; our errors name the file
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{src}: expected a dict (a state_dict or {{'model': ..., 'optimizer': ...}}), got {type(ckpt).__name__}")
     if "model" not in ckpt:
         ckpt = {"model": ckpt}
-    weights = {k: v.detach().cpu().numpy() for k, v in ckpt["model"].items()}
+    weights = {k: tensor_to_numpy(v, k) for k, v in ckpt["model"].items()}
     with TFCheckpointReader(template) as reader:
         kc = read_keras_checkpoint(reader, infer_layers=mapping is None)
         plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()})

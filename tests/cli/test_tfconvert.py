@@ -168,3 +168,18 @@ def test_dry_run_with_model_plans_optimizer(tmp_path):
     assert "optimizer: torch.optim.Adam" in r.output and "assumed Keras defaults" in r.output
     assert "unused source keys" not in r.output
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_torch2tf_bad_source_is_one_clear_error(tmp_path):
+    """A non-torch SRC gives our error (exit 3) naming the file; a missing one is a usage error (2)."""
+    from click.testing import CliRunner
+
+    from ckptfmt.cli.main import main
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    for src, code in ((bad, 3), (tmp_path / "missing.pt", 2)):
+        r = CliRunner().invoke(main, ["convert", "torch2tf", str(src), str(tmp_path / "out" / "ckpt"),
+                                      "--template", "fixtures/examples/cnn_adam", "--model", "fixtures/examples/models.py:cnn"])
+        assert r.exit_code == code, r.output
+        assert str(src) in r.output and "Traceback" not in r.output
