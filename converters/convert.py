@@ -147,13 +147,19 @@ def _infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[st
             return "Bidirectional", {"layer": {"class_name": inner[0], "config": inner[1]}}
     if {"kernel", "recurrent_kernel"} <= have and have <= {"kernel", "recurrent_kernel", "bias"}:
         return _rnn_kind(name, shapes["kernel"], shapes["recurrent_kernel"][0], shapes.get("bias"))
-    if have and all("/" in r for r in have) and {"query/kernel", "key/kernel", "value/kernel", "attention_output/kernel"} <= have:
+    try:
+        mha = set(KerasLayer(name, "MultiHeadAttention", {}, tuple(weights)).roles())
+    except ConversionError:
+        mha = set()
+    if {"query/kernel", "key/kernel", "value/kernel", "attention_output/kernel"} <= mha <= {
+            f"{p}/{r}" for p in ("query", "key", "value", "attention_output") for r in ("kernel", "bias")}:
         return "MultiHeadAttention", {}
     if have in ({"kernel"}, {"kernel", "bias"}):
         rank = len(shapes["kernel"])
-        kind = {2: "Dense", 3: "Conv1D", 4: "Conv2D", 5: "Conv3D"}.get(rank)
-        if kind is not None:
-            return kind, {}
+        if rank == 2:
+            return "Dense", {}
+        if rank in (3, 4, 5):
+            return _conv_kind(name, shapes["kernel"], shapes.get("bias"))
     if have in ({"depthwise_kernel", "pointwise_kernel"}, {"depthwise_kernel", "pointwise_kernel", "bias"}):
         return ("SeparableConv2D" if len(shapes["pointwise_kernel"]) == 4 else "SeparableConv1D"), {}
     if {"moving_mean", "moving_variance"} <= have <= {"gamma", "beta", "moving_mean", "moving_variance"}:
@@ -167,6 +173,28 @@ def _infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[st
         f"known layers: {', '.join(sorted(LAYER_CONVERTERS))}. Add a rule for it in a mapping file "
         "(ckptfmt.converters.mapping.Mapping JSON, see docs/conversions.md) and pass it with --map"
     )
+
+
+def _conv_kind(name: str, kernel: tuple[int, ...], bias: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
+    """Conv, ConvTranspose or DepthwiseConv from a kernel ``(*k, a, b)`` and its bias.
+
+    All three store a kernel of that rank; the bias tells them apart: ``b`` outputs for a
+    convolution, ``a`` for a transposed one, ``a*b`` for a depthwise one. The kinds the
+    weights cannot rule out are kept as ``config["alternatives"]`` for the torch model (or
+    the layer name) to settle.
+    """
+    d = len(kernel) - 2
+    a, b = kernel[-2], kernel[-1]
+    outputs = {f"Conv{d}D": b, f"Conv{d}DTranspose": a}
+    if d in (1, 2):
+        outputs[f"DepthwiseConv{d}D"] = a * b
+    fits = [kind for kind, n in outputs.items() if bias is None or tuple(bias) == (n,)]
+    if not fits:
+        raise ConversionError(
+            f"layer {name!r}: kernel {kernel} with bias {bias} fits no convolution (a Conv{d}D bias has {b} values, "
+            f"a Conv{d}DTranspose bias {a}); write its rules in a mapping file and pass it with --map"
+        )
+    return fits[0], ({"alternatives": fits[1:]} if len(fits) > 1 else {})
 
 
 def _rnn_kind(name: str, kernel: tuple[int, ...], units: int, bias: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
@@ -297,10 +325,44 @@ def _insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
                 out.append(KerasLayer(f"{layer.name}/flatten", "Flatten", {}, (), input_shape=(None, rows // channels, channels)))
         out.append(layer)
         if layer.class_name.startswith(("Conv", "Depthwise", "Separable")):
-            channels = layer.weight("kernel").shape[-1] if "kernel" in layer.roles() else layer.weight("pointwise_kernel").shape[-1]
+            channels = _out_channels(layer)
         elif layer.class_name != "BatchNormalization":
             channels = None
     return out
+
+
+def _out_channels(layer: KerasLayer) -> int:
+    if layer.class_name.startswith("Separable"):
+        return layer.weight("pointwise_kernel").shape[-1]
+    *_, a, b = layer.weight("kernel").shape
+    if layer.class_name.endswith("Transpose"):
+        return a
+    return a * b if layer.class_name.startswith("Depthwise") else b
+
+
+def _refit_flattens(before: Sequence[KerasLayer], after: list[KerasLayer]) -> list[KerasLayer]:
+    """Re-place the inferred Flattens when settling a layer's kind changed its channels."""
+    if [l.class_name for l in before] == [l.class_name for l in after]:
+        return after
+    return _insert_flattens([l for l in after if l.class_name != "Flatten"])
+
+
+# Layer-name words that settle a convolution the weights leave open (no bias).
+_CONV_HINTS = (("transpose", "Transpose"), ("deconv", "Transpose"), ("depthwise", "Depthwise"), ("dwconv", "Depthwise"))
+
+
+def _settle_by_name(layer: KerasLayer) -> tuple[KerasLayer, str | None]:
+    """A convolution whose kind the weights leave open, settled by its name (preset only)."""
+    alternatives = layer.config.get("alternatives")
+    if not alternatives:
+        return layer, None
+    kinds = [layer.class_name, *alternatives]
+    name = layer.name.lower()
+    kind = next((k for word, part in _CONV_HINTS if word in name for k in kinds if part in k), kinds[0])
+    config = {k: v for k, v in layer.config.items() if k != "alternatives"}
+    note = (f"ASSUMED {layer.name}: {kind} (its weights fit {', '.join(kinds)}: no bias"
+            f"{'' if kind == kinds[0] else ', its name says so'}); pass --model to check against the torch model")
+    return KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape), note
 
 
 def describe_checkpoint_layers(path: str | os.PathLike[str]) -> list[KerasLayer]:
@@ -326,8 +388,10 @@ def preset_mapping(layers: Sequence[KerasLayer]) -> Mapping:
         ...                for k, s in l.specs().items()}).target_specs)[:2]
         ['bn.bias', 'bn.num_batches_tracked']
     """
+    settled = [_settle_by_name(layer) for layer in layers]
+    layers = _refit_flattens(layers, [layer for layer, _ in settled])
     flatten = find_flatten_dense(layers)
-    mapping = Mapping(())
+    mapping = Mapping((), tuple(note for _, note in settled if note))
     for layer in layers:
         if layer.weights:
             mapping = mapping + layer_rules(layer, re.sub(r"[^0-9A-Za-z_]", "_", layer.name), flatten_from=flatten.get(layer.name))
@@ -465,17 +529,13 @@ def _plan(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None
     if mapping is None:
         layers = list(kc.layers)
         if model is not None:
-            from .mapping.match import build_mapping
+            from .mapping.match import build_mapping, settle_kinds
 
-            mapping = build_mapping(layers, model, example)
+            mapping = build_mapping(_refit_flattens(layers, settle_kinds(layers, model)), model, example)
         else:
             mapping = preset_mapping(layers)
     plan = mapping.plan(sources, targets, strict=strict)
     return plan, plan.notes
-
-
-_PRESET_NOTE = ("the checkpoint does not store layer configs: BatchNormalization/LayerNormalization epsilon and "
-                "momentum are assumed to be Keras's defaults (1e-3, 0.99); check your torch model uses them")
 
 
 def _optimizer_class(kc: KerasCheckpoint, config: AbcMapping[str, Any]) -> str:
@@ -551,7 +611,6 @@ def tf_to_torch(
     with TFCheckpointReader(src) as reader:
         kc = read_keras_checkpoint(reader, infer_layers=mapping is None)
         plan, notes = _plan(kc, model, example, mapping, strict)
-        notes = notes + ((_PRESET_NOTE,) if mapping is None else ())
         used = set(kc.keys.values())
         has_opt = bool(kc.slots) or kc.iterations_key is not None
         conv = None

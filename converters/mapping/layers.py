@@ -228,24 +228,31 @@ def _batchnorm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
         Rename(layer.weight("moving_variance").key, _key(p, "running_var")),
         Convert((), (_key(p, "num_batches_tracked"),), (Fill((), "int64", 0),)),
     ]
-    eps = layer.config.get("epsilon", 1e-3)
-    mom = layer.config.get("momentum", 0.99)
-    return Mapping(
-        tuple(rules),
-        (f"{layer.name}: build the torch BatchNorm with eps={eps} (Keras default 1e-3, torch 1e-5) and "
-         f"momentum={1 - mom:.6g} (torch momentum = 1 - Keras momentum {mom})",),
-    )
+    if "epsilon" not in layer.config:  # from a checkpoint: no config
+        note = (f"{layer.name}: epsilon and momentum are not stored in the checkpoint; build the torch BatchNorm with the "
+                "Keras layer's (Keras defaults eps=1e-3, momentum 0.99 = torch momentum 0.01; torch's: 1e-5, 0.1)")
+    else:
+        eps, mom = layer.config["epsilon"], layer.config.get("momentum", 0.99)
+        note = (f"{layer.name}: build the torch BatchNorm with eps={eps} (Keras default 1e-3, torch 1e-5) and "
+                f"momentum={1 - mom:.6g} (torch momentum = 1 - Keras momentum {mom})")
+    return Mapping(tuple(rules), (note,))
 
 
 def _layernorm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
     roles = layer.roles()
     rules = tuple(Rename(roles[k].key, _key(p, t)) for k, t in (("gamma", "weight"), ("beta", "bias")) if k in roles)
-    eps = layer.config.get("epsilon", 1e-3)
-    return Mapping(rules, (f"{layer.name}: build the torch LayerNorm with eps={eps} (Keras default 1e-3, torch 1e-5)",))
+    if "epsilon" not in layer.config:
+        note = (f"{layer.name}: epsilon is not stored in the checkpoint; build the torch LayerNorm with the Keras layer's "
+                "(Keras default 1e-3, torch 1e-5)")
+    else:
+        note = f"{layer.name}: build the torch LayerNorm with eps={layer.config['epsilon']} (Keras default 1e-3, torch 1e-5)"
+    return Mapping(rules, (note,))
 
 
 def _embedding(layer: KerasLayer, p: str, **_: Any) -> Mapping:
-    return Mapping((Rename(layer.weight("embeddings").key, _key(p, "weight")),))
+    return Mapping((Rename(layer.weight("embeddings").key, _key(p, "weight")),), (
+        f"{layer.name}: Keras on TensorFlow squares an embedding's gradient per occurrence of an index (IndexedSlices); "
+        "to resume Adam/RMSprop exactly, build nn.Embedding(..., sparse=True) and use KerasAdam/KerasRMSprop",))
 
 
 def _check_activations(layer: KerasLayer, config: dict[str, Any]) -> None:
@@ -298,7 +305,8 @@ def _gru(layer: KerasLayer, p: str, **_: Any) -> Mapping:
 
 
 _RNN_NOTES = {
-    "LSTM": lambda n: (f"{n}: Keras's single LSTM bias goes to bias_ih, zeros to bias_hh (back: their sum); torch trains both, so the effective bias learns with twice the step",),
+    "LSTM": lambda n: (f"{n}: Keras's single LSTM bias goes to bias_ih, zeros to bias_hh (back: their sum); torch trains both, so the effective bias learns with twice the step; "
+                        "for an exact resume freeze bias_hh (bias_hh_l0.requires_grad_(False))",),
     "GRU": lambda n: (f"{n}: GRU gates reordered from Keras (z, r, h) to torch (r, z, n); bias row 0 -> bias_ih, row 1 -> bias_hh",),
 }
 

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["match_layers", "build_mapping"]
+__all__ = ["match_layers", "build_mapping", "settle_kinds"]
 
 from collections import defaultdict
 from collections.abc import Mapping as AbcMapping
@@ -47,7 +47,8 @@ def _accepts(layer: KerasLayer, module: nn.Module) -> bool:
     if cls == "Dense":
         return isinstance(module, nn.Linear)
     if cls in ("Conv1D", "Conv2D", "Conv3D"):
-        return isinstance(module, conv[int(cls[4])]) and module.groups == cfg.get("groups", 1)
+        # a checkpoint stores no config: then the kernel's shape is the only check on groups
+        return isinstance(module, conv[int(cls[4])]) and ("groups" not in cfg or module.groups == cfg["groups"])
     if cls in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
         return isinstance(module, convt[int(cls[4])])
     if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
@@ -75,14 +76,20 @@ def _hyper_notes(layer: KerasLayer, path: str, module: nn.Module) -> list[str]:
     """Mismatches between the Keras config and the torch module that weights cannot fix."""
     notes = []
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
-        eps = layer.config.get("epsilon", 1e-3)
-        if abs(module.eps - eps) > 1e-12:
+        eps = layer.config.get("epsilon")
+        if eps is None:  # a TF checkpoint stores no layer config
+            notes.append(f"{layer.name} -> {path}: epsilon is not stored in the checkpoint; torch uses eps={module.eps:g}, "
+                         "which must be the Keras layer's epsilon (Keras default 1e-3)")
+        elif abs(module.eps - eps) > 1e-12:
             notes.append(f"MISMATCH {layer.name} -> {path}: eps {module.eps} in torch, {eps} in Keras; outputs will differ")
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
-        want = 1 - layer.config.get("momentum", 0.99)
-        if abs(module.momentum - want) > 1e-9:
+        mom = layer.config.get("momentum")
+        if mom is None:
+            notes.append(f"{layer.name} -> {path}: momentum is not stored in the checkpoint; torch momentum {module.momentum:g} "
+                         f"is Keras momentum {1 - module.momentum:.6g} (Keras default 0.99)")
+        elif abs(module.momentum - (1 - mom)) > 1e-9:
             notes.append(f"MISMATCH {layer.name} -> {path}: torch momentum {module.momentum}, Keras momentum "
-                         f"{layer.config.get('momentum', 0.99)} means torch momentum {want:.6g}; running statistics will update differently")
+                         f"{mom} means torch momentum {1 - mom:.6g}; running statistics will update differently")
     return notes
 
 
@@ -108,6 +115,47 @@ def _trace_order(model: nn.Module, example_input: Any, modules: dict[str, nn.Mod
         for h in handles:
             h.remove()
     return order
+
+
+def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module) -> list[KerasLayer]:
+    """Settle layers whose kind the weights leave open by the torch modules that fit them.
+
+    A convolution without bias read from a checkpoint may be a Conv, a ConvTranspose or a
+    DepthwiseConv (``config["alternatives"]``); the kind that some module of ``model``
+    accepts with exactly the shapes its rules produce wins.
+
+    Raises:
+        ConversionError: the model has modules fitting more than one kind (names them).
+
+    Example:
+        >>> settle_kinds(layers, model)  # doctest: +SKIP
+        [KerasLayer(name='up', class_name='Conv2DTranspose', ...)]
+    """
+    modules = dict(model.named_modules())
+    own = {p: {k: tuple(v.shape) for k, v in m.state_dict().items()} for p, m in modules.items()}
+    out: list[KerasLayer] = []
+    for layer in keras_layers:
+        alternatives = layer.config.get("alternatives")
+        if not alternatives:
+            out.append(layer)
+            continue
+        config = {k: v for k, v in layer.config.items() if k != "alternatives"}
+        fits: dict[str, list[str]] = {}
+        for kind in (layer.class_name, *alternatives):
+            cand = KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape)
+            want = {k: s.shape for k, s in layer_rules(cand, "").plan(cand.specs()).target_specs.items()}
+            paths = [p for p, m in modules.items() if own[p] == want and _accepts(cand, m)]
+            if paths:
+                fits[kind] = paths
+        if len(fits) > 1:
+            raise ConversionError(
+                f"ambiguous: Keras layer {layer.name!r} has no bias, so its kernel fits "
+                + "; ".join(f"a {k} (torch {', '.join(p)})" for k, p in fits.items())
+                + "; write its rules in a mapping file (--map)"
+            )
+        kind = next(iter(fits), layer.class_name)
+        out.append(KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape))
+    return out
 
 
 def match_layers(

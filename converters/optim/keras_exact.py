@@ -36,6 +36,20 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
+def _sparse_parts(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense gradient and Keras's "square" of a sparse (embedding) gradient.
+
+    Keras on TensorFlow gets an ``IndexedSlices`` gradient for an embedding, one row per
+    occurrence of an index in the batch, and squares it *before* the rows are summed:
+    ``v`` receives ``sum(g_i**2)`` where a dense optimizer sees ``(sum g_i)**2``. torch's
+    ``nn.Embedding(sparse=True)`` gradient is uncoalesced in the same way, so squaring its
+    values first reproduces Keras; a dense torch gradient has lost the per-occurrence rows.
+    """
+    indices, values = grad._indices(), grad._values()
+    squared = torch.sparse_coo_tensor(indices, values.square(), grad.shape, check_invariants=False)
+    return grad.coalesce().to_dense(), squared.coalesce().to_dense()
+
+
 class _KerasOptimizer(torch.optim.Optimizer):
     _slots: tuple[str, ...] = ()
 
@@ -66,15 +80,16 @@ class _KerasOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                g, sq = _sparse_parts(p.grad) if p.grad.is_sparse else (p.grad, None)
                 state = self._state(p, group)
                 self._decay(p, group)
-                self._update(p, p.grad.to(p.dtype), state, group)
+                self._update(p, g.to(p.dtype), state, group, None if sq is None else sq.to(p.dtype))
                 state["step"] += 1
         return loss
 
-    def _update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                sq: torch.Tensor | None) -> None:
+        """Apply one update; ``sq`` is the squared gradient when it is not ``g*g`` (sparse)."""
         raise NotImplementedError
 
 
@@ -97,7 +112,7 @@ class KerasAdam(_KerasOptimizer):
     def _slots_for(self, group):
         return ("momentum", "velocity", "velocity_hat") if group["amsgrad"] else ("momentum", "velocity")
 
-    def _update(self, p, g, state, group):
+    def _update(self, p, g, state, group, sq):
         beta_1, beta_2 = group["betas"]
         lr = _scalar(group["lr"], p)
         local_step = (state["step"] + 1).to(p.dtype)
@@ -106,7 +121,7 @@ class KerasAdam(_KerasOptimizer):
         alpha = lr * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
         m, v = state["momentum"], state["velocity"]
         m.add_((g - m) * (1 - beta_1))
-        v.add_((g.square() - v) * (1 - beta_2))
+        v.add_(((g.square() if sq is None else sq) - v) * (1 - beta_2))
         if group["amsgrad"]:
             v_hat = state["velocity_hat"]
             torch.maximum(v_hat, v, out=v_hat)
@@ -130,7 +145,7 @@ class KerasSGD(_KerasOptimizer):
     def _slots_for(self, group):
         return ("momentum",) if group["momentum"] != 0 else ()
 
-    def _update(self, p, g, state, group):
+    def _update(self, p, g, state, group, sq):
         lr = _scalar(group["lr"], p)
         if group["momentum"] == 0:
             p.sub_(g * lr)
@@ -161,10 +176,10 @@ class KerasRMSprop(_KerasOptimizer):
     def _slots_for(self, group):
         return ("velocity",) + (("momentum",) if group["momentum"] > 0 else ()) + (("average_gradient",) if group["centered"] else ())
 
-    def _update(self, p, g, state, group):
+    def _update(self, p, g, state, group, sq):
         lr, rho = _scalar(group["lr"], p), group["rho"]
         v = state["velocity"]
-        v.copy_(rho * v + (1 - rho) * g.square())
+        v.copy_(rho * v + (1 - rho) * (g.square() if sq is None else sq))
         if group["centered"]:
             a = state["average_gradient"]
             a.copy_(rho * a + (1 - rho) * g)

@@ -207,9 +207,11 @@ def test_cnn_resume_with_stock_adam_reports_and_bounds_drift(cnn_run, torch, tmp
     opt = torch.optim.Adam(model.parameters(), **ck["optimizer_hyperparameters"])
     opt.load_state_dict(ck["optimizer"])
     losses = torch_train(torch, model, opt, cnn_run["data"][3:])
-    np.testing.assert_allclose(losses, cnn_run["next_losses"], atol=1e-4, rtol=0)
+    # measured (2026-11-30): losses 6.6e-7, conv kernel 8.9e-7 off Keras after 5 steps at lr 1e-2;
+    # gradients here are far above eps, where the report says the drift is negligible
+    np.testing.assert_allclose(losses, cnn_run["next_losses"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(model.state_dict()["stem.weight"].numpy(),
-                               cnn_run["weights"]["conv/kernel"].transpose(3, 2, 0, 1), atol=1e-4)
+                               cnn_run["weights"]["conv/kernel"].transpose(3, 2, 0, 1), atol=1e-5)
 
 
 @pytest.mark.tensorflow
@@ -293,3 +295,176 @@ def test_torch_keras_adam_round_trip_is_bit_identical(cnn_run, torch, tmp_path):
         for k in r0.keys():
             if k != "_CHECKPOINTABLE_OBJECT_GRAPH":
                 assert np.array_equal(r0.get(k), r1.get(k)), k
+
+
+# -- recurrent layers and a transformer block: logits, a resumed run, and the way back ----------
+
+
+def keras_rnn(keras):
+    L = keras.layers
+    inp = keras.Input((6,), dtype="int32")
+    h = L.Embedding(20, 8, name="emb")(inp)
+    h = L.LSTM(5, return_sequences=True, name="lstm")(h)
+    h = L.Bidirectional(L.GRU(4, return_sequences=True), name="bigru")(h)
+    h = L.Bidirectional(L.LSTM(3), name="bilstm")(h)
+    return keras.Model(inp, L.Dense(2, name="out")(h))
+
+
+def keras_block(keras):
+    L = keras.layers
+    inp = keras.Input((5,), dtype="int32")
+    h = L.Embedding(30, 8)(inp)
+    h = L.LayerNormalization(epsilon=1e-6)(h + L.MultiHeadAttention(num_heads=2, key_dim=4)(h, h))
+    h = L.LayerNormalization(epsilon=1e-6)(h + L.Dense(8)(L.Dense(16, activation="relu")(h)))
+    return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(h)))
+
+
+def token_batches(n, vocab, length, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, vocab, (4, length)).astype(np.int32), rng.integers(0, 2, 4)) for _ in range(n)]
+
+
+def _token_train_torch(torch, model, opt, data):
+    model.train()
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x).long()), torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _resume_both_ways(tf, torch, tmp_path, kmodel, factory, data):
+    """Keras trains 3 steps, tf2torch, both go on 3 steps; then torch's state goes back to Keras."""
+    import keras
+
+    from ckptfmt.converters.optim import KerasAdam
+
+    opt = keras.optimizers.Adam(1e-2)
+    keras_train(tf, kmodel, opt, data[:3])
+    prefix = tf.train.Checkpoint(model=kmodel, optimizer=opt).save(str(tmp_path / "k" / "ckpt"))
+    x = data[0][0]
+    logits = kmodel(x, training=False).numpy()
+    keras_losses = keras_train(tf, kmodel, opt, data[3:])
+
+    out = tmp_path / "t.pt"
+    report = tf_to_torch(prefix, out, model_factory=factory, exact_optimizer=True)
+    ck = _load(torch, out)
+    model = load_factory(factory)()[0]
+    model.load_state_dict(ck["model"])
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(model(torch.from_numpy(x).long()).numpy(), logits, atol=1e-5, rtol=0)
+    topt = KerasAdam(model.parameters(), **ck["optimizer_hyperparameters"])
+    topt.load_state_dict(ck["optimizer"])
+    np.testing.assert_allclose(_token_train_torch(torch, model, topt, data[3:]), keras_losses, atol=1e-5, rtol=0)
+
+    # torch -> TF: the Keras model restores it (assert_consumed) and computes what torch computes
+    src = tmp_path / "resumed.pt"
+    torch.save({"model": model.state_dict(), "optimizer": topt.state_dict(), "optimizer_class": "KerasAdam"}, src)
+    back = tmp_path / "back" / "ckpt-1"
+    torch_to_tf(src, back, template=prefix, model_factory=factory)
+    k2, o2 = keras.models.clone_model(kmodel), keras.optimizers.Adam(1e-2)
+    o2.build(k2.trainable_variables)
+    tf.train.Checkpoint(model=k2, optimizer=o2).restore(str(back)).assert_consumed()
+    assert int(o2.iterations.numpy()) == 6
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(k2(x, training=False).numpy(), model(torch.from_numpy(x).long()).numpy(), atol=1e-5, rtol=0)
+    return report
+
+
+@pytest.mark.tensorflow
+@pytest.mark.torch
+def test_lstm_gru_bidirectional_match_and_resume_both_ways(tf, torch, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    report = _resume_both_ways(tf, torch, tmp_path, keras_rnn(keras), MODELS + ":rnn", token_batches(6, 20, 6))
+    assert report.plan.entry_for("bigru/backward_gru/gru_cell/kernel").targets == ("bigru.weight_ih_l0_reverse",)
+    assert report.plan.entry_for("lstm/lstm_cell/bias").targets == ("lstm.bias_ih_l0", "lstm.bias_hh_l0")
+    assert any("bias_hh" in n and "freeze" in n for n in report.notes)
+
+
+@pytest.mark.tensorflow
+@pytest.mark.torch
+def test_transformer_block_matches_and_resumes(tf, torch, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(2)
+    report = _resume_both_ways(tf, torch, tmp_path, keras_block(keras), MODELS + ":block", token_batches(6, 30, 5))
+    assert report.plan.entry_for("multi_head_attention/query/kernel").targets == ("attn.in_proj_weight",)
+    # epsilon is not in a TF checkpoint: the report says so and names the torch model's value
+    assert any("epsilon is not stored" in n and "1e-06" in n for n in report.notes)
+
+
+@pytest.mark.tensorflow
+def test_gru_reset_after_false_fails_clearly(tf, tmp_path):
+    import keras
+
+    km = keras.Sequential([keras.Input((4, 3)), keras.layers.GRU(2, reset_after=False, name="old_gru")])
+    prefix = tf.train.Checkpoint(model=km).write(str(tmp_path / "ckpt"))
+    for kwargs in ({"dry_run": True}, {}):
+        with pytest.raises(ConversionError, match=r"GRU 'old_gru' has reset_after=False.*reset_after=True"):
+            tf_to_torch(prefix, tmp_path / "o.safetensors", **kwargs)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+# -- convolutions a checkpoint cannot tell apart -------------------------------------------------
+
+
+def _conv_checkpoint(path, bias):
+    shapes = {"dw": ((3, 3, 3, 2), 6), "up": ((3, 3, 4, 6), 4), "c": ((3, 3, 4, 5), 5)}
+    rng = np.random.default_rng(0)
+    keys = {}
+    for name, (k, n) in shapes.items():
+        keys[f"model/{name}/kernel/.ATTRIBUTES/VARIABLE_VALUE"] = rng.standard_normal(k).astype(np.float32)
+        if bias:
+            keys[f"model/{name}/bias/.ATTRIBUTES/VARIABLE_VALUE"] = rng.standard_normal(n).astype(np.float32)
+    write_checkpoint(path, keys, object_graph=build_object_graph(keys))
+    return keys
+
+
+def test_bias_tells_depthwise_and_transposed_convolutions_apart(tmp_path):
+    _conv_checkpoint(tmp_path / "ck", bias=True)
+    kinds = {l.name.split("/")[-1]: l.class_name for l in describe_checkpoint_layers(tmp_path / "ck")}
+    assert kinds == {"dw": "DepthwiseConv2D", "up": "Conv2DTranspose", "c": "Conv2D"}
+    plan = tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", dry_run=True).plan
+    assert plan.target_specs["dw.weight"].shape == (6, 1, 3, 3)
+    assert plan.target_specs["up.weight"].shape == (6, 4, 3, 3)  # ConvTranspose: (in, out, kh, kw)
+
+
+@pytest.mark.torch
+def test_convolutions_without_bias_are_settled_by_the_model_or_reported(tmp_path, torch):
+    keys = _conv_checkpoint(tmp_path / "ck", bias=False)
+    # without a model: assumed Conv2D, and the report says so
+    r = tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", dry_run=True)
+    assert sum(n.startswith("ASSUMED") for n in r.notes) == 3
+    # with the model: the module types decide
+    nn = torch.nn
+
+    def factory():
+        m = nn.Module()
+        m.c, m.up, m.dw = nn.Conv2d(4, 5, 3, bias=False), nn.ConvTranspose2d(6, 4, 3, bias=False), nn.Conv2d(3, 6, 3, groups=3, bias=False)
+        return m
+
+    r = tf_to_torch(tmp_path / "ck", tmp_path / "o.safetensors", model_factory=factory, optimizer=False)
+    assert not any(n.startswith("ASSUMED") for n in r.notes)
+    from safetensors.numpy import load_file
+
+    got = load_file(tmp_path / "o.safetensors")
+    dw = keys["model/dw/kernel/.ATTRIBUTES/VARIABLE_VALUE"]
+    # depthwise output channel i*mult + m is input channel i's m-th filter, as in TF
+    np.testing.assert_array_equal(got["dw.weight"][1 * 2 + 1, 0], dw[:, :, 1, 1])
+    np.testing.assert_array_equal(got["up.weight"], keys["model/up/kernel/.ATTRIBUTES/VARIABLE_VALUE"].transpose(3, 2, 0, 1))
+
+    # a model with modules of two fitting kinds is refused, naming both
+    def both():
+        m = factory()
+        m.extra = nn.ConvTranspose2d(5, 4, 3, bias=False)  # also fits the Conv2D 'c' kernel as a transposed conv
+        return m
+
+    with pytest.raises(ConversionError, match=r"ambiguous.*'c'.*Conv2D.*Conv2DTranspose"):
+        tf_to_torch(tmp_path / "ck", tmp_path / "o2.safetensors", model_factory=both, optimizer=False)
