@@ -7,7 +7,8 @@ import platform
 import secrets
 import time
 from collections import deque
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -31,6 +32,50 @@ _INLINE_HASH_BYTES = 256 * 1024
 def is_tensor_leaf(x: Any) -> bool:
     """numpy arrays and numpy scalars are tensors; numpy str/bytes scalars are plain."""
     return isinstance(x, np.ndarray) or (isinstance(x, np.generic) and not isinstance(x, (str, bytes)))
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredTensor:
+    """A tensor leaf whose data is produced only when the writer reaches it.
+
+    The writer knows every tensor's dtype and shape up front (the manifest needs them), but
+    it writes one tensor at a time; a deferred leaf calls ``load`` just before its bytes are
+    written and drops the array right after, so a state made of deferred leaves is saved with
+    about one tensor in memory (converters stream foreign checkpoints this way).
+
+    Attributes:
+        shape: the shape ``load()`` returns.
+        dtype: its numpy dtype.
+        load: returns the array; its shape and dtype are checked against the two above.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], Any]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        n = np.dtype(self.dtype).itemsize
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    def materialize(self, name: str) -> np.ndarray:
+        arr = np.asarray(self.load())
+        if tuple(arr.shape) != tuple(self.shape) or dtype_name(arr.dtype) != dtype_name(self.dtype):
+            raise FormatError(
+                f"tensor {name!r}: the deferred value is {arr.dtype}{list(arr.shape)} but was declared "
+                f"{np.dtype(self.dtype)}{list(self.shape)}"
+            )
+        return arr
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, DeferredTensor) or is_tensor_leaf(x)
 
 
 def _producer(extra: dict | None) -> dict:
@@ -200,9 +245,12 @@ class _ParentRef:
         return idx, int(m.chunk_offset[c])
 
 
-def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
-    """Encode the tree and list its tensors (each distinct array object once, in tree order)."""
-    tensors: list[tuple[str, np.ndarray]] = []
+def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray | DeferredTensor]]]:
+    """Encode the tree and list its tensors (each distinct array object once, in tree order).
+
+    :class:`DeferredTensor` leaves are listed as they are, to be loaded when written.
+    """
+    tensors: list[tuple[str, np.ndarray | DeferredTensor]] = []
     by_id: dict[int, int] = {}
     keep_alive: list[Any] = []
 
@@ -210,7 +258,7 @@ def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
         idx = by_id.get(id(x))
         if idx is not None:
             return idx  # the same array object twice (tied weights): stored once
-        arr = np.asarray(x)
+        arr = x if isinstance(x, DeferredTensor) else np.asarray(x)
         try:
             dtype_name(arr.dtype)  # refuse unsupported dtypes before anything is written
         except UnsupportedDtypeError as e:
@@ -222,7 +270,7 @@ def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
         tensors.append((name, arr))
         return len(tensors) - 1
 
-    tree = encode_tree(state, on_tensor, is_tensor_leaf)
+    tree = encode_tree(state, on_tensor, _is_leaf)
     names = [n for n, _ in tensors]
     if len(set(names)) != len(names):
         seen: set[str] = set()
@@ -299,6 +347,8 @@ def write_checkpoint(
             pad = -handle.tell() % ALIGNMENT
             if pad:
                 handle.write(_ZEROS[:pad])
+            if isinstance(arr, DeferredTensor):
+                arr = arr.materialize(name)  # rebound: dropped once written
             base = parent_ref.match(name, arr) if parent_ref is not None else None
             if base is None:
                 _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window)

@@ -66,22 +66,32 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 @_shared
 @click.option("--exact-optimizer", is_flag=True, help="Target KerasAdam/KerasSGD/KerasRMSprop (identical updates) instead of stock torch.")
 @click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for 256 MiB or more).")
 def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, no_optimizer: bool, dry_run: bool,
-             overwrite: bool, exact_optimizer: bool, optimizer_config: str | None) -> None:
-    """Convert a Keras 3 TF checkpoint SRC (weights + optimizer) to a torch DST (.pt or .safetensors).
+             overwrite: bool, exact_optimizer: bool, optimizer_config: str | None, progress: bool | None) -> None:
+    """Convert a Keras 3 TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
+
+    \b
+    DST is chosen by its name:
+      *.pt, *.pth, *.bin   torch.save file: {"model", "optimizer", ...} (needs torch)
+      *.safetensors        weights only, written streaming (--no-optimizer)
+      anything else        a ckptfmt checkpoint directory (new or empty), weights streamed;
+                           read it with ckptfmt.load or ckptfmt.torch.restore
 
     \b
     Example:
       ckptfmt convert tf2torch runs/ckpt-3 resumed.pt --model models.py:make_torch_model
       ckptfmt convert tf2torch runs/ckpt-3 weights.safetensors --no-optimizer --dry-run
+      ckptfmt convert tf2torch runs/ckpt-3 torch-ckpt/step-3 --model models.py:make_torch_model
     """
     report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
-                                  exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite)
+                                  exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
+                                  progress=progress)
     _done(report, dry_run)
 
 
 @click.command("torch2tf", context_settings=_CONTEXT)
-@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--template", required=True, type=click.Path(),
               help="A TF checkpoint of the target Keras model (and optimizer): its object graph, keys and shapes are reused.")
@@ -90,7 +100,13 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, no_opti
 @click.option("--iterations", type=int, default=None, help="Keras iteration count when torch keeps none (stock SGD).")
 def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, no_optimizer: bool, dry_run: bool,
              overwrite: bool, optimizer_class: str | None, iterations: int | None) -> None:
-    """Convert a torch checkpoint SRC (.pt: model + optimizer) to a Keras 3 TF checkpoint prefix DST.
+    """Convert a torch checkpoint SRC (model + optimizer) to a Keras 3 TF checkpoint prefix DST.
+
+    \b
+    SRC is one of:
+      *.pt, *.pth, *.bin   a torch.save file (needs torch), e.g. written by tf2torch
+      *.safetensors        weights only
+      a directory          a ckptfmt checkpoint, e.g. written by tf2torch or ckptfmt.torch.save
 
     \b
     Example:

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ST_DTYPES", "SafetensorsSource", "write_safetensors", "encode_metadata", "decode_metadata"]
+__all__ = ["ST_DTYPES", "SafetensorsSource", "write_safetensors", "encode_header", "encode_metadata", "decode_metadata"]
 
 import json
 import math
@@ -271,22 +271,9 @@ def write_safetensors(
         76
     """
     items = list(tensors)
-    header: dict[str, Any] = {}
-    if metadata:
-        header[_META_KEY] = metadata
-    pos = 0
-    for info, _ in items:
-        if info.dtype not in ST_DTYPES:
-            raise ConversionError(f"tensor {info.name!r}: safetensors cannot hold {info.dtype}")
-        if info.name == _META_KEY:
-            raise ConversionError(f"a tensor cannot be named {_META_KEY!r} in safetensors")
-        header[info.name] = {"dtype": ST_DTYPES[info.dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
-        pos += info.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the buffer starts 8-byte aligned
+    head, pos = encode_header([info for info, _ in items], metadata)
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(head)
         for info, getter in items:
             arr = np.asarray(getter())
             want = numpy_dtype(info.dtype)
@@ -296,4 +283,39 @@ def write_safetensors(
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
         f.flush()
         os.fsync(f.fileno())
-    return 8 + len(raw) + pos
+    return len(head) + pos
+
+
+def encode_header(infos: Iterable[TensorInfo], metadata: dict[str, str] | None = None) -> tuple[bytes, int]:
+    """The bytes before the data buffer (length + JSON header) for tensors laid out in order.
+
+    Each tensor's ``data_offsets`` follow from the sizes of the ones before it, so a writer
+    can emit the header first and then the tensors one at a time.
+
+    Returns:
+        ``(header bytes, data buffer length)``.
+
+    Raises:
+        ConversionError: a dtype safetensors cannot hold, or a tensor named ``__metadata__``.
+
+    Example:
+        >>> head, size = encode_header([TensorInfo("w", "float32", (3,), 12)])
+        >>> len(head) % 8, size
+        (0, 12)
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header[_META_KEY] = metadata
+    pos = 0
+    for info in infos:
+        if info.dtype not in ST_DTYPES:
+            raise ConversionError(f"tensor {info.name!r}: safetensors cannot hold {info.dtype}")
+        if info.name == _META_KEY:
+            raise ConversionError(f"a tensor cannot be named {_META_KEY!r} in safetensors")
+        if info.name in header:
+            raise ConversionError(f"tensor {info.name!r} is listed twice")
+        header[info.name] = {"dtype": ST_DTYPES[info.dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
+        pos += info.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the buffer starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw, pos

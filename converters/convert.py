@@ -55,6 +55,7 @@ import numpy as np
 
 from ckptfmt.errors import CheckpointExistsError, ConversionError, FrameworkNotAvailableError, UnmappedKeyError
 
+from . import _convert_io
 from .mapping.layers import LAYER_CONVERTERS, KerasLayer, KerasWeight, find_flatten_dense, layer_rules
 from .mapping.rules import Mapping, Plan, TensorSpec
 from .optim.convert import KERAS_SLOTS, KerasOptimizerState, keras_to_torch_optimizer, torch_to_keras_optimizer
@@ -575,14 +576,22 @@ def tf_to_torch(
     optimizer_config: AbcMapping[str, Any] | None = None,
     strict: bool = True,
     overwrite: bool = False,
+    progress: bool | None = None,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
 
     Args:
         src: the TF checkpoint (prefix ``dir/ckpt-3`` or a directory with a ``checkpoint`` file).
-        dst: ``.pt``/``.pth`` (``{"model": state_dict, "optimizer": state_dict,
-            "optimizer_class", "optimizer_hyperparameters", "conversion_report"}``) or
-            ``.safetensors`` (weights only).
+        dst: chosen by its name: ``.pt``/``.pth``/``.bin`` is a ``torch.save`` file (``{"model":
+            state_dict, "optimizer": state_dict, "optimizer_class",
+            "optimizer_hyperparameters", "conversion_report"}``); ``.safetensors`` holds the
+            weights only and is written streaming (about one tensor in memory); any other
+            name is a ckptfmt checkpoint directory (new, empty, or an existing checkpoint
+            with ``overwrite``) in the :mod:`ckptfmt.torch` layout, weights streamed:
+            ``ckptfmt.load(dst)["model"]`` is the state_dict and
+            ``ckptfmt.torch.restore(dst, model=m, optimizer=o)`` loads model and optimizer
+            (``extra`` holds ``optimizer_class``, ``optimizer_hyperparameters`` and
+            ``conversion_report``).
         model_factory: ``"pkg.module:factory"``, ``"file.py:factory"`` or a callable returning
             the torch model (or ``(model, example_input)``); layers are matched by type and shape.
         mapping: a :class:`Mapping` or mapping file; source keys are Keras variable paths.
@@ -595,10 +604,14 @@ def tf_to_torch(
             (``class_name``, ``beta_1``, ``epsilon``, ``momentum``, ``nesterov``...).
         strict: every source and target key must be mapped (errors list all of them).
         overwrite: replace ``dst``.
+        progress: a progress bar over the bytes converted, on stderr (default: on a
+            terminal, for conversions of 256 MiB or more).
 
     Raises:
         ConversionError: unknown or ambiguous layers, unsupported optimizer options.
         UnmappedKeyError: keys the mapping does not cover (all listed).
+        CheckpointExistsError: ``dst`` exists (without ``overwrite``), or is a non-empty
+            directory that is not a ckptfmt checkpoint.
 
     Example:
         >>> r = tf_to_torch("fixtures/tf/keras3_conv_adam", "/tmp/x.pt", dry_run=True)
@@ -648,10 +661,21 @@ def tf_to_torch(
         )
         if dry_run:
             return report
-        _check_dst(dst, overwrite)
-        arrays = {s: reader.get(kc.keys[s]) for e in plan.entries for s in e.sources}
-    weights = plan.apply(arrays)
-    del arrays
+        kind = _convert_io.output_kind(dst)
+        _convert_io.check_output(dst, kind, overwrite, optimizer=conv is not None)
+        if kind == "torch":
+            _torch()  # FrameworkNotAvailableError before anything is read
+
+        def read(source_key: str) -> np.ndarray:
+            return reader.get(kc.keys[source_key])
+
+        if kind == "safetensors":
+            _convert_io.write_safetensors_stream(dst, plan, read, metadata=_convert_io.SAFETENSORS_METADATA, progress=progress)
+            return report
+        if kind == "ckptfmt":
+            _write_ckptfmt(dst, plan, read, model, conv, report, overwrite, progress)
+            return report
+        weights = _convert_io.run_plan(plan, read, progress=progress)
     _write_torch(dst, weights, model, conv, report)
     return report
 
@@ -661,23 +685,30 @@ def _optimizer_type(name: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
+def _write_ckptfmt(dst: str, plan: Plan, read: Callable[[str], np.ndarray], model: Any, conv: Any,
+                   report: ConversionReport, overwrite: bool, progress: bool | None) -> None:
+    optimizer = None
+    extra: dict[str, Any] = {"conversion_report": report.table()}
+    if conv is not None:
+        from ckptfmt.adapters.torch import numpy_to_state, state_to_numpy
+
+        # Through a live optimizer, as for a .pt file: its load_state_dict fills the keys the
+        # conversion does not set and casts the state, so both outputs hold the same state.
+        opt = _optimizer_type(conv.optimizer)(model.parameters(), **conv.hyperparameters)
+        opt.load_state_dict(numpy_to_state(conv.state_dict(opt.state_dict())))
+        optimizer = state_to_numpy(opt.state_dict())[0]
+        extra.update(optimizer_class=conv.optimizer, optimizer_hyperparameters=dict(conv.hyperparameters))
+    _convert_io.write_ckptfmt_stream(dst, plan, read, optimizer=optimizer, extra=extra, overwrite=overwrite,
+                                     progress=progress, metadata={"converted_by": "ckptfmt tf2torch", "source": report.source})
+
+
 def _write_torch(dst: str, weights: dict[str, np.ndarray], model: Any, conv: Any, report: ConversionReport) -> None:
-    suffix = Path(dst).suffix.lower()
     tmp = f"{dst}.tmp-{os.getpid()}"
-    if suffix == ".safetensors":
-        if conv is not None:
-            raise ConversionError("a .safetensors file holds weights only: pass --no-optimizer, or write a .pt file")
-        from safetensors.numpy import save_file
-
-        save_file(weights, tmp, metadata={"converted_by": "ckptfmt tf2torch"})
-        os.replace(tmp, dst)
-        return
-    if suffix not in (".pt", ".pth"):
-        raise ConversionError(f"cannot tell the torch checkpoint kind of {dst!r}: use a .pt/.pth or .safetensors name")
     torch = _torch()
-    from ckptfmt.adapters.torch import numpy_to_state
+    from ckptfmt.adapters.torch import numpy_to_state, numpy_to_tensor
 
-    state_dict = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    # Shares the arrays' memory (bfloat16/float8 through a bit view); nothing is copied.
+    state_dict = {k: numpy_to_tensor(v) for k, v in weights.items()}
     out: dict[str, Any] = {"model": state_dict}
     if conv is not None:
         model.load_state_dict(state_dict)
@@ -686,8 +717,16 @@ def _write_torch(dst: str, weights: dict[str, np.ndarray], model: Any, conv: Any
         out.update(optimizer=opt.state_dict(), optimizer_class=conv.optimizer,
                    optimizer_hyperparameters=dict(conv.hyperparameters))
     out["conversion_report"] = report.table()
-    torch.save(out, tmp)
-    os.replace(tmp, dst)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(out, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,8 +776,12 @@ def torch_to_tf(
     """Convert a torch checkpoint (model and optimizer) to a Keras 3 TF checkpoint.
 
     Args:
-        src: a ``.pt`` holding ``{"model": state_dict, "optimizer": state_dict, ...}`` (as
-            written by :func:`tf_to_torch`) or a bare state_dict; loaded with ``weights_only``.
+        src: a ``.pt``/``.pth``/``.bin`` file holding ``{"model": state_dict, "optimizer":
+            state_dict, ...}`` (as written by :func:`tf_to_torch`) or a bare state_dict,
+            loaded with ``weights_only``; a ``.safetensors`` file (weights only); or a
+            ckptfmt checkpoint directory (as :func:`tf_to_torch` or :func:`ckptfmt.torch.save`
+            write it, or a bare state_dict saved with :func:`ckptfmt.save`). Only a torch
+            file needs torch installed (and ``model_factory``, which builds a torch model).
         dst: the TF checkpoint prefix to write (``out/ckpt-1``; the ``checkpoint`` state file
             is updated so ``tf.train.latest_checkpoint(out)`` finds it).
         template: a TF checkpoint of the target Keras model (and optimizer, to carry its
@@ -752,25 +795,18 @@ def torch_to_tf(
 
     Raises:
         ConversionError / UnmappedKeyError: as for :func:`tf_to_torch`; also template keys the
-            torch checkpoint cannot fill (all listed).
+            torch checkpoint cannot fill (all listed), or a ``src`` of another kind.
+        CheckpointNotFoundError / FormatError: nothing at ``src``, or a damaged file (named).
 
     Example:
         >>> torch_to_tf("run.pt", "tf/ckpt-1", template="tf_template/ckpt-1",
         ...             model_factory="models.py:make")  # doctest: +SKIP
     """
-    _torch()  # FrameworkNotAvailableError naming the extra, before any work
-    from ckptfmt.adapters.torch import state_to_numpy, tensor_to_numpy
-    from ckptfmt.torch import load_torch_file
-
     src, dst = os.fspath(src), os.fspath(dst)
     mapping = _as_mapping(mapping)
     model, example = _make_model(model_factory)
-    ckpt = load_torch_file(src)  # weights_only; our errors name the file
-    if not isinstance(ckpt, dict):
-        raise ConversionError(f"{src}: expected a dict (a state_dict or {{'model': ..., 'optimizer': ...}}), got {type(ckpt).__name__}")
-    if "model" not in ckpt:
-        ckpt = {"model": ckpt}
-    weights = {k: tensor_to_numpy(v, k) for k, v in ckpt["model"].items()}
+    ckpt = _convert_io.read_torch_side(src)  # numpy only; our errors name the file
+    weights = ckpt["model"]
     with TFCheckpointReader(template) as reader:
         kc = read_keras_checkpoint(reader, infer_layers=mapping is None)
         plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()})
@@ -792,7 +828,7 @@ def torch_to_tf(
                 raise ConversionError(f"the template {template} holds no optimizer state to fill: save it with "
                                       "tf.train.Checkpoint(model=..., optimizer=...) after the optimizer is built, or pass --no-optimizer")
             opt_name = _torch_optimizer_name(ckpt, optimizer_class)
-            sd, _ = state_to_numpy(ckpt["optimizer"])
+            sd = ckpt["optimizer"]
             names = [n for n, _ in model.named_parameters()]
             sd = {"state": {int(i): s for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
             if iterations is None and "iterations" in ckpt:
