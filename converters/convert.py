@@ -36,6 +36,8 @@ __all__ = [
     "describe_checkpoint_layers",
     "read_keras_checkpoint",
     "preset_mapping",
+    "module_mapping",
+    "PRESETS",
     "load_factory",
     "tf_to_torch",
     "torch_to_tf",
@@ -57,10 +59,10 @@ from ckptfmt.errors import CheckpointExistsError, ConversionError, FrameworkNotA
 
 from . import _convert_io
 from .mapping.layers import LAYER_CONVERTERS, KerasLayer, KerasWeight, find_flatten_dense, layer_rules
-from .mapping.rules import Mapping, Plan, TensorSpec
+from .mapping.rules import Mapping, Plan, Rename, TensorSpec
 from .optim.convert import KERAS_SLOTS, KerasOptimizerState, keras_to_torch_optimizer, torch_to_keras_optimizer
 from .tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, write_checkpoint
-from .tf.object_graph import CheckpointObjectGraph, read_object_graph
+from .tf.object_graph import CheckpointObjectGraph, read_object_graph, split_object_path
 
 # Sub-objects of one Keras layer: their variables belong to the enclosing layer.
 _SUBOBJECTS = {
@@ -70,6 +72,15 @@ _SUBOBJECTS = {
 }
 # Keras 3 default optimizer names (the prefix of the variable names TF records).
 _DEFAULT_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
+# Built-in namings for conversions without --model or --map: Keras 3 and tf.keras 2 layers
+# (kinds inferred from the weights), or a plain tf.Module tree (object paths, values as is).
+PRESETS = ("keras", "tf-module")
+_KERAS2_ALIAS = re.compile(r"^layer(_with_weights)?-\d+$")
+# tf.keras 2 slot names -> Keras 3's (the update rules are the same).
+_SLOT_NAMES = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat", "rms": "velocity", "mg": "average_gradient"}
+_TF_KERAS_SLOT = re.compile(r"^(?P<optimizer>[^/]+)/(?P<slot>m|v|vhat|velocity|momentum|average_gradient)/(?P<variable>.+)$")
+# Hyperparameters tf.keras 2 legacy optimizers store as variables.
+_LEGACY_HYPER = {"beta_1", "beta_2", "decay", "momentum", "rho", "epsilon"}
 # Keras 3 defaults of the hyperparameters a TF checkpoint does not store.
 _KERAS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False},
@@ -95,6 +106,8 @@ class KerasCheckpoint:
         slots: ``{source key: {slot name: checkpoint key}}``.
         iterations_key / learning_rate_key: the optimizer's scalars (None without optimizer).
         optimizer_name: the name TF recorded for the optimizer (``"adam"``), if any.
+        hyperparameter_keys: ``{name: checkpoint key}`` of hyperparameters stored as variables
+            (tf.keras 2 legacy optimizers: ``beta_1``, ``momentum``, ``decay``...).
         other: checkpoint keys that are neither model nor optimizer (``save_counter``).
         graph: the object graph.
     """
@@ -110,6 +123,7 @@ class KerasCheckpoint:
     other: tuple[str, ...]
     graph: CheckpointObjectGraph = field(repr=False)
     problems: tuple[str, ...] = ()
+    hyperparameter_keys: dict[str, str] = field(default_factory=dict)
 
     def specs(self) -> dict[str, TensorSpec]:
         """``{source key: TensorSpec}`` of the model's variables."""
@@ -233,6 +247,7 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
     model_vars: dict[str, Any] = {}  # ckpt key -> info
     slot_keys: dict[str, dict[str, str]] = {}  # variable ckpt key -> {slot: ckpt key}
     iterations_key = lr_key = opt_name = None
+    hyper_keys: dict[str, str] = {}
     other: list[str] = []
     unknown_opt: list[str] = []
     for key in reader.keys():
@@ -244,21 +259,32 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
             continue
         segs = info.path.split("/")
         if info.slot is not None:
-            slot_keys.setdefault(info.slot.variable_key, {})[info.slot.slot_name] = key
+            slot_keys.setdefault(info.slot.variable_key, {})[_SLOT_NAMES.get(info.slot.slot_name, info.slot.slot_name)] = key
             opt_name = opt_name or (info.full_name.split("/")[0] if "/" in info.full_name else None)
         elif segs[0] == root:
             model_vars[key] = info
         elif segs[0] == optimizer_root:
             last = segs[-1].lstrip("_")
-            if last in ("iterations", "iteration"):
+            if last in ("iterations", "iteration", "iter"):
                 iterations_key = key
                 opt_name = info.full_name.split("/")[0] if "/" in info.full_name else opt_name
             elif last == "learning_rate":
                 lr_key = key
+            elif last in _LEGACY_HYPER:
+                hyper_keys[last] = key
             else:
                 unknown_opt.append(key)
         else:
             other.append(key)
+    # tf.keras 2 (tf_keras) optimizers keep slots in lists the object graph does not tie to
+    # variables; their names do: "{optimizer}/{slot}/{variable name}".
+    by_name = {i.full_name: k for k, i in model_vars.items() if i.full_name}
+    for key in list(unknown_opt):
+        m = _TF_KERAS_SLOT.match(infos[key].full_name)
+        if m and m["variable"] in by_name:
+            slot_keys.setdefault(by_name[m["variable"]], {})[_SLOT_NAMES.get(m["slot"], m["slot"])] = key
+            opt_name = opt_name or m["optimizer"]
+            unknown_opt.remove(key)
     # Source keys: the recorded Keras variable paths when they are unique, else object paths.
     names = [i.full_name for i in model_vars.values()]
     use_names = all(names) and len(set(names)) == len(names)
@@ -268,7 +294,7 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         groups.setdefault(_layer_node(info.path), []).append(key)
     layers: list[KerasLayer] = []
     taken: set[str] = set()
-    for node in sorted(groups, key=_natural):
+    for node in sorted(groups, key=lambda n: _tracking_order(graph, n)):
         keys = groups[node]
         weights = tuple(KerasWeight(source[k], tuple(reader.shape(k))) for k in keys)
         name = _layer_name(node, [(model_vars[k].path, model_vars[k].full_name) for k in keys], use_names)
@@ -288,10 +314,30 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         iterations_key=iterations_key,
         learning_rate_key=lr_key,
         optimizer_name=opt_name,
+        hyperparameter_keys=hyper_keys,
         other=tuple(other),
         graph=graph,
         problems=tuple(problems + [f"optimizer slots of {v} belong to no model variable" for v in slot_keys if v not in source]),
     )
+
+
+def _tracking_order(graph: CheckpointObjectGraph, path: str) -> tuple:
+    """Where a layer sits in the order its model tracked its children (creation order).
+
+    A subclassed Keras model's layers are attributes, so their paths sort by name; the
+    object graph keeps children in the order they were assigned, which is what a user wrote
+    (and usually runs). Falls back to the path's natural order.
+    """
+    nodes = graph.graph.nodes
+    node, key = 0, []
+    for seg in split_object_path(path):
+        children = nodes[node].children
+        idx = next((i for i, c in enumerate(children) if c.local_name == seg), None)
+        if idx is None:
+            return (1, _natural(path))
+        key.append(idx)
+        node = children[idx].node_id
+    return (0, tuple(key))
 
 
 def _layer_name(node: str, members: list[tuple[str, str]], use_names: bool) -> str:
@@ -397,6 +443,30 @@ def preset_mapping(layers: Sequence[KerasLayer]) -> Mapping:
         if layer.weights:
             mapping = mapping + layer_rules(layer, re.sub(r"[^0-9A-Za-z_]", "_", layer.name), flatten_from=flatten.get(layer.name))
     return mapping
+
+
+def module_mapping(kc: KerasCheckpoint, root: str = "model") -> Mapping:
+    """The ``tf-module`` preset: each variable's object path becomes its torch key, as is.
+
+    For checkpoints of plain ``tf.Module`` trees, whose variables have no Keras layer to say
+    how they are laid out: ``model/blocks/0/w`` -> ``blocks.0.w``, values unchanged (add
+    transposes in a mapping file where torch wants another layout).
+
+    Example:
+        >>> with TFCheckpointReader("fixtures/tf/tf_module") as r:
+        ...     kc = read_keras_checkpoint(r, infer_layers=False)
+        >>> sorted(module_mapping(kc).plan(kc.specs()).target_specs)[:2]
+        ['blocks.0.b', 'blocks.0.w']
+    """
+    rules = []
+    for source, ckey in kc.keys.items():
+        info = kc.graph.info(ckey)
+        # the attribute path a user wrote, not tf.keras's positional alias (layer_with_weights-0)
+        under = [a for a in info.aliases if a.startswith(root + "/")] or [info.path]
+        path = min(under, key=lambda a: sum(bool(_KERAS2_ALIAS.match(seg)) for seg in a.split("/")))
+        path = path[len(root) + 1:] if path.startswith(root + "/") else path
+        rules.append(Rename(source, path.replace("/", ".")))
+    return Mapping(tuple(rules), ("tf-module preset: object paths as torch keys, values unchanged (no layout transforms)",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,17 +586,25 @@ def _as_mapping(mapping: Mapping | str | os.PathLike[str] | None) -> Mapping | N
     return Mapping.load(mapping)
 
 
+def _preset(preset: str, model: Any) -> str:
+    if preset not in PRESETS:
+        raise ConversionError(f"unknown preset {preset!r}; the presets are {', '.join(PRESETS)}")
+    return "keras" if model is not None else preset  # a model is matched by layer kinds
+
+
 def _check_dst(dst: str, overwrite: bool) -> None:
     if not overwrite and (os.path.exists(dst) or os.path.exists(dst + ".index")):
         raise CheckpointExistsError(f"{dst} exists")
 
 
 def _plan(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None, strict: bool,
-          targets: dict[str, tuple[int, ...]] | None = None) -> tuple[Plan, tuple[str, ...]]:
+          targets: dict[str, tuple[int, ...]] | None = None, preset: str = "keras") -> tuple[Plan, tuple[str, ...]]:
     """The Keras -> torch plan of a checkpoint, with its notes."""
     sources = kc.specs()
     if model is not None:
         targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if mapping is None and _preset(preset, model) == "tf-module":
+        mapping = module_mapping(kc)
     if mapping is None:
         layers = list(kc.layers)
         if model is not None:
@@ -576,6 +654,7 @@ def tf_to_torch(
     optimizer_config: AbcMapping[str, Any] | None = None,
     strict: bool = True,
     overwrite: bool = False,
+    preset: str = "keras",
     progress: bool | None = None,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
@@ -604,6 +683,9 @@ def tf_to_torch(
             (``class_name``, ``beta_1``, ``epsilon``, ``momentum``, ``nesterov``...).
         strict: every source and target key must be mapped (errors list all of them).
         overwrite: replace ``dst``.
+        preset: the naming used without ``model_factory`` or ``mapping``: ``"keras"`` (Keras 3
+            and tf.keras 2 layers, kinds inferred from the weights) or ``"tf-module"`` (a plain
+            ``tf.Module`` tree: object paths become torch keys, values unchanged).
         progress: a progress bar over the bytes converted, on stderr (default: on a
             terminal, for conversions of 256 MiB or more).
 
@@ -622,8 +704,8 @@ def tf_to_torch(
     mapping = _as_mapping(mapping)
     model, example = _make_model(model_factory)
     with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None)
-        plan, notes = _plan(kc, model, example, mapping, strict)
+        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
+        plan, notes = _plan(kc, model, example, mapping, strict, preset=preset)
         used = set(kc.keys.values())
         has_opt = bool(kc.slots) or kc.iterations_key is not None
         conv = None
@@ -637,11 +719,18 @@ def tf_to_torch(
                                       "pass --model pkg.module:factory, or --no-optimizer for weights only")
             cfg = dict(optimizer_config or {})
             cls = _optimizer_class(kc, cfg)
-            config = {**_KERAS_DEFAULTS[cls], **{k: v for k, v in cfg.items() if k != "class_name"}}
-            assumed = sorted(k for k in _KERAS_DEFAULTS[cls] if k not in cfg)
-            lr = float(np.asarray(reader.get(kc.learning_rate_key))) if kc.learning_rate_key else config.get("learning_rate", 0.001)
-            config["learning_rate"] = config.get("learning_rate", lr)
             iterations = int(np.asarray(reader.get(kc.iterations_key))) if kc.iterations_key else 0
+            # tf.keras 2 legacy optimizers store their hyperparameters: they beat the defaults
+            stored = {k: float(np.asarray(reader.get(key))) for k, key in kc.hyperparameter_keys.items()}
+            decay = stored.pop("decay", 0.0)
+            config = {**_KERAS_DEFAULTS[cls], **stored, **{k: v for k, v in cfg.items() if k != "class_name"}}
+            assumed = sorted(k for k in _KERAS_DEFAULTS[cls] if k not in cfg and k not in stored)
+            lr = float(np.asarray(reader.get(kc.learning_rate_key))) if kc.learning_rate_key else config.get("learning_rate", 0.001)
+            if decay and "learning_rate" not in cfg:
+                lr = lr / (1 + decay * iterations)
+                notes = notes + (f"optimizer: the legacy time-based decay={decay:g} (lr / (1 + decay*t)) has no torch optimizer "
+                                 f"option: learning_rate is its value at t={iterations}, {lr:g}; continue the decay with a LambdaLR",)
+            config["learning_rate"] = config.get("learning_rate", lr)
             slot_values = {} if dry_run else {v: {s: reader.get(k) for s, k in d.items()} for v, d in kc.slots.items()}
             if dry_run:  # shapes only: zero slots in the right layout
                 slot_values = {v: {s: np.zeros(kc.shapes[v], np.float32) for s in d} for v, d in kc.slots.items()}
@@ -650,9 +739,10 @@ def tf_to_torch(
             conv = keras_to_torch_optimizer(state, plan, names, exact=exact_optimizer)
             notes = notes + (f"optimizer: Keras {cls} (named {kc.optimizer_name!r} in the checkpoint), iterations={iterations}, "
                              f"learning_rate={config['learning_rate']:g} read from the checkpoint"
+                             + (f"; stored: {', '.join(f'{k}={v:g}' for k, v in stored.items())}" if stored else "")
                              + (f"; not stored, assumed Keras defaults: {', '.join(f'{k}={config[k]!r}' for k in assumed)}" if assumed else ""),)
             used |= {k for d in kc.slots.values() for k in d.values()}
-            used |= {k for k in (kc.iterations_key, kc.learning_rate_key) if k}
+            used |= {k for k in (kc.iterations_key, kc.learning_rate_key, *kc.hyperparameter_keys.values()) if k}
         unused = tuple(k for k in reader.keys() if k not in used and k != OBJECT_GRAPH_KEY)
         report = ConversionReport(
             "tf2torch", src, dst, plan, {s: kc.keys[s] for e in plan.entries for s in e.sources},
@@ -772,6 +862,7 @@ def torch_to_tf(
     optimizer_class: str | None = None,
     iterations: int | None = None,
     overwrite: bool = False,
+    preset: str = "keras",
 ) -> ConversionReport:
     """Convert a torch checkpoint (model and optimizer) to a Keras 3 TF checkpoint.
 
@@ -792,6 +883,7 @@ def torch_to_tf(
         optimizer_class: the torch optimizer class when ``src`` does not say
             (``"SGD"``, ``"Adam"``, ``"KerasAdam"``...).
         iterations: the Keras iteration count when torch keeps none (stock SGD).
+        preset: as for :func:`tf_to_torch`.
 
     Raises:
         ConversionError / UnmappedKeyError: as for :func:`tf_to_torch`; also template keys the
@@ -808,8 +900,8 @@ def torch_to_tf(
     ckpt = _convert_io.read_torch_side(src)  # numpy only; our errors name the file
     weights = ckpt["model"]
     with TFCheckpointReader(template) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None)
-        plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()})
+        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
+        plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()}, preset=preset)
         back = plan.inverse()
         out_keys: dict[str, Any] = {}
         unused = tuple(k for k in weights if not any(k in e.sources for e in back.entries))
