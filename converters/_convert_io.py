@@ -40,7 +40,9 @@ __all__ = [
 
 import os
 import sys
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -61,6 +63,9 @@ TORCH_LAYOUT = 1
 SAFETENSORS_METADATA = {"format": "pt", "converted_by": "ckptfmt tf2torch"}
 
 Reader = Callable[[str], np.ndarray]
+
+#: Bytes converted ahead of the writer thread (beyond the array being written).
+_WRITE_AHEAD = 64 << 20
 
 
 # ----------------------------------------------------------------------- destinations
@@ -206,13 +211,27 @@ def write_safetensors_stream(dst: str, plan: Plan, read: Reader, *, metadata: di
     handle = storage.open_write(tmp, durable=True)
     try:
         handle.write(head)
-        for e in plan.entries:
-            outs = _run_entry(e, read)
-            for key, arr in zip(e.targets, outs):
-                arr = _checked(key, arr, infos[key])
-                handle.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                bar.update(arr.nbytes)
-            del outs, arr  # the entry's arrays go before the next entry is read
+        # One thread writes while this one reads and transposes the next entry (numpy's
+        # copies, preadv, CRC32C and write all release the GIL); at most _WRITE_AHEAD bytes
+        # (or one array) wait for the writer, so memory stays about one entry.
+        pending: deque[tuple[Future, int]] = deque()
+        waiting = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="ckptfmt-convert-write") as writer:
+            for e in plan.entries:
+                for key, arr in zip(e.targets, _run_entry(e, read)):
+                    arr = _checked(key, arr, infos[key])
+                    pending.append((writer.submit(handle.write, memoryview(arr.reshape(-1).view(np.uint8))), arr.nbytes))
+                    waiting += arr.nbytes
+                    while len(pending) > 1 and waiting > _WRITE_AHEAD:
+                        fut, n = pending.popleft()
+                        fut.result()
+                        waiting -= n
+                        bar.update(n)
+                arr = None  # the entry's arrays are held only by the writes still waiting
+            while pending:
+                fut, n = pending.popleft()
+                fut.result()
+                bar.update(n)
         if handle.tell() != len(head) + size:  # pragma: no cover - guarded by _checked
             raise ConversionError(f"{dst}: wrote {handle.tell()} bytes, the header promised {len(head) + size}")
         handle.close(sync=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ckptfmt.converters import _convert_io
 from ckptfmt.converters.convert import tf_to_torch, torch_to_tf
-from ckptfmt.converters.mapping import Cast, Convert, Mapping, Rename, Split, Transpose
+from ckptfmt.converters.mapping import Cast, Convert, Discard, Mapping, Rename, Split, Transpose
 from ckptfmt.converters.tf import (
     TFCheckpointReader,
     build_object_graph,
@@ -90,9 +90,9 @@ def test_stream_writer_entry_by_entry_with_split_cast_and_bfloat16(tmp_path):
     from ckptfmt.converters._safetensors import SafetensorsSource
 
     src = {"k": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.arange(3, dtype=np.float32).astype(ml_dtypes.bfloat16),
-           "s": np.array(3, np.int64)}
+           "d": np.ones(2, np.float32), "s": np.array(3, np.int64)}
     m = Mapping((Convert(("k",), ("a.w", "b.w"), (Transpose((1, 0)), Split(0, (2, 4)))),
-                 Convert(("b",), ("c",), (Cast("float32"),)), Rename("b", "unused"), Rename("s", "step")))
+                 Convert(("b",), ("c",), (Cast("float32"),)), Convert(("d",), (), (Discard(),)), Rename("s", "step")))
     plan = m.plan(src, strict=False)
     reads: list[str] = []
 
@@ -103,7 +103,7 @@ def test_stream_writer_entry_by_entry_with_split_cast_and_bfloat16(tmp_path):
     out = str(tmp_path / "o.safetensors")
     size = _convert_io.write_safetensors_stream(out, plan, read)
     assert size == os.path.getsize(out)
-    assert reads == ["k", "b", "s"]  # each source once, entry by entry
+    assert reads == ["k", "b", "d", "s"]  # each source once, entry by entry
     with SafetensorsSource(out) as s:
         want = plan.apply(src)
         assert sorted(s.keys()) == sorted(want)
