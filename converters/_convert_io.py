@@ -195,7 +195,7 @@ def write_safetensors_stream(dst: str, plan: Plan, read: Reader, *, metadata: di
         >>> plan = Mapping((Convert(("k",), ("w",), (Transpose((1, 0)),)),)).plan(a)
         >>> import tempfile; p = os.path.join(tempfile.mkdtemp(), "w.safetensors")
         >>> write_safetensors_stream(p, plan, a.__getitem__)
-        104
+        96
     """
     from ckptfmt.storage.local import LocalStorage
 

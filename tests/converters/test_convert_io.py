@@ -270,3 +270,14 @@ def test_torch_layout_version_matches_the_adapter():
     from ckptfmt.adapters.torch import LAYOUT_VERSION
 
     assert _convert_io.TORCH_LAYOUT == LAYOUT_VERSION
+
+
+def test_docstring_examples(tmp_path, monkeypatch):
+    import doctest
+
+    from ckptfmt.converters import _safetensors
+
+    monkeypatch.chdir(tmp_path)
+    for mod in (_convert_io, _safetensors):
+        result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, mod.__name__
