@@ -335,7 +335,7 @@ def read_torch_side(src: str) -> dict[str, Any]:
         from ._safetensors import SafetensorsSource
 
         with SafetensorsSource(src) as s:
-            return {"model": {k: s.get(k) for k in s.keys()}}
+            return {"model": {k: s.get(k) for k in s.keys()}}  # noqa: SIM118 - a Source, not a dict
     if kind == "ckptfmt":
         return _read_ckptfmt(src)
     raise ConversionError(f"{src} is a {kind} checkpoint; torch2tf reads a .pt/.pth/.bin torch file, a .safetensors "
