@@ -40,6 +40,9 @@ def _shared(fn: Any) -> Any:
                      help="Torch model factory (pkg.module:fn or file.py:fn); layers are matched by type and shape."),
         click.option("--map", "mapping", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="JSON mapping file (ckptfmt.converters.mapping); source keys are Keras variable paths."),
+        click.option("--preset", type=click.Choice(_convert.PRESETS), default="keras", show_default=True,
+                     help="Naming without --model/--map: keras (Keras 3 and tf.keras 2 layers) or tf-module "
+                          "(object paths as torch keys, values as is)."),
         click.option("--no-optimizer", is_flag=True, help="Convert the weights only."),
         click.option("--dry-run", is_flag=True, help="Print the mapping table and unused keys; write nothing."),
         click.option("--overwrite", "-f", is_flag=True, help="Replace DST if it exists."),
@@ -67,9 +70,9 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 @click.option("--exact-optimizer", is_flag=True, help="Target KerasAdam/KerasSGD/KerasRMSprop (identical updates) instead of stock torch.")
 @click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for 256 MiB or more).")
-def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, no_optimizer: bool, dry_run: bool,
+def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, no_optimizer: bool, dry_run: bool,
              overwrite: bool, exact_optimizer: bool, optimizer_config: str | None, progress: bool | None) -> None:
-    """Convert a Keras 3 TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
+    """Convert a Keras (3 or tf.keras 2) TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
 
     \b
     DST is chosen by its name:
@@ -86,7 +89,7 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, no_opti
     """
     report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
                                   exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
-                                  progress=progress)
+                                  progress=progress, preset=preset)
     _done(report, dry_run)
 
 
@@ -98,9 +101,9 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, no_opti
 @_shared
 @click.option("--optimizer-class", default=None, help="The torch optimizer class when SRC does not record it (SGD, Adam, KerasAdam...).")
 @click.option("--iterations", type=int, default=None, help="Keras iteration count when torch keeps none (stock SGD).")
-def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, no_optimizer: bool, dry_run: bool,
-             overwrite: bool, optimizer_class: str | None, iterations: int | None) -> None:
-    """Convert a torch checkpoint SRC (model + optimizer) to a Keras 3 TF checkpoint prefix DST.
+def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, preset: str, no_optimizer: bool,
+             dry_run: bool, overwrite: bool, optimizer_class: str | None, iterations: int | None) -> None:
+    """Convert a torch checkpoint SRC (model + optimizer) to a Keras TF checkpoint prefix DST.
 
     \b
     SRC is one of:
@@ -113,5 +116,6 @@ def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str 
       ckptfmt convert torch2tf resumed.pt out/ckpt-1 --template runs/ckpt-3 --model models.py:make_torch_model
     """
     report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
-                                  dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite)
+                                  dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
+                                  preset=preset)
     _done(report, dry_run)

@@ -123,10 +123,7 @@ def check_output(dst: str, kind: str, overwrite: bool, *, optimizer: bool = Fals
 
 def _run_entry(entry: Entry, read: Reader) -> tuple[np.ndarray, ...]:
     sources = tuple(read(k) for k in entry.sources)
-    outs = entry.run(sources)
-    # Entry.run's np.ascontiguousarray turns 0-d results (num_batches_tracked) into 1-d;
-    # give them back the shape the plan promised.
-    return tuple(a.reshape(()) if a.shape == (1,) and spec.shape == () else a for a, spec in zip(outs, entry.target_specs))
+    return entry.run(sources)
 
 
 def _spec_dtype(key: str, spec: TensorSpec) -> np.dtype:

@@ -544,7 +544,8 @@ class Entry:
         """
         for op in self.ops:
             arrays = (op.for_slots() if slots else op).apply(arrays)
-        return tuple(np.ascontiguousarray(a) for a in arrays)
+        # (np.ascontiguousarray would give a 0-d result, e.g. num_batches_tracked, shape (1,))
+        return tuple(np.ascontiguousarray(a) if np.ndim(a) else np.asarray(a) for a in arrays)
 
     def inverse(self) -> Entry:
         """The entry that maps this entry's targets back to its sources."""

@@ -17,6 +17,7 @@ from ckptfmt.converters.tf import build_object_graph, write_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fixtures" / "examples" / "cnn_adam"
 MODELS = str(ROOT / "fixtures" / "examples" / "models.py")
+FIX = ROOT / "fixtures" / "tf"
 
 
 @pytest.fixture(autouse=True)
@@ -183,3 +184,20 @@ def test_torch2tf_bad_source_is_one_clear_error(tmp_path):
                                       "--template", "fixtures/examples/cnn_adam", "--model", "fixtures/examples/models.py:cnn"])
         assert r.exit_code == code, r.output
         assert str(src) in r.output and "Traceback" not in r.output
+
+
+def test_tf_module_preset_via_cli(tmp_path):
+    r = run("tf2torch", FIX / "tf_module", tmp_path / "m.safetensors", "--preset", "tf-module", "--no-optimizer")
+    assert r.exit_code == 0, r.output
+    from safetensors.numpy import load_file
+
+    assert "blocks.1.w" in load_file(tmp_path / "m.safetensors")
+    r = run("tf2torch", FIX / "tf_module", tmp_path / "x.safetensors", "--preset", "nope")
+    assert r.exit_code == 2 and "nope" in r.output  # click's usage error lists the choices
+
+
+def test_tf_keras2_checkpoint_dry_run_plans_its_optimizer(tmp_path):
+    r = run("tf2torch", FIX / "tfkeras2_cnn_adam", tmp_path / "o.pt", "--model", MODELS + ":cnn", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "stem.weight" in r.output and "optimizer: torch.optim.Adam" in r.output
+    assert "unused source keys (1)" in r.output  # save_counter only: every slot was placed

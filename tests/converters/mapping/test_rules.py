@@ -209,3 +209,12 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_scalar_targets_keep_their_shape():
+    from ckptfmt.converters.mapping import Mapping
+    from ckptfmt.converters.mapping.rules import Convert, Fill
+
+    plan = Mapping((Convert((), ("bn.num_batches_tracked",), (Fill((), "int64", 0),)),)).plan({})
+    out = plan.apply({})
+    assert out["bn.num_batches_tracked"].shape == () and out["bn.num_batches_tracked"].dtype == np.int64
