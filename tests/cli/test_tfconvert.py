@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,15 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fixtures" / "examples" / "cnn_adam"
 MODELS = str(ROOT / "fixtures" / "examples" / "models.py")
 FIX = ROOT / "fixtures" / "tf"
-
-
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    # tests/cli/test_main.py swaps in and then deletes a "tf2torch" entry; restore ours.
-    from ckptfmt.cli import main as cli
-
-    monkeypatch.setitem(cli.CONVERT_COMMANDS, "tf2torch", "ckptfmt.cli.tfconvert:tf2torch")
-    monkeypatch.setitem(cli.CONVERT_COMMANDS, "torch2tf", "ckptfmt.cli.tfconvert:torch2tf")
 
 
 def run(*args):

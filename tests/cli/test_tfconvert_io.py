@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from ckptfmt.cli.main import main
 from ckptfmt.converters.tf import TFCheckpointReader
 from click.testing import CliRunner
@@ -17,15 +16,6 @@ import ckptfmt
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fixtures" / "examples" / "cnn_adam"
 MODELS = str(ROOT / "fixtures" / "examples" / "models.py")
-
-
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    # tests/cli/test_main.py swaps in and then deletes a "tf2torch" entry; restore ours.
-    from ckptfmt.cli import main as cli
-
-    monkeypatch.setitem(cli.CONVERT_COMMANDS, "tf2torch", "ckptfmt.cli.tfconvert:tf2torch")
-    monkeypatch.setitem(cli.CONVERT_COMMANDS, "torch2tf", "ckptfmt.cli.tfconvert:torch2tf")
 
 
 def run(*args):
