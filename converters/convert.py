@@ -216,7 +216,9 @@ def _rnn_kind(name: str, kernel: tuple[int, ...], units: int, bias: tuple[int, .
     if kernel[-1] == 4 * units:
         return "LSTM", {}
     if kernel[-1] == 3 * units:
-        return "GRU", {"reset_after": bias is None or len(bias) == 2}
+        if bias is None:  # nothing stored tells; Keras's default
+            return "GRU", {"reset_after": True, "assumed": ("reset_after",)}
+        return "GRU", {"reset_after": len(bias) == 2}
     raise ConversionError(
         f"recurrent layer {name!r}: kernel {kernel} for {units} units is neither an LSTM (4 gates) nor a GRU (3 gates); "
         "write its rules in a mapping file and pass it with --map"

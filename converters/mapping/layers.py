@@ -301,7 +301,14 @@ def _lstm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
 
 
 def _gru(layer: KerasLayer, p: str, **_: Any) -> Mapping:
-    return Mapping(tuple(_rnn_rules(layer, "GRU", layer.config, p)), _RNN_NOTES["GRU"](layer.name))
+    return Mapping(tuple(_rnn_rules(layer, "GRU", layer.config, p)), _RNN_NOTES["GRU"](layer.name) + _assumed(layer.name, layer.config))
+
+
+def _assumed(name: str, config: dict[str, Any]) -> tuple[str, ...]:
+    if "reset_after" in config.get("assumed", ()):
+        return (f"ASSUMED {name}: reset_after=True (a GRU without bias stores nothing that tells; "
+                "with reset_after=False torch's GRU computes a different function)",)
+    return ()
 
 
 _RNN_NOTES = {
@@ -320,7 +327,7 @@ def _bidirectional(layer: KerasLayer, p: str, **_: Any) -> Mapping:
         raise ConversionError(f"Bidirectional {layer.name!r} wraps a {cls}; only LSTM and GRU have torch equivalents")
     inner_config = inner.get("config", {}) if isinstance(inner, dict) else {}
     rules = _rnn_rules(layer, cls, inner_config, p, "forward/") + _rnn_rules(layer, cls, inner_config, p, "backward/", "_reverse")
-    notes = _RNN_NOTES[cls](layer.name)
+    notes = _RNN_NOTES[cls](layer.name) + _assumed(layer.name, inner_config)
     merge = layer.config.get("merge_mode", "concat")
     if merge != "concat":
         notes += (f"{layer.name}: merge_mode={merge!r}; torch concatenates the two directions, combine them yourself",)

@@ -573,3 +573,13 @@ def test_subclassed_keras_model_layers_keep_their_creation_order(tf, torch, tmp_
     model.load_state_dict(_load(torch, tmp_path / "t.pt")["model"])
     with torch.no_grad():
         np.testing.assert_allclose(model(torch.from_numpy(x)).numpy(), want, atol=1e-5, rtol=0)
+
+
+def test_gru_without_bias_reports_the_assumed_reset_after(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = {"model/gru/cell/kernel/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal((3, 6)).astype(np.float32),
+            "model/gru/cell/recurrent_kernel/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal((2, 6)).astype(np.float32)}
+    write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
+    r = tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", dry_run=True)
+    assert r.plan.target_specs["gru.weight_ih_l0"].shape == (6, 3)
+    assert any(n.startswith("ASSUMED") and "reset_after=True" in n for n in r.notes)
