@@ -309,21 +309,37 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance.")
 @click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance (relative to B).")
+@click.option("--tf2torch", "through", is_flag=True,
+              help="A is a TF checkpoint: compare its weights as `convert tf2torch` converts them (with --model/--map/--preset).")
+@click.option("--model", default=None, metavar="MODULE:FACTORY", help="With --tf2torch: the torch model factory.")
+@click.option("--map", "mapping", type=click.Path(exists=True, dir_okay=False), default=None, help="With --tf2torch: a mapping file.")
+@click.option("--preset", default="keras", show_default=True, help="With --tf2torch: keras or tf-module.")
 @click.pass_context
-def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: float) -> None:
+def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: float, through: bool,
+         model: str | None, mapping: str | None, preset: str) -> None:
     """Compare the tensors of two checkpoints, of the same kind or not.
 
     Lists tensors only in A (-), only in B (+) and changed (~: dtype, shape, max abs and
     max relative difference). A tensor is changed when its dtype or shape differs or some
     element fails |a - b| <= atol + rtol * |b|; by default any difference counts.
+    With --tf2torch, A is a TF checkpoint converted on the fly (nothing written) and only
+    B's model weights are compared: check a conversion, or how far a resumed run moved.
     Exits 0 when identical, 1 when different, 3 when an input cannot be read.
 
     \b
     Example:
       ckptfmt diff runs/ckpt-100 export/model.safetensors
       ckptfmt diff a.pt b.pt --atol 1e-6 --json
+      ckptfmt diff --tf2torch runs/ckpt-3 resumed.pt --model models.py:make --atol 1e-5
     """
-    r = kinds.diff_any(a, b, atol=atol, rtol=rtol)
+    if not through and (model or mapping or preset != "keras"):
+        raise click.UsageError("--model, --map and --preset need --tf2torch")
+    if through:
+        from ckptfmt.converters.convert import diff_converted
+
+        r = diff_converted(a, b, model_factory=model, mapping=mapping, preset=preset, atol=atol, rtol=rtol)
+    else:
+        r = kinds.diff_any(a, b, atol=atol, rtol=rtol)
     if as_json:
         _echo_json(r.to_dict())
     else:

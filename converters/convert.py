@@ -41,8 +41,10 @@ __all__ = [
     "load_factory",
     "tf_to_torch",
     "torch_to_tf",
+    "diff_converted",
 ]
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -55,9 +57,16 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt.errors import CheckpointExistsError, ConversionError, FrameworkNotAvailableError, UnmappedKeyError
+from ckptfmt.errors import (
+    CheckpointExistsError,
+    ConversionError,
+    FrameworkNotAvailableError,
+    TensorNotFoundError,
+    UnmappedKeyError,
+)
 
 from . import _convert_io
+from .kinds import DiffReport, Source, TensorInfo, diff_sources, open_any
 from .mapping.layers import LAYER_CONVERTERS, KerasLayer, KerasWeight, find_flatten_dense, layer_rules
 from .mapping.rules import Mapping, Plan, Rename, TensorSpec
 from .optim.convert import KERAS_SLOTS, KerasOptimizerState, keras_to_torch_optimizer, torch_to_keras_optimizer
@@ -971,4 +980,98 @@ def torch_to_tf(
         graph = reader.get(OBJECT_GRAPH_KEY).item()
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     write_checkpoint(dst, tensors, object_graph=graph, update_state=True)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing a TF checkpoint with torch weights, through a conversion
+
+
+class _ConvertedSource(Source):
+    """A TF checkpoint seen through a tf2torch plan: the torch tensors it converts to.
+
+    Tensors are computed one plan entry at a time, when asked for.
+    """
+
+    kind = "tf2torch"
+
+    def __init__(self, path: str, reader: TFCheckpointReader, keys: dict[str, str], plan: Plan, prefix: str = "") -> None:
+        super().__init__(path)
+        self._reader, self._keys = reader, keys
+        self._where = {prefix + t: (e, i) for e in plan.entries for i, t in enumerate(e.targets)}
+        self._last: tuple[Any, tuple[np.ndarray, ...]] = (None, ())
+
+    def _entry(self, name: str) -> tuple[Any, int]:
+        if name not in self._where:
+            raise TensorNotFoundError(f"{self.path}: the conversion makes no tensor {name!r}")
+        return self._where[name]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        entry, i = self._entry(name)
+        return _convert_io._info(name, entry.target_specs[i])
+
+    def get(self, name: str) -> np.ndarray:
+        entry, i = self._entry(name)
+        if self._last[0] is not entry:
+            self._last = (entry, entry.run(tuple(self._reader.get(self._keys[s]) for s in entry.sources)))
+        return self._last[1][i]
+
+    @classmethod
+    def verify(cls, path: str, *, progress: bool | None = None) -> Any:
+        raise ConversionError(f"{path}: verify the TF checkpoint itself (ckptfmt verify), not its conversion")
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def diff_converted(
+    src: str | os.PathLike[str],
+    other: str | os.PathLike[str],
+    *,
+    model_factory: str | Callable[[], Any] | None = None,
+    mapping: Mapping | str | os.PathLike[str] | None = None,
+    preset: str = "keras",
+    atol: float = 0.0,
+    rtol: float = 0.0,
+) -> DiffReport:
+    """Compare a TF checkpoint's weights, converted as :func:`tf_to_torch` would, with torch weights.
+
+    ``other`` is any checkpoint :func:`ckptfmt.converters.kinds.open_any` reads (``.pt``,
+    ``.safetensors``, a ckptfmt directory). When its weights sit under ``model/`` (a ``.pt``
+    or ckptfmt directory written by ``tf2torch``), only those are compared; the optimizer
+    state is not. Nothing is written; one plan entry is in memory at a time.
+
+    Use it to check a conversion, or how far a resumed torch run moved from the TF run.
+
+    Args:
+        src: the TF checkpoint (the converted side, ``a`` of the report).
+        other: the torch-side checkpoint (``b``, the reference for relative differences).
+        model_factory / mapping / preset: as for :func:`tf_to_torch`.
+        atol, rtol: tolerances, as for :func:`ckptfmt.converters.kinds.diff_any`.
+
+    Example:
+        >>> r = diff_converted("runs/ckpt-3", "resumed.pt", model_factory="models.py:make")  # doctest: +SKIP
+        >>> r.identical, [c.name for c in r.changed]  # doctest: +SKIP
+        (False, ['model/fc.weight'])
+    """
+    src, other = os.fspath(src), os.fspath(other)
+    mapping = _as_mapping(mapping)
+    model, example = _make_model(model_factory)
+    reader = TFCheckpointReader(src)
+    try:
+        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
+        plan, _ = _plan(kc, model, example, mapping, True, preset=preset)
+        with open_any(other) as sb:
+            names = set(sb.keys())
+            targets = list(plan.target_specs)
+            prefix = "model/" if not names.intersection(targets) and any(f"model/{t}" in names for t in targets) else ""
+            with _ConvertedSource(src, reader, kc.keys, plan, prefix) as sa:
+                report = diff_sources(sa, sb, atol=atol, rtol=rtol)
+    finally:
+        reader.close()
+    if prefix:  # the optimizer state and metadata beside the weights are not compared
+        report = dataclasses.replace(report, added=tuple(t for t in report.added if t.name.startswith(prefix)))
     return report

@@ -55,6 +55,7 @@ __all__ = [
     "inspect_any",
     "verify_any",
     "diff_any",
+    "diff_sources",
     "convert",
     "nest",
     "onnx_import",
@@ -716,28 +717,44 @@ def diff_any(
         >>> r.identical, [c.name for c in r.changed]  # doctest: +SKIP
         (False, ['head.weight'])
     """
+    _check_tolerances(atol, rtol)
+    with open_any(a, kind=kind_a) as sa, open_any(b, kind=kind_b) as sb:
+        return diff_sources(sa, sb, atol=atol, rtol=rtol)
+
+
+def _check_tolerances(atol: float, rtol: float) -> None:
     if atol < 0 or rtol < 0:
         raise ValueError(f"tolerances must be non-negative, got atol={atol}, rtol={rtol}")
-    with open_any(a, kind=kind_a) as sa, open_any(b, kind=kind_b) as sb:
-        ka, kb = sa.keys(), sb.keys()
-        set_a, set_b = set(ka), set(kb)
-        removed = tuple(sa.info(n) for n in ka if n not in set_b)
-        added = tuple(sb.info(n) for n in kb if n not in set_a)
-        changed: list[TensorDiff] = []
-        unchanged = 0
-        for name in ka:
-            if name not in set_b:
-                continue
-            ia, ib = sa.info(name), sb.info(name)
-            if ia.shape != ib.shape:
-                changed.append(TensorDiff(name, ia.dtype, ib.dtype, ia.shape, ib.shape, None, None))
-                continue
-            close, max_abs, max_rel = _compare(sa.get(name), sb.get(name), atol, rtol)
-            if close and ia.dtype == ib.dtype:
-                unchanged += 1
-            else:
-                changed.append(TensorDiff(name, ia.dtype, ib.dtype, ia.shape, ib.shape, max_abs, max_rel))
-        return DiffReport(sa.path, sb.path, sa.kind, sb.kind, atol, rtol, added, removed, tuple(changed), unchanged)
+
+
+def diff_sources(sa: Source, sb: Source, *, atol: float = 0.0, rtol: float = 0.0) -> DiffReport:
+    """:func:`diff_any` of two open sources (``sb`` is the reference).
+
+    Example:
+        >>> with open_any("a.safetensors") as sa, open_any("b.pt") as sb:  # doctest: +SKIP
+        ...     diff_sources(sa, sb, atol=1e-6).identical
+        True
+    """
+    _check_tolerances(atol, rtol)
+    ka, kb = sa.keys(), sb.keys()
+    set_a, set_b = set(ka), set(kb)
+    removed = tuple(sa.info(n) for n in ka if n not in set_b)
+    added = tuple(sb.info(n) for n in kb if n not in set_a)
+    changed: list[TensorDiff] = []
+    unchanged = 0
+    for name in ka:
+        if name not in set_b:
+            continue
+        ia, ib = sa.info(name), sb.info(name)
+        if ia.shape != ib.shape:
+            changed.append(TensorDiff(name, ia.dtype, ib.dtype, ia.shape, ib.shape, None, None))
+            continue
+        close, max_abs, max_rel = _compare(sa.get(name), sb.get(name), atol, rtol)
+        if close and ia.dtype == ib.dtype:
+            unchanged += 1
+        else:
+            changed.append(TensorDiff(name, ia.dtype, ib.dtype, ia.shape, ib.shape, max_abs, max_rel))
+    return DiffReport(sa.path, sb.path, sa.kind, sb.kind, atol, rtol, added, removed, tuple(changed), unchanged)
 
 
 # --------------------------------------------------------------------------- convert

@@ -191,3 +191,15 @@ def test_tf_keras2_checkpoint_dry_run_plans_its_optimizer(tmp_path):
     assert r.exit_code == 0, r.output
     assert "stem.weight" in r.output and "optimizer: torch.optim.Adam" in r.output
     assert "unused source keys (1)" in r.output  # save_counter only: every slot was placed
+
+
+def test_diff_through_tf2torch(tmp_path):
+    from ckptfmt.cli.main import main as cli_main
+
+    assert run("tf2torch", EXAMPLE, tmp_path / "w.safetensors", "--no-optimizer").exit_code == 0
+    r = CliRunner().invoke(cli_main, ["diff", "--tf2torch", str(EXAMPLE), str(tmp_path / "w.safetensors")])
+    assert r.exit_code == 0 and "identical: 9 same" in r.output, r.output
+    r = CliRunner().invoke(cli_main, ["diff", str(EXAMPLE), str(tmp_path / "w.safetensors"), "--json"])
+    assert r.exit_code == 1  # without --tf2torch the names differ
+    r = CliRunner().invoke(cli_main, ["diff", str(EXAMPLE), str(tmp_path / "w.safetensors"), "--model", MODELS + ":cnn"])
+    assert r.exit_code == 2 and "--tf2torch" in r.output

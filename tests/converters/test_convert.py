@@ -583,3 +583,22 @@ def test_gru_without_bias_reports_the_assumed_reset_after(tmp_path):
     r = tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", dry_run=True)
     assert r.plan.target_specs["gru.weight_ih_l0"].shape == (6, 3)
     assert any(n.startswith("ASSUMED") and "reset_after=True" in n for n in r.notes)
+
+
+@pytest.mark.torch
+def test_diff_converted_compares_through_the_plan(torch, tmp_path):
+    from ckptfmt.converters.convert import diff_converted
+
+    example = ROOT / "fixtures" / "examples" / "cnn_adam"
+    out = tmp_path / "c.pt"
+    tf_to_torch(example, out, model_factory=MODELS + ":cnn")
+    r = diff_converted(example, out, model_factory=MODELS + ":cnn")
+    assert r.identical and r.unchanged == 9  # the weights under model/; the optimizer state is not compared
+    ck = _load(torch, out)
+    ck["model"]["classifier.weight"][0, 5] += 0.5  # one element of the permuted Dense kernel
+    torch.save(ck, out)
+    r = diff_converted(example, out, model_factory=MODELS + ":cnn", atol=1e-6)
+    assert [c.name for c in r.changed] == ["model/classifier.weight"] and r.changed[0].max_abs == pytest.approx(0.5)
+    # a weights-only file, through the preset
+    tf_to_torch(example, tmp_path / "w.safetensors", optimizer=False)
+    assert diff_converted(example, tmp_path / "w.safetensors").identical
