@@ -194,6 +194,9 @@ def main(debug: bool) -> None:
     """
 
 
+_META_CHARS = 200
+
+
 @main.command("inspect", context_settings=_CONTEXT)
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -216,6 +219,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         _echo_json(d)
         return
     meta = "-" if s.metadata is None else json.dumps(s.to_dict()["metadata"], sort_keys=True)
+    if len(meta) > _META_CHARS:  # e.g. a conversion report: one screen line, --json has it all
+        meta = f"{meta[:_META_CHARS]}... ({len(meta)} characters; --json shows all)"
     for label, value in (("path", s.path), ("kind", s.kind), ("version", s.version or "-"), ("digest", s.digest or "-"),
                          ("tensors", f"{s.count} ({_size(s.nbytes)}, {s.nbytes} bytes)"), ("metadata", meta)):
         click.echo(f"{label + ':':<10}{value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -203,3 +204,15 @@ def test_diff_through_tf2torch(tmp_path):
     assert r.exit_code == 1  # without --tf2torch the names differ
     r = CliRunner().invoke(cli_main, ["diff", str(EXAMPLE), str(tmp_path / "w.safetensors"), "--model", MODELS + ":cnn"])
     assert r.exit_code == 2 and "--tf2torch" in r.output
+
+
+@pytest.mark.torch
+def test_inspect_shortens_long_metadata(tmp_path):
+    from ckptfmt.cli.main import main as cli_main
+
+    assert run("tf2torch", EXAMPLE, tmp_path / "c.pt", "--model", MODELS + ":cnn").exit_code == 0
+    r = CliRunner().invoke(cli_main, ["inspect", str(tmp_path / "c.pt")])
+    line = next(l for l in r.output.splitlines() if l.startswith("metadata:"))
+    assert len(line) < 300 and "--json shows all" in line
+    r = CliRunner().invoke(cli_main, ["inspect", str(tmp_path / "c.pt"), "--json"])
+    assert "conversion_report" in json.loads(r.output)["metadata"]
