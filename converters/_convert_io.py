@@ -350,12 +350,39 @@ def _read_torch_file(src: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{src}: expected a dict (a state_dict or {{'model': ..., 'optimizer': ...}}), got {type(ckpt).__name__}")
     if "model" not in ckpt:
-        ckpt = {"model": ckpt}
+        # a bare state_dict, or the common {"state_dict": ..., "epoch": ...} of training loops
+        ckpt = {"model": ckpt["state_dict"]} if isinstance(ckpt.get("state_dict"), dict) else {"model": ckpt}
+    import torch
+
+    model = ckpt["model"]
+    if not isinstance(model, dict):
+        raise ConversionError(f"{src}: 'model' is a {type(model).__name__}, not a state_dict")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in model.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(f"{src}: the state_dict holds non-tensors: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                              "expected a state_dict or {'model': state_dict, 'optimizer': ...}")
     out = dict(ckpt)
-    out["model"] = {k: tensor_to_numpy(v, k) for k, v in ckpt["model"].items()}
+    out["model"] = {k: tensor_to_numpy(v, k) for k, v in model.items()}
     if ckpt.get("optimizer") is not None:
+        _check_optimizer(src, ckpt["optimizer"])
         out["optimizer"] = state_to_numpy(ckpt["optimizer"])[0]
     return out
+
+
+def _check_optimizer(src: str, sd: Any) -> None:
+    """A torch optimizer ``state_dict()``'s structure, checked before anything reads it."""
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(groups, list) or not groups:
+        raise ConversionError(f"{src}: 'optimizer' is not a torch optimizer state_dict "
+                              "(a dict with 'state' and a non-empty 'param_groups' list)")
+    params: set[int] = set()
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise ConversionError(f"{src}: optimizer param_groups[{i}] has no 'params' list")
+        params.update(int(p) for p in g["params"])
+    stray = sorted(str(k) for k in sd["state"] if not (isinstance(k, (int, str)) and str(k).isdigit() and int(k) in params))
+    if stray:
+        raise ConversionError(f"{src}: optimizer state for parameter(s) {', '.join(stray)} that no param group lists")
 
 
 def _read_ckptfmt(src: str) -> dict[str, Any]:
@@ -375,6 +402,7 @@ def _read_ckptfmt(src: str) -> dict[str, Any]:
             model[_unescape(key)] = model[_unescape(tkey)]
     out: dict[str, Any] = {"model": _flat(src, model)}
     if isinstance(tree.get("optimizer"), dict):
+        _check_optimizer(src, tree["optimizer"])
         out["optimizer"] = tree["optimizer"]
     extra = tree.get("extra") if isinstance(tree.get("extra"), dict) else {}
     for k in ("optimizer_class", "iterations"):

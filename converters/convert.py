@@ -747,7 +747,8 @@ def tf_to_torch(
                 slot_values = {v: {s: np.zeros(kc.shapes[v], np.float32) for s in d} for v, d in kc.slots.items()}
             state = KerasOptimizerState(cls, config, iterations, slot_values)
             names = [n for n, _ in model.named_parameters()]
-            conv = keras_to_torch_optimizer(state, plan, names, exact=exact_optimizer)
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            conv = keras_to_torch_optimizer(state, plan, names, exact=exact_optimizer, frozen=frozen)
             notes = notes + (f"optimizer: Keras {cls} (named {kc.optimizer_name!r} in the checkpoint), iterations={iterations}, "
                              f"learning_rate={config['learning_rate']:g} read from the checkpoint"
                              + (f"; stored: {', '.join(f'{k}={v:g}' for k, v in stored.items())}" if stored else "")
@@ -832,6 +833,24 @@ def _write_torch(dst: str, weights: dict[str, np.ndarray], model: Any, conv: Any
 
 # --------------------------------------------------------------------------------------------
 # torch -> TF
+
+
+def _optimizer_param_names(src: str, model: Any, sd: AbcMapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The parameter names in the optimizer's order, and the frozen ones.
+
+    An optimizer is built on ``model.parameters()`` or, often when some are frozen, on the
+    trainable ones only; the parameter count tells which (same-shape parameters would pair
+    silently wrong otherwise).
+    """
+    named = list(model.named_parameters())
+    frozen = [n for n, p in named if not p.requires_grad]
+    count = sum(len(g["params"]) for g in sd["param_groups"])
+    if count == len(named):
+        return [n for n, _ in named], frozen
+    if frozen and count == len(named) - len(frozen):
+        return [n for n, p in named if p.requires_grad], []
+    raise ConversionError(f"{src}: the optimizer holds {count} parameters, the model has {len(named)} "
+                          f"({len(named) - len(frozen)} trainable); build the optimizer on model.parameters()")
 
 
 _TORCH_OPT = {"Adam", "AdamW", "SGD", "RMSprop", "KerasAdam", "KerasSGD", "KerasRMSprop"}
@@ -932,11 +951,11 @@ def torch_to_tf(
                                       "tf.train.Checkpoint(model=..., optimizer=...) after the optimizer is built, or pass --no-optimizer")
             opt_name = _torch_optimizer_name(ckpt, optimizer_class)
             sd = ckpt["optimizer"]
-            names = [n for n, _ in model.named_parameters()]
             sd = {"state": {int(i): s for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
+            names, frozen = _optimizer_param_names(src, model, sd)
             if iterations is None and "iterations" in ckpt:
                 iterations = int(ckpt["iterations"])
-            ks, report_text = torch_to_keras_optimizer(opt_name, sd, plan, names, iterations=iterations)
+            ks, report_text = torch_to_keras_optimizer(opt_name, sd, plan, names, iterations=iterations, frozen=frozen)
             hyper = dict(ks.config)
             want = {(v, s) for v, d in kc.slots.items() for s in d}
             have = {(v, s) for v, d in ks.slots.items() for s in d}

@@ -43,13 +43,13 @@ __all__ = [
 
 import math
 from collections.abc import Mapping as AbcMapping
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ckptfmt.converters.mapping.rules import Plan
+from ckptfmt.converters.mapping.rules import Mean, Plan
 from ckptfmt.errors import ConversionError, UnmappedKeyError
 
 # Keras 3 slot names per optimizer class, as in ``add_optimizer_variables(vars, name)``.
@@ -259,7 +259,8 @@ def _torch_slots(state: KerasOptimizerState, plan: Plan, param_names: Sequence[s
     return out
 
 
-def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names: Sequence[str], *, exact: bool = False) -> OptimizerConversion:
+def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names: Sequence[str], *, exact: bool = False,
+                             frozen: Collection[str] = ()) -> OptimizerConversion:
     """Convert a Keras optimizer's state to a torch optimizer's.
 
     Args:
@@ -268,6 +269,8 @@ def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names
         param_names: the torch parameter names in the optimizer's order (indices of its
             ``state_dict()``), e.g. ``[n for n, _ in model.named_parameters()]``.
         exact: target the Keras-exact optimizers (``KerasAdam``...) instead of stock torch ones.
+        frozen: parameters that do not train (``requires_grad=False``, e.g. an LSTM's
+            ``bias_hh`` kept at zero): they get no state, as a torch optimizer never gives them any.
 
     Raises:
         ConversionError: an unsupported optimizer or option (EMA, gradient accumulation, a
@@ -284,7 +287,11 @@ def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names
     lr = _lr(cfg)
     wd = float(cfg.get("weight_decay") or 0.0)
     slots = _torch_slots(state, plan, param_names)
-    index = {n: i for i, n in enumerate(param_names)}
+    frozen = set(frozen)
+    if frozen & set(param_names):
+        notes.append(f"no state for the frozen parameters {', '.join(n for n in param_names if n in frozen)} (requires_grad=False)")
+    slots = {t: v for t, v in slots.items() if t not in frozen}
+    index = {n: i for i, n in enumerate(param_names) if n not in frozen}
     out: dict[int, dict[str, np.ndarray]] = {}
 
     if exact:
@@ -365,6 +372,7 @@ def torch_to_keras_optimizer(
     param_names: Sequence[str],
     *,
     iterations: int | None = None,
+    frozen: Collection[str] = (),
 ) -> tuple[KerasOptimizerState, str]:
     """Convert a torch optimizer's ``state_dict()`` (numpy leaves) to Keras 3 state.
 
@@ -375,6 +383,7 @@ def torch_to_keras_optimizer(
         plan: the Keras -> torch weight plan; its inverse carries slots back.
         param_names: the torch parameter names in the optimizer's order.
         iterations: the Keras iteration count when torch keeps none (stock SGD).
+        frozen: parameters that do not train; state torch holds for them (stale) is ignored.
 
     Returns:
         ``(KerasOptimizerState, report)``.
@@ -391,6 +400,8 @@ def torch_to_keras_optimizer(
     g = groups[0]
     order = list(g["params"])
     state = {param_names[order.index(i)]: s for i, s in state_dict["state"].items()}
+    stale = sorted(n for n in state if n in set(frozen))
+    state = {n: v for n, v in state.items() if n not in stale}
     wd = float(g.get("weight_decay") or 0.0)
     cls = _TORCH_TO_KERAS[optimizer]
     exact = optimizer.startswith("Keras")
@@ -428,6 +439,8 @@ def torch_to_keras_optimizer(
             notes.append("from stock torch.optim.RMSprop: Keras momentum = lr * momentum_buffer; epsilon moves inside the sqrt")
 
     steps = {int(np.asarray(s["step"])) for s in state.values() if "step" in s}
+    if stale:
+        notes.append(f"optimizer state of the frozen parameters {', '.join(stale)} ignored (requires_grad=False)")
     if len(steps) > 1:
         notes.append(f"parameters took different step counts {sorted(steps)}; Keras keeps one: the largest is used")
     if iterations is None:
@@ -443,12 +456,17 @@ def torch_to_keras_optimizer(
         if not have:
             continue
         if len(have) != len(entry.sources):
-            problems.append(f"{', '.join(entry.sources)}: converted together but only {', '.join(have)} have optimizer state")
-            continue
+            # Parameters torch sums into one Keras variable (an LSTM's bias_ih + bias_hh) share
+            # its gradient, so one that trained carries the slots; a frozen one has none.
+            if not all(isinstance(op.for_slots(), Mean) for op in entry.ops):
+                problems.append(f"{', '.join(entry.sources)}: converted together but only {', '.join(have)} have optimizer state")
+                continue
+            notes.append(f"{', '.join(k for k in entry.sources if k not in have)} had no optimizer state (frozen): "
+                         f"{', '.join(entry.targets)} takes its slots from {', '.join(have)}")
         for tname, kname in names.items():
             if tname not in state[have[0]] or state[have[0]][tname] is None:
                 continue
-            values = entry.run(tuple(np.asarray(state[k][tname]) for k in entry.sources), slots=True)
+            values = entry.run(tuple(np.asarray(state[k][tname]) for k in have), slots=True)
             for target, value in zip(entry.targets, values):
                 if kname in scale:
                     value = (value * np.float32(scale[kname])).astype(value.dtype)
