@@ -289,13 +289,25 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
             other.append(key)
     # tf.keras 2 (tf_keras) optimizers keep slots in lists the object graph does not tie to
     # variables; their names do: "{optimizer}/{slot}/{variable name}".
-    by_name = {i.full_name: k for k, i in model_vars.items() if i.full_name}
+    by_name: dict[str, list[str]] = {}
+    for k, i in model_vars.items():
+        if i.full_name:
+            by_name.setdefault(i.full_name, []).append(k)
+    ambiguous: list[str] = []
     for key in list(unknown_opt):
         m = _TF_KERAS_SLOT.match(infos[key].full_name)
-        if m and m["variable"] in by_name:
-            slot_keys.setdefault(by_name[m["variable"]], {})[_SLOT_NAMES.get(m["slot"], m["slot"])] = key
-            opt_name = opt_name or m["optimizer"]
-            unknown_opt.remove(key)
+        if not m or m["variable"] not in by_name:
+            continue
+        unknown_opt.remove(key)
+        owners = by_name[m["variable"]]
+        slot = _SLOT_NAMES.get(m["slot"], m["slot"])
+        if len(owners) > 1 or slot in slot_keys.get(owners[0], {}):
+            ambiguous.append(f"optimizer variable {key} ({infos[key].full_name}) could belong to any of "
+                             f"{', '.join(model_vars[o].path for o in owners)}, which share the name {m['variable']!r} "
+                             "(tf.keras 2 ties slots to variables by name only: give the layers unique names, or --no-optimizer)")
+            continue
+        slot_keys.setdefault(owners[0], {})[slot] = key
+        opt_name = opt_name or m["optimizer"]
     # Source keys: the recorded Keras variable paths when they are unique, else object paths.
     names = [i.full_name for i in model_vars.values()]
     use_names = all(names) and len(set(names)) == len(names)
@@ -315,7 +327,7 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         kind, config = _infer_kind(name, weights) if infer_layers else ("?", {})
         layers.append(KerasLayer(name, kind, config, weights))
     layers = _insert_flattens(layers) if infer_layers else layers
-    problems = [f"optimizer variable {k} is not a slot of any model variable" for k in unknown_opt]
+    problems = [f"optimizer variable {k} is not a slot of any model variable" for k in unknown_opt] + ambiguous
     return KerasCheckpoint(
         keys={source[k]: k for k in model_vars},
         shapes={source[k]: tuple(reader.shape(k)) for k in model_vars},
@@ -628,6 +640,31 @@ def _plan(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None
     return plan, plan.notes
 
 
+def _implied_by_slots(cls: str, kc: KerasCheckpoint, known: AbcMapping[str, Any]) -> dict[str, Any]:
+    """Options the slots a checkpoint holds imply, where it does not store them.
+
+    Keras creates ``velocity_hat`` only with amsgrad, ``average_gradient`` only for a centered
+    RMSprop, and ``momentum`` slots only with a momentum; a default of 0 would silently drop
+    that state, so an unknown momentum coefficient is an error.
+
+    Raises:
+        ConversionError: momentum slots without a known momentum coefficient.
+    """
+    slots = {s for d in kc.slots.values() for s in d}
+    out: dict[str, Any] = {}
+    if cls in ("Adam", "AdamW") and "velocity_hat" in slots and "amsgrad" not in known:
+        out["amsgrad"] = True
+    if cls == "RMSprop" and "average_gradient" in slots and "centered" not in known:
+        out["centered"] = True
+    if cls in ("SGD", "RMSprop") and "momentum" in slots and not known.get("momentum"):
+        raise ConversionError(
+            f"the checkpoint holds {cls} momentum slots but not the momentum coefficient (Keras keeps it in the optimizer's "
+            f"config, not in the checkpoint); pass it, e.g. --optimizer-config '{{\"momentum\": 0.9"
+            + (', "nesterov": true' if cls == "SGD" else "") + "}'"
+        )
+    return out
+
+
 def _optimizer_class(kc: KerasCheckpoint, config: AbcMapping[str, Any]) -> str:
     if config.get("class_name"):
         cls = str(config["class_name"])
@@ -734,8 +771,10 @@ def tf_to_torch(
             # tf.keras 2 legacy optimizers store their hyperparameters: they beat the defaults
             stored = {k: float(np.asarray(reader.get(key))) for k, key in kc.hyperparameter_keys.items()}
             decay = stored.pop("decay", 0.0)
-            config = {**_KERAS_DEFAULTS[cls], **stored, **{k: v for k, v in cfg.items() if k != "class_name"}}
-            assumed = sorted(k for k in _KERAS_DEFAULTS[cls] if k not in cfg and k not in stored)
+            known = {**stored, **{k: v for k, v in cfg.items() if k != "class_name"}}
+            known.update(_implied_by_slots(cls, kc, known))
+            config = {**_KERAS_DEFAULTS[cls], **known}
+            assumed = sorted(k for k in _KERAS_DEFAULTS[cls] if k not in known)
             lr = float(np.asarray(reader.get(kc.learning_rate_key))) if kc.learning_rate_key else config.get("learning_rate", 0.001)
             if decay and "learning_rate" not in cfg:
                 lr = lr / (1 + decay * iterations)

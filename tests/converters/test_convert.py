@@ -607,3 +607,56 @@ def test_diff_converted_compares_through_the_plan(torch, tmp_path):
     # a weights-only file, through the preset
     tf_to_torch(example, tmp_path / "w.safetensors", optimizer=False)
     assert diff_converted(example, tmp_path / "w.safetensors").identical
+
+
+@pytest.mark.torch
+def test_momentum_slots_without_a_momentum_coefficient_are_refused(torch, tmp_path):
+    """Keras 3 does not store SGD's momentum; a default of 0 would silently drop the slots."""
+    nn = torch.nn
+
+    def seq():
+        m = nn.Module()
+        m.emb, m.lstm, m.gru, m.out = nn.Embedding(20, 4), nn.LSTM(4, 5, batch_first=True), nn.GRU(5, 3, batch_first=True), nn.Linear(3, 2)
+        return m
+
+    with pytest.raises(ConversionError, match=r"momentum slots.*--optimizer-config"):
+        tf_to_torch(FIX / "keras3_seq_sgdm", tmp_path / "s.pt", model_factory=seq)
+    r = tf_to_torch(FIX / "keras3_seq_sgdm", tmp_path / "s.pt", model_factory=seq, exact_optimizer=True,
+                    optimizer_config={"momentum": 0.9})
+    assert r.optimizer_hyperparameters["momentum"] == 0.9
+    ck = _load(torch, tmp_path / "s.pt")
+    assert all("momentum" in s for s in ck["optimizer"]["state"].values())
+
+
+def _tf_keras2_like(path, names):
+    """A checkpoint whose object graph records the given variable names (as tf.keras 2 does)."""
+    import dataclasses
+
+    from ckptfmt.converters.tf.object_graph import CheckpointObjectGraph
+
+    rng = np.random.default_rng(0)
+    keys = {k: rng.standard_normal(shape).astype(np.float32) if shape else np.array(3, np.int64) for k, (_, shape) in names.items()}
+    g = CheckpointObjectGraph.from_bytes(build_object_graph(keys))
+    full = {k: n for k, (n, _) in names.items()}
+    nodes = [dataclasses.replace(n, attributes=tuple(dataclasses.replace(a, full_name=full.get(a.checkpoint_key, a.full_name))
+                                                     for a in n.attributes)) for n in g.graph.nodes]
+    graph = CheckpointObjectGraph(dataclasses.replace(g.graph, nodes=type(g.graph.nodes)(nodes))).to_bytes()
+    write_checkpoint(path, keys, object_graph=graph)
+
+
+def test_tf_keras2_slots_pair_by_name_and_refuse_shared_names(tmp_path):
+    v = "/.ATTRIBUTES/VARIABLE_VALUE"
+    names = {f"model/a/kernel{v}": ("net/fc/kernel", (4, 4)), f"model/b/kernel{v}": ("net/fc_1/kernel", (4, 4)),
+             f"optimizer/_variables/1{v}": ("Adam/m/net/fc_1/kernel", (4, 4)), f"optimizer/_variables/2{v}": ("Adam/m/net/fc/kernel", (4, 4)),
+             f"optimizer/_iterations{v}": ("iteration", ())}
+    _tf_keras2_like(tmp_path / "ok", names)
+    with TFCheckpointReader(tmp_path / "ok") as r:
+        kc = read_keras_checkpoint(r)
+        assert kc.slots == {"net/fc/kernel": {"momentum": f"optimizer/_variables/2{v}"},
+                            "net/fc_1/kernel": {"momentum": f"optimizer/_variables/1{v}"}}
+        assert not kc.problems and kc.optimizer_name == "Adam"
+    names[f"model/b/kernel{v}"] = ("net/fc/kernel", (4, 4))  # two layers named alike
+    _tf_keras2_like(tmp_path / "dup", names)
+    with TFCheckpointReader(tmp_path / "dup") as r:
+        kc = read_keras_checkpoint(r)
+        assert not kc.slots and any("share the name 'net/fc/kernel'" in p for p in kc.problems)
