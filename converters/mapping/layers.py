@@ -251,8 +251,9 @@ def _layernorm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
 
 def _embedding(layer: KerasLayer, p: str, **_: Any) -> Mapping:
     return Mapping((Rename(layer.weight("embeddings").key, _key(p, "weight")),), (
-        f"{layer.name}: Keras on TensorFlow squares an embedding's gradient per occurrence of an index (IndexedSlices); "
-        "to resume Adam/RMSprop exactly, build nn.Embedding(..., sparse=True) and use KerasAdam/KerasRMSprop",))
+        f"{layer.name}: Keras 3 on TensorFlow squares an embedding's gradient per occurrence of an index (IndexedSlices): "
+        "to resume its Adam/RMSprop exactly, build nn.Embedding(..., sparse=True) and use KerasAdam/KerasRMSprop; "
+        "tf.keras 2 sums repeated rows first, as a dense nn.Embedding does",))
 
 
 def _check_activations(layer: KerasLayer, config: dict[str, Any]) -> None:

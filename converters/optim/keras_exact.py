@@ -39,7 +39,7 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 def _sparse_parts(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense gradient and Keras's "square" of a sparse (embedding) gradient.
 
-    Keras on TensorFlow gets an ``IndexedSlices`` gradient for an embedding, one row per
+    Keras 3 on TensorFlow gets an ``IndexedSlices`` gradient for an embedding, one row per
     occurrence of an index in the batch, and squares it *before* the rows are summed:
     ``v`` receives ``sum(g_i**2)`` where a dense optimizer sees ``(sum g_i)**2``. torch's
     ``nn.Embedding(sparse=True)`` gradient is uncoalesced in the same way, so squaring its
