@@ -84,6 +84,7 @@ _DEFAULT_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RM
 # Built-in namings for conversions without --model or --map: Keras 3 and tf.keras 2 layers
 # (kinds inferred from the weights), or a plain tf.Module tree (object paths, values as is).
 PRESETS = ("keras", "tf-module")
+_DIRECTION = re.compile(r"^_?(forward|backward)(_|$)")  # Bidirectional's forward_layer / forward_lstm...
 _KERAS2_ALIAS = re.compile(r"^layer(_with_weights)?-\d+$")
 # tf.keras 2 slot names -> Keras 3's (the update rules are the same).
 _SLOT_NAMES = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat", "rms": "velocity", "mg": "average_gradient"}
@@ -160,11 +161,12 @@ def _infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[st
     shapes = {r: w.shape for r, w in roles.items()}
     have = set(shapes)
     listing = ", ".join(f"{w.key} {tuple(w.shape)}" for w in weights)
-    fwd = {r.split("/", 1)[1] for r in have if r.startswith("forward/")}
-    if any("forward" in c or "backward" in c for w in weights for c in w.key.split("/")):
-        bi = KerasLayer(name, "Bidirectional", {}, tuple(weights))
-        roles = bi.roles()
-        fwd = {r.split("/", 1)[1]: w.shape for r, w in roles.items() if r.startswith("forward/")}
+    if any(_DIRECTION.match(c) for w in weights for c in w.key.split("/")):
+        try:
+            bi_roles = KerasLayer(name, "Bidirectional", {}, tuple(weights)).roles()
+        except ConversionError:  # not an RNN's two directions after all (a layer named "forward_proj")
+            bi_roles = {}
+        fwd = {r.split("/", 1)[1]: w.shape for r, w in bi_roles.items() if r.startswith("forward/")}
         if {"kernel", "recurrent_kernel"} <= set(fwd):
             units = fwd["recurrent_kernel"][0]
             inner = _rnn_kind(name, fwd["kernel"], units, fwd.get("bias"))
@@ -203,9 +205,9 @@ def _conv_kind(name: str, kernel: tuple[int, ...], bias: tuple[int, ...] | None)
     """Conv, ConvTranspose or DepthwiseConv from a kernel ``(*k, a, b)`` and its bias.
 
     All three store a kernel of that rank; the bias tells them apart: ``b`` outputs for a
-    convolution, ``a`` for a transposed one, ``a*b`` for a depthwise one. The kinds the
-    weights cannot rule out are kept as ``config["alternatives"]`` for the torch model (or
-    the layer name) to settle.
+    convolution, ``a`` for a transposed one, ``a*b`` for a depthwise one (not when ``a == b``,
+    nor without a bias). The kinds the weights cannot rule out are kept as
+    ``config["alternatives"]`` for the torch model (or the layer name) to settle.
     """
     d = len(kernel) - 2
     a, b = kernel[-2], kernel[-1]
@@ -383,10 +385,15 @@ def _insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
     """
     out: list[KerasLayer] = []
     channels: int | None = None
+    open_kind = False  # the channels come from a convolution whose kind is not settled yet
     for layer in layers:
         if layer.class_name == "Dense" and channels:
             rows = layer.weight("kernel").shape[0]
             if rows != channels:
+                if rows % channels and open_kind:
+                    out.append(layer)  # placed again once the torch model or the name settles the kind
+                    channels = None
+                    continue
                 if rows % channels:
                     raise ConversionError(
                         f"Dense {layer.name!r} takes {rows} features after a layer with {channels} channels; "
@@ -396,6 +403,7 @@ def _insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
         out.append(layer)
         if layer.class_name.startswith(("Conv", "Depthwise", "Separable")):
             channels = _out_channels(layer)
+            open_kind = bool(layer.config.get("alternatives"))
         elif layer.class_name != "BatchNormalization":
             channels = None
     return out
@@ -411,8 +419,8 @@ def _out_channels(layer: KerasLayer) -> int:
 
 
 def _refit_flattens(before: Sequence[KerasLayer], after: list[KerasLayer]) -> list[KerasLayer]:
-    """Re-place the inferred Flattens when settling a layer's kind changed its channels."""
-    if [l.class_name for l in before] == [l.class_name for l in after]:
+    """Re-place the inferred Flattens once the convolutions' kinds are settled."""
+    if not any(l.config.get("alternatives") for l in before):
         return after
     return _insert_flattens([l for l in after if l.class_name != "Flatten"])
 
@@ -430,8 +438,8 @@ def _settle_by_name(layer: KerasLayer) -> tuple[KerasLayer, str | None]:
     name = layer.name.lower()
     kind = next((k for word, part in _CONV_HINTS if word in name for k in kinds if part in k), kinds[0])
     config = {k: v for k, v in layer.config.items() if k != "alternatives"}
-    note = (f"ASSUMED {layer.name}: {kind} (its weights fit {', '.join(kinds)}: no bias"
-            f"{'' if kind == kinds[0] else ', its name says so'}); pass --model to check against the torch model")
+    note = (f"ASSUMED {layer.name}: {kind} (its weights fit {', '.join(kinds)}"
+            f"{'' if kind == kinds[0] else '; its name says so'}); pass --model to check against the torch model")
     return KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape), note
 
 
@@ -751,6 +759,8 @@ def tf_to_torch(
     src, dst = os.fspath(src), os.fspath(dst)
     mapping = _as_mapping(mapping)
     model, example = _make_model(model_factory)
+    if not dry_run:  # an existing DST is refused before anything is read
+        _convert_io.check_output(dst, _convert_io.output_kind(dst), overwrite, optimizer=False)
     with TFCheckpointReader(src) as reader:
         kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
         plan, notes = _plan(kc, model, example, mapping, strict, preset=preset)

@@ -149,7 +149,7 @@ def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module) -> list[K
                 fits[kind] = paths
         if len(fits) > 1:
             raise ConversionError(
-                f"ambiguous: Keras layer {layer.name!r} has no bias, so its kernel fits "
+                f"ambiguous: the weights of Keras layer {layer.name!r} fit "
                 + "; ".join(f"a {k} (torch {', '.join(p)})" for k, p in fits.items())
                 + "; write its rules in a mapping file (--map)"
             )

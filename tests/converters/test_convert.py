@@ -660,3 +660,35 @@ def test_tf_keras2_slots_pair_by_name_and_refuse_shared_names(tmp_path):
     with TFCheckpointReader(tmp_path / "dup") as r:
         kc = read_keras_checkpoint(r)
         assert not kc.slots and any("share the name 'net/fc/kernel'" in p for p in kc.problems)
+
+
+@pytest.mark.torch
+def test_flatten_after_a_convolution_settled_by_the_model(torch, tmp_path):
+    """A bias-less Conv1DTranspose (6 output channels) before a Dense of 18 = 3*6 inputs: the
+    first guess (Conv1D, 4 channels) does not divide 18, so the Flatten waits for the kind."""
+    rng = np.random.default_rng(0)
+    keys = {"model/up/kernel/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal((3, 6, 4)).astype(np.float32),
+            "model/fc/kernel/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal((18, 2)).astype(np.float32),
+            "model/fc/bias/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal(2).astype(np.float32)}
+    write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
+
+    def factory():
+        m = torch.nn.Module()
+        m.up, m.fc = torch.nn.ConvTranspose1d(4, 6, 3, bias=False), torch.nn.Linear(18, 2)
+        return m
+
+    r = tf_to_torch(tmp_path / "ck", tmp_path / "o.safetensors", model_factory=factory, optimizer=False)
+    from safetensors.numpy import load_file
+
+    fc = load_file(tmp_path / "o.safetensors")["fc.weight"]
+    kernel = keys["model/fc/kernel/.ATTRIBUTES/VARIABLE_VALUE"]  # rows in (length 3, channels 6) order
+    np.testing.assert_array_equal(fc, kernel.reshape(3, 6, 2).transpose(1, 0, 2).reshape(18, 2).T)
+    assert any("permuted" in n for n in r.notes)
+
+
+def test_layers_named_forward_are_not_taken_for_rnn_directions(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = {f"model/{n}/{w}/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal(s).astype(np.float32)
+            for n in ("feedforward", "forward_proj") for w, s in (("kernel", (4, 4)), ("bias", (4,)))}
+    write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
+    assert [l.class_name for l in describe_checkpoint_layers(tmp_path / "ck")] == ["Dense", "Dense"]
