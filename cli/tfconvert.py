@@ -22,6 +22,17 @@ from ckptfmt.errors import ConversionError
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def pairs_option(values: tuple[str, ...]) -> dict[str, str] | None:
+    """``("conv=stem", ...)`` -> ``{"conv": "stem"}``; None when empty."""
+    out = {}
+    for v in values:
+        keras, sep, torch_path = v.partition("=")
+        if not sep or not keras or not torch_path:
+            raise click.BadParameter(f"{v!r} is not KERAS_LAYER=TORCH_MODULE", param_hint="--pair")
+        out[keras] = torch_path
+    return out or None
+
+
 def _json(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -43,6 +54,8 @@ def _shared(fn: Any) -> Any:
         click.option("--preset", type=click.Choice(_convert.PRESETS), default="keras", show_default=True,
                      help="Naming without --model/--map: keras (Keras 3 and tf.keras 2 layers) or tf-module "
                           "(object paths as torch keys, values as is)."),
+        click.option("--pair", "pairs", multiple=True, metavar="KERAS=TORCH",
+                     help="With --model: match Keras layer KERAS to torch module TORCH by hand (repeatable)."),
         click.option("--no-optimizer", is_flag=True, help="Convert the weights only."),
         click.option("--dry-run", is_flag=True, help="Print the mapping table and unused keys; write nothing."),
         click.option("--overwrite", "-f", is_flag=True, help="Replace DST if it exists."),
@@ -70,7 +83,7 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 @click.option("--exact-optimizer", is_flag=True, help="Target KerasAdam/KerasSGD/KerasRMSprop (identical updates) instead of stock torch.")
 @click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for 256 MiB or more).")
-def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, no_optimizer: bool, dry_run: bool,
+def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, pairs: tuple[str, ...], no_optimizer: bool, dry_run: bool,
              overwrite: bool, exact_optimizer: bool, optimizer_config: str | None, progress: bool | None) -> None:
     """Convert a Keras (3 or tf.keras 2) TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
 
@@ -89,7 +102,7 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
     """
     report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
                                   exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
-                                  progress=progress, preset=preset)
+                                  progress=progress, preset=preset, pairs=pairs_option(pairs))
     _done(report, dry_run)
 
 
@@ -101,7 +114,7 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
 @_shared
 @click.option("--optimizer-class", default=None, help="The torch optimizer class when SRC does not record it (SGD, Adam, KerasAdam...).")
 @click.option("--iterations", type=int, default=None, help="Keras iteration count when torch keeps none (stock SGD).")
-def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, preset: str, no_optimizer: bool,
+def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, preset: str, pairs: tuple[str, ...], no_optimizer: bool,
              dry_run: bool, overwrite: bool, optimizer_class: str | None, iterations: int | None) -> None:
     """Convert a torch checkpoint SRC (model + optimizer) to a Keras TF checkpoint prefix DST.
 
@@ -117,5 +130,5 @@ def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str 
     """
     report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
                                   dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
-                                  preset=preset)
+                                  preset=preset, pairs=pairs_option(pairs))
     _done(report, dry_run)

@@ -629,9 +629,12 @@ def _check_dst(dst: str, overwrite: bool) -> None:
 
 
 def _plan(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None, strict: bool,
-          targets: dict[str, tuple[int, ...]] | None = None, preset: str = "keras") -> tuple[Plan, tuple[str, ...]]:
+          targets: dict[str, tuple[int, ...]] | None = None, preset: str = "keras",
+          pairs: AbcMapping[str, str] | None = None) -> tuple[Plan, tuple[str, ...]]:
     """The Keras -> torch plan of a checkpoint, with its notes."""
     sources = kc.specs()
+    if pairs and (model is None or mapping is not None):
+        raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model and no --map")
     if model is not None:
         targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if mapping is None and _preset(preset, model) == "tf-module":
@@ -641,7 +644,7 @@ def _plan(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None
         if model is not None:
             from .mapping.match import build_mapping, settle_kinds
 
-            mapping = build_mapping(_refit_flattens(layers, settle_kinds(layers, model)), model, example)
+            mapping = build_mapping(_refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs)
         else:
             mapping = preset_mapping(layers)
     plan = mapping.plan(sources, targets, strict=strict)
@@ -711,6 +714,7 @@ def tf_to_torch(
     strict: bool = True,
     overwrite: bool = False,
     preset: str = "keras",
+    pairs: AbcMapping[str, str] | None = None,
     progress: bool | None = None,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
@@ -742,6 +746,8 @@ def tf_to_torch(
         preset: the naming used without ``model_factory`` or ``mapping``: ``"keras"`` (Keras 3
             and tf.keras 2 layers, kinds inferred from the weights) or ``"tf-module"`` (a plain
             ``tf.Module`` tree: object paths become torch keys, values unchanged).
+        pairs: ``{Keras layer name: torch module path}`` fixed by hand, for layers the
+            model-guided matching cannot tell apart (as listed in its error).
         progress: a progress bar over the bytes converted, on stderr (default: on a
             terminal, for conversions of 256 MiB or more).
 
@@ -763,7 +769,7 @@ def tf_to_torch(
         _convert_io.check_output(dst, _convert_io.output_kind(dst), overwrite, optimizer=False)
     with TFCheckpointReader(src) as reader:
         kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
-        plan, notes = _plan(kc, model, example, mapping, strict, preset=preset)
+        plan, notes = _plan(kc, model, example, mapping, strict, preset=preset, pairs=pairs)
         used = set(kc.keys.values())
         has_opt = bool(kc.slots) or kc.iterations_key is not None
         conv = None
@@ -942,6 +948,7 @@ def torch_to_tf(
     iterations: int | None = None,
     overwrite: bool = False,
     preset: str = "keras",
+    pairs: AbcMapping[str, str] | None = None,
 ) -> ConversionReport:
     """Convert a torch checkpoint (model and optimizer) to a Keras 3 TF checkpoint.
 
@@ -962,7 +969,7 @@ def torch_to_tf(
         optimizer_class: the torch optimizer class when ``src`` does not say
             (``"SGD"``, ``"Adam"``, ``"KerasAdam"``...).
         iterations: the Keras iteration count when torch keeps none (stock SGD).
-        preset: as for :func:`tf_to_torch`.
+        preset / pairs: as for :func:`tf_to_torch`.
 
     Raises:
         ConversionError / UnmappedKeyError: as for :func:`tf_to_torch`; also template keys the
@@ -980,7 +987,8 @@ def torch_to_tf(
     weights = ckpt["model"]
     with TFCheckpointReader(template) as reader:
         kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
-        plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()}, preset=preset)
+        plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()}, preset=preset,
+                            pairs=pairs)
         back = plan.inverse()
         out_keys: dict[str, Any] = {}
         unused = tuple(k for k in weights if not any(k in e.sources for e in back.entries))
@@ -1102,6 +1110,7 @@ def diff_converted(
     model_factory: str | Callable[[], Any] | None = None,
     mapping: Mapping | str | os.PathLike[str] | None = None,
     preset: str = "keras",
+    pairs: AbcMapping[str, str] | None = None,
     atol: float = 0.0,
     rtol: float = 0.0,
 ) -> DiffReport:
@@ -1117,7 +1126,7 @@ def diff_converted(
     Args:
         src: the TF checkpoint (the converted side, ``a`` of the report).
         other: the torch-side checkpoint (``b``, the reference for relative differences).
-        model_factory / mapping / preset: as for :func:`tf_to_torch`.
+        model_factory / mapping / preset / pairs: as for :func:`tf_to_torch`.
         atol, rtol: tolerances, as for :func:`ckptfmt.converters.kinds.diff_any`.
 
     Example:
@@ -1131,7 +1140,7 @@ def diff_converted(
     reader = TFCheckpointReader(src)
     try:
         kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
-        plan, _ = _plan(kc, model, example, mapping, True, preset=preset)
+        plan, _ = _plan(kc, model, example, mapping, True, preset=preset, pairs=pairs)
         with open_any(other) as sb:
             names = set(sb.keys())
             targets = list(plan.target_specs)

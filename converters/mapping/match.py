@@ -117,12 +117,13 @@ def _trace_order(model: nn.Module, example_input: Any, modules: dict[str, nn.Mod
     return order
 
 
-def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module) -> list[KerasLayer]:
+def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module, pairs: AbcMapping[str, str] | None = None) -> list[KerasLayer]:
     """Settle layers whose kind the weights leave open by the torch modules that fit them.
 
     A convolution without bias read from a checkpoint may be a Conv, a ConvTranspose or a
     DepthwiseConv (``config["alternatives"]``); the kind that some module of ``model``
-    accepts with exactly the shapes its rules produce wins.
+    accepts with exactly the shapes its rules produce wins (only the module ``pairs`` names
+    for the layer, when it names one).
 
     Raises:
         ConversionError: the model has modules fitting more than one kind (names them).
@@ -144,14 +145,15 @@ def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module) -> list[K
         for kind in (layer.class_name, *alternatives):
             cand = KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape)
             want = {k: s.shape for k, s in layer_rules(cand, "").plan(cand.specs()).target_specs.items()}
-            paths = [p for p, m in modules.items() if own[p] == want and _accepts(cand, m)]
+            paths = [p for p, m in modules.items() if own[p] == want and _accepts(cand, m)
+                     and (not pairs or layer.name not in pairs or pairs[layer.name] == p)]
             if paths:
                 fits[kind] = paths
         if len(fits) > 1:
             raise ConversionError(
                 f"ambiguous: the weights of Keras layer {layer.name!r} fit "
                 + "; ".join(f"a {k} (torch {', '.join(p)})" for k, p in fits.items())
-                + "; write its rules in a mapping file (--map)"
+                + "; pair it by hand (pairs= / --pair NAME=PATH) or write its rules in a mapping file (--map)"
             )
         kind = next(iter(fits), layer.class_name)
         out.append(KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape))
@@ -199,8 +201,11 @@ def match_layers(
 
     problems: list[str] = []
     result: dict[str, str] = {}
+    names = {l.name for l in weighted}
     for name, path in pairs.items():
-        if path not in modules:
+        if name not in names:
+            problems.append(f"pairs: no Keras layer {name!r} (the layers: {', '.join(sorted(names))})")
+        elif path not in modules:
             problems.append(f"pairs: torch model has no module {path!r} (for Keras layer {name!r})")
         else:
             result[name] = path
@@ -232,12 +237,12 @@ def match_layers(
             continue
         if order is None:
             problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] could be torch module(s) {', '.join(cands)}; "
-                            "pass example_input so the execution order decides, or pairs={keras name: torch path}")
+                            "pass example_input so the execution order decides, or pairs={keras name: torch path} (--pair NAME=PATH)")
             continue
         run = sorted((p for p in cands if p in order), key=order.__getitem__)
         if len(run) != len(layers):
             problems.append(f"Keras {sig[0]} layer(s) {names}: the forward pass ran {len(run)} of the candidate torch modules "
-                            f"{', '.join(cands)}, not {len(layers)}; pass pairs= to decide")
+                            f"{', '.join(cands)}, not {len(layers)}; pass pairs= (--pair NAME=PATH) to decide")
             continue
         result.update({l.name: p for l, p in zip(layers, run)})
 

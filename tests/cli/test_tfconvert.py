@@ -216,3 +216,10 @@ def test_inspect_shortens_long_metadata(tmp_path):
     assert len(line) < 300 and "--json shows all" in line
     r = CliRunner().invoke(cli_main, ["inspect", str(tmp_path / "c.pt"), "--json"])
     assert "conversion_report" in json.loads(r.output)["metadata"]
+
+
+def test_pair_option_is_parsed(tmp_path):
+    r = run("tf2torch", EXAMPLE, tmp_path / "o.pt", "--model", MODELS + ":cnn", "--dry-run", "--pair", "conv=stem")
+    assert r.exit_code == 0, r.output
+    r = run("tf2torch", EXAMPLE, tmp_path / "o.pt", "--model", MODELS + ":cnn", "--dry-run", "--pair", "conv")
+    assert r.exit_code == 2 and "KERAS_LAYER=TORCH_MODULE" in r.output

@@ -692,3 +692,23 @@ def test_layers_named_forward_are_not_taken_for_rnn_directions(tmp_path):
             for n in ("feedforward", "forward_proj") for w, s in (("kernel", (4, 4)), ("bias", (4,)))}
     write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
     assert [l.class_name for l in describe_checkpoint_layers(tmp_path / "ck")] == ["Dense", "Dense"]
+
+
+@pytest.mark.torch
+def test_pairs_settle_what_matching_cannot(torch, tmp_path):
+    rng = np.random.default_rng(0)
+    keys = {f"model/{n}/{w}/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal(s).astype(np.float32)
+            for n in ("first", "second") for w, s in (("kernel", (4, 4)), ("bias", (4,)))}
+    write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
+
+    def factory():
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+
+    with pytest.raises(ConversionError, match=r"ambiguous.*--pair"):  # no example input: no execution order
+        tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", model_factory=factory, dry_run=True)
+    r = tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", model_factory=factory, dry_run=True, pairs={"first": "2", "second": "0"})
+    assert r.plan.entry_for("model/first/kernel").targets == ("2.weight",)
+    with pytest.raises(ConversionError, match="no Keras layer 'third'"):
+        tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", model_factory=factory, dry_run=True, pairs={"third": "0"})
+    with pytest.raises(ConversionError, match="need --model"):
+        tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", dry_run=True, pairs={"first": "2"})
