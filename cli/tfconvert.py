@@ -29,6 +29,8 @@ def pairs_option(values: tuple[str, ...]) -> dict[str, str] | None:
         keras, sep, torch_path = v.partition("=")
         if not sep or not keras or not torch_path:
             raise click.BadParameter(f"{v!r} is not KERAS_LAYER=TORCH_MODULE", param_hint="--pair")
+        if keras in out and out[keras] != torch_path:
+            raise click.BadParameter(f"{keras!r} is paired twice ({out[keras]!r}, {torch_path!r})", param_hint="--pair")
         out[keras] = torch_path
     return out or None
 

@@ -350,13 +350,22 @@ def _read_torch_file(src: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{src}: expected a dict (a state_dict or {{'model': ..., 'optimizer': ...}}), got {type(ckpt).__name__}")
     if "model" not in ckpt:
-        # a bare state_dict, or the common {"state_dict": ..., "epoch": ...} of training loops
-        ckpt = {"model": ckpt["state_dict"]} if isinstance(ckpt.get("state_dict"), dict) else {"model": ckpt}
+        # the layouts of training loops ({"state_dict", "optimizer", "epoch"}; the PyTorch
+        # tutorial's {"model_state_dict", "optimizer_state_dict"}), or a bare state_dict
+        for model_key, opt_key in (("state_dict", "optimizer"), ("model_state_dict", "optimizer_state_dict")):
+            if isinstance(ckpt.get(model_key), dict):
+                rest = {k: v for k, v in ckpt.items() if k not in (model_key, opt_key)}
+                ckpt = {**rest, "model": ckpt[model_key], "optimizer": ckpt.get(opt_key)}
+                break
+        else:
+            ckpt = {"model": ckpt}
     import torch
 
     model = ckpt["model"]
     if not isinstance(model, dict):
         raise ConversionError(f"{src}: 'model' is a {type(model).__name__}, not a state_dict")
+    # a module's get_extra_state() is no tensor, and no TF variable either
+    model = {k: v for k, v in model.items() if not str(k).endswith("_extra_state")}
     bad = [f"{k!r} ({type(v).__name__})" for k, v in model.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConversionError(f"{src}: the state_dict holds non-tensors: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
@@ -377,12 +386,28 @@ def _check_optimizer(src: str, sd: Any) -> None:
                               "(a dict with 'state' and a non-empty 'param_groups' list)")
     params: set[int] = set()
     for i, g in enumerate(groups):
-        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
-            raise ConversionError(f"{src}: optimizer param_groups[{i}] has no 'params' list")
-        params.update(int(p) for p in g["params"])
-    stray = sorted(str(k) for k in sd["state"] if not (isinstance(k, (int, str)) and str(k).isdigit() and int(k) in params))
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list) or "lr" not in g:
+            raise ConversionError(f"{src}: optimizer param_groups[{i}] has no 'params' list or no 'lr'")
+        if not all(_index(p) is not None for p in g["params"]):
+            raise ConversionError(f"{src}: optimizer param_groups[{i}]['params'] holds something other than parameter indices")
+        params.update(_index(p) for p in g["params"])
+    stray = sorted(str(k) for k in sd["state"] if _index(k) not in params)
     if stray:
         raise ConversionError(f"{src}: optimizer state for parameter(s) {', '.join(stray)} that no param group lists")
+    odd = sorted(str(k) for k, v in sd["state"].items() if not isinstance(v, dict))
+    if odd:
+        raise ConversionError(f"{src}: optimizer state of parameter(s) {', '.join(odd)} is not a dict of tensors")
+
+
+def _index(value: Any) -> int | None:
+    """A parameter index (an int, or its decimal string in a ckptfmt tree), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def _read_ckptfmt(src: str) -> dict[str, Any]:

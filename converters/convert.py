@@ -167,7 +167,8 @@ def _infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[st
         except ConversionError:  # not an RNN's two directions after all (a layer named "forward_proj")
             bi_roles = {}
         fwd = {r.split("/", 1)[1]: w.shape for r, w in bi_roles.items() if r.startswith("forward/")}
-        if {"kernel", "recurrent_kernel"} <= set(fwd):
+        bwd = {r.split("/", 1)[1] for r in bi_roles if r.startswith("backward/")}
+        if {"kernel", "recurrent_kernel"} <= set(fwd) and {"kernel", "recurrent_kernel"} <= bwd:
             units = fwd["recurrent_kernel"][0]
             inner = _rnn_kind(name, fwd["kernel"], units, fwd.get("bias"))
             return "Bidirectional", {"layer": {"class_name": inner[0], "config": inner[1]}}
@@ -667,11 +668,11 @@ def _implied_by_slots(cls: str, kc: KerasCheckpoint, known: AbcMapping[str, Any]
         out["amsgrad"] = True
     if cls == "RMSprop" and "average_gradient" in slots and "centered" not in known:
         out["centered"] = True
-    if cls in ("SGD", "RMSprop") and "momentum" in slots and not known.get("momentum"):
+    if cls in ("SGD", "RMSprop") and "momentum" in slots and "momentum" not in known:
         raise ConversionError(
             f"the checkpoint holds {cls} momentum slots but not the momentum coefficient (Keras keeps it in the optimizer's "
-            f"config, not in the checkpoint); pass it, e.g. --optimizer-config '{{\"momentum\": 0.9"
-            + (', "nesterov": true' if cls == "SGD" else "") + "}'"
+            "config, not in the checkpoint; tf.keras 2 SGD keeps the slots even without momentum); pass it, e.g. "
+            "--optimizer-config '{\"momentum\": 0.9}' (and \"nesterov\": true if the run used it)"
         )
     return out
 
@@ -908,6 +909,22 @@ def _optimizer_param_names(src: str, model: Any, sd: AbcMapping[str, Any]) -> tu
                           f"({len(named) - len(frozen)} trainable); build the optimizer on model.parameters()")
 
 
+def _check_state_shapes(src: str, model: Any, sd: AbcMapping[str, Any], names: Sequence[str]) -> None:
+    """Each state tensor has its parameter's shape (an optimizer built in another order fails here)."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    order = [int(i) for g in sd["param_groups"] for i in g["params"]]
+    bad = []
+    for i, state in sd["state"].items():
+        name = names[order.index(int(i))]
+        for slot, value in state.items():
+            shape = tuple(np.shape(value))
+            if shape and shape != shapes[name]:
+                bad.append(f"state {i} ({name}, {shapes[name]}): {slot} has shape {shape}")
+    if bad:
+        raise ConversionError(f"{src}: the optimizer state does not fit the model's parameters in their order "
+                              "(was the optimizer built on model.parameters()?):\n  " + "\n  ".join(bad[:10]))
+
+
 _TORCH_OPT = {"Adam", "AdamW", "SGD", "RMSprop", "KerasAdam", "KerasSGD", "KerasRMSprop"}
 
 
@@ -999,7 +1016,13 @@ def torch_to_tf(
         report_text = ""
         hyper: dict[str, Any] = {}
         ks = None
+        template_has_opt = bool(kc.slots) or kc.iterations_key is not None
+        if optimizer and ckpt.get("optimizer") is None and template_has_opt:
+            raise ConversionError(f"{src} holds no optimizer state but the template {template} does: pass --no-optimizer "
+                                  "to copy the template's optimizer variables unchanged")
         if optimizer and ckpt.get("optimizer") is not None:
+            if kc.problems:
+                raise UnmappedKeyError("cannot place the optimizer state in the template:\n  " + "\n  ".join(kc.problems))
             if model is None:
                 raise ConversionError("converting the optimizer state needs the torch model for its parameter order: "
                                       "pass --model pkg.module:factory, or --no-optimizer for weights only")
@@ -1010,10 +1033,16 @@ def torch_to_tf(
             sd = ckpt["optimizer"]
             sd = {"state": {int(i): s for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
             names, frozen = _optimizer_param_names(src, model, sd)
+            _check_state_shapes(src, model, sd, names)
             if iterations is None and "iterations" in ckpt:
                 iterations = int(ckpt["iterations"])
             ks, report_text = torch_to_keras_optimizer(opt_name, sd, plan, names, iterations=iterations, frozen=frozen)
             hyper = dict(ks.config)
+            if ks.class_name == "SGD" and not ks.config.get("momentum"):
+                # tf.keras 2 SGD keeps an "m" slot even without momentum: it stays zero
+                for v, d in kc.slots.items():
+                    if "momentum" in d and v in kc.shapes:
+                        ks.slots.setdefault(v, {}).setdefault("momentum", np.zeros(kc.shapes[v], kc.dtypes[v]))
             want = {(v, s) for v, d in kc.slots.items() for s in d}
             have = {(v, s) for v, d in ks.slots.items() for s in d}
             problems = [f"template slot {s!r} of {v} has no value in the torch optimizer state" for v, s in sorted(want - have)]

@@ -208,6 +208,12 @@ def match_layers(
         elif path not in modules:
             problems.append(f"pairs: torch model has no module {path!r} (for Keras layer {name!r})")
         else:
+            layer = next(l for l in weighted if l.name == name)
+            want = dict(signature[name][1])
+            if not _accepts(layer, modules[path]) or own[path] != want:
+                problems.append(f"pairs: Keras {layer.class_name} {name!r} [{', '.join(f'{k} {s}' for k, s in want.items())}] "
+                                f"cannot become torch {type(modules[path]).__name__} {path!r} "
+                                f"[{', '.join(f'{k} {s}' for k, s in own[path].items())}]")
             result[name] = path
 
     groups: dict[tuple, list[KerasLayer]] = defaultdict(list)

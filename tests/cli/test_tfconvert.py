@@ -223,3 +223,5 @@ def test_pair_option_is_parsed(tmp_path):
     assert r.exit_code == 0, r.output
     r = run("tf2torch", EXAMPLE, tmp_path / "o.pt", "--model", MODELS + ":cnn", "--dry-run", "--pair", "conv")
     assert r.exit_code == 2 and "KERAS_LAYER=TORCH_MODULE" in r.output
+    r = run("tf2torch", EXAMPLE, tmp_path / "o.pt", "--model", MODELS + ":cnn", "--dry-run", "--pair", "conv=stem", "--pair", "conv=norm")
+    assert r.exit_code == 2 and "paired twice" in r.output

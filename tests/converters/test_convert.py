@@ -626,6 +626,9 @@ def test_momentum_slots_without_a_momentum_coefficient_are_refused(torch, tmp_pa
     assert r.optimizer_hyperparameters["momentum"] == 0.9
     ck = _load(torch, tmp_path / "s.pt")
     assert all("momentum" in s for s in ck["optimizer"]["state"].values())
+    # an explicit 0 is the user's word (tf.keras 2 SGD keeps its slots even without momentum)
+    r = tf_to_torch(FIX / "keras3_seq_sgdm", tmp_path / "s0.pt", model_factory=seq, optimizer_config={"momentum": 0})
+    assert r.optimizer_hyperparameters["momentum"] == 0
 
 
 def _tf_keras2_like(path, names):
@@ -712,3 +715,126 @@ def test_pairs_settle_what_matching_cannot(torch, tmp_path):
         tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", model_factory=factory, dry_run=True, pairs={"third": "0"})
     with pytest.raises(ConversionError, match="need --model"):
         tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", dry_run=True, pairs={"first": "2"})
+
+
+# -- torch2tf: what a torch checkpoint may look like --------------------------------------------
+
+EXAMPLE = ROOT / "fixtures" / "examples" / "cnn_adam"
+
+
+def _trained_cnn(torch, *, trainable_only=False):
+    model = load_factory(MODELS + ":cnn")()[0]
+    if trainable_only:
+        model.norm.bias.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] if trainable_only else model.parameters()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    torch_train(torch, model, opt, batches(2, seed=4))
+    return model, opt
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("layout", ["model", "state_dict", "tutorial"])
+def test_torch2tf_reads_training_loop_layouts(torch, tmp_path, layout):
+    model, opt = _trained_cnn(torch)
+    keys = {"model": ("model", "optimizer"), "state_dict": ("state_dict", "optimizer"),
+            "tutorial": ("model_state_dict", "optimizer_state_dict")}[layout]
+    torch.save({keys[0]: model.state_dict(), keys[1]: opt.state_dict(), "epoch": 3}, tmp_path / "run.pt")
+    r = torch_to_tf(tmp_path / "run.pt", tmp_path / "tf" / "ckpt-1", template=EXAMPLE, model_factory=MODELS + ":cnn")
+    assert r.optimizer == "Adam"
+    with TFCheckpointReader(tmp_path / "tf" / "ckpt-1") as reader:
+        assert int(reader.get("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 2  # torch's step, not the template's 3
+
+
+@pytest.mark.torch
+def test_torch2tf_without_optimizer_state_does_not_keep_the_templates_silently(torch, tmp_path):
+    model, _ = _trained_cnn(torch)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ConversionError, match="holds no optimizer state.*--no-optimizer"):
+        torch_to_tf(tmp_path / "weights.pt", tmp_path / "tf" / "ckpt-1", template=EXAMPLE, model_factory=MODELS + ":cnn")
+    r = torch_to_tf(tmp_path / "weights.pt", tmp_path / "tf" / "ckpt-1", template=EXAMPLE, model_factory=MODELS + ":cnn", optimizer=False)
+    assert any("copied from the template" in n for n in r.notes)
+
+
+@pytest.mark.torch
+def test_torch2tf_optimizer_parameter_count_must_fit_the_model(torch, tmp_path):
+    model, opt = _trained_cnn(torch, trainable_only=True)  # norm.bias frozen: the optimizer holds 5 of 6 parameters
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "run.pt")
+    # the plain factory (nothing frozen) cannot tell which 5 of its 6 parameters the optimizer holds
+    with pytest.raises(ConversionError, match="holds 5 parameters, the model has 6"):
+        torch_to_tf(tmp_path / "run.pt", tmp_path / "tf" / "ckpt-1", template=EXAMPLE, model_factory=MODELS + ":cnn")
+
+    def factory():
+        m, x = load_factory(MODELS + ":cnn")()
+        m.norm.bias.requires_grad_(False)
+        return m, x
+
+    # with it frozen the indices line up, and Keras's trainable beta has no torch state: said, not guessed
+    with pytest.raises(UnmappedKeyError, match="slot 'momentum' of bn/beta has no value"):
+        torch_to_tf(tmp_path / "run.pt", tmp_path / "tf" / "ckpt-1", template=EXAMPLE, model_factory=factory)
+
+
+@pytest.mark.tensorflow
+@pytest.mark.torch
+def test_torch2tf_optimizer_built_on_trainable_parameters_only(tf, torch, tmp_path):
+    """A torch run of the RNN (LSTM bias_hh frozen) whose optimizer holds only trainable parameters."""
+    import keras
+
+    from ckptfmt.converters.optim import KerasAdam
+
+    keras.utils.set_random_seed(4)
+    kmodel, kopt = keras_rnn(keras), keras.optimizers.Adam(1e-2)
+    kopt.build(kmodel.trainable_variables)
+    template = tf.train.Checkpoint(model=kmodel, optimizer=kopt).write(str(tmp_path / "template" / "ckpt"))
+    model = load_factory(MODELS + ":rnn")()[0]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = KerasAdam([p for _, p in trainable], lr=1e-2)
+    _token_train_torch(torch, model, opt, token_batches(2, 20, 6, seed=3))
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "optimizer_class": "KerasAdam"}, tmp_path / "run.pt")
+    torch_to_tf(tmp_path / "run.pt", tmp_path / "tf" / "ckpt-1", template=template, model_factory=MODELS + ":rnn")
+    k2, o2 = keras.models.clone_model(kmodel), keras.optimizers.Adam(1e-2)
+    o2.build(k2.trainable_variables)
+    tf.train.Checkpoint(model=k2, optimizer=o2).read(str(tmp_path / "tf" / "ckpt-1")).assert_consumed()
+    state = opt.state_dict()["state"]
+    index = [n for n, _ in trainable]
+    by_path = {v.path: v for v in o2.variables}
+    # the Keras LSTM bias's momentum is torch bias_ih's (state index counted among trainable parameters)
+    want = state[index.index("lstm.bias_ih_l0")]["momentum"].numpy()
+    got = next(v for p, v in by_path.items() if p.endswith("lstm_cell_bias_momentum") and "bilstm" not in p and "bigru" not in p)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert int(o2.iterations.numpy()) == 2
+
+
+@pytest.mark.torch
+def test_torch2tf_refuses_malformed_torch_files_naming_them(torch, tmp_path):
+    model, opt = _trained_cnn(torch)
+    sd = opt.state_dict()
+    cases = {
+        "epoch.pt": {**model.state_dict(), "epoch": 3},
+        "params.pt": {"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": [{"params": ["a"], "lr": 0.1}]}},
+        "state.pt": {"model": model.state_dict(), "optimizer": {"state": {0: 5}, "param_groups": sd["param_groups"]}},
+        "groups.pt": {"model": model.state_dict(), "optimizer": {"state": sd["state"], "param_groups": []}},
+        "list.pt": {"model": [1, 2]},
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ConversionError, match=name):
+            torch_to_tf(tmp_path / name, tmp_path / "tf" / name, template=EXAMPLE, model_factory=MODELS + ":cnn")
+    # an optimizer built on the parameters in another order: its state does not fit their shapes
+    swapped = {"state": {0: sd["state"][4], 4: sd["state"][0]}, "param_groups": sd["param_groups"]}
+    torch.save({"model": model.state_dict(), "optimizer": swapped}, tmp_path / "swapped.pt")
+    with pytest.raises(ConversionError, match="does not fit the model's parameters"):
+        torch_to_tf(tmp_path / "swapped.pt", tmp_path / "tf" / "s", template=EXAMPLE, model_factory=MODELS + ":cnn")
+
+
+def test_an_lstm_named_forward_is_an_lstm(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = {f"model/forward_lstm/cell/{w}/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal(s).astype(np.float32)
+            for w, s in (("kernel", (3, 8)), ("recurrent_kernel", (2, 8)), ("bias", (8,)))}
+    write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
+    assert [l.class_name for l in describe_checkpoint_layers(tmp_path / "ck")] == ["LSTM"]
+
+
+@pytest.mark.torch
+def test_a_pair_of_the_wrong_kind_is_refused(torch, tmp_path):
+    with pytest.raises(ConversionError, match=r"pairs: Keras Conv2D 'conv'.*cannot become torch BatchNorm2d 'norm'"):
+        tf_to_torch(EXAMPLE, tmp_path / "o.pt", model_factory=MODELS + ":cnn", dry_run=True, pairs={"conv": "norm"})
