@@ -149,6 +149,10 @@ def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module, pairs: Ab
                      and (not pairs or layer.name not in pairs or pairs[layer.name] == p)]
             if paths:
                 fits[kind] = paths
+        if len(fits) > 1 and len({tuple(p) for p in fits.values()}) == 1:
+            # the same modules under either reading: a depthwise conv of one input channel is a
+            # plain conv, with the same weight layout
+            fits = dict([next(iter(fits.items()))])
         if len(fits) > 1:
             raise ConversionError(
                 f"ambiguous: the weights of Keras layer {layer.name!r} fit "

@@ -838,3 +838,20 @@ def test_an_lstm_named_forward_is_an_lstm(tmp_path):
 def test_a_pair_of_the_wrong_kind_is_refused(torch, tmp_path):
     with pytest.raises(ConversionError, match=r"pairs: Keras Conv2D 'conv'.*cannot become torch BatchNorm2d 'norm'"):
         tf_to_torch(EXAMPLE, tmp_path / "o.pt", model_factory=MODELS + ":cnn", dry_run=True, pairs={"conv": "norm"})
+
+
+@pytest.mark.torch
+def test_a_one_channel_depthwise_kernel_is_not_ambiguous(torch, tmp_path):
+    kernel = np.random.default_rng(0).standard_normal((3, 3, 1, 4)).astype(np.float32)
+    keys = {"model/dw/kernel/.ATTRIBUTES/VARIABLE_VALUE": kernel}
+    write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
+
+    def factory():
+        m = torch.nn.Module()
+        m.dw = torch.nn.Conv2d(1, 4, 3, bias=False)  # groups=1 == in_channels: fits Conv2D and DepthwiseConv2D
+        return m
+
+    tf_to_torch(tmp_path / "ck", tmp_path / "o.safetensors", model_factory=factory, optimizer=False)
+    from safetensors.numpy import load_file
+
+    np.testing.assert_array_equal(load_file(tmp_path / "o.safetensors")["dw.weight"], kernel.transpose(3, 2, 0, 1))
