@@ -318,7 +318,7 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
               help="A is a TF checkpoint: compare its weights as `convert tf2torch` converts them (with --model/--map/--preset).")
 @click.option("--model", default=None, metavar="MODULE:FACTORY", help="With --tf2torch: the torch model factory.")
 @click.option("--map", "mapping", type=click.Path(exists=True, dir_okay=False), default=None, help="With --tf2torch: a mapping file.")
-@click.option("--preset", default="keras", show_default=True, help="With --tf2torch: keras or tf-module.")
+@click.option("--preset", type=click.Choice(["keras", "tf-module"]), default="keras", show_default=True, help="With --tf2torch: the naming without --model/--map.")
 @click.option("--pair", "pairs", multiple=True, metavar="KERAS=TORCH", help="With --tf2torch --model: match a layer by hand (repeatable).")
 @click.pass_context
 def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: float, through: bool,
