@@ -70,7 +70,7 @@ from .kinds import DiffReport, Source, TensorInfo, diff_sources, open_any
 from .mapping.layers import LAYER_CONVERTERS, KerasLayer, KerasWeight, find_flatten_dense, layer_rules
 from .mapping.rules import Mapping, Plan, Rename, TensorSpec
 from .optim.convert import KERAS_SLOTS, KerasOptimizerState, keras_to_torch_optimizer, torch_to_keras_optimizer
-from .tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, write_checkpoint
+from .tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, TFCheckpointWriter, update_state_file
 from .tf.object_graph import CheckpointObjectGraph, read_object_graph, split_object_path
 
 # Sub-objects of one Keras layer: their variables belong to the enclosing layer.
@@ -1009,7 +1009,20 @@ def torch_to_tf(
         back = plan.inverse()
         out_keys: dict[str, Any] = {}
         unused = tuple(k for k in weights if not any(k in e.sources for e in back.entries))
-        keras_vals = {} if dry_run else back.apply(weights)
+        made_by = {t: (e, i) for e in back.entries for i, t in enumerate(e.targets)}
+        pending: dict[int, list[Any]] = {}  # entry -> [its outputs, targets not yet written]
+
+        def keras_value(source_key: str) -> np.ndarray:
+            """One Keras variable; each plan entry runs once and is dropped once written."""
+            entry, i = made_by[source_key]
+            if id(entry) not in pending:
+                pending[id(entry)] = [entry.run(tuple(weights[s] for s in entry.sources)), len(entry.targets)]
+            slot = pending[id(entry)]
+            slot[1] -= 1
+            if not slot[1]:
+                del pending[id(entry)]
+            return slot[0][i]
+
         for skey, ckey in kc.keys.items():
             out_keys[ckey] = ("weight", skey)
         opt_name = None
@@ -1065,26 +1078,26 @@ def torch_to_tf(
         if dry_run:
             return report
         _check_dst(dst, overwrite)
-        tensors: dict[str, np.ndarray] = {}
-        for ckey, (kind, ref) in out_keys.items():
-            dtype = reader.dtype(ckey)
-            if kind == "weight":
-                value = keras_vals[ref]
-            elif kind == "slot":
-                value = ks.slots[ref[0]][ref[1]]
-            elif kind == "iterations":
-                value = np.array(ks.iterations)
-            else:
-                value = np.array(ks.config["learning_rate"])
-            value = np.asarray(value)
-            if tuple(value.shape) != tuple(reader.shape(ckey)):
-                raise ConversionError(f"{ckey}: converted shape {value.shape} but the template has {reader.shape(ckey)}")
-            tensors[ckey] = value.astype(dtype, copy=False)
-        for k in leftover:
-            tensors[k] = reader.get(k)
-        graph = reader.get(OBJECT_GRAPH_KEY).item()
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    write_checkpoint(dst, tensors, object_graph=graph, update_state=True)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        # streamed: one converted tensor at a time goes to the data file (temp names, renamed at the end)
+        with TFCheckpointWriter(dst) as writer:
+            for ckey, (kind, ref) in out_keys.items():
+                if kind == "weight":
+                    value = keras_value(ref)
+                elif kind == "slot":
+                    value = ks.slots[ref[0]][ref[1]]
+                elif kind == "iterations":
+                    value = np.array(ks.iterations)
+                else:
+                    value = np.array(ks.config["learning_rate"])
+                value = np.asarray(value)
+                if tuple(value.shape) != tuple(reader.shape(ckey)):
+                    raise ConversionError(f"{ckey}: converted shape {value.shape} but the template has {reader.shape(ckey)}")
+                writer.add(ckey, value.astype(reader.dtype(ckey), copy=False))
+            for k in leftover:
+                writer.add(k, reader.get(k))
+            writer.add(OBJECT_GRAPH_KEY, reader.get(OBJECT_GRAPH_KEY))
+    update_state_file(dst)
     return report
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "TFCheckpointWriter",
     "TensorEntry",
     "write_checkpoint",
+    "update_state_file",
     "latest_checkpoint",
     "OBJECT_GRAPH_KEY",
 ]
@@ -686,13 +687,17 @@ class TFCheckpointWriter:
         self._offset += size
 
     def finish(self) -> None:
-        """Flush data, write the index and rename both into place."""
+        """Flush data, write the index and rename both into place (both synced first)."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
         header = BundleHeader(1, 0, VersionDef(producer=_BUNDLE_VERSION))
         pairs = [(b"", header.encode())] + [(k, self._entries[k].encode()) for k in sorted(self._entries)]
         index_tmp = self.prefix + ".index.tmp"
         with open(index_tmp, "wb") as f:
             f.write(build_table(pairs))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(self._tmp_data, self._data_path)
         os.replace(index_tmp, self.prefix + ".index")
 
@@ -744,11 +749,16 @@ def write_checkpoint(
         if object_graph is not None:
             w.add(OBJECT_GRAPH_KEY, np.array(bytes(object_graph), dtype=object))
     if update_state:
-        _update_state_file(prefix)
+        update_state_file(prefix)
     return prefix
 
 
-def _update_state_file(prefix: str) -> None:
+def update_state_file(prefix: str) -> None:
+    """Make ``prefix`` the latest checkpoint in its directory's ``checkpoint`` state file.
+
+    Example:
+        >>> update_state_file("/tmp/doc_wc/ckpt-2")  # doctest: +SKIP
+    """
     directory = os.path.dirname(prefix) or "."
     name = os.path.basename(prefix)
     state_path = os.path.join(directory, "checkpoint")
