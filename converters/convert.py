@@ -275,9 +275,9 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         if info.slot is not None:
             slot_keys.setdefault(info.slot.variable_key, {})[_SLOT_NAMES.get(info.slot.slot_name, info.slot.slot_name)] = key
             opt_name = opt_name or (info.full_name.split("/")[0] if "/" in info.full_name else None)
-        elif segs[0] == root:
+        elif segs[0] == root and not (len(segs) > 2 and segs[1] == "optimizer"):
             model_vars[key] = info
-        elif segs[0] == optimizer_root:
+        elif segs[0] in (optimizer_root, root):  # a compiled Keras 3 model tracks its optimizer as model/optimizer
             last = segs[-1].lstrip("_")
             if last in ("iterations", "iteration", "iter"):
                 iterations_key = key

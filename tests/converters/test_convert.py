@@ -855,3 +855,32 @@ def test_a_one_channel_depthwise_kernel_is_not_ambiguous(torch, tmp_path):
     from safetensors.numpy import load_file
 
     np.testing.assert_array_equal(load_file(tmp_path / "o.safetensors")["dw.weight"], kernel.transpose(3, 2, 0, 1))
+
+
+@pytest.mark.tensorflow
+@pytest.mark.torch
+def test_compiled_model_checkpoint_carries_its_optimizer(tf, torch, tmp_path):
+    """model.compile + model.fit, then tf.train.Checkpoint(model=model): Keras 3 tracks the
+    optimizer as model/optimizer, so its state comes along without an optimizer= entry."""
+    import keras
+
+    keras.utils.set_random_seed(6)
+    km = keras_cnn(keras)
+    km.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    km.fit(rng.standard_normal((16, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, 16), epochs=1, batch_size=8, verbose=0)
+    prefix = tf.train.Checkpoint(model=km).save(str(tmp_path / "k" / "ckpt"))
+    out = tmp_path / "t.pt"
+    r = tf_to_torch(prefix, out, model_factory=MODELS + ":cnn", exact_optimizer=True)
+    assert any("iterations=2" in n for n in r.notes)
+    ck = _load(torch, out)
+    names = [n for n, _ in load_factory(MODELS + ":cnn")()[0].named_parameters()]
+    momentum = next(v for v in km.optimizer.variables if v.path.endswith("conv_kernel_momentum")).numpy()
+    np.testing.assert_array_equal(ck["optimizer"]["state"][names.index("stem.weight")]["momentum"].numpy(), momentum.transpose(3, 2, 0, 1))
+    # and back into a compiled model's checkpoint
+    torch_to_tf(out, tmp_path / "back" / "ckpt-1", template=prefix, model_factory=MODELS + ":cnn")
+    k2 = keras_cnn(keras)
+    k2.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    k2.optimizer.build(k2.trainable_variables)
+    tf.train.Checkpoint(model=k2).restore(str(tmp_path / "back" / "ckpt-1")).assert_consumed()
+    assert int(k2.optimizer.iterations.numpy()) == 2
