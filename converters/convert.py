@@ -118,6 +118,9 @@ class KerasCheckpoint:
         optimizer_name: the name TF recorded for the optimizer (``"adam"``), if any.
         hyperparameter_keys: ``{name: checkpoint key}`` of hyperparameters stored as variables
             (tf.keras 2 legacy optimizers: ``beta_1``, ``momentum``, ``decay``...).
+        also_iterations / also_learning_rate: the wrapper's own copies when a
+            LossScaleOptimizer (mixed precision) wraps the optimizer (whose keys are above).
+        loss_scale_keys: its ``dynamic_scale`` and ``step_counter``.
         other: checkpoint keys that are neither model nor optimizer (``save_counter``).
         graph: the object graph.
     """
@@ -134,6 +137,9 @@ class KerasCheckpoint:
     graph: CheckpointObjectGraph = field(repr=False)
     problems: tuple[str, ...] = ()
     hyperparameter_keys: dict[str, str] = field(default_factory=dict)
+    also_iterations: tuple[str, ...] = ()
+    also_learning_rate: tuple[str, ...] = ()
+    loss_scale_keys: dict[str, str] = field(default_factory=dict)
 
     def specs(self) -> dict[str, TensorSpec]:
         """``{source key: TensorSpec}`` of the model's variables."""
@@ -262,6 +268,9 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
     slot_keys: dict[str, dict[str, str]] = {}  # variable ckpt key -> {slot: ckpt key}
     iterations_key = lr_key = opt_name = None
     hyper_keys: dict[str, str] = {}
+    extra_iterations: list[str] = []  # a LossScaleOptimizer's own counters, set along with the inner's
+    extra_lr: list[str] = []
+    loss_scale: dict[str, str] = {}
     other: list[str] = []
     unknown_opt: list[str] = []
     for key in reader.keys():
@@ -279,11 +288,21 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
             model_vars[key] = info
         elif segs[0] in (optimizer_root, root):  # a compiled Keras 3 model tracks its optimizer as model/optimizer
             last = segs[-1].lstrip("_")
+            # a LossScaleOptimizer (mixed precision) wraps the real one: its state is the inner's
+            inner = "inner_optimizer" in segs
             if last in ("iterations", "iteration", "iter"):
-                iterations_key = key
-                opt_name = info.full_name.split("/")[0] if "/" in info.full_name else opt_name
+                if iterations_key is None or inner:
+                    iterations_key, key = key, iterations_key
+                    opt_name = info.full_name.split("/")[0] if "/" in info.full_name else opt_name
+                if key is not None:
+                    extra_iterations.append(key)
             elif last == "learning_rate":
-                lr_key = key
+                if lr_key is None or inner:
+                    lr_key, key = key, lr_key
+                if key is not None:
+                    extra_lr.append(key)
+            elif last in ("dynamic_scale", "step_counter"):
+                loss_scale[last] = key
             elif last in _LEGACY_HYPER:
                 hyper_keys[last] = key
             else:
@@ -341,6 +360,9 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         learning_rate_key=lr_key,
         optimizer_name=opt_name,
         hyperparameter_keys=hyper_keys,
+        also_iterations=tuple(extra_iterations),
+        also_learning_rate=tuple(extra_lr),
+        loss_scale_keys=loss_scale,
         other=tuple(other),
         graph=graph,
         problems=tuple(problems + [f"optimizer slots of {v} belong to no model variable" for v in slot_keys if v not in source]),
@@ -811,6 +833,11 @@ def tf_to_torch(
                              + (f"; not stored, assumed Keras defaults: {', '.join(f'{k}={config[k]!r}' for k in assumed)}" if assumed else ""),)
             used |= {k for d in kc.slots.values() for k in d.values()}
             used |= {k for k in (kc.iterations_key, kc.learning_rate_key, *kc.hyperparameter_keys.values()) if k}
+            used |= {*kc.also_iterations, *kc.also_learning_rate, *kc.loss_scale_keys.values()}
+            if "dynamic_scale" in kc.loss_scale_keys:
+                scale = float(np.asarray(reader.get(kc.loss_scale_keys["dynamic_scale"])))
+                notes = notes + (f"mixed precision: the Keras LossScaleOptimizer's loss scale ({scale:g}) is no optimizer state "
+                                 f"in torch; continue with torch.amp.GradScaler(init_scale={scale:g}) (its growth counter restarts)",)
         unused = tuple(k for k in reader.keys() if k not in used and k != OBJECT_GRAPH_KEY)
         report = ConversionReport(
             "tf2torch", src, dst, plan, {s: kc.keys[s] for e in plan.entries for s in e.sources},
@@ -1066,10 +1093,12 @@ def torch_to_tf(
             for v, d in kc.slots.items():
                 for s, ckey in d.items():
                     out_keys[ckey] = ("slot", (v, s))
-            if kc.iterations_key:
-                out_keys[kc.iterations_key] = ("iterations", None)
-            if kc.learning_rate_key:
-                out_keys[kc.learning_rate_key] = ("learning_rate", None)
+            for k in (kc.iterations_key, *kc.also_iterations):
+                if k:
+                    out_keys[k] = ("iterations", None)
+            for k in (kc.learning_rate_key, *kc.also_learning_rate):
+                if k:
+                    out_keys[k] = ("learning_rate", None)
         leftover = [k for k in reader.keys() if k not in out_keys and k != OBJECT_GRAPH_KEY]
         report = ConversionReport(
             "torch2tf", src, dst, plan, dict(kc.keys), unused, ks.class_name if ks else None, hyper,

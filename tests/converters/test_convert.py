@@ -884,3 +884,35 @@ def test_compiled_model_checkpoint_carries_its_optimizer(tf, torch, tmp_path):
     k2.optimizer.build(k2.trainable_variables)
     tf.train.Checkpoint(model=k2).restore(str(tmp_path / "back" / "ckpt-1")).assert_consumed()
     assert int(k2.optimizer.iterations.numpy()) == 2
+
+
+@pytest.mark.tensorflow
+@pytest.mark.torch
+def test_mixed_precision_loss_scale_optimizer(tf, torch, tmp_path):
+    """A LossScaleOptimizer wraps the real optimizer: its state converts, the loss scale is reported."""
+    import keras
+
+    def build():
+        keras.utils.set_random_seed(8)
+        m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="relu", name="dense"),
+                              keras.layers.Dense(8, activation="relu", name="dense_1"), keras.layers.Dense(8, name="dense_2"),
+                              keras.layers.Dense(2, name="dense_3")], name="sequential")
+        m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+        return m
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        km = build()
+        rng = np.random.default_rng(0)
+        km.fit(rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32), batch_size=4, verbose=0)
+        assert type(km.optimizer).__name__ == "LossScaleOptimizer"
+        prefix = tf.train.Checkpoint(model=km).save(str(tmp_path / "k" / "ckpt"))
+        r = tf_to_torch(prefix, tmp_path / "t.pt", model_factory=MODELS + ":mlp", exact_optimizer=True)
+        assert any("GradScaler(init_scale=" in n for n in r.notes) and any("iterations=2" in n for n in r.notes)
+        torch_to_tf(tmp_path / "t.pt", tmp_path / "back" / "ckpt-1", template=prefix, model_factory=MODELS + ":mlp")
+        k2 = build()
+        k2.optimizer.build(k2.trainable_variables)
+        tf.train.Checkpoint(model=k2).restore(str(tmp_path / "back" / "ckpt-1")).assert_consumed()
+        assert int(k2.optimizer.iterations.numpy()) == 2
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
