@@ -814,7 +814,13 @@ def tf_to_torch(
             known.update(_implied_by_slots(cls, kc, known))
             config = {**_KERAS_DEFAULTS[cls], **known}
             assumed = sorted(k for k in _KERAS_DEFAULTS[cls] if k not in known)
-            lr = float(np.asarray(reader.get(kc.learning_rate_key))) if kc.learning_rate_key else config.get("learning_rate", 0.001)
+            if kc.learning_rate_key is None and "learning_rate" not in cfg:
+                raise ConversionError(
+                    f"{src} stores no learning rate: a Keras LearningRateSchedule computes it from the step and is not "
+                    f"saved. Pass its value at step {iterations}, e.g. --optimizer-config '{{\"learning_rate\": 0.001}}' "
+                    "(and continue the schedule with a torch LR scheduler)"
+                )
+            lr = float(np.asarray(reader.get(kc.learning_rate_key))) if kc.learning_rate_key else float(cfg["learning_rate"])
             if decay and "learning_rate" not in cfg:
                 lr = lr / (1 + decay * iterations)
                 notes = notes + (f"optimizer: the legacy time-based decay={decay:g} (lr / (1 + decay*t)) has no torch optimizer "
@@ -828,7 +834,8 @@ def tf_to_torch(
             frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
             conv = keras_to_torch_optimizer(state, plan, names, exact=exact_optimizer, frozen=frozen)
             notes = notes + (f"optimizer: Keras {cls} (named {kc.optimizer_name!r} in the checkpoint), iterations={iterations}, "
-                             f"learning_rate={config['learning_rate']:g} read from the checkpoint"
+                             f"learning_rate={config['learning_rate']:g} "
+                             + ("read from the checkpoint" if "learning_rate" not in cfg else "as given")
                              + (f"; stored: {', '.join(f'{k}={v:g}' for k, v in stored.items())}" if stored else "")
                              + (f"; not stored, assumed Keras defaults: {', '.join(f'{k}={config[k]!r}' for k in assumed)}" if assumed else ""),)
             used |= {k for d in kc.slots.values() for k in d.values()}

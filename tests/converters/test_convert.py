@@ -916,3 +916,20 @@ def test_mixed_precision_loss_scale_optimizer(tf, torch, tmp_path):
         assert int(k2.optimizer.iterations.numpy()) == 2
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.torch
+def test_a_learning_rate_schedule_needs_the_current_value(torch, tmp_path):
+    v = "/.ATTRIBUTES/VARIABLE_VALUE"
+    _tf_keras2_like(tmp_path / "ck", {f"model/fc/kernel{v}": ("fc/kernel", (4, 4)), f"optimizer/_variables/1{v}": ("Adam/m/fc/kernel", (4, 4)),
+                                      f"optimizer/_variables/2{v}": ("Adam/v/fc/kernel", (4, 4)), f"optimizer/_iterations{v}": ("iteration", ())})
+
+    def factory():
+        m = torch.nn.Module()
+        m.fc = torch.nn.Linear(4, 4, bias=False)
+        return m
+
+    with pytest.raises(ConversionError, match="stores no learning rate.*LearningRateSchedule"):
+        tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", model_factory=factory)
+    r = tf_to_torch(tmp_path / "ck", tmp_path / "o.pt", model_factory=factory, optimizer_config={"learning_rate": 0.025})
+    assert r.optimizer_hyperparameters["lr"] == 0.025 and any("learning_rate=0.025 as given" in n for n in r.notes)
