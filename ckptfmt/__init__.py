@@ -14,8 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from ckptfmt._gc import GcReport, compact, gc, remove
 from ckptfmt.api import CheckpointReader, Problem, VerifyReport, load, open, save, verify
+from ckptfmt._gc import GcReport, compact, gc, remove
 from ckptfmt.manager import CheckpointManager
 from ckptfmt.errors import (
     CheckpointExistsError,
@@ -30,6 +30,7 @@ from ckptfmt.errors import (
     StorageError,
     TensorNotFoundError,
     UnmappedKeyError,
+    UnsafePathError,
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointExistsError",
     "TensorNotFoundError",
+    "UnsafePathError",
     "StorageError",
     "FrameworkNotAvailableError",
     "ConversionError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 from click.testing import CliRunner
@@ -58,15 +59,14 @@ def test_compact_then_gc(tmp_path):
     r = _run("compact", d / "step-3")
     assert r.exit_code == 0 and "compacted" in r.output
     assert "already self-contained" in _run("compact", d / "step-3").output
-    ckptfmt.remove(d / "step-1")
-    ckptfmt.remove(d / "step-2")
+    ckptfmt.remove(d / "step-1")  # its data is still used by step-2: kept in the store
+    shutil.rmtree(d / "step-2")  # the habit: now step-1's and step-2's data are garbage
     r = _run("gc", d, "--grace", "0", "--dry-run")
     assert r.exit_code == 0 and "would delete" in r.output
-    assert os.path.isdir(d / "step-1")
+    assert len(os.listdir(d / "ckptfmt-store")) == 3  # STORE + two packs
     r = _run("gc", d, "--grace", "0")
-    # remove(step-2) already freed step-2's own data (step-3 no longer needs it after compact);
-    # step-1's data was still used by step-2 when step-1 was removed, so gc frees it now.
-    assert r.exit_code == 0 and "deleted 1 file(s)" in r.output
+    assert r.exit_code == 0 and "deleted 2 file(s)" in r.output, r.output
+    assert os.listdir(d / "ckptfmt-store") == ["STORE"]
     assert not os.path.exists(d / "step-1") and _run("verify", d / "step-3").exit_code == 0
     assert json.loads(_run("gc", d, "--json").output)["deleted"] == []
 
