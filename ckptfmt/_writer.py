@@ -13,8 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, read_checkpoint, split
+from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._pool import pool, workers
 from ckptfmt._progress import progress_bar
+from ckptfmt._reader import read_manifest
 from ckptfmt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -211,8 +214,6 @@ class _ParentRef:
     """
 
     def __init__(self, parent: str, child: str, storage: Storage) -> None:
-        from ckptfmt._layout import read_checkpoint, split
-
         (p_dir, p_name), (c_dir, c_name) = split(parent), split(child)
         if os.path.normpath(p_dir) != os.path.normpath(c_dir) or p_name == c_name:
             raise ValueError(
@@ -224,8 +225,6 @@ class _ParentRef:
             raise UnsafePathError(f"the parent {parent} is a symbolic link; name the checkpoint directory it points to")
         m = read_checkpoint(storage, p_dir, p_name) if e is not None and e.kind == "dir" else None
         if m is None:
-            from ckptfmt._reader import read_manifest
-
             read_manifest(parent, storage)  # raises the usual CheckpointNotFoundError
             raise CheckpointNotFoundError(f"no checkpoint at {parent}")
         self.name = p_name
@@ -252,8 +251,6 @@ class _ParentRef:
 
     def chunk(self, entry, k: int, digest: bytes) -> tuple[int, int] | None:
         """(child file index, offset) of the parent's identical chunk in the store, or None."""
-        from ckptfmt._layout import STORE_PREFIX
-
         m = self.manifest
         c = entry.first_chunk + k
         if m.chunk_hash(c) != digest:
@@ -335,8 +332,6 @@ def write_checkpoint(
     run's lock shared (unless the caller holds it: ``lock_held``), so no gc or remove can
     delete what it refers to before it commits.
     """
-    from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
-
     if shared_store is None:
         shared_store = parent is not None
     if parent is not None and not shared_store:
@@ -344,7 +339,7 @@ def write_checkpoint(
     tree, tensors = collect_tensors(state)  # refuse bad input before anything touches storage
     lock = None
     if shared_store and not lock_held:
-        directory = _split(path)[0]
+        directory = split(path)[0]
         if not storage.isdir(directory):
             storage.makedirs(directory)
         lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout)
@@ -357,17 +352,9 @@ def write_checkpoint(
             lock.release()
 
 
-def _split(path: str) -> tuple[str, str]:
-    from ckptfmt._layout import split
-
-    return split(path)
-
-
 def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, chunk_size, hash_alg, sync, progress,
            producer, parent, shared_store) -> str:
-    from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale
-
-    directory, name = _split(path)
+    directory, name = split(path)
     manifest_path = storage.join(path, MANIFEST_NAME)
     entry = {e.name: e for e in storage.scan(directory)}.get(name)
     if entry is not None and entry.kind == "link":
