@@ -263,7 +263,7 @@ def bench_compression(n: int) -> list[str]:
         t = time.perf_counter()
         comp = cctx.compress(new.tobytes())
         rows.append([label, "zstd alone", f"{new.nbytes / len(comp):.2f}x", f"{new.nbytes / (time.perf_counter() - t) / MiB:.0f} MiB/s"])
-    table(["data", "codec", "size ratio", "compress speed"], rows, title=f"\n5. compressing changed chunks ({fmt_bytes(n * 4)} per case)")
+    table(["data", "codec", "size ratio", "compress speed"], rows, title=f"\n6. compressing changed chunks ({fmt_bytes(n * 4)} per case)")
     return [f"compression of changed chunks: best ratio {best:.2f}x"]
 
 
