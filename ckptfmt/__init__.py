@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from ckptfmt.api import CheckpointReader, Problem, VerifyReport, load, open, save, verify
-from ckptfmt._gc import GcReport, compact, gc, remove
+from ckptfmt._gc import GcReport, RunInfo, compact, gc, remove, run_info
 from ckptfmt.manager import CheckpointManager
 from ckptfmt.errors import (
     CheckpointExistsError,
@@ -46,7 +46,9 @@ __all__ = [
     "gc",
     "remove",
     "compact",
+    "run_info",
     "GcReport",
+    "RunInfo",
     "CheckpointManager",
     "CheckpointLockedError",
     "CheckpointReader",

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass, field
 
-from ckptfmt._layout import Sweep, free_unpublished, split, sweep_dirs, sweep_store, unpublish, view
+from ckptfmt._layout import Sweep, free_unpublished, read_marker, split, sweep_dirs, sweep_store, unpublish, view
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._reader import open_reader
 from ckptfmt._writer import DeferredTensor, write_checkpoint
 from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, UnsafePathError
-from ckptfmt.format.spec import MANIFEST_NAME, STORE_NAME
+from ckptfmt.format.spec import MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
 from ckptfmt.format.tree import TensorRef
 from ckptfmt.storage.base import Storage
 from ckptfmt.storage.local import LocalStorage
@@ -94,6 +95,45 @@ def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: fl
         return collect(storage, directory, dry_run=True, grace_seconds=grace_seconds, locked=False)
     with lock:
         return collect(storage, directory, dry_run=dry_run, grace_seconds=grace_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run directory at a glance: its checkpoints and its shared store (see :func:`run_info`)."""
+
+    directory: str
+    checkpoints: tuple[str, ...]
+    store_files: int = 0
+    store_bytes: int = 0
+    unreferenced_bytes: int = 0
+    is_store: bool = False
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def run_info(directory: str | os.PathLike, *, storage: Storage | None = None) -> RunInfo:
+    """The checkpoints of a run directory and what its shared store holds (read-only).
+
+    ``is_store`` is true when ``directory`` is itself a run's ``ckptfmt-store``.
+
+    Example:
+        >>> import numpy as np, ckptfmt, tempfile, os
+        >>> d = tempfile.mkdtemp(); _ = ckptfmt.save({"a": np.ones(2)}, os.path.join(d, "s1"), shared_store=True)
+        >>> info = ckptfmt.run_info(d); [os.path.basename(c) for c in info.checkpoints], info.store_files
+        (['s1'], 1)
+    """
+    storage = storage or LocalStorage()
+    directory = os.fspath(directory)
+    parent, name = split(directory)
+    if name == STORE_NAME and read_marker(storage, parent):
+        return RunInfo(directory, (), is_store=True)
+    v = view(storage, directory)
+    names = sorted(v.manifests, key=_natural)
+    files = [e for e in storage.scan(storage.join(directory, STORE_NAME)) if e.kind == "file" and STORE_FILE_RE.match(e.name)] if v.store else []
+    unref = sum(e.size for e in files if (STORE_NAME, e.name) not in v.refs)
+    return RunInfo(directory, tuple(storage.join(directory, n) for n in names), len(files), sum(e.size for e in files), unref)
 
 
 def _checkpoint_entry(storage: Storage, path: str) -> tuple[str, str]:
