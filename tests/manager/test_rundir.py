@@ -267,3 +267,46 @@ def test_10_a_failed_save_leaves_no_directory(tmp_path):
         with pytest.raises(RuntimeError):
             ckptfmt.save(state, tmp_path / "new", **kw)
         assert not (tmp_path / "new").exists()
+
+
+GOLDEN_11 = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "golden", "v1.1")
+
+
+def test_a_1_1_run_is_collected_by_the_same_rules(tmp_path):
+    """Checkpoints referring to a sibling's directory (1.1) keep loading; remove frees their data."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for n in ("base", "delta"):
+        shutil.copytree(os.path.join(GOLDEN_11, n), run / n)
+    files = lambda: sorted(str(p.relative_to(run)) for p in run.rglob("*.data"))  # noqa: E731
+    before = files()
+    assert ckptfmt.gc(run, grace_seconds=0).deleted == ()
+    ckptfmt.remove(run / "base")
+    assert files() == before and ckptfmt.verify(run / "delta").ok  # delta still uses base's data
+    ckptfmt.remove(run / "delta")
+    assert files() == [] and sorted(os.listdir(run)) == [".ckptfmt.lock"]
+
+
+def test_gc_refuses_when_a_manifest_refers_through_a_link(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(os.path.join(GOLDEN_11, "base"), run / "real-base")
+    os.symlink("real-base", run / "base")
+    shutil.copytree(os.path.join(GOLDEN_11, "delta"), run / "delta")  # refers to ../base/...
+    rep = ckptfmt.gc(run, grace_seconds=0)
+    assert rep.refused and "symbolic link" in rep.refused[0] and rep.deleted == ()
+    with pytest.raises(ckptfmt.UnsafePathError):
+        ckptfmt.save(_state(1), run / "child", parent=run / "base")
+    assert ckptfmt.verify(run / "delta").ok
+
+
+def test_deletion_never_touches_links_or_foreign_names_inside_checkpoints(tmp_path):
+    outside = tmp_path / "outside.data"
+    outside.write_bytes(b"precious")
+    ck = tmp_path / "run" / "ck"
+    ckptfmt.save(_state(1), ck, chunk_size=CS)
+    os.symlink(outside, ck / "data-00001-0123abcd.data")  # named like ours, but a link
+    (ck / "notes.txt").write_text("mine")
+    ckptfmt.remove(ck)
+    assert outside.read_bytes() == b"precious" and (ck / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(ck)) == ["data-00001-0123abcd.data", "notes.txt"]
