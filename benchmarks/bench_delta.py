@@ -276,9 +276,9 @@ def main() -> None:
     with scratch_dir(size * 16, args.dir) as root:
         verdicts += bench_delta_vs_full(root, size, rounds)
         verdicts += bench_finetune(root, (8 if args.quick else 32) * (1 << 20), 20)
-        verdicts += bench_retention(root, (4 if args.quick else 16) * (1 << 20))
         verdicts += bench_async(root, size, rounds)
         verdicts += bench_chain_restore(root, size, rounds)
+        verdicts += bench_retention(root, (4 if args.quick else 16) * (1 << 20))
     verdicts += bench_compression(16 * (1 << 20) if not args.quick else 4 * (1 << 20))
     print("\nsummary")
     for v in verdicts:
