@@ -176,15 +176,34 @@ def bench_retention(root, n_params: int, steps: int = 40, keep: int = 3) -> list
         gc_rep = ckptfmt.gc(d, grace_seconds=0)
         sizes[name] = (before, after_rm, du(d), time.perf_counter() - t, gc_rep.freed_bytes)
         assert all(ckptfmt.verify(p).ok for p in (d / f"step-{s}" for s in range(steps - keep + 2, steps + 1)))
+    # The same with the verbs alone: save(parent=...) and remove() of the oldest (issue 10, case 7).
+    d = root / "ret-verbs"
+    d.mkdir()
+    st, kept = dict(state), []
+    t = time.perf_counter()
+    for step in range(1, steps + 1):
+        st = perturb_chunks(st, 0.10, np.random.default_rng(step))
+        path = str(d / f"step-{step}")
+        depth = len(kept) and ckptfmt.open(kept[-1]).sharing()["depth"]
+        ckptfmt.save(st, path, shared_store=True, parent=kept[-1] if kept and depth + 1 < 8 else None)
+        kept.append(path)
+        while len(kept) > keep:
+            ckptfmt.remove(kept.pop(0))
+    before = du(d)
+    shutil.rmtree(kept[0])
+    after_rm = du(d)
+    ckptfmt.gc(d, grace_seconds=0)
+    sizes["save(parent=) + remove()"] = (before, after_rm, du(d), time.perf_counter() - t, 0)
     state_bytes = sum(a.nbytes for a in state.values())
-    rows = [[f"CheckpointManager({name})", fmt_bytes(b), fmt_bytes(r), fmt_bytes(a), f"{a / sizes['full'][2]:.2f}", fmt_s(t)]
+    rows = [[name if "(" in name else f"CheckpointManager({name})", fmt_bytes(b), fmt_bytes(r), fmt_bytes(a), f"{a / sizes['full'][2]:.2f}", fmt_s(t)]
             for name, (b, r, a, t, _) in sizes.items()]
     table(["run", "on disk", "after rm -r oldest", "after gc", "x full", "total time"], rows,
           title=f"\n5. {steps}-step run, max_to_keep={keep}, {fmt_bytes(state_bytes)} state, 10% of chunks change per step")
     inc, full = sizes["incremental"], sizes["full"]
     return [f"{steps}-step run keeping {keep}: incremental on disk {fmt_bytes(inc[0])} "
             f"({inc[0] / full[0]:.2f}x the full-save run's {fmt_bytes(full[0])}); "
-            f"after rm -r of a step + gc {fmt_bytes(inc[2])} ({inc[2] / full[2]:.2f}x)"]
+            f"after rm -r of a step + gc {fmt_bytes(inc[2])} ({inc[2] / full[2]:.2f}x); "
+            f"save(parent=)+remove() {fmt_bytes(sizes['save(parent=) + remove()'][0])} (no gc needed)"]
 
 
 def bench_async(root, size: int, rounds: int) -> list[str]:
