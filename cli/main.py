@@ -438,14 +438,16 @@ def log(directory: str, as_json: bool) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
 @click.option("--grace", "grace", type=click.FloatRange(min=0), default=600.0, show_default=True,
-              help="Keep unreferenced files younger than this many seconds (a save may still be writing them).")
+              help="Outside the shared store, keep unreferenced files younger than this many seconds "
+                   "(a save of a self-contained checkpoint may still be writing them).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
     """Free data that no checkpoint in DIRECTORY refers to, and leftovers of interrupted saves.
 
-    Incremental checkpoints share data files, so deleting one (ckptfmt.remove or a
-    CheckpointManager's retention) frees only what nobody else uses. Nothing is deleted
-    if any manifest in DIRECTORY cannot be read.
+    Incremental checkpoints share data in the run's store (DIRECTORY/ckptfmt-store), so
+    deleting one with `rm -r` leaves data that only gc frees. Only files ckptfmt names as
+    its own are deleted, never through a symbolic link, never outside DIRECTORY; nothing is
+    deleted if any manifest in DIRECTORY cannot be read. --dry-run needs no write access.
 
     \b
     Example:
