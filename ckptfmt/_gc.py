@@ -76,6 +76,7 @@ def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: fl
         timeout: seconds to wait for a CheckpointManager or save using the directory.
 
     Raises:
+        CheckpointNotFoundError: ``directory`` does not exist.
         CheckpointLockedError: the directory stayed in use for ``timeout`` seconds.
 
     Example:
@@ -85,6 +86,8 @@ def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: fl
     """
     storage = storage or LocalStorage()
     directory = os.fspath(directory)
+    if not storage.isdir(directory):
+        raise CheckpointNotFoundError(f"no directory {directory}")
     try:
         lock = run_lock(storage, directory, timeout=timeout)
     except CheckpointLockedError:
@@ -222,13 +225,19 @@ def _deferred_state(reader):
     return walk(reader.tree)
 
 
-def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, storage: Storage | None = None,
-            lock_held: bool = False) -> str:
+def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, storage: Storage | None = None) -> str:
     """Rewrite a checkpoint as a self-contained one: all its data in its own directory.
 
     In place (atomically) by default, or as a new checkpoint at ``to`` (a portable copy:
     ``cp -r``/``rsync -a`` of the result is complete). Tensors are streamed one at a time.
-    Returns the new digest. Data the original shared becomes free for :func:`gc`.
+    Returns the new digest. Data the original shared becomes free for :func:`gc`. While it
+    reads shared data it holds the run's lock shared (so it waits for, or is refused by, a
+    CheckpointManager using the run).
+
+    Args:
+        path: the checkpoint.
+        to: write the self-contained copy there instead of replacing ``path``.
+        storage: a storage backend (default: the local filesystem).
 
     Example:
         >>> import numpy as np, ckptfmt, tempfile, os
@@ -245,7 +254,7 @@ def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, sto
         m = reader.manifest
         shared = any(f.path.startswith("../") for f in m.files)
         # Reading shared data: hold the run's lock shared, so nobody deletes it meanwhile.
-        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared and not lock_held else None
+        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared else None
         try:
             reader = open_reader(path, storage)  # re-read under the lock
             dest = path if to is None else os.fspath(to)
