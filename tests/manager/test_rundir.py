@@ -310,3 +310,21 @@ def test_deletion_never_touches_links_or_foreign_names_inside_checkpoints(tmp_pa
     ckptfmt.remove(ck)
     assert outside.read_bytes() == b"precious" and (ck / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(ck)) == ["data-00001-0123abcd.data", "notes.txt"]
+
+
+def test_5_shared_data_deleted_behind_the_lock_fails_the_save(tmp_path):
+    """Even a deletion that ignores the lock (a user's rm in the store) never yields a broken success."""
+    p, c = tmp_path / "p", tmp_path / "c"
+    ckptfmt.save(_state(1), p, chunk_size=CS, shared_store=True)
+    pack = tmp_path / "ckptfmt-store" / ckptfmt.open(p).manifest.files[0].path.split("/")[-1]
+    from ckptfmt.storage.local import LocalStorage
+
+    class RmInStore(LocalStorage):
+        def open_write(self, path, *, durable=True):
+            if pack.exists():
+                os.remove(pack)
+            return super().open_write(path, durable=durable)
+
+    with pytest.raises(ckptfmt.IntegrityError, match="deleted or changed while this save ran"):
+        ckptfmt.save(_state(2), c, parent=p, storage=RmInStore())
+    assert not c.exists()
