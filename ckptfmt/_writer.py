@@ -356,6 +356,8 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
            producer, parent, shared_store) -> str:
     directory, name = split(path)
     manifest_path = storage.join(path, MANIFEST_NAME)
+    if name == STORE_NAME:
+        raise UnsafePathError(f"{path}: {STORE_NAME} is the name of a run's shared store; save the checkpoint under another name")
     entry = {e.name: e for e in storage.scan(directory)}.get(name)
     if entry is not None and entry.kind == "link":
         raise UnsafePathError(f"{path} is a symbolic link; save to the directory it points to, or to another path")
