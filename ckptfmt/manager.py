@@ -240,9 +240,10 @@ class CheckpointManager:
         with self._mutex:
             path = self.step_path(step)
             parent = self._parent_for(step)
+            replaced = step in self.all_steps()
             write_checkpoint(state, path, self.storage, metadata=metadata, overwrite=True, chunk_size=self.chunk_size,
                              sync=self.sync, parent=parent, shared_store=self.incremental, lock_held=True)
-            self._retain()
+            self._retain(replaced)
 
     def _parent_for(self, step: int) -> str | None:
         if not self.incremental:
@@ -258,7 +259,7 @@ class CheckpointManager:
         depth = p.get("depth", 0) if isinstance(p, dict) and isinstance(p.get("depth"), int) else 0
         return parent if depth + 1 < self.max_chain else None
 
-    def _retain(self) -> None:
+    def _retain(self, replaced: bool = False) -> None:
         steps = self.all_steps()
         keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
         if self.keep_every_n_steps:
@@ -266,6 +267,8 @@ class CheckpointManager:
         dropped = [s for s in steps if s not in keep]
         if dropped:
             remove_locked(self.storage, self.directory, [f"step-{s}" for s in dropped])
+        elif replaced:  # a step saved again (force=True): the data only its old manifest used is free
+            collect(self.storage, self.directory)
 
     def recover(self, *, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
         """Remove what interrupted saves left behind (called on start).

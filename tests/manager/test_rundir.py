@@ -328,3 +328,14 @@ def test_5_shared_data_deleted_behind_the_lock_fails_the_save(tmp_path):
     with pytest.raises(ckptfmt.IntegrityError, match="deleted or changed while this save ran"):
         ckptfmt.save(_state(2), c, parent=p, storage=RmInStore())
     assert not c.exists()
+
+
+def test_saving_a_step_again_frees_its_old_data(tmp_path):
+    with CheckpointManager(tmp_path, max_to_keep=5, chunk_size=CS) as m:
+        m.save(1, _state(1))
+        m.save(1, _state(2), force=True)
+        out = m.restore(1)
+        assert out["w"].tobytes() == _state(2)["w"].tobytes()
+        need = {os.path.normpath(os.path.join(m.step_path(1), f.path)) for f in ckptfmt.open(m.step_path(1)).manifest.files}
+    left = {os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".data")}
+    assert left == need
