@@ -37,7 +37,8 @@ from typing import Any
 
 from ckptfmt.errors import ConversionError
 
-from ..mapping.layers import KerasLayer, find_flatten_dense, layer_rules
+from ..mapping.describe import find_flatten_dense
+from ..mapping.registry import KerasLayer, layer_rules
 from ..mapping.rules import Mapping, Plan, Rename
 from ..sources.base import require
 from .checkpoint import KerasCheckpoint
