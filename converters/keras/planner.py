@@ -40,7 +40,7 @@ from ckptfmt.errors import ConversionError
 from ..mapping.describe import find_flatten_dense
 from ..mapping.registry import KerasLayer, layer_rules
 from ..mapping.rules import Mapping, Plan, Rename
-from ..sources.base import require
+from ..optional import require
 from .checkpoint import KerasCheckpoint
 from .infer import refit_flattens, settle_by_name
 

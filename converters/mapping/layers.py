@@ -32,20 +32,6 @@ from typing import Any
 
 from ckptfmt.errors import ConversionError
 
-from .rules import (
-    AppendZeros,
-    Concat,
-    Convert,
-    Fill,
-    GateReorder,
-    Mapping,
-    Op,
-    Rename,
-    Reshape,
-    Rule,
-    Split,
-    Transpose,
-)
 from .registry import (
     LAYER_CONVERTERS,
     LAYER_KINDS,
@@ -60,6 +46,21 @@ from .registry import (
     register_layer,
     unregister_layer,
 )
+from .rules import (
+    AppendZeros,
+    Concat,
+    Convert,
+    Fill,
+    GateReorder,
+    Mapping,
+    Op,
+    Rename,
+    Reshape,
+    Rule,
+    Split,
+    Transpose,
+)
+
 
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name

@@ -27,17 +27,15 @@ from collections.abc import Mapping as AbcMapping
 from collections.abc import Sequence
 from typing import Any
 
-from ckptfmt.errors import ConversionError, FrameworkNotAvailableError
+from ckptfmt.errors import ConversionError
 
+from ..optional import require
 from .describe import find_flatten_dense
 from .registry import LAYER_KINDS, KerasLayer, layer_rules
 from .rules import Mapping
 
-try:
-    import torch
-    from torch import nn
-except ImportError as e:  # pragma: no cover - exercised only without torch
-    raise FrameworkNotAvailableError("torch", "torch", feature="model-guided mapping") from e
+torch = require("torch", "model-guided mapping")
+nn = torch.nn
 
 
 def _accepts(layer: KerasLayer, module: nn.Module) -> bool:

@@ -53,7 +53,7 @@ from typing import Any
 
 from ckptfmt.errors import ConversionError
 
-from .rules import Mapping, Rename, TensorSpec
+from .rules import Mapping, TensorSpec
 
 # Components of object-graph keys that are not part of a weight's role.
 _NOISE = {".ATTRIBUTES", "VARIABLE_VALUE"}
@@ -217,6 +217,7 @@ def register_layer(
         ValueError: ``class_name`` is registered already (without ``replace``).
 
     Example:
+        >>> from ckptfmt.converters.mapping import Mapping, Rename
         >>> kind = register_layer(
         ...     "Scale", lambda layer, p, **_: Mapping((Rename(layer.weight("scale").key, f"{p}.weight"),)),
         ...     signature=lambda probe, shapes: {} if set(shapes) == {"scale"} else None)

@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 import math
-from collections.abc import Mapping as AbcMapping
 from collections.abc import Collection, Sequence
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field
 from typing import Any
 

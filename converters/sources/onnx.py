@@ -16,27 +16,26 @@ __all__ = ["OnnxSource", "export_onnx"]
 
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, FrameworkNotAvailableError, TensorNotFoundError, UnmappedKeyError
+from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, TensorNotFoundError, UnmappedKeyError
 
+from ..files import check_destination, commit_file, remove_quietly
+from ..optional import require
 from . import open_any
-from .base import ConvertResult, Source, TensorInfo, check_destination, dtype_str, first_line, make_report
+from .base import ConvertResult, Source, TensorInfo, dtype_str, first_line, make_report
 
 #: protobuf cannot serialize a message of 2 GiB; above this, tensors go to external data.
 _PROTO_LIMIT = 1_800_000_000
 
 
 def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise FrameworkNotAvailableError("onnx", "onnx", feature="ONNX models") from None
-    return onnx
+    return require("onnx", "ONNX models")
 
 
 def _np_dtype(onnx: Any, data_type: int) -> np.dtype | None:
@@ -181,7 +180,7 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
     onnx = _onnx()
     from onnx import numpy_helper
 
-    check_destination(out, overwrite)
+    check_destination(out, "file", overwrite)
     if os.path.abspath(out) == os.path.abspath(model_path):
         raise ConversionError(f"{out}: the output must be a new file, not the model being filled in")
     model = _load_model(model_path, external=True)
@@ -222,16 +221,32 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
                 written += 1
                 nbytes += arr.nbytes
     external = used_external or sum(len(t.raw_data) for t in model.graph.initializer) > _PROTO_LIMIT
-    location = os.path.basename(out) + ".data"
-    data_path = os.path.join(os.path.dirname(os.path.abspath(out)), location)
-    if external and os.path.exists(data_path):
-        os.remove(data_path)  # onnx appends to an existing external data file
-    try:
-        onnx.save_model(model, out, save_as_external_data=external, all_tensors_to_one_file=True, location=location)
-        onnx.checker.check_model(out)
-    except Exception as e:
-        for p in (out, data_path if external else None):
-            if p and os.path.exists(p):
-                os.remove(p)
-        raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {first_line(e)}") from e
+    _save_atomically(onnx, model, out, external)
     return ConvertResult(out, "onnx", written, nbytes)
+
+
+def _save_atomically(onnx: Any, model: Any, out: str, external: bool) -> None:
+    """Save and check the model in a new directory beside ``out``, then commit its files.
+
+    The external data file (``<out>.data``, named inside the model) is committed first and
+    the model last: the model's rename is the commit, so a save killed halfway leaves no
+    new model (and onnx never appends to an existing data file).
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    name = os.path.basename(out)
+    location = name + ".data"
+    work = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    staged = [os.path.join(work, name), os.path.join(work, location)]
+    try:
+        try:
+            onnx.save_model(model, staged[0], save_as_external_data=external, all_tensors_to_one_file=True, location=location)
+            onnx.checker.check_model(staged[0])
+        except Exception as e:
+            raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {first_line(e)}") from e
+        if os.path.exists(staged[1]):  # small tensors stay inside the model even with external data
+            commit_file(staged[1], os.path.join(parent, location))
+        commit_file(staged[0], out)
+    finally:
+        for p in staged:
+            remove_quietly(p)
+        os.rmdir(work)
