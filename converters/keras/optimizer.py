@@ -34,18 +34,12 @@ import numpy as np
 from ckptfmt.errors import ConversionError, UnmappedKeyError
 
 from ..mapping.rules import Plan
-from ..optim.convert import KERAS_SLOTS, KerasOptimizerState, torch_to_keras_optimizer
+from ..optim.convert import KerasOptimizerState, torch_to_keras_optimizer
+from ..optim.tables import KERAS_DEFAULTS, KERAS_SLOTS, TORCH_TO_KERAS
 from .checkpoint import KerasCheckpoint
 
 # Keras 3 default optimizer names (the prefix of the variable names TF records).
 _DEFAULT_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
-#: Keras 3 defaults of the hyperparameters a checkpoint does not store.
-KERAS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "Adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False},
-    "AdamW": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False, "weight_decay": 0.004},
-    "SGD": {"momentum": 0.0, "nesterov": False},
-    "RMSprop": {"rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False},
-}
 
 
 def keras_optimizer_settings(kc: KerasCheckpoint, optimizer_config: AbcMapping[str, Any] | None, *,
@@ -253,7 +247,7 @@ def _check_state_shapes(src: str, model: Any, sd: AbcMapping[str, Any], names: S
                               "(was the optimizer built on model.parameters()?):\n  " + "\n  ".join(bad[:10]))
 
 
-_TORCH_OPT = {"Adam", "AdamW", "SGD", "RMSprop", "KerasAdam", "KerasSGD", "KerasRMSprop"}
+_TORCH_OPT = set(TORCH_TO_KERAS)
 
 
 def torch_optimizer_name(ckpt: AbcMapping[str, Any], given: str | None) -> str:

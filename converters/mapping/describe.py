@@ -20,7 +20,7 @@ from typing import Any
 
 from ckptfmt.errors import ConversionError
 
-from .layers import KerasLayer, KerasWeight
+from .registry import KerasLayer, KerasWeight
 
 # -- the Flatten trap ---------------------------------------------------------------------------
 

@@ -2,28 +2,16 @@
 weights, and the torch modules it accepts, registered with :func:`.registry.register_layer`.
 
 Example:
-    >>> layer = KerasLayer("fc", "Dense", {}, (KerasWeight("fc/kernel", (3, 2)),
-    ...                                        KerasWeight("fc/bias", (2,))))
-    >>> plan = layer_rules(layer, "head").plan(layer.specs())
-    >>> plan.target_specs["head.weight"].shape
-    (2, 3)
+    >>> from ckptfmt.converters.mapping import LAYER_KINDS
+    >>> [k for k in LAYER_KINDS if k.startswith("Conv2D")]
+    ['Conv2D', 'Conv2DTranspose']
+    >>> LAYER_KINDS["BatchNormalization"].keeps_channels
+    True
 """
 
 from __future__ import annotations
 
-__all__ = [
-    "KerasWeight",
-    "KerasLayer",
-    "LayerKind",
-    "LAYER_KINDS",
-    "LAYER_CONVERTERS",
-    "register_layer",
-    "unregister_layer",
-    "layer_kind",
-    "layer_rules",
-    "conv_kernel_axes",
-    "flatten_kernel_ops",
-]
+__all__ = ["conv_kernel_axes", "flatten_kernel_ops"]
 
 import math
 import re
@@ -33,18 +21,11 @@ from typing import Any
 from ckptfmt.errors import ConversionError
 
 from .registry import (
-    LAYER_CONVERTERS,
-    LAYER_KINDS,
     Accepts,
     KerasLayer,
-    KerasWeight,
-    LayerKind,
     ModuleNotes,
     Signature,
-    layer_kind,
-    layer_rules,
     register_layer,
-    unregister_layer,
 )
 from .rules import (
     AppendZeros,

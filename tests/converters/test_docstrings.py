@@ -34,6 +34,9 @@ MODULES = [
     "ckptfmt.converters.mapping.registry",
     "ckptfmt.converters.mapping.layers",
     "ckptfmt.converters.mapping.describe",
+    "ckptfmt.converters.optim.tables",
+    "ckptfmt.converters.files",
+    "ckptfmt.converters.optional",
 ]
 
 
