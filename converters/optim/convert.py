@@ -283,27 +283,39 @@ def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names
     out: dict[int, dict[str, np.ndarray]] = {}
 
     if exact:
-        name = f"{_EXACT_MODULE}.{table.exact}"
-        hyper = _torch_hyper(table, cfg, lr, wd, exact=True)
-        for target, i in index.items():  # step even for slot-less parameters (plain SGD), as torch keeps it
-            out[i] = {"step": np.array(t, np.int64), **slots.get(target, {})}
-        notes.insert(0, f"{name} reproduces Keras 3 {table.keras}'s updates exactly; slots copied unchanged (layout only), iterations {t} -> step")
-        return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
-
+        return _exact_conversion(table, cfg, lr, wd, t, slots, index, notes)
     name = "torch.optim." + (("AdamW" if wd else "Adam") if table.decoupled else table.stock)
     hyper = _torch_hyper(table, cfg, lr, wd if table.decoupled else 0.0, exact=False)
     for target, s in slots.items():
-        o = {"step": np.array(float(t), np.float32)} if table.step else {}
-        for link in table.slots:
-            if link.when is None or cfg.get(link.when):
-                v = s[link.keras]
-                o[link.torch] = (v / np.float32(link.lr_sign * lr)).astype(v.dtype) if link.lr_sign else v
+        o = _stock_state(table, cfg, lr, t, s)
         if o:
             out[index[target]] = o
     first, drift = _stock_notes(table, name, hyper, lr, wd, t)
     notes.insert(0, first)
     notes += drift
     return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
+
+
+def _exact_conversion(table: OptimizerTable, cfg: AbcMapping[str, Any], lr: float, wd: float, t: int,
+                      slots: AbcMapping[str, dict[str, np.ndarray]], index: AbcMapping[str, int], notes: list[str]) -> OptimizerConversion:
+    """To the Keras-exact torch optimizer: Keras's slots unchanged (layout only), iterations -> step."""
+    name = f"{_EXACT_MODULE}.{table.exact}"
+    hyper = _torch_hyper(table, cfg, lr, wd, exact=True)
+    # step even for slot-less parameters (plain SGD), as torch keeps it
+    out = {i: {"step": np.array(t, np.int64), **slots.get(target, {})} for target, i in index.items()}
+    notes.insert(0, f"{name} reproduces Keras 3 {table.keras}'s updates exactly; slots copied unchanged (layout only), iterations {t} -> step")
+    return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
+
+
+def _stock_state(table: OptimizerTable, cfg: AbcMapping[str, Any], lr: float, t: int,
+                 keras_slots: AbcMapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One parameter's stock torch state from its Keras slots, through the table."""
+    o = {"step": np.array(float(t), np.float32)} if table.step else {}
+    for link in table.slots:
+        if link.when is None or cfg.get(link.when):
+            v = keras_slots[link.keras]
+            o[link.torch] = (v / np.float32(link.lr_sign * lr)).astype(v.dtype) if link.lr_sign else v
+    return o
 
 
 def _table(cls: str) -> OptimizerTable:
@@ -407,19 +419,25 @@ def _keras_slots(plan: Plan, state: AbcMapping[str, Any], names: AbcMapping[str,
                 continue
             notes.append(f"{', '.join(k for k in entry.sources if k not in have)} had no optimizer state (frozen): "
                          f"{', '.join(entry.targets)} takes its slots from {', '.join(have)}")
-        for tname, kname in names.items():
-            if tname not in state[have[0]] or state[have[0]][tname] is None:
-                continue
-            values = entry.run(tuple(np.asarray(state[k][tname]) for k in have), slots=True)
-            for target, value in zip(entry.targets, values):
-                if kname in scale:
-                    value = (value * np.float32(scale[kname])).astype(value.dtype)
-                slots.setdefault(target, {})[kname] = value
+        _entry_slots(entry, [state[k] for k in have], names, scale, slots)
     unplaced = [n for n in state if not any(n in e.sources for e in inverse.entries)]
     problems += [f"{n}: has optimizer state but no entry of the weight plan writes it" for n in unplaced]
     if problems:
         raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(problems))
     return slots
+
+
+def _entry_slots(entry: Any, states: Sequence[AbcMapping[str, Any]], names: AbcMapping[str, str],
+                 scale: AbcMapping[str, float], slots: dict[str, dict[str, np.ndarray]]) -> None:
+    """One inverse plan entry's slots, from the torch state of the parameters it reads."""
+    for tname, kname in names.items():
+        if tname not in states[0] or states[0][tname] is None:
+            continue
+        values = entry.run(tuple(np.asarray(st[tname]) for st in states), slots=True)
+        for target, value in zip(entry.targets, values):
+            if kname in scale:
+                value = (value * np.float32(scale[kname])).astype(value.dtype)
+            slots.setdefault(target, {})[kname] = value
 
 
 def _group_value(group: AbcMapping[str, Any], name: str, default: Any, flag: bool) -> Any:

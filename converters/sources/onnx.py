@@ -189,32 +189,9 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
     )
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     with open_any(src) as s:
-        names = s.keys()
-        have = set(names)
-        unknown = [n for n in names if n not in index]
-        missing = [n for n in index if n not in have]
-        mismatched = []
-        for n in names:
-            if n not in index:
-                continue
-            t = model.graph.initializer[index[n]]
-            dt = _np_dtype(onnx, t.data_type)
-            want = (dtype_str(dt) if dt is not None else f"onnx:{t.data_type}", tuple(int(d) for d in t.dims))
-            info = s.info(n)
-            if (info.dtype, info.shape) != want:
-                mismatched.append(f"{n}: {info.dtype}{list(info.shape)} in {src}, {want[0]}{list(want[1])} in the model")
-        gaps = []
-        if unknown and not allow_unknown:
-            gaps.append(f"{len(unknown)} tensor(s) of {src} have no initializer in {model_path}: {', '.join(unknown[:20])}" + (" ..." if len(unknown) > 20 else "") + " (--allow-unknown ignores them)")
-        if missing and not allow_missing:
-            gaps.append(f"{len(missing)} initializer(s) of {model_path} are not in {src}: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else "") + " (--allow-missing keeps the model's values)")
-        if mismatched:
-            what = f"{len(mismatched)} tensor(s) do not match the model's initializers: " + "; ".join(mismatched)
-            raise ConversionError("; ".join([what, *gaps]))
-        if gaps:
-            raise UnmappedKeyError("; ".join(gaps))
+        _check_fit(onnx, s, src, model_path, model, index, allow_missing=allow_missing, allow_unknown=allow_unknown)
         written = nbytes = 0
-        for n in names:
+        for n in s.keys():
             if n in index:
                 arr = np.asarray(s.get(n))
                 model.graph.initializer[index[n]].CopyFrom(numpy_helper.from_array(arr, n))
@@ -223,6 +200,44 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
     external = used_external or sum(len(t.raw_data) for t in model.graph.initializer) > _PROTO_LIMIT
     _save_atomically(onnx, model, out, external)
     return ConvertResult(out, "onnx", written, nbytes)
+
+
+def _listed(what: str, names: list[str], hint: str) -> str:
+    return f"{len(names)} {what}: {', '.join(names[:20])}" + (" ..." if len(names) > 20 else "") + f" ({hint})"
+
+
+def _check_fit(onnx: Any, s: Source, src: str, model_path: str, model: Any, index: dict[str, int], *,
+               allow_missing: bool, allow_unknown: bool) -> None:
+    """Every tensor of ``s`` fits its initializer (dtype, shape), and every name pairs up unless allowed.
+
+    Raises:
+        ConversionError: mismatched tensors (all listed, with the unpaired names).
+        UnmappedKeyError: unpaired names only.
+    """
+    names = s.keys()
+    have = set(names)
+    unknown = [n for n in names if n not in index]
+    missing = [n for n in index if n not in have]
+    mismatched = []
+    for n in names:
+        if n not in index:
+            continue
+        t = model.graph.initializer[index[n]]
+        dt = _np_dtype(onnx, t.data_type)
+        want = (dtype_str(dt) if dt is not None else f"onnx:{t.data_type}", tuple(int(d) for d in t.dims))
+        info = s.info(n)
+        if (info.dtype, info.shape) != want:
+            mismatched.append(f"{n}: {info.dtype}{list(info.shape)} in {src}, {want[0]}{list(want[1])} in the model")
+    gaps = []
+    if unknown and not allow_unknown:
+        gaps.append(_listed(f"tensor(s) of {src} have no initializer in {model_path}", unknown, "--allow-unknown ignores them"))
+    if missing and not allow_missing:
+        gaps.append(_listed(f"initializer(s) of {model_path} are not in {src}", missing, "--allow-missing keeps the model's values"))
+    if mismatched:
+        what = f"{len(mismatched)} tensor(s) do not match the model's initializers: " + "; ".join(mismatched)
+        raise ConversionError("; ".join([what, *gaps]))
+    if gaps:
+        raise UnmappedKeyError("; ".join(gaps))
 
 
 def _save_atomically(onnx: Any, model: Any, out: str, external: bool) -> None:
