@@ -12,7 +12,7 @@ import numpy as np
 from ckptfmt._pool import pool
 from ckptfmt.errors import CheckpointNotFoundError, IntegrityError, TensorNotFoundError
 from ckptfmt.format.hashing import get_hash
-from ckptfmt.format.manifest import Manifest, TensorEntry, decode_manifest
+from ckptfmt.format.manifest import Manifest, TensorEntry, decode_manifest, parent_depth
 from ckptfmt.format.spec import LIMITS, MANIFEST_NAME
 from ckptfmt.format.tree import TensorRef
 from ckptfmt.storage.base import ReadHandle, Storage
@@ -101,7 +101,7 @@ class CheckpointReader:
         foreign = np.array([i not in own for i in range(len(m.files))] or [False], bool)
         shared = int(lengths[foreign[m.chunk_file]].sum()) if m.num_chunks else 0
         total = int(m.nbytes.sum())
-        return {"parent": parent.get("name"), "depth": int(parent.get("depth", 0) or 0),
+        return {"parent": parent.get("name"), "depth": parent_depth(parent),
                 "own_bytes": total - shared, "shared_bytes": shared, "total_bytes": total}
 
     def keys(self) -> list[str]:

@@ -29,7 +29,7 @@ from ckptfmt.errors import (
 )
 from ckptfmt.format.dtypes import dtype_name, needs_byteswap, storage_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH
-from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
+from ckptfmt.format.manifest import ManifestBuilder, decode_manifest, parent_depth
 from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME, STORE_NAME
 from ckptfmt.format.tree import encode_tree
 from ckptfmt.storage.base import Storage, storage_error
@@ -235,8 +235,7 @@ class _ParentRef:
         self.store_files: dict[str, int] = {}  # store file name -> recorded size, for the final check
 
     def describe(self) -> dict:
-        p = self.manifest.parent
-        depth = (p.get("depth", 0) + 1) if isinstance(p, dict) and isinstance(p.get("depth"), int) else 1
+        depth = parent_depth(self.manifest.parent) + 1
         return {"name": self.name, "digest": self.manifest.hexdigest, "depth": depth}
 
     def match(self, name: str, arr: np.ndarray):

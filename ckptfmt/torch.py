@@ -19,7 +19,6 @@ __all__ = ["save", "restore", "load_torch_file"]
 
 import os
 import pickle
-import zipfile
 from typing import Any
 
 # Imported first: raises FrameworkNotAvailableError("torch", "torch") when torch is missing.
@@ -112,12 +111,13 @@ def restore(
     )
 
 
-def load_torch_file(path: str | os.PathLike[str]) -> Any:
-    """Read a ``.pt`` / ``.bin`` file written by ``torch.save``, safely.
+def load_torch_file(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
+    """Read a ``.pt`` / ``.bin`` file written by ``torch.save``, safely: the one loader.
 
     Always ``torch.load(path, weights_only=True, map_location="cpu")``: only tensors and
     plain containers are rebuilt, never arbitrary pickled objects, so files from untrusted
-    sources cannot run code.
+    sources cannot run code. With ``mmap``, a zip archive (torch >= 1.6) is memory-mapped
+    instead of read; a legacy file, which cannot be, is read.
 
     Raises:
         CheckpointNotFoundError: no file at ``path``.
@@ -131,13 +131,20 @@ def load_torch_file(path: str | os.PathLike[str]) -> Any:
     if not os.path.isfile(name):
         raise CheckpointNotFoundError(f"no torch file at {name!r}")
     try:
+        if mmap:
+            try:
+                return torch.load(name, weights_only=True, map_location="cpu", mmap=True)
+            except pickle.UnpicklingError:
+                raise
+            except Exception:  # legacy (non-zip) files cannot be memory-mapped
+                pass
         return torch.load(name, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise FormatError(
-            f"{name}: refused to load: the file holds objects other than tensors and plain "
+            f"{name}: refused by weights-only loading: the file holds objects other than tensors and plain "
             f"containers, and ckptfmt never unpickles arbitrary objects ({_first_line(e)})"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, TypeError) as e:
+    except Exception as e:  # whatever a damaged archive or pickle makes torch raise
         raise FormatError(f"{name}: not a readable torch file: {_first_line(e)}") from e
 
 

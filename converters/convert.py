@@ -56,8 +56,9 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt.errors import CheckpointExistsError, ConversionError, UnmappedKeyError
+from ckptfmt.errors import ConversionError, UnmappedKeyError
 
+from .files import check_destination
 from .keras import outputs
 from .keras.checkpoint import KerasCheckpoint
 from .keras.diff import diff_converted
@@ -68,7 +69,7 @@ from .keras.tfcheckpoint import describe_checkpoint_layers, read_keras_checkpoin
 from .keras.torch_state import read_torch_side
 from .mapping.rules import Mapping, Plan
 from .optim.convert import KerasOptimizerState, OptimizerConversion, keras_to_torch_optimizer
-from .sources.base import require
+from .optional import require
 from .tf.bundle import TFCheckpointReader
 
 # --------------------------------------------------------------------------------------------
@@ -348,8 +349,7 @@ def torch_to_keras(
     )
     if dry_run:
         return report
-    if not overwrite and (os.path.exists(dst) or os.path.exists(dst + ".index")):
-        raise CheckpointExistsError(f"{dst} exists")
+    check_destination(dst, "tf", overwrite)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     write_like_template(dst, kc, _KerasValues(kc, back, weights, ks, out_keys), out_keys, leftover)
     return report

@@ -72,11 +72,13 @@ import ckptfmt.api
 from ckptfmt.api import VerifyReport
 from ckptfmt.errors import ConversionError
 from ckptfmt.format.dtypes import DTYPE_NAMES
+from ckptfmt.format.tree import unescape_key
 
 from .diff import DiffReport, TensorDiff, diff_any, diff_sources
+from .files import atomic_file, check_destination
 from .sources import KINDS, canonical_path, detect_kind, open_any, source_class
 from .sources import safetensors as _st
-from .sources.base import ConvertResult, Source, TensorInfo, atomic_file, check_destination, jsonable
+from .sources.base import ConvertResult, Source, TensorInfo, jsonable
 from .sources.torch import TORCH_SUFFIXES
 
 # Where a converted checkpoint goes, by the destination's suffix (anything else: ckptfmt).
@@ -209,7 +211,7 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     """
     root: dict[str, Any] = {}
     for name, value in flat.items():
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in name.split("/")]
+        parts = [unescape_key(p) for p in name.split("/")]
         if any(not p for p in parts):
             return dict(flat)
         node = root
@@ -300,7 +302,7 @@ def convert(
     target = to or target_kind(d_path)
     if target not in ("ckptfmt", "safetensors", "torch"):
         raise ConversionError(f"cannot convert to {target!r}; targets: ckptfmt, safetensors, torch (onnx: onnx_export)")
-    check_destination(d_path, overwrite)
+    check_destination(d_path, "ckptfmt" if target == "ckptfmt" else "file", overwrite)
     with open_any(s_path, kind=src_kind) as s:
         keep, skipped = _plan(s, target, skip_unsupported)
         nbytes = sum(t.nbytes for t in keep)

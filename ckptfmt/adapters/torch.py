@@ -50,10 +50,11 @@ try:
 except ImportError:
     raise FrameworkNotAvailableError("torch", "torch") from None
 
+from ckptfmt.adapters.layout import TORCH_LAYOUT, torch_tree
 from ckptfmt.adapters.numpy import check_leaf, map_leaves
 
-#: Version of the tree layout above; bumped if sections move.
-LAYOUT_VERSION = 1
+#: Version of the tree layout above (:data:`ckptfmt.adapters.layout.TORCH_LAYOUT`).
+LAYOUT_VERSION = TORCH_LAYOUT
 
 _SECTIONS = ("model", "optimizer", "scheduler", "extra")
 
@@ -238,11 +239,7 @@ def to_state(
         sections["extra"] = dict(extra)
     # One pass over all sections so that aliasing across them is found too.
     converted, aliases = state_to_numpy(sections)
-    return {
-        "framework": {"name": "torch", "version": torch.__version__, "layout": LAYOUT_VERSION},
-        "aliases": aliases,
-        **converted,
-    }
+    return torch_tree(converted, aliases, torch.__version__)
 
 
 def from_state(

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["FileEntry", "TensorEntry", "Manifest", "ManifestBuilder", "decode_manifest", "encode_manifest"]
+__all__ = ["FileEntry", "TensorEntry", "Manifest", "ManifestBuilder", "decode_manifest", "encode_manifest", "parent_depth"]
 
 import time
 from dataclasses import dataclass, field
@@ -496,3 +496,17 @@ def _check_rel_path(p: str, where: str) -> None:
         parts = parts[2:] if len(parts) >= 3 and parts[1] not in ("", ".", "..") else [".."]
     if any(x in ("", ".", "..") for x in parts):
         raise FormatError(f"{where}: invalid data file path {p!r}")
+
+
+def parent_depth(parent: Any) -> int:
+    """The chain depth a manifest's ``parent`` link records: 0 when it has none or a malformed one.
+
+    An incremental checkpoint's ``parent`` is ``{"name", "digest", "depth"}``; its own depth
+    in the chain is ``parent_depth(parent) + 1``.
+
+    Example:
+        >>> parent_depth({"name": "step-1", "depth": 2}), parent_depth(None), parent_depth({"depth": "x"})
+        (2, 0, 0)
+    """
+    depth = parent.get("depth", 0) if isinstance(parent, dict) else 0
+    return depth if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0 else 0

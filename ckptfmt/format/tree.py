@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["TensorRef", "escape_key", "join_path", "encode_tree", "decode_tree", "PLAIN_TYPES"]
+__all__ = ["TensorRef", "escape_key", "unescape_key", "join_path", "encode_tree", "decode_tree", "PLAIN_TYPES"]
 
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,6 +47,16 @@ def escape_key(key: str | int) -> str:
     if isinstance(key, int):
         return str(key)
     return key.replace("~", "~0").replace("/", "~1")
+
+
+def unescape_key(part: str) -> str:
+    """The inverse of :func:`escape_key` for one path component (``~1`` -> ``/``, ``~0`` -> ``~``).
+
+    Example:
+        >>> unescape_key(escape_key("a/b~c"))
+        'a/b~c'
+    """
+    return part.replace("~1", "/").replace("~0", "~")
 
 
 def join_path(prefix: str, key: str | int) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..mapping.layers import KerasLayer
+from ..mapping.registry import KerasLayer
 from ..mapping.rules import TensorSpec
 
 

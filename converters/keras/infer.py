@@ -15,102 +15,55 @@ from __future__ import annotations
 
 __all__ = ["infer_kind", "insert_flattens", "refit_flattens", "settle_by_name"]
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from ckptfmt.errors import ConversionError
 
-from ..mapping.layers import LAYER_CONVERTERS, KerasLayer, KerasWeight
+from ..mapping.registry import LAYER_KINDS, KerasLayer, KerasWeight
 
-_DIRECTION = re.compile(r"^_?(forward|backward)(_|$)")  # Bidirectional's forward_layer / forward_lstm...
 # Layer-name words that settle a convolution the weights leave open (no bias).
 _CONV_HINTS = (("transpose", "Transpose"), ("deconv", "Transpose"), ("depthwise", "Depthwise"), ("dwconv", "Depthwise"))
 
 
 def infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[str, Any]]:
-    """Keras class and config of a layer from its weights' roles and shapes."""
-    probe = KerasLayer(name, "?", {}, tuple(weights))
-    try:
-        roles = probe.roles()
-    except ConversionError:
-        roles = {}
-    shapes = {r: w.shape for r, w in roles.items()}
-    have = set(shapes)
-    listing = ", ".join(f"{w.key} {tuple(w.shape)}" for w in weights)
-    if any(_DIRECTION.match(c) for w in weights for c in w.key.split("/")):
+    """Keras class and config of a layer from its weights' roles and shapes.
+
+    Every registered kind's signature is asked (:data:`ckptfmt.converters.mapping.LAYER_KINDS`,
+    in registration order); the first kind that fits is the answer and the other fitting
+    kinds are kept as ``config["alternatives"]``.
+
+    Raises:
+        ConversionError: no kind fits (a kind whose family the weights resemble says why).
+    """
+    fits: list[tuple[str, dict[str, Any]]] = []
+    near: list[ConversionError] = []
+    for kind in LAYER_KINDS.values():
+        if kind.signature is None:
+            continue
+        probe = KerasLayer(name, kind.class_name, {}, tuple(weights))
         try:
-            bi_roles = KerasLayer(name, "Bidirectional", {}, tuple(weights)).roles()
-        except ConversionError:  # not an RNN's two directions after all (a layer named "forward_proj")
-            bi_roles = {}
-        fwd = {r.split("/", 1)[1]: w.shape for r, w in bi_roles.items() if r.startswith("forward/")}
-        bwd = {r.split("/", 1)[1] for r in bi_roles if r.startswith("backward/")}
-        if {"kernel", "recurrent_kernel"} <= set(fwd) and {"kernel", "recurrent_kernel"} <= bwd:
-            units = fwd["recurrent_kernel"][0]
-            inner = _rnn_kind(name, fwd["kernel"], units, fwd.get("bias"))
-            return "Bidirectional", {"layer": {"class_name": inner[0], "config": inner[1]}}
-    if {"kernel", "recurrent_kernel"} <= have and have <= {"kernel", "recurrent_kernel", "bias"}:
-        return _rnn_kind(name, shapes["kernel"], shapes["recurrent_kernel"][0], shapes.get("bias"))
-    try:
-        mha = set(KerasLayer(name, "MultiHeadAttention", {}, tuple(weights)).roles())
-    except ConversionError:
-        mha = set()
-    if {"query/kernel", "key/kernel", "value/kernel", "attention_output/kernel"} <= mha <= {
-            f"{p}/{r}" for p in ("query", "key", "value", "attention_output") for r in ("kernel", "bias")}:
-        return "MultiHeadAttention", {}
-    if have in ({"kernel"}, {"kernel", "bias"}):
-        rank = len(shapes["kernel"])
-        if rank == 2:
-            return "Dense", {}
-        if rank in (3, 4, 5):
-            return _conv_kind(name, shapes["kernel"], shapes.get("bias"))
-    if have in ({"depthwise_kernel", "pointwise_kernel"}, {"depthwise_kernel", "pointwise_kernel", "bias"}):
-        return ("SeparableConv2D" if len(shapes["pointwise_kernel"]) == 4 else "SeparableConv1D"), {}
-    if {"moving_mean", "moving_variance"} <= have <= {"gamma", "beta", "moving_mean", "moving_variance"}:
-        return "BatchNormalization", {}
-    if have and have <= {"gamma", "beta"}:
-        return "LayerNormalization", {}
-    if have == {"embeddings"}:
-        return "Embedding", {}
+            shapes = {r: tuple(w.shape) for r, w in probe.roles().items()}
+        except ConversionError:  # the weights' names do not follow this kind's layout
+            continue
+        try:
+            config = kind.signature(probe, shapes)
+        except ConversionError as e:
+            near.append(e)
+            continue
+        if config is not None:
+            fits.append((kind.class_name, config))
+    if fits:
+        (cls, config), rest = fits[0], fits[1:]
+        return cls, ({**config, "alternatives": [c for c, _ in rest]} if rest else config)
+    if near:
+        raise near[0]
+    listing = ", ".join(f"{w.key} {tuple(w.shape)}" for w in weights)
     raise ConversionError(
         f"layer {name!r} has weights the converter does not know ({listing}); "
-        f"known layers: {', '.join(sorted(LAYER_CONVERTERS))}. Add a rule for it in a mapping file "
-        "(ckptfmt.converters.mapping.Mapping JSON, see docs/conversions.md) and pass it with --map"
-    )
-
-
-def _conv_kind(name: str, kernel: tuple[int, ...], bias: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
-    """Conv, ConvTranspose or DepthwiseConv from a kernel ``(*k, a, b)`` and its bias.
-
-    All three store a kernel of that rank; the bias tells them apart: ``b`` outputs for a
-    convolution, ``a`` for a transposed one, ``a*b`` for a depthwise one (not when ``a == b``,
-    nor without a bias). The kinds the weights cannot rule out are kept as
-    ``config["alternatives"]`` for the torch model (or the layer name) to settle.
-    """
-    d = len(kernel) - 2
-    a, b = kernel[-2], kernel[-1]
-    outputs = {f"Conv{d}D": b, f"Conv{d}DTranspose": a}
-    if d in (1, 2):
-        outputs[f"DepthwiseConv{d}D"] = a * b
-    fits = [kind for kind, n in outputs.items() if bias is None or tuple(bias) == (n,)]
-    if not fits:
-        raise ConversionError(
-            f"layer {name!r}: kernel {kernel} with bias {bias} fits no convolution (a Conv{d}D bias has {b} values, "
-            f"a Conv{d}DTranspose bias {a}); write its rules in a mapping file and pass it with --map"
-        )
-    return fits[0], ({"alternatives": fits[1:]} if len(fits) > 1 else {})
-
-
-def _rnn_kind(name: str, kernel: tuple[int, ...], units: int, bias: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
-    if kernel[-1] == 4 * units:
-        return "LSTM", {}
-    if kernel[-1] == 3 * units:
-        if bias is None:  # nothing stored tells; Keras's default
-            return "GRU", {"reset_after": True, "assumed": ("reset_after",)}
-        return "GRU", {"reset_after": len(bias) == 2}
-    raise ConversionError(
-        f"recurrent layer {name!r}: kernel {kernel} for {units} units is neither an LSTM (4 gates) nor a GRU (3 gates); "
-        "write its rules in a mapping file and pass it with --map"
+        f"known layers: {', '.join(sorted(LAYER_KINDS))}. Add a rule for it in a mapping file "
+        "(ckptfmt.converters.mapping.Mapping JSON, see docs/conversions.md) and pass it with --map, "
+        "or register the layer class (ckptfmt.converters.mapping.register_layer)"
     )
 
 
@@ -139,21 +92,13 @@ def insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
                     )
                 out.append(KerasLayer(f"{layer.name}/flatten", "Flatten", {}, (), input_shape=(None, rows // channels, channels)))
         out.append(layer)
-        if layer.class_name.startswith(("Conv", "Depthwise", "Separable")):
-            channels = _out_channels(layer)
+        kind = LAYER_KINDS.get(layer.class_name)
+        if kind is not None and kind.out_channels is not None:  # a feature map, channels last
+            channels = kind.out_channels(layer)
             open_kind = bool(layer.config.get("alternatives"))
-        elif layer.class_name != "BatchNormalization":
+        elif kind is None or not kind.keeps_channels:
             channels = None
     return out
-
-
-def _out_channels(layer: KerasLayer) -> int:
-    if layer.class_name.startswith("Separable"):
-        return layer.weight("pointwise_kernel").shape[-1]
-    *_, a, b = layer.weight("kernel").shape
-    if layer.class_name.endswith("Transpose"):
-        return a
-    return a * b if layer.class_name.startswith("Depthwise") else b
 
 
 def refit_flattens(before: Sequence[KerasLayer], after: list[KerasLayer]) -> list[KerasLayer]:

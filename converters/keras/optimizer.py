@@ -34,18 +34,12 @@ import numpy as np
 from ckptfmt.errors import ConversionError, UnmappedKeyError
 
 from ..mapping.rules import Plan
-from ..optim.convert import KERAS_SLOTS, KerasOptimizerState, torch_to_keras_optimizer
+from ..optim.convert import KerasOptimizerState, torch_to_keras_optimizer
+from ..optim.tables import KERAS_DEFAULTS, KERAS_SLOTS, TORCH_TO_KERAS
 from .checkpoint import KerasCheckpoint
 
 # Keras 3 default optimizer names (the prefix of the variable names TF records).
 _DEFAULT_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
-#: Keras 3 defaults of the hyperparameters a checkpoint does not store.
-KERAS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "Adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False},
-    "AdamW": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False, "weight_decay": 0.004},
-    "SGD": {"momentum": 0.0, "nesterov": False},
-    "RMSprop": {"rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False},
-}
 
 
 def keras_optimizer_settings(kc: KerasCheckpoint, optimizer_config: AbcMapping[str, Any] | None, *,
@@ -74,33 +68,43 @@ def keras_optimizer_settings(kc: KerasCheckpoint, optimizer_config: AbcMapping[s
     known.update(implied_by_slots(cls, kc, known))
     config = {**KERAS_DEFAULTS[cls], **known}
     assumed = sorted(k for k in KERAS_DEFAULTS[cls] if k not in known)
+    notes: list[str] = []
+    config["learning_rate"] = config.get("learning_rate", _learning_rate(kc, cfg, iterations, decay, notes))
+    if shapes_only:  # zero slots in the right layout
+        slot_values = {v: {s: np.zeros(kc.shapes[v], np.float32) for s in d} for v, d in kc.slots.items()}
+    else:
+        slot_values = {v: {s: kc.get(k) for s, k in d.items()} for v, d in kc.slots.items()}
+    notes.append(_summary(kc, cls, iterations, config, given="learning_rate" in cfg, stored=stored, assumed=assumed))
+    if "dynamic_scale" in kc.loss_scale_keys:
+        scale = kc.scalar(kc.loss_scale_keys["dynamic_scale"])
+        notes.append(f"mixed precision: the Keras LossScaleOptimizer's loss scale ({scale:g}) is no optimizer state "
+                     f"in torch; continue with torch.amp.GradScaler(init_scale={scale:g}) (its growth counter restarts)")
+    return KerasOptimizerState(cls, config, iterations, slot_values), tuple(notes)
+
+
+def _learning_rate(kc: KerasCheckpoint, cfg: AbcMapping[str, Any], iterations: int, decay: float, notes: list[str]) -> float:
+    """The learning rate at ``iterations``: stored (after a legacy decay), or given."""
     if kc.learning_rate_key is None and "learning_rate" not in cfg:
         raise ConversionError(
             f"{kc.path} stores no learning rate: a Keras LearningRateSchedule computes it from the step and is not "
             f"saved. Pass its value at step {iterations}, e.g. --optimizer-config '{{\"learning_rate\": 0.001}}' "
             "(and continue the schedule with a torch LR scheduler)"
         )
-    notes: list[str] = []
     lr = kc.scalar(kc.learning_rate_key) if kc.learning_rate_key else float(cfg["learning_rate"])
     if decay and "learning_rate" not in cfg:
         lr = lr / (1 + decay * iterations)
         notes.append(f"optimizer: the legacy time-based decay={decay:g} (lr / (1 + decay*t)) has no torch optimizer "
                      f"option: learning_rate is its value at t={iterations}, {lr:g}; continue the decay with a LambdaLR")
-    config["learning_rate"] = config.get("learning_rate", lr)
-    if shapes_only:  # zero slots in the right layout
-        slot_values = {v: {s: np.zeros(kc.shapes[v], np.float32) for s in d} for v, d in kc.slots.items()}
-    else:
-        slot_values = {v: {s: kc.get(k) for s, k in d.items()} for v, d in kc.slots.items()}
-    notes.append(f"optimizer: Keras {cls} (named {kc.optimizer_name!r} in the checkpoint), iterations={iterations}, "
-                 f"learning_rate={config['learning_rate']:g} "
-                 + ("read from the checkpoint" if "learning_rate" not in cfg else "as given")
-                 + (f"; stored: {', '.join(f'{k}={v:g}' for k, v in stored.items())}" if stored else "")
-                 + (f"; not stored, assumed Keras defaults: {', '.join(f'{k}={config[k]!r}' for k in assumed)}" if assumed else ""))
-    if "dynamic_scale" in kc.loss_scale_keys:
-        scale = kc.scalar(kc.loss_scale_keys["dynamic_scale"])
-        notes.append(f"mixed precision: the Keras LossScaleOptimizer's loss scale ({scale:g}) is no optimizer state "
-                     f"in torch; continue with torch.amp.GradScaler(init_scale={scale:g}) (its growth counter restarts)")
-    return KerasOptimizerState(cls, config, iterations, slot_values), tuple(notes)
+    return lr
+
+
+def _summary(kc: KerasCheckpoint, cls: str, iterations: int, config: AbcMapping[str, Any], *, given: bool,
+             stored: AbcMapping[str, float], assumed: Sequence[str]) -> str:
+    """The report's line on where each optimizer setting came from."""
+    return (f"optimizer: Keras {cls} (named {kc.optimizer_name!r} in the checkpoint), iterations={iterations}, "
+            f"learning_rate={config['learning_rate']:g} " + ("as given" if given else "read from the checkpoint")
+            + (f"; stored: {', '.join(f'{k}={v:g}' for k, v in stored.items())}" if stored else "")
+            + (f"; not stored, assumed Keras defaults: {', '.join(f'{k}={config[k]!r}' for k in assumed)}" if assumed else ""))
 
 
 def optimizer_keys(kc: KerasCheckpoint) -> set[str]:
@@ -253,7 +257,7 @@ def _check_state_shapes(src: str, model: Any, sd: AbcMapping[str, Any], names: S
                               "(was the optimizer built on model.parameters()?):\n  " + "\n  ".join(bad[:10]))
 
 
-_TORCH_OPT = {"Adam", "AdamW", "SGD", "RMSprop", "KerasAdam", "KerasSGD", "KerasRMSprop"}
+_TORCH_OPT = set(TORCH_TO_KERAS)
 
 
 def torch_optimizer_name(ckpt: AbcMapping[str, Any], given: str | None) -> str:

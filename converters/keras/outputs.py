@@ -46,17 +46,15 @@ from typing import Any
 import numpy as np
 
 from ckptfmt._progress import progress_bar
-from ckptfmt.errors import CheckpointExistsError, ConversionError
+from ckptfmt.adapters.layout import TORCH_LAYOUT, torch_tree
+from ckptfmt.errors import ConversionError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
-from ckptfmt.format.spec import MANIFEST_NAME
 
+from ..files import atomic_file, check_destination
 from ..kinds import target_kind
 from ..mapping.rules import Entry, Plan, TensorSpec
-from ..sources.base import TensorInfo, require
-
-#: ``framework.layout`` of :mod:`ckptfmt.adapters.torch` (``LAYOUT_VERSION``), repeated here
-#: because that module imports torch, which writing weights does not need.
-TORCH_LAYOUT = 1
+from ..optional import require
+from ..sources.base import TensorInfo
 
 #: safetensors metadata of a converted file; ``format: pt`` is what transformers requires.
 SAFETENSORS_METADATA = {"format": "pt", "converted_by": "ckptfmt tf2torch"}
@@ -96,25 +94,7 @@ def check_output(dst: str, kind: str, overwrite: bool, *, optimizer: bool = Fals
     if kind == "safetensors" and optimizer:
         raise ConversionError(f"{dst}: a .safetensors file holds weights only: pass --no-optimizer, "
                               "or write a .pt file or a ckptfmt checkpoint directory")
-    if kind != "ckptfmt":
-        if os.path.isdir(dst):
-            raise CheckpointExistsError(f"{dst} is a directory; a {kind} destination is a file")
-        if os.path.lexists(dst) and not overwrite:
-            raise CheckpointExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-        return
-    if not os.path.lexists(dst):
-        return
-    if not os.path.isdir(dst):
-        raise CheckpointExistsError(f"{dst} exists and is not a directory; a name without .pt/.pth/.bin/.safetensors "
-                                    "is written as a ckptfmt checkpoint directory")
-    names = os.listdir(dst)
-    if not names:
-        return
-    if MANIFEST_NAME not in names:
-        raise CheckpointExistsError(f"{dst} is a non-empty directory but not a ckptfmt checkpoint; refusing to write "
-                                    "into it (choose a new or empty directory)")
-    if not overwrite:
-        raise CheckpointExistsError(f"a ckptfmt checkpoint exists at {dst}; pass overwrite=True (--overwrite) to replace it")
+    check_destination(dst, "ckptfmt" if kind == "ckptfmt" else "file", overwrite)
 
 
 # ----------------------------------------------------------------------- running a plan
@@ -198,49 +178,49 @@ def write_safetensors_stream(dst: str, plan: Plan, read: Reader, *, metadata: di
 
     from ..sources.safetensors import encode_header
 
-    specs = plan.target_specs
-    infos = {k: target_info(k, s) for k, s in specs.items()}
+    infos = {k: target_info(k, s) for k, s in plan.target_specs.items()}
     head, size = encode_header(infos.values(), metadata)
-    storage = LocalStorage()
-    directory = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(directory, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
     bar = progress_bar(size, f"writing {os.path.basename(dst)}", progress)
-    handle = storage.open_write(tmp, durable=True)
+
+    def write(tmp: str) -> None:
+        handle = LocalStorage().open_write(tmp, durable=True)
+        try:
+            handle.write(head)
+            _write_entries(handle, plan, read, infos, bar)
+            if handle.tell() != len(head) + size:  # pragma: no cover - guarded by _checked
+                raise ConversionError(f"{dst}: wrote {handle.tell()} bytes, the header promised {len(head) + size}")
+        finally:
+            handle.close(sync=False)  # atomic_file syncs before the rename
+
     try:
-        handle.write(head)
-        # One thread writes while this one reads and transposes the next entry (numpy's
-        # copies, preadv, CRC32C and write all release the GIL); at most _WRITE_AHEAD bytes
-        # (or one array) wait for the writer, so memory stays about one entry.
-        pending: deque[tuple[Future, int]] = deque()
-        waiting = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="ckptfmt-convert-write") as writer:
-            for e in plan.entries:
-                for key, arr in zip(e.targets, _run_entry(e, read)):
-                    arr = _checked(key, arr, infos[key])
-                    pending.append((writer.submit(handle.write, memoryview(arr.reshape(-1).view(np.uint8))), arr.nbytes))
-                    waiting += arr.nbytes
-                    while len(pending) > 1 and waiting > _WRITE_AHEAD:
-                        fut, n = pending.popleft()
-                        fut.result()
-                        waiting -= n
-                        bar.update(n)
-                arr = None  # the entry's arrays are held only by the writes still waiting
-            while pending:
-                fut, n = pending.popleft()
-                fut.result()
-                bar.update(n)
-        if handle.tell() != len(head) + size:  # pragma: no cover - guarded by _checked
-            raise ConversionError(f"{dst}: wrote {handle.tell()} bytes, the header promised {len(head) + size}")
-        handle.close(sync=True)
-        os.replace(tmp, dst)
-    except BaseException:
-        handle.close(sync=False)
-        storage.delete(tmp)
-        raise
+        atomic_file(dst, write)
     finally:
         bar.close()
-    storage.sync_dir(directory)
     return len(head) + size
+
+
+def _write_entries(handle: Any, plan: Plan, read: Reader, infos: dict[str, TensorInfo], bar: Any) -> None:
+    """Each entry's targets in order. One thread writes while this one reads and transposes the
+    next entry (numpy's copies, preadv, CRC32C and write all release the GIL); at most
+    _WRITE_AHEAD bytes (or one array) wait for the writer, so memory stays about one entry."""
+    pending: deque[tuple[Future, int]] = deque()
+    waiting = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptfmt-convert-write") as writer:
+        for e in plan.entries:
+            for key, arr in zip(e.targets, _run_entry(e, read)):
+                arr = _checked(key, arr, infos[key])
+                pending.append((writer.submit(handle.write, memoryview(arr.reshape(-1).view(np.uint8))), arr.nbytes))
+                waiting += arr.nbytes
+                while len(pending) > 1 and waiting > _WRITE_AHEAD:
+                    fut, n = pending.popleft()
+                    fut.result()
+                    waiting -= n
+                    bar.update(n)
+            arr = None  # the entry's arrays are held only by the writes still waiting
+        while pending:
+            fut, n = pending.popleft()
+            fut.result()
+            bar.update(n)
 
 
 # ----------------------------------------------------------------------- ckptfmt
@@ -292,16 +272,13 @@ def write_ckptfmt_stream(dst: str, plan: Plan, read: Reader, *, optimizer: Any =
     model = {}
     for key, spec in plan.target_specs.items():
         model[key] = DeferredTensor(tuple(spec.shape), _spec_dtype(key, spec), lambda key=key: load(key))
-    torch = sys.modules.get("torch")
-    state: dict[str, Any] = {
-        "framework": {"name": "torch", "version": getattr(torch, "__version__", None), "layout": TORCH_LAYOUT},
-        "aliases": {},
-        "model": model,
-    }
+    sections: dict[str, Any] = {"model": model}
     if optimizer is not None:
-        state["optimizer"] = optimizer
+        sections["optimizer"] = optimizer
     if extra:
-        state["extra"] = dict(extra)
+        sections["extra"] = dict(extra)
+    # torch's version when it is loaded; writing weights does not import it
+    state = torch_tree(sections, {}, getattr(sys.modules.get("torch"), "__version__", None))
     return save(state, dst, overwrite=overwrite, progress=progress, metadata=metadata)
 
 
@@ -347,7 +324,6 @@ def write_torch_checkpoint(dst: str, weights: dict[str, np.ndarray], model: Any,
     Example:
         >>> write_torch_checkpoint("run.pt", weights, model, conv, "")  # doctest: +SKIP
     """
-    tmp = f"{dst}.tmp-{os.getpid()}"
     torch = require("torch", "tf2torch/torch2tf conversion")
     from ckptfmt.adapters.torch import numpy_to_tensor
 
@@ -359,13 +335,4 @@ def write_torch_checkpoint(dst: str, weights: dict[str, np.ndarray], model: Any,
         out.update(optimizer=_torch_optimizer(conv, model).state_dict(), optimizer_class=conv.optimizer,
                    optimizer_hyperparameters=dict(conv.hyperparameters))
     out["conversion_report"] = report_text
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(out, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_file(dst, lambda tmp: torch.save(out, tmp))

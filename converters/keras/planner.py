@@ -37,9 +37,10 @@ from typing import Any
 
 from ckptfmt.errors import ConversionError
 
-from ..mapping.layers import KerasLayer, find_flatten_dense, layer_rules
+from ..mapping.describe import find_flatten_dense
+from ..mapping.registry import KerasLayer, layer_rules
 from ..mapping.rules import Mapping, Plan, Rename
-from ..sources.base import require
+from ..optional import require
 from .checkpoint import KerasCheckpoint
 from .infer import refit_flattens, settle_by_name
 

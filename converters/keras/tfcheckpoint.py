@@ -30,7 +30,7 @@ import numpy as np
 
 from ckptfmt.errors import ConversionError
 
-from ..mapping.layers import KerasLayer, KerasWeight
+from ..mapping.registry import KerasLayer, KerasWeight
 from ..tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, TFCheckpointWriter, update_state_file
 from ..tf.object_graph import CheckpointObjectGraph, read_object_graph, split_object_path
 from .checkpoint import KerasCheckpoint

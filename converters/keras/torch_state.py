@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.errors import ConversionError
+from ckptfmt.format.tree import unescape_key
 
+from ..optional import require
 from ..sources import detect_kind
-from ..sources.base import require
 
 
 def read_torch_side(src: str) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def _read_ckptfmt(src: str) -> dict[str, Any]:
         sec, _, key = name.partition("/")
         tsec, _, tkey = target.partition("/")
         if sec == tsec == "model":
-            model[_unescape(key)] = model[_unescape(tkey)]
+            model[unescape_key(key)] = model[unescape_key(tkey)]
     out: dict[str, Any] = {"model": _flat(src, model)}
     if isinstance(tree.get("optimizer"), dict):
         _check_optimizer(src, tree["optimizer"])
@@ -148,10 +149,6 @@ def _read_ckptfmt(src: str) -> dict[str, Any]:
         if k in tree or k in extra:
             out[k] = tree.get(k, extra.get(k))
     return out
-
-
-def _unescape(key: str) -> str:
-    return key.replace("~1", "/").replace("~0", "~")
 
 
 def _flat(src: str, tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:

@@ -2,8 +2,10 @@
 
 * :mod:`.rules`: ``Rename``/``Convert``/``Drop`` rules and tensor ops as data; a ``Mapping``
   plans (dry run, table), applies, inverts and round-trips through a JSON mapping file.
-* :mod:`.layers`: one conversion per Keras layer class, the Flatten trap, descriptions of live
-  Keras models.
+* :mod:`.registry`: one record per Keras layer class (:class:`LayerKind`: rules, weight
+  signature, accepted torch modules); :func:`register_layer` adds one in one call.
+* :mod:`.layers`: the built-in kinds.
+* :mod:`.describe`: the Flatten trap, descriptions of live Keras models.
 * :mod:`.match`: pair Keras layers with the modules of a torch model and build the mapping
   (imports torch, so it is loaded only when one of its names is first used).
 
@@ -19,16 +21,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .layers import (
+from .describe import describe_keras_layer, describe_keras_model, find_flatten_dense
+from .layers import conv_kernel_axes, flatten_kernel_ops
+from .registry import (
     LAYER_CONVERTERS,
+    LAYER_KINDS,
     KerasLayer,
     KerasWeight,
-    conv_kernel_axes,
-    describe_keras_layer,
-    describe_keras_model,
-    find_flatten_dense,
-    flatten_kernel_ops,
+    LayerKind,
+    layer_kind,
     layer_rules,
+    register_layer,
+    unregister_layer,
 )
 from .rules import (
     AppendZeros,
@@ -60,7 +64,8 @@ __all__ = [
     "TensorSpec", "spec_of", "Op", "Transpose", "Reshape", "Split", "Concat", "GateReorder", "Cast",
     "Sum", "AppendZeros", "Repeat", "Mean", "Fill", "Discard", "Rename", "Convert", "Drop",
     "Entry", "Plan", "Mapping",
-    "KerasWeight", "KerasLayer", "LAYER_CONVERTERS", "layer_rules", "conv_kernel_axes",
+    "KerasWeight", "KerasLayer", "LayerKind", "LAYER_KINDS", "LAYER_CONVERTERS", "register_layer",
+    "unregister_layer", "layer_kind", "layer_rules", "conv_kernel_axes",
     "flatten_kernel_ops", "find_flatten_dense", "describe_keras_model", "describe_keras_layer",
     "build_mapping", "match_layers",
 ]

@@ -1,43 +1,32 @@
-"""Keras layer -> torch module conversions, as :class:`~.rules.Mapping` data.
-
-Each Keras layer class has a function that, given a :class:`KerasLayer` description (its
-weights' keys and shapes, its config) and the path of the torch module it becomes, returns the
-rules that carry its weights over. The way back (torch -> Keras) is the inverse of the same
-plan (:meth:`~.rules.Plan.inverse`), so each conversion is written once. Formulas and
-convention differences are in ``docs/conversions.md``.
-
-Descriptions come from a live Keras model (:func:`describe_keras_model`, duck-typed: keras is
-never imported here) or, later, from a checkpoint's object graph.
+"""The built-in Keras layer kinds: for each class its rules to torch, the signature of its
+weights, and the torch modules it accepts, registered with :func:`.registry.register_layer`.
 
 Example:
-    >>> layer = KerasLayer("fc", "Dense", {}, (KerasWeight("fc/kernel", (3, 2)),
-    ...                                        KerasWeight("fc/bias", (2,))))
-    >>> plan = layer_rules(layer, "head").plan(layer.specs())
-    >>> plan.target_specs["head.weight"].shape
-    (2, 3)
+    >>> from ckptfmt.converters.mapping import LAYER_KINDS
+    >>> [k for k in LAYER_KINDS if k.startswith("Conv2D")]
+    ['Conv2D', 'Conv2DTranspose']
+    >>> LAYER_KINDS["BatchNormalization"].keeps_channels
+    True
 """
 
 from __future__ import annotations
 
-__all__ = [
-    "KerasWeight",
-    "KerasLayer",
-    "LAYER_CONVERTERS",
-    "layer_rules",
-    "conv_kernel_axes",
-    "flatten_kernel_ops",
-    "find_flatten_dense",
-    "describe_keras_model",
-    "describe_keras_layer",
-]
+__all__ = ["conv_kernel_axes", "flatten_kernel_ops"]
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from ckptfmt.errors import ConversionError
 
+from .registry import (
+    Accepts,
+    KerasLayer,
+    ModuleNotes,
+    Signature,
+    register_layer,
+)
 from .rules import (
     AppendZeros,
     Concat,
@@ -50,73 +39,8 @@ from .rules import (
     Reshape,
     Rule,
     Split,
-    TensorSpec,
     Transpose,
 )
-
-# Components of object-graph keys that are not part of a weight's role.
-_NOISE = {".ATTRIBUTES", "VARIABLE_VALUE"}
-# Keras 3 attribute names of MultiHeadAttention's sublayers -> their layer names.
-_ALIASES = {"query_dense": "query", "key_dense": "key", "value_dense": "value", "output_dense": "attention_output"}
-
-
-@dataclass(frozen=True, slots=True)
-class KerasWeight:
-    """One weight of a Keras layer: its key in the source tensors and its shape."""
-
-    key: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class KerasLayer:
-    """What a conversion needs to know about one Keras layer.
-
-    Attributes:
-        name: the layer's name (``"dense_1"``).
-        class_name: its Keras class (``"Dense"``).
-        config: ``layer.get_config()`` (only the keys a conversion reads are used).
-        weights: its weights, in any order; their roles come from the keys' last components.
-        input_shape: the layer's input shape with the batch dim (None when unknown), used to
-            detect the Flatten trap.
-        output_shape: likewise for its output.
-    """
-
-    name: str
-    class_name: str
-    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    weights: tuple[KerasWeight, ...] = ()
-    input_shape: tuple[int | None, ...] | None = None
-    output_shape: tuple[int | None, ...] | None = None
-
-    def specs(self) -> dict[str, TensorSpec]:
-        """``{weight key: TensorSpec}``, the source side of a plan."""
-        return {w.key: TensorSpec(tuple(w.shape)) for w in self.weights}
-
-    def roles(self) -> dict[str, KerasWeight]:
-        """The weights by role: ``"kernel"``, ``"query/kernel"``, ``"forward/bias"``..."""
-        out: dict[str, KerasWeight] = {}
-        for w in self.weights:
-            comps = [c.lstrip("_") for c in w.key.split("/") if c not in _NOISE]
-            comps = [_ALIASES.get(c, c) for c in comps]
-            role = comps[-1]
-            if self.class_name == "MultiHeadAttention" and len(comps) > 1:
-                role = f"{comps[-2]}/{role}"
-            elif self.class_name == "Bidirectional":
-                direction = next((d for c in comps for d in ("forward", "backward") if c.startswith(d)), None)
-                if direction is None:
-                    raise ConversionError(f"layer {self.name!r}: cannot tell the direction of weight {w.key!r}")
-                role = f"{direction}/{role}"
-            if role in out:
-                raise ConversionError(f"layer {self.name!r}: weights {out[role].key!r} and {w.key!r} have the same role {role!r}")
-            out[role] = w
-        return out
-
-    def weight(self, role: str) -> KerasWeight:
-        roles = self.roles()
-        if role not in roles:
-            raise ConversionError(f"{self.class_name} layer {self.name!r} has no {role!r} weight (it has: {', '.join(roles) or 'none'})")
-        return roles[role]
 
 
 def _key(prefix: str, name: str) -> str:
@@ -158,9 +82,6 @@ def flatten_kernel_ops(spatial: Sequence[int], channels: int, units: int) -> tup
 
 
 # -- one function per Keras class ---------------------------------------------------------------
-
-Converter = Callable[..., Mapping]
-
 
 def _dense(layer: KerasLayer, p: str, *, flatten_from: Sequence[int] | None = None) -> Mapping:
     kernel = layer.weight("kernel")
@@ -358,158 +279,218 @@ def _mha(layer: KerasLayer, p: str, **_: Any) -> Mapping:
     return Mapping(tuple(rules), (f"{layer.name}: torch.nn.MultiheadAttention({d}, {heads}, batch_first=True); both scale queries by 1/sqrt({head_dim})",))
 
 
-LAYER_CONVERTERS: dict[str, Converter] = {
-    "Dense": _dense,
-    "Conv1D": _conv,
-    "Conv2D": _conv,
-    "Conv3D": _conv,
-    "Conv1DTranspose": _conv,
-    "Conv2DTranspose": _conv,
-    "Conv3DTranspose": _conv,
-    "DepthwiseConv2D": _depthwise,
-    "DepthwiseConv1D": _depthwise,
-    "SeparableConv2D": _separable,
-    "SeparableConv1D": _separable,
-    "BatchNormalization": _batchnorm,
-    "LayerNormalization": _layernorm,
-    "Embedding": _embedding,
-    "LSTM": _lstm,
-    "GRU": _gru,
-    "Bidirectional": _bidirectional,
-    "MultiHeadAttention": _mha,
-}
+# -- signatures: a kind from a checkpoint's weights ---------------------------------------------
 
 
-def layer_rules(layer: KerasLayer, prefix: str, *, flatten_from: Sequence[int] | None = None) -> Mapping:
-    """The rules converting ``layer``'s weights to the torch module at ``prefix``.
+def _kernel_only(shapes: dict[str, tuple[int, ...]], rank: int) -> bool:
+    return set(shapes) in ({"kernel"}, {"kernel", "bias"}) and len(shapes["kernel"]) == rank
 
-    Args:
-        layer: the Keras layer description.
-        prefix: the torch module's path in the model (``"features.0"``; ``""`` for the root).
-        flatten_from: for a Dense after a channels-last Flatten, the Flatten's input shape
-            without the batch dim (``(H, W, C)``); see :func:`find_flatten_dense`.
 
-    Raises:
-        ConversionError: the class has no torch equivalent, or its config rules one out.
+def _dense_signature(probe: KerasLayer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+    return {} if _kernel_only(shapes, 2) else None
 
-    Example:
-        >>> bn = KerasLayer("bn", "BatchNormalization", {"epsilon": 1e-3},
-        ...                 tuple(KerasWeight(f"bn/{n}", (4,)) for n in ("gamma", "beta", "moving_mean", "moving_variance")))
-        >>> sorted(layer_rules(bn, "b").plan(bn.specs()).target_specs)
-        ['b.bias', 'b.num_batches_tracked', 'b.running_mean', 'b.running_var', 'b.weight']
-    """
-    fn = LAYER_CONVERTERS.get(layer.class_name)
-    if fn is None:
+
+def _conv_signature(kind: str, d: int) -> Signature:
+    """Conv, ConvTranspose and DepthwiseConv all store a kernel ``(*k, a, b)``; the bias tells
+    them apart: ``b`` outputs for a convolution, ``a`` for a transposed one, ``a*b`` for a
+    depthwise one (not when ``a == b``, nor without a bias: then they are alternatives)."""
+
+    def signature(probe: KerasLayer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+        if not _kernel_only(shapes, d + 2):
+            return None
+        kernel, bias = shapes["kernel"], shapes.get("bias")
+        a, b = kernel[-2], kernel[-1]
+        outputs = {f"Conv{d}D": b, f"Conv{d}DTranspose": a, **({f"DepthwiseConv{d}D": a * b} if d in (1, 2) else {})}
+        if bias is None or tuple(bias) == (outputs[kind],):
+            return {}
         raise ConversionError(
-            f"layer {layer.name!r} is a {layer.class_name}, which has no conversion "
-            f"(supported: {', '.join(sorted(LAYER_CONVERTERS))}); write its rules as a Mapping"
+            f"layer {probe.name!r}: kernel {kernel} with bias {bias} fits no convolution (a Conv{d}D bias has {b} values, "
+            f"a Conv{d}DTranspose bias {a}); write its rules in a mapping file and pass it with --map"
         )
-    if flatten_from is not None and layer.class_name != "Dense":
-        raise ConversionError(f"flatten_from applies to Dense layers only, not {layer.class_name} {layer.name!r}")
-    return fn(layer, prefix, flatten_from=flatten_from) if flatten_from is not None else fn(layer, prefix)
+
+    return signature
 
 
-# -- the Flatten trap ---------------------------------------------------------------------------
-
-# Weightless layers that keep the feature order between a Flatten and the Dense after it.
-_ORDER_KEEPING = {
-    "Dropout", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "GaussianNoise",
-    "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Identity",
-}
-
-
-def find_flatten_dense(layers: Iterable[KerasLayer], shapes: dict[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
-    """Find the Dense layers fed by a channels-last Flatten of a spatial feature map.
-
-    Args:
-        layers: the model's layers in order.
-        shapes: ``{flatten layer name: its input shape without batch}`` where the descriptions
-            carry no shapes.
-
-    Returns:
-        ``{dense name: (*spatial, C)}``, to pass as ``flatten_from`` to :func:`layer_rules`.
-
-    Raises:
-        ConversionError: a Flatten's input shape is unknown, or a weighted layer other than
-            Dense sits between the Flatten and its Dense.
-
-    Example:
-        >>> ls = [KerasLayer("f", "Flatten", input_shape=(None, 2, 2, 3)),
-        ...       KerasLayer("d", "Dense", weights=(KerasWeight("d/kernel", (12, 5)),))]
-        >>> find_flatten_dense(ls)
-        {'d': (2, 2, 3)}
-    """
-    shapes = shapes or {}
-    out: dict[str, tuple[int, ...]] = {}
-    pending: tuple[KerasLayer, tuple[int, ...]] | None = None
-    prev: KerasLayer | None = None
-    for layer in layers:
-        if pending is not None:
-            if layer.class_name == "Dense":
-                out[layer.name] = pending[1]
-                pending = None
-            elif layer.weights or layer.class_name not in _ORDER_KEEPING:
-                raise ConversionError(
-                    f"{layer.class_name} {layer.name!r} follows Flatten {pending[0].name!r} of a channels-last feature map "
-                    f"{pending[1]}; only a Dense there can have its rows permuted to torch's order"
-                )
-        if layer.class_name == "Flatten" and layer.config.get("data_format") in (None, "channels_last"):
-            shape = shapes.get(layer.name)
-            if shape is None:
-                full = layer.input_shape or (prev.output_shape if prev is not None else None)
-                if full is None:
-                    raise ConversionError(
-                        f"Flatten {layer.name!r}: its input shape is unknown; pass shapes={{{layer.name!r}: (H, W, C)}} "
-                        "so the Dense after it can be permuted to torch's channels-first order"
-                    )
-                shape = tuple(full[1:])
-            if len(shape) >= 2:  # a feature map (*spatial, C); a flat vector needs nothing
-                pending = (layer, tuple(int(s) for s in shape))
-        prev = layer
-    return out
-
-
-# -- descriptions from a live Keras model (duck-typed) ------------------------------------------
-
-
-def _shape_of(layer: Any, attr: str) -> tuple[int | None, ...] | None:
-    try:
-        t = getattr(layer, attr)
-    except Exception:  # keras raises for layers never called or called on several inputs
-        return None
-    if isinstance(t, (list, tuple)) or not hasattr(t, "shape"):
-        return None
-    return tuple(None if d is None else int(d) for d in t.shape)
-
-
-def describe_keras_layer(layer: Any) -> KerasLayer:
-    """A :class:`KerasLayer` from a live Keras 3 layer (keys are the weights' ``path``).
-
-    Example:
-        >>> import keras  # doctest: +SKIP
-        >>> describe_keras_layer(keras.layers.Dense(2)).class_name  # doctest: +SKIP
-        'Dense'
-    """
-    return KerasLayer(
-        name=layer.name,
-        class_name=type(layer).__name__,
-        config=dict(layer.get_config()),
-        weights=tuple(KerasWeight(w.path, tuple(int(d) for d in w.shape)) for w in layer.weights),
-        input_shape=_shape_of(layer, "input"),
-        output_shape=_shape_of(layer, "output"),
+def _rnn_kind(name: str, kernel: tuple[int, ...], units: int, bias: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
+    if kernel[-1] == 4 * units:
+        return "LSTM", {}
+    if kernel[-1] == 3 * units:
+        if bias is None:  # nothing stored tells; Keras's default
+            return "GRU", {"reset_after": True, "assumed": ("reset_after",)}
+        return "GRU", {"reset_after": len(bias) == 2}
+    raise ConversionError(
+        f"recurrent layer {name!r}: kernel {kernel} for {units} units is neither an LSTM (4 gates) nor a GRU (3 gates); "
+        "write its rules in a mapping file and pass it with --map"
     )
 
 
-def describe_keras_model(model: Any) -> list[KerasLayer]:
-    """Descriptions of a live Keras model's layers in order, nested models flattened.
+def _rnn_signature(kind: str) -> Signature:
+    def signature(probe: KerasLayer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+        if not {"kernel", "recurrent_kernel"} <= set(shapes) <= {"kernel", "recurrent_kernel", "bias"}:
+            return None
+        got, config = _rnn_kind(probe.name, shapes["kernel"], shapes["recurrent_kernel"][0], shapes.get("bias"))
+        return config if got == kind else None
 
-    Example:
-        >>> layers = describe_keras_model(keras_model)  # doctest: +SKIP
-    """
-    out: list[KerasLayer] = []
-    for layer in model.layers:
-        if hasattr(layer, "layers") and type(layer).__name__ in ("Sequential", "Functional", "Model"):
-            out += describe_keras_model(layer)
-        else:
-            out.append(describe_keras_layer(layer))
-    return out
+    return signature
+
+
+_DIRECTION = re.compile(r"^_?(forward|backward)(_|$)")  # Bidirectional's forward_layer / forward_lstm...
+
+
+def _bidirectional_signature(probe: KerasLayer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+    if not any(_DIRECTION.match(c) for w in probe.weights for c in w.key.split("/")):
+        return None
+    fwd = {r.split("/", 1)[1]: s for r, s in shapes.items() if r.startswith("forward/")}
+    bwd = {r.split("/", 1)[1] for r in shapes if r.startswith("backward/")}
+    if not ({"kernel", "recurrent_kernel"} <= set(fwd) and {"kernel", "recurrent_kernel"} <= bwd):
+        return None
+    inner = _rnn_kind(probe.name, fwd["kernel"], fwd["recurrent_kernel"][0], fwd.get("bias"))
+    return {"layer": {"class_name": inner[0], "config": inner[1]}}
+
+
+_MHA_PARTS = ("query", "key", "value", "attention_output")
+
+
+def _mha_signature(probe: KerasLayer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+    have = set(shapes)
+    if {f"{p}/kernel" for p in _MHA_PARTS} <= have <= {f"{p}/{r}" for p in _MHA_PARTS for r in ("kernel", "bias")}:
+        return {}
+    return None
+
+
+def _separable_signature(d: int) -> Signature:
+    def signature(probe: KerasLayer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+        if set(shapes) in ({"depthwise_kernel", "pointwise_kernel"}, {"depthwise_kernel", "pointwise_kernel", "bias"}):
+            return {} if len(shapes["pointwise_kernel"]) == d + 2 else None
+        return None
+
+    return signature
+
+
+def _roles_signature(required: set[str], allowed: set[str]) -> Signature:
+    """Weights whose roles include ``required`` (at least one role when empty) and are within ``allowed``."""
+
+    def signature(probe: KerasLayer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+        have = set(shapes)
+        return {} if have and required <= have <= allowed else None
+
+    return signature
+
+
+# -- torch modules: what a layer may become -----------------------------------------------------
+
+
+def _nn() -> Any:
+    from torch import nn  # only model-guided matching asks, and it has torch
+
+    return nn
+
+
+def _module_accepts(name: str) -> Accepts:
+    return lambda layer, module: isinstance(module, getattr(_nn(), name))
+
+
+def _conv_accepts(layer: KerasLayer, module: Any) -> bool:
+    d, cfg = int(layer.class_name[4]), layer.config
+    # a checkpoint stores no config: then the kernel's shape is the only check on groups
+    return isinstance(module, getattr(_nn(), f"Conv{d}d")) and ("groups" not in cfg or module.groups == cfg["groups"])
+
+
+def _convt_accepts(layer: KerasLayer, module: Any) -> bool:
+    return isinstance(module, getattr(_nn(), f"ConvTranspose{layer.class_name[4]}d"))
+
+
+def _depthwise_accepts(layer: KerasLayer, module: Any) -> bool:
+    return isinstance(module, getattr(_nn(), f"Conv{layer.class_name[-2]}d")) and module.groups == module.in_channels
+
+
+def _separable_accepts(layer: KerasLayer, module: Any) -> bool:
+    c = getattr(_nn(), f"Conv{layer.class_name[-2]}d")
+    return isinstance(getattr(module, "depthwise", None), c) and isinstance(getattr(module, "pointwise", None), c)
+
+
+def _rnn_accepts(layer: KerasLayer, module: Any) -> bool:
+    return type(module) is getattr(_nn(), layer.class_name) and not module.bidirectional and module.num_layers == 1
+
+
+def _bidirectional_accepts(layer: KerasLayer, module: Any) -> bool:
+    cfg, nn = layer.config, _nn()
+    inner = cfg.get("layer", {}).get("class_name") if isinstance(cfg.get("layer"), dict) else None
+    return (isinstance(module, (nn.LSTM, nn.GRU)) and module.bidirectional and module.num_layers == 1
+            and inner in (None, type(module).__name__))
+
+
+def _batchnorm_accepts(layer: KerasLayer, module: Any) -> bool:
+    return isinstance(module, _nn().modules.batchnorm._BatchNorm)
+
+
+def _norm_notes(momentum: bool) -> ModuleNotes:
+    """Mismatches of epsilon (and a BatchNorm's momentum) between Keras and the torch module."""
+
+    def notes(layer: KerasLayer, path: str, module: Any) -> list[str]:
+        out = []
+        eps = layer.config.get("epsilon")
+        if eps is None:  # a TF checkpoint stores no layer config
+            out.append(f"{layer.name} -> {path}: epsilon is not stored in the checkpoint; torch uses eps={module.eps:g}, "
+                       "which must be the Keras layer's epsilon (Keras default 1e-3)")
+        elif abs(module.eps - eps) > 1e-12:
+            out.append(f"MISMATCH {layer.name} -> {path}: eps {module.eps} in torch, {eps} in Keras; outputs will differ")
+        if momentum and module.momentum is not None:
+            mom = layer.config.get("momentum")
+            if mom is None:
+                out.append(f"{layer.name} -> {path}: momentum is not stored in the checkpoint; torch momentum {module.momentum:g} "
+                           f"is Keras momentum {1 - module.momentum:.6g} (Keras default 0.99)")
+            elif abs(module.momentum - (1 - mom)) > 1e-9:
+                out.append(f"MISMATCH {layer.name} -> {path}: torch momentum {module.momentum}, Keras momentum "
+                           f"{mom} means torch momentum {1 - mom:.6g}; running statistics will update differently")
+        return out
+
+    return notes
+
+
+# -- feature maps: channels a layer leaves (for the Flatten before a Dense) ----------------------
+
+
+def _conv_channels(layer: KerasLayer) -> int:
+    *_, a, b = layer.weight("kernel").shape
+    if layer.class_name.endswith("Transpose"):
+        return a
+    return a * b if layer.class_name.startswith("Depthwise") else b
+
+
+def _separable_channels(layer: KerasLayer) -> int:
+    return layer.weight("pointwise_kernel").shape[-1]
+
+
+# -- the built-in kinds -------------------------------------------------------------------------
+
+
+def _register_builtins() -> None:
+    register_layer("Dense", _dense, signature=_dense_signature, accepts=_module_accepts("Linear"))
+    for d in (1, 2, 3):
+        # within a family: Conv, then ConvTranspose, then DepthwiseConv (the first fit is assumed)
+        register_layer(f"Conv{d}D", _conv, signature=_conv_signature(f"Conv{d}D", d), accepts=_conv_accepts,
+                       out_channels=_conv_channels)
+        register_layer(f"Conv{d}DTranspose", _conv, signature=_conv_signature(f"Conv{d}DTranspose", d),
+                       accepts=_convt_accepts, out_channels=_conv_channels)
+        if d in (1, 2):
+            register_layer(f"DepthwiseConv{d}D", _depthwise, signature=_conv_signature(f"DepthwiseConv{d}D", d),
+                           accepts=_depthwise_accepts, out_channels=_conv_channels)
+            register_layer(f"SeparableConv{d}D", _separable, signature=_separable_signature(d), accepts=_separable_accepts,
+                           out_channels=_separable_channels)
+    register_layer("BatchNormalization", _batchnorm, accepts=_batchnorm_accepts, module_notes=_norm_notes(True),
+                   signature=_roles_signature({"moving_mean", "moving_variance"}, {"gamma", "beta", "moving_mean", "moving_variance"}),
+                   keeps_channels=True)
+    register_layer("LayerNormalization", _layernorm, signature=_roles_signature(set(), {"gamma", "beta"}),
+                   accepts=_module_accepts("LayerNorm"), module_notes=_norm_notes(False))
+    register_layer("Embedding", _embedding, signature=_roles_signature({"embeddings"}, {"embeddings"}),
+                   accepts=_module_accepts("Embedding"))
+    register_layer("LSTM", _lstm, signature=_rnn_signature("LSTM"), accepts=_rnn_accepts)
+    register_layer("GRU", _gru, signature=_rnn_signature("GRU"), accepts=_rnn_accepts)
+    register_layer("Bidirectional", _bidirectional, signature=_bidirectional_signature, accepts=_bidirectional_accepts)
+    register_layer("MultiHeadAttention", _mha, signature=_mha_signature, accepts=_module_accepts("MultiheadAttention"))
+
+
+_register_builtins()
+
+

@@ -27,70 +27,27 @@ from collections.abc import Mapping as AbcMapping
 from collections.abc import Sequence
 from typing import Any
 
-from ckptfmt.errors import ConversionError, FrameworkNotAvailableError
+from ckptfmt.errors import ConversionError
 
-from .layers import KerasLayer, find_flatten_dense, layer_rules
+from ..optional import require
+from .describe import find_flatten_dense
+from .registry import LAYER_KINDS, KerasLayer, layer_rules
 from .rules import Mapping
 
-try:
-    import torch
-    from torch import nn
-except ImportError as e:  # pragma: no cover - exercised only without torch
-    raise FrameworkNotAvailableError("torch", "torch", feature="model-guided mapping") from e
+torch = require("torch", "model-guided mapping")
+nn = torch.nn
 
 
 def _accepts(layer: KerasLayer, module: nn.Module) -> bool:
-    """Whether ``module`` is of the kind ``layer`` becomes (shapes are checked separately)."""
-    cls, cfg = layer.class_name, layer.config
-    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-    convt = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-    if cls == "Dense":
-        return isinstance(module, nn.Linear)
-    if cls in ("Conv1D", "Conv2D", "Conv3D"):
-        # a checkpoint stores no config: then the kernel's shape is the only check on groups
-        return isinstance(module, conv[int(cls[4])]) and ("groups" not in cfg or module.groups == cfg["groups"])
-    if cls in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
-        return isinstance(module, convt[int(cls[4])])
-    if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
-        return isinstance(module, conv[int(cls[-2])]) and module.groups == module.in_channels
-    if cls in ("SeparableConv1D", "SeparableConv2D"):
-        c = conv[int(cls[-2])]
-        return isinstance(getattr(module, "depthwise", None), c) and isinstance(getattr(module, "pointwise", None), c)
-    if cls == "BatchNormalization":
-        return isinstance(module, nn.modules.batchnorm._BatchNorm)
-    if cls == "LayerNormalization":
-        return isinstance(module, nn.LayerNorm)
-    if cls == "Embedding":
-        return isinstance(module, nn.Embedding)
-    if cls in ("LSTM", "GRU"):
-        return type(module) is getattr(nn, cls) and not module.bidirectional and module.num_layers == 1
-    if cls == "Bidirectional":
-        inner = cfg.get("layer", {}).get("class_name") if isinstance(cfg.get("layer"), dict) else None
-        return isinstance(module, (nn.LSTM, nn.GRU)) and module.bidirectional and module.num_layers == 1 and inner in (None, type(module).__name__)
-    if cls == "MultiHeadAttention":
-        return isinstance(module, nn.MultiheadAttention)
-    return False
+    """Whether ``module`` is of the kind ``layer`` becomes (its record says; shapes are checked separately)."""
+    kind = LAYER_KINDS.get(layer.class_name)
+    return kind is not None and kind.accepts is not None and bool(kind.accepts(layer, module))
 
 
 def _hyper_notes(layer: KerasLayer, path: str, module: nn.Module) -> list[str]:
-    """Mismatches between the Keras config and the torch module that weights cannot fix."""
-    notes = []
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
-        eps = layer.config.get("epsilon")
-        if eps is None:  # a TF checkpoint stores no layer config
-            notes.append(f"{layer.name} -> {path}: epsilon is not stored in the checkpoint; torch uses eps={module.eps:g}, "
-                         "which must be the Keras layer's epsilon (Keras default 1e-3)")
-        elif abs(module.eps - eps) > 1e-12:
-            notes.append(f"MISMATCH {layer.name} -> {path}: eps {module.eps} in torch, {eps} in Keras; outputs will differ")
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
-        mom = layer.config.get("momentum")
-        if mom is None:
-            notes.append(f"{layer.name} -> {path}: momentum is not stored in the checkpoint; torch momentum {module.momentum:g} "
-                         f"is Keras momentum {1 - module.momentum:.6g} (Keras default 0.99)")
-        elif abs(module.momentum - (1 - mom)) > 1e-9:
-            notes.append(f"MISMATCH {layer.name} -> {path}: torch momentum {module.momentum}, Keras momentum "
-                         f"{mom} means torch momentum {1 - mom:.6g}; running statistics will update differently")
-    return notes
+    """Mismatches between the Keras config and the torch module that weights cannot fix (its record says)."""
+    kind = LAYER_KINDS.get(layer.class_name)
+    return list(kind.module_notes(layer, path, module)) if kind is not None and kind.module_notes is not None else []
 
 
 def _trace_order(model: nn.Module, example_input: Any, modules: dict[str, nn.Module]) -> dict[str, int]:

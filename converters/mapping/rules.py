@@ -71,7 +71,7 @@ import re
 from collections.abc import Iterable, Sequence
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -495,7 +495,7 @@ class Drop:
     pattern: str
 
 
-Rule = Union[Rename, Convert, Drop]
+Rule = Rename | Convert | Drop
 _RULES: dict[str, type] = {"Rename": Rename, "Convert": Convert, "Drop": Drop}
 
 

@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 import math
-from collections.abc import Mapping as AbcMapping
 from collections.abc import Collection, Sequence
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,23 +52,10 @@ import numpy as np
 from ckptfmt.converters.mapping.rules import Mean, Plan
 from ckptfmt.errors import ConversionError, UnmappedKeyError
 
-# Keras 3 slot names per optimizer class, as in ``add_optimizer_variables(vars, name)``.
-KERAS_SLOTS: dict[str, tuple[str, ...]] = {
-    "Adam": ("momentum", "velocity", "velocity_hat"),
-    "AdamW": ("momentum", "velocity", "velocity_hat"),
-    "SGD": ("momentum",),
-    "RMSprop": ("velocity", "momentum", "average_gradient"),
-}
+from .tables import ADAM_EPS, KERAS_SLOTS, TABLES, TORCH_TO_KERAS, OptimizerTable
 
-# Keras-exact torch optimizer per Keras class; their state uses Keras's slot names.
-_EXACT = {"Adam": "KerasAdam", "AdamW": "KerasAdam", "SGD": "KerasSGD", "RMSprop": "KerasRMSprop"}
+# Keras-exact torch optimizers live here; their state uses Keras's slot names.
 _EXACT_MODULE = "ckptfmt.converters.optim"
-
-_ADAM_EPS = (
-    "Keras adds epsilon to sqrt(v) before bias correction (update lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v)+eps)); "
-    "torch adds it to sqrt(v_hat) after (lr/(1-b1^t) * m/(sqrt(v)/sqrt(1-b2^t)+eps)), i.e. torch's effective "
-    "epsilon is larger by 1/sqrt(1-b2^t)"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +269,8 @@ def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names
         >>> opt = torch.optim.AdamW(model.parameters(), **conv.hyperparameters)  # doctest: +SKIP
         >>> print(conv.report)  # doctest: +SKIP
     """
-    cfg, cls, t = state.config, state.class_name, state.iterations
+    cfg, t = state.config, state.iterations
+    table = _table(state.class_name)
     notes = _check_supported(cfg)
     lr = _lr(cfg)
     wd = float(cfg.get("weight_decay") or 0.0)
@@ -295,74 +283,171 @@ def keras_to_torch_optimizer(state: KerasOptimizerState, plan: Plan, param_names
     out: dict[int, dict[str, np.ndarray]] = {}
 
     if exact:
-        name = f"{_EXACT_MODULE}.{_EXACT[cls]}"
-        if cls in ("Adam", "AdamW"):
-            hyper = dict(lr=lr, betas=(cfg.get("beta_1", 0.9), cfg.get("beta_2", 0.999)), eps=cfg.get("epsilon", 1e-7), weight_decay=wd, amsgrad=bool(cfg.get("amsgrad")))
-        elif cls == "SGD":
-            hyper = dict(lr=lr, momentum=cfg.get("momentum", 0.0), nesterov=bool(cfg.get("nesterov")), weight_decay=wd)
-        else:
-            hyper = dict(lr=lr, rho=cfg.get("rho", 0.9), momentum=cfg.get("momentum", 0.0), eps=cfg.get("epsilon", 1e-7), centered=bool(cfg.get("centered")), weight_decay=wd)
-        for target, i in index.items():  # step even for slot-less parameters (plain SGD), as torch keeps it
-            out[i] = {"step": np.array(t, np.int64), **slots.get(target, {})}
-        notes.insert(0, f"{name} reproduces Keras 3 {cls}'s updates exactly; slots copied unchanged (layout only), iterations {t} -> step")
-        return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
-
-    if cls in ("Adam", "AdamW"):
-        name = "torch.optim.AdamW" if wd else "torch.optim.Adam"
-        amsgrad = bool(cfg.get("amsgrad"))
-        hyper = dict(lr=lr, betas=(cfg.get("beta_1", 0.9), cfg.get("beta_2", 0.999)), eps=cfg.get("epsilon", 1e-7), weight_decay=wd, amsgrad=amsgrad)
-        for target, s in slots.items():
-            out[index[target]] = {"step": np.array(float(t), np.float32), "exp_avg": s["momentum"], "exp_avg_sq": s["velocity"]}
-            if amsgrad:
-                out[index[target]]["max_exp_avg_sq"] = s["velocity_hat"]
-        b2 = hyper["betas"][1]
-        factor = 1 / math.sqrt(1 - b2 ** (t + 1))
-        notes.insert(0, f"stock {name}: exp_avg = m, exp_avg_sq = v, step = iterations = {t}"
-                        + (f"; Keras's decoupled weight_decay={wd} is AdamW's" if wd else ""))
-        notes.append(f"drift: {_ADAM_EPS}; at the next step (t={t + 1}) by {factor:.3g}x. Each update differs by a relative "
-                     f"eps*(factor-1)/(sqrt(v_hat)+eps): negligible while |gradients| >> eps={hyper['eps']:g}. Use KerasAdam (exact=True) for identical updates")
-    elif cls == "SGD":
-        momentum = float(cfg.get("momentum", 0.0))
-        name = "torch.optim.SGD"
-        hyper = dict(lr=lr, momentum=momentum, nesterov=bool(cfg.get("nesterov")), dampening=0.0, weight_decay=0.0)
-        if momentum:
-            for target, s in slots.items():
-                out[index[target]] = {"momentum_buffer": (s["momentum"] / np.float32(-lr)).astype(s["momentum"].dtype)}
-        notes.insert(0, f"stock {name}: momentum_buffer = -m / lr (lr={lr:g}); Keras's buffer holds -lr times torch's, "
-                        "so the trajectories agree exactly only while lr stays constant (a schedule scales old momentum differently)")
-        if wd:
-            notes.append(f"drift: Keras's decoupled weight_decay={wd} (w -= w*wd*lr) is not torch SGD's (L2 added to the gradient); "
-                         "dropped here. Use KerasSGD (exact=True) to keep it")
-    elif cls == "RMSprop":
-        momentum = float(cfg.get("momentum", 0.0))
-        centered = bool(cfg.get("centered"))
-        name = "torch.optim.RMSprop"
-        hyper = dict(lr=lr, alpha=cfg.get("rho", 0.9), eps=cfg.get("epsilon", 1e-7), momentum=momentum, centered=centered, weight_decay=0.0)
-        for target, s in slots.items():
-            o = {"step": np.array(float(t), np.float32), "square_avg": s["velocity"]}
-            if momentum:
-                o["momentum_buffer"] = (s["momentum"] / np.float32(lr)).astype(s["momentum"].dtype)
-            if centered:
-                o["grad_avg"] = s["average_gradient"]
+        return _exact_conversion(table, cfg, lr, wd, t, slots, index, notes)
+    name = "torch.optim." + (("AdamW" if wd else "Adam") if table.decoupled else table.stock)
+    hyper = _torch_hyper(table, cfg, lr, wd if table.decoupled else 0.0, exact=False)
+    for target, s in slots.items():
+        o = _stock_state(table, cfg, lr, t, s)
+        if o:
             out[index[target]] = o
-        notes.insert(0, f"stock {name}: square_avg = velocity, momentum_buffer = momentum / lr, grad_avg = average_gradient, alpha = rho")
-        notes.append("drift: Keras divides by sqrt(v + eps), torch by sqrt(v) + eps; updates differ where v is near eps^2..eps "
-                     "(small gradients). Use KerasRMSprop (exact=True) for identical updates")
-        if wd:
-            notes.append(f"drift: Keras's decoupled weight_decay={wd} has no torch RMSprop equivalent; dropped. Use KerasRMSprop")
-    else:  # pragma: no cover - keras_optimizer_state rejects other classes
-        raise ConversionError(f"Keras optimizer {cls!r} is not supported")
+    first, drift = _stock_notes(table, name, hyper, lr, wd, t)
+    notes.insert(0, first)
+    notes += drift
     return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
+
+
+def _exact_conversion(table: OptimizerTable, cfg: AbcMapping[str, Any], lr: float, wd: float, t: int,
+                      slots: AbcMapping[str, dict[str, np.ndarray]], index: AbcMapping[str, int], notes: list[str]) -> OptimizerConversion:
+    """To the Keras-exact torch optimizer: Keras's slots unchanged (layout only), iterations -> step."""
+    name = f"{_EXACT_MODULE}.{table.exact}"
+    hyper = _torch_hyper(table, cfg, lr, wd, exact=True)
+    # step even for slot-less parameters (plain SGD), as torch keeps it
+    out = {i: {"step": np.array(t, np.int64), **slots.get(target, {})} for target, i in index.items()}
+    notes.insert(0, f"{name} reproduces Keras 3 {table.keras}'s updates exactly; slots copied unchanged (layout only), iterations {t} -> step")
+    return OptimizerConversion(name, hyper, out if t else {}, _report(notes))
+
+
+def _stock_state(table: OptimizerTable, cfg: AbcMapping[str, Any], lr: float, t: int,
+                 keras_slots: AbcMapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One parameter's stock torch state from its Keras slots, through the table."""
+    o = {"step": np.array(float(t), np.float32)} if table.step else {}
+    for link in table.slots:
+        if link.when is None or cfg.get(link.when):
+            v = keras_slots[link.keras]
+            o[link.torch] = (v / np.float32(link.lr_sign * lr)).astype(v.dtype) if link.lr_sign else v
+    return o
+
+
+def _table(cls: str) -> OptimizerTable:
+    if cls not in TABLES:
+        raise ConversionError(f"Keras optimizer {cls!r} is not supported (supported: {', '.join(TABLES)})")
+    return TABLES[cls]
+
+
+def _torch_hyper(table: OptimizerTable, cfg: AbcMapping[str, Any], lr: float, wd: float, *, exact: bool) -> dict[str, Any]:
+    """The torch constructor's arguments from a Keras config, through the table."""
+    hyper: dict[str, Any] = {"lr": lr}
+    items: dict[str, dict[int, Any]] = {}
+    for h in table.hyper:
+        value = cfg.get(h.keras, h.default)
+        value = bool(value) if h.flag else value
+        name, _, item = h.torch_name(exact).partition(".")
+        if item:  # an item of a tuple argument (Adam's betas)
+            hyper.setdefault(name, None)
+            items.setdefault(name, {})[int(item)] = value
+        else:
+            hyper[name] = value
+    for name, parts in items.items():
+        hyper[name] = tuple(parts[i] for i in sorted(parts))
+    if not exact:
+        hyper.update(table.fixed)
+    hyper["weight_decay"] = wd
+    return hyper
+
+
+def _stock_notes(table: OptimizerTable, name: str, hyper: AbcMapping[str, Any], lr: float, wd: float, t: int) -> tuple[str, list[str]]:
+    """What a stock torch optimizer holds, and how far its updates drift from Keras's."""
+    drift: list[str] = []
+    if table.decoupled:
+        factor = 1 / math.sqrt(1 - hyper["betas"][1] ** (t + 1))
+        first = (f"stock {name}: exp_avg = m, exp_avg_sq = v, step = iterations = {t}"
+                 + (f"; Keras's decoupled weight_decay={wd} is AdamW's" if wd else ""))
+        drift.append(f"drift: {ADAM_EPS}; at the next step (t={t + 1}) by {factor:.3g}x. Each update differs by a relative "
+                     f"eps*(factor-1)/(sqrt(v_hat)+eps): negligible while |gradients| >> eps={hyper['eps']:g}. Use KerasAdam (exact=True) for identical updates")
+        return first, drift
+    if table.keras == "SGD":
+        first = (f"stock {name}: momentum_buffer = -m / lr (lr={lr:g}); Keras's buffer holds -lr times torch's, "
+                 "so the trajectories agree exactly only while lr stays constant (a schedule scales old momentum differently)")
+        if wd:
+            drift.append(f"drift: Keras's decoupled weight_decay={wd} (w -= w*wd*lr) is not torch SGD's (L2 added to the gradient); "
+                         "dropped here. Use KerasSGD (exact=True) to keep it")
+        return first, drift
+    first = f"stock {name}: square_avg = velocity, momentum_buffer = momentum / lr, grad_avg = average_gradient, alpha = rho"
+    drift.append("drift: Keras divides by sqrt(v + eps), torch by sqrt(v) + eps; updates differ where v is near eps^2..eps "
+                 "(small gradients). Use KerasRMSprop (exact=True) for identical updates")
+    if wd:
+        drift.append(f"drift: Keras's decoupled weight_decay={wd} has no torch RMSprop equivalent; dropped. Use KerasRMSprop")
+    return first, drift
+
+
+def _keras_config(table: OptimizerTable, optimizer: str, g: AbcMapping[str, Any], exact: bool,
+                  notes: list[str]) -> tuple[str, dict[str, Any]]:
+    """The Keras class and config of a torch param group, through the table."""
+    lr = float(g["lr"])
+    wd = float(g.get("weight_decay") or 0.0)
+    # torch's weight_decay is L2 on the gradient except in AdamW (and Adam(decoupled_weight_decay=True))
+    l2 = (optimizer == "Adam" and not g.get("decoupled_weight_decay")) if table.decoupled else not exact
+    if wd and l2:
+        notes.append(f"drift: torch {optimizer}'s weight_decay={wd} is L2 on the gradient, which Keras has no option for; dropped")
+        wd = 0.0
+    if not exact and g.get("dampening"):
+        raise ConversionError(f"torch SGD dampening={g['dampening']} has no Keras equivalent")
+    if not exact:
+        notes.append(table.from_stock.format(optimizer=optimizer, lr=lr))
+    config = {"learning_rate": lr, **{h.keras: _group_value(g, h.torch_name(exact), h.default, h.flag) for h in table.hyper},
+              "weight_decay": wd or None}
+    return (("AdamW" if wd else "Adam") if table.decoupled else table.keras), config
+
+
+def _keras_iterations(state: AbcMapping[str, Any], iterations: int | None, notes: list[str]) -> int:
+    """Keras's one step count from torch's per-parameter ones (or the one given)."""
+    steps = {int(np.asarray(s["step"])) for s in state.values() if "step" in s}
+    if len(steps) > 1:
+        notes.append(f"parameters took different step counts {sorted(steps)}; Keras keeps one: the largest is used")
+    if iterations is None:
+        iterations = max(steps, default=0)
+        if not steps and state:
+            notes.append("torch kept no step count: Keras iterations set to 0; pass iterations= to set it")
+    return int(iterations)
+
+
+def _keras_slots(plan: Plan, state: AbcMapping[str, Any], names: AbcMapping[str, str], scale: AbcMapping[str, float],
+                 notes: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """``{Keras variable: {slot: array}}`` of torch's state, through the inverse weight plan."""
+    inverse = plan.inverse()
+    slots: dict[str, dict[str, np.ndarray]] = {}
+    problems = []
+    for entry in inverse.entries:
+        have = [k for k in entry.sources if k in state]
+        if not have:
+            continue
+        if len(have) != len(entry.sources):
+            # Parameters torch sums into one Keras variable (an LSTM's bias_ih + bias_hh) share
+            # its gradient, so one that trained carries the slots; a frozen one has none.
+            if not all(isinstance(op.for_slots(), Mean) for op in entry.ops):
+                problems.append(f"{', '.join(entry.sources)}: converted together but only {', '.join(have)} have optimizer state")
+                continue
+            notes.append(f"{', '.join(k for k in entry.sources if k not in have)} had no optimizer state (frozen): "
+                         f"{', '.join(entry.targets)} takes its slots from {', '.join(have)}")
+        _entry_slots(entry, [state[k] for k in have], names, scale, slots)
+    unplaced = [n for n in state if not any(n in e.sources for e in inverse.entries)]
+    problems += [f"{n}: has optimizer state but no entry of the weight plan writes it" for n in unplaced]
+    if problems:
+        raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(problems))
+    return slots
+
+
+def _entry_slots(entry: Any, states: Sequence[AbcMapping[str, Any]], names: AbcMapping[str, str],
+                 scale: AbcMapping[str, float], slots: dict[str, dict[str, np.ndarray]]) -> None:
+    """One inverse plan entry's slots, from the torch state of the parameters it reads."""
+    for tname, kname in names.items():
+        if tname not in states[0] or states[0][tname] is None:
+            continue
+        values = entry.run(tuple(np.asarray(st[tname]) for st in states), slots=True)
+        for target, value in zip(entry.targets, values):
+            if kname in scale:
+                value = (value * np.float32(scale[kname])).astype(value.dtype)
+            slots.setdefault(target, {})[kname] = value
+
+
+def _group_value(group: AbcMapping[str, Any], name: str, default: Any, flag: bool) -> Any:
+    key, _, item = name.partition(".")
+    value = group.get(key, default) if not item else group[key][int(item)]
+    return bool(value) if flag else value
 
 
 def _report(notes: list[str]) -> str:
     return "\n".join(f"- {n}" for n in notes)
-
-
-_TORCH_TO_KERAS = {
-    "Adam": "Adam", "AdamW": "AdamW", "SGD": "SGD", "RMSprop": "RMSprop",
-    "KerasAdam": "Adam", "KerasSGD": "SGD", "KerasRMSprop": "RMSprop",
-}
 
 
 def torch_to_keras_optimizer(
@@ -392,8 +477,8 @@ def torch_to_keras_optimizer(
         >>> ks, report = torch_to_keras_optimizer("AdamW", sd, plan, names)  # doctest: +SKIP
         >>> ks.variables("adamw")  # doctest: +SKIP
     """
-    if optimizer not in _TORCH_TO_KERAS:
-        raise ConversionError(f"torch optimizer {optimizer!r} is not supported (supported: {', '.join(_TORCH_TO_KERAS)})")
+    if optimizer not in TORCH_TO_KERAS:
+        raise ConversionError(f"torch optimizer {optimizer!r} is not supported (supported: {', '.join(TORCH_TO_KERAS)})")
     groups = state_dict["param_groups"]
     if len(groups) != 1:
         raise ConversionError(f"the torch optimizer has {len(groups)} param groups; Keras optimizers have one set of hyperparameters")
@@ -402,77 +487,15 @@ def torch_to_keras_optimizer(
     state = {param_names[order.index(i)]: s for i, s in state_dict["state"].items()}
     stale = sorted(n for n in state if n in set(frozen))
     state = {n: v for n, v in state.items() if n not in stale}
-    wd = float(g.get("weight_decay") or 0.0)
-    cls = _TORCH_TO_KERAS[optimizer]
+    table = TABLES[TORCH_TO_KERAS[optimizer]]
     exact = optimizer.startswith("Keras")
     notes: list[str] = []
-    lr = float(g["lr"])
-    if cls in ("Adam", "AdamW"):
-        if wd and optimizer == "Adam" and not g.get("decoupled_weight_decay"):
-            notes.append(f"drift: torch Adam's weight_decay={wd} is L2 on the gradient, which Keras has no option for; dropped")
-            wd = 0.0
-        cls = "AdamW" if wd else "Adam"
-        config = dict(learning_rate=lr, beta_1=g["betas"][0], beta_2=g["betas"][1], epsilon=g["eps"], amsgrad=bool(g.get("amsgrad")), weight_decay=wd or None)
-        names = {"momentum": "momentum", "velocity": "velocity", "velocity_hat": "velocity_hat"} if exact else {"exp_avg": "momentum", "exp_avg_sq": "velocity", "max_exp_avg_sq": "velocity_hat"}
-        scale: dict[str, float] = {}
-        if not exact:
-            notes.append(f"from stock torch.optim.{optimizer}: {_ADAM_EPS}; Keras will continue with its own placement")
-    elif cls == "SGD":
-        if wd and not exact:
-            notes.append(f"drift: torch SGD's weight_decay={wd} is L2 on the gradient, which Keras has no option for; dropped")
-            wd = 0.0
-        config = dict(learning_rate=lr, momentum=g.get("momentum", 0.0), nesterov=bool(g.get("nesterov")), weight_decay=wd or None)
-        if not exact and g.get("dampening"):
-            raise ConversionError(f"torch SGD dampening={g['dampening']} has no Keras equivalent")
-        names = {"momentum": "momentum"} if exact else {"momentum_buffer": "momentum"}
-        scale = {} if exact else {"momentum": -lr}
-        if not exact:
-            notes.append(f"from stock torch.optim.SGD: Keras momentum = -lr * momentum_buffer (lr={lr:g})")
-    else:
-        if wd and not exact:
-            notes.append(f"drift: torch RMSprop's weight_decay={wd} is L2 on the gradient, which Keras has no option for; dropped")
-            wd = 0.0
-        config = dict(learning_rate=lr, rho=g["rho"] if exact else g["alpha"], momentum=g.get("momentum", 0.0), epsilon=g["eps"], centered=bool(g.get("centered")), weight_decay=wd or None)
-        names = {"velocity": "velocity", "momentum": "momentum", "average_gradient": "average_gradient"} if exact else {"square_avg": "velocity", "momentum_buffer": "momentum", "grad_avg": "average_gradient"}
-        scale = {} if exact else {"momentum": lr}
-        if not exact:
-            notes.append("from stock torch.optim.RMSprop: Keras momentum = lr * momentum_buffer; epsilon moves inside the sqrt")
-
-    steps = {int(np.asarray(s["step"])) for s in state.values() if "step" in s}
+    cls, config = _keras_config(table, optimizer, g, exact, notes)
     if stale:
         notes.append(f"optimizer state of the frozen parameters {', '.join(stale)} ignored (requires_grad=False)")
-    if len(steps) > 1:
-        notes.append(f"parameters took different step counts {sorted(steps)}; Keras keeps one: the largest is used")
-    if iterations is None:
-        iterations = max(steps, default=0)
-        if not steps and state:
-            notes.append("torch kept no step count: Keras iterations set to 0; pass iterations= to set it")
-
-    inverse = plan.inverse()
-    slots: dict[str, dict[str, np.ndarray]] = {}
-    problems = []
-    for entry in inverse.entries:
-        have = [k for k in entry.sources if k in state]
-        if not have:
-            continue
-        if len(have) != len(entry.sources):
-            # Parameters torch sums into one Keras variable (an LSTM's bias_ih + bias_hh) share
-            # its gradient, so one that trained carries the slots; a frozen one has none.
-            if not all(isinstance(op.for_slots(), Mean) for op in entry.ops):
-                problems.append(f"{', '.join(entry.sources)}: converted together but only {', '.join(have)} have optimizer state")
-                continue
-            notes.append(f"{', '.join(k for k in entry.sources if k not in have)} had no optimizer state (frozen): "
-                         f"{', '.join(entry.targets)} takes its slots from {', '.join(have)}")
-        for tname, kname in names.items():
-            if tname not in state[have[0]] or state[have[0]][tname] is None:
-                continue
-            values = entry.run(tuple(np.asarray(state[k][tname]) for k in have), slots=True)
-            for target, value in zip(entry.targets, values):
-                if kname in scale:
-                    value = (value * np.float32(scale[kname])).astype(value.dtype)
-                slots.setdefault(target, {})[kname] = value
-    unplaced = [n for n in state if not any(n in e.sources for e in inverse.entries)]
-    problems += [f"{n}: has optimizer state but no entry of the weight plan writes it" for n in unplaced]
-    if problems:
-        raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(problems))
-    return KerasOptimizerState(cls, config, int(iterations), slots), _report(notes)
+    iterations = _keras_iterations(state, iterations, notes)
+    # the slots' names and scales in the other direction, through the same table
+    names = {s.keras: s.keras for s in table.slots} if exact else {s.torch: s.keras for s in table.slots}
+    scale = {} if exact else {s.keras: float(s.lr_sign * config["learning_rate"]) for s in table.slots if s.lr_sign}
+    slots = _keras_slots(plan, state, names, scale, notes)
+    return KerasOptimizerState(cls, config, iterations, slots), _report(notes)

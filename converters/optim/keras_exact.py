@@ -23,12 +23,9 @@ __all__ = ["KerasAdam", "KerasSGD", "KerasRMSprop"]
 from collections.abc import Iterable
 from typing import Any
 
-from ckptfmt.errors import FrameworkNotAvailableError
+from ..optional import require
 
-try:
-    import torch
-except ImportError as e:  # pragma: no cover - exercised only without torch
-    raise FrameworkNotAvailableError("torch", "torch", feature="Keras-exact torch optimizers") from e
+torch = require("torch", "Keras-exact torch optimizers")
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """What every source shares: the :class:`Source` verbs, :class:`TensorInfo`, and the helpers
-each format module uses (reports, error lines, dtype names, JSON-ready values, destinations,
-atomic files).
+each format module uses (reports, error lines, dtype names, JSON-ready values). File conventions (atomic files, destinations) are :mod:`ckptfmt.converters.files`.
 
 A format module (``ckptfmt.py``, ``tf.py``, ``torch.py``, ``safetensors.py``, ``onnx.py``)
 subclasses :class:`Source`, says which paths are its own (:meth:`Source.claims` by layout or
@@ -22,24 +21,19 @@ __all__ = [
     "first_line",
     "dtype_str",
     "jsonable",
-    "check_destination",
-    "atomic_file",
-    "require",
 ]
 
-import importlib
 import math
-import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.errors import CheckpointExistsError, FrameworkNotAvailableError, UnsupportedDtypeError
+from ckptfmt.errors import UnsupportedDtypeError
 from ckptfmt.format.dtypes import dtype_name
 
 
@@ -141,7 +135,7 @@ class Source(ABC):
         """A content identity, for kinds that record one (ckptfmt)."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a default: most sources hold nothing to release
         """Release open files. Arrays already returned stay valid."""
 
     def __enter__(self) -> Source:
@@ -238,53 +232,3 @@ def jsonable(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     return repr(v)
-
-
-def check_destination(dst: str, overwrite: bool) -> None:
-    """Refuse an existing file destination unless ``overwrite``.
-
-    Raises:
-        CheckpointExistsError: ``dst`` exists (a dangling link counts) and ``overwrite`` is false.
-
-    Example:
-        >>> check_destination("/nonexistent/new.safetensors", overwrite=False)
-    """
-    if os.path.lexists(dst) and not overwrite:
-        raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-
-
-def atomic_file(dst: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` and rename ``tmp`` to ``dst``: a failed write leaves no ``dst``.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = os.path.join(tempfile.mkdtemp(), "f.bin")
-        >>> atomic_file(p, lambda tmp: pathlib.Path(tmp).write_bytes(b"x"))
-        >>> open(p, "rb").read()
-        b'x'
-    """
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def require(module: str, feature: str, *, extra: str | None = None) -> Any:
-    """Import an optional framework (``torch``, ``onnx``) or say which extra installs it.
-
-    Raises:
-        FrameworkNotAvailableError: it is not installed; the message names ``feature`` and
-            the extra (``pip install 'ckptfmt[torch]'``).
-
-    Example:
-        >>> require("json", "parsing").__name__
-        'json'
-    """
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise FrameworkNotAvailableError(module, extra or module, feature=feature) from e

@@ -16,27 +16,26 @@ __all__ = ["OnnxSource", "export_onnx"]
 
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, FrameworkNotAvailableError, TensorNotFoundError, UnmappedKeyError
+from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, TensorNotFoundError, UnmappedKeyError
 
+from ..files import check_destination, commit_file, remove_quietly
+from ..optional import require
 from . import open_any
-from .base import ConvertResult, Source, TensorInfo, check_destination, dtype_str, first_line, make_report
+from .base import ConvertResult, Source, TensorInfo, dtype_str, first_line, make_report
 
 #: protobuf cannot serialize a message of 2 GiB; above this, tensors go to external data.
 _PROTO_LIMIT = 1_800_000_000
 
 
 def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise FrameworkNotAvailableError("onnx", "onnx", feature="ONNX models") from None
-    return onnx
+    return require("onnx", "ONNX models")
 
 
 def _np_dtype(onnx: Any, data_type: int) -> np.dtype | None:
@@ -181,7 +180,7 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
     onnx = _onnx()
     from onnx import numpy_helper
 
-    check_destination(out, overwrite)
+    check_destination(out, "file", overwrite)
     if os.path.abspath(out) == os.path.abspath(model_path):
         raise ConversionError(f"{out}: the output must be a new file, not the model being filled in")
     model = _load_model(model_path, external=True)
@@ -190,48 +189,79 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
     )
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     with open_any(src) as s:
-        names = s.keys()
-        have = set(names)
-        unknown = [n for n in names if n not in index]
-        missing = [n for n in index if n not in have]
-        mismatched = []
-        for n in names:
-            if n not in index:
-                continue
-            t = model.graph.initializer[index[n]]
-            dt = _np_dtype(onnx, t.data_type)
-            want = (dtype_str(dt) if dt is not None else f"onnx:{t.data_type}", tuple(int(d) for d in t.dims))
-            info = s.info(n)
-            if (info.dtype, info.shape) != want:
-                mismatched.append(f"{n}: {info.dtype}{list(info.shape)} in {src}, {want[0]}{list(want[1])} in the model")
-        gaps = []
-        if unknown and not allow_unknown:
-            gaps.append(f"{len(unknown)} tensor(s) of {src} have no initializer in {model_path}: {', '.join(unknown[:20])}" + (" ..." if len(unknown) > 20 else "") + " (--allow-unknown ignores them)")
-        if missing and not allow_missing:
-            gaps.append(f"{len(missing)} initializer(s) of {model_path} are not in {src}: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else "") + " (--allow-missing keeps the model's values)")
-        if mismatched:
-            what = f"{len(mismatched)} tensor(s) do not match the model's initializers: " + "; ".join(mismatched)
-            raise ConversionError("; ".join([what, *gaps]))
-        if gaps:
-            raise UnmappedKeyError("; ".join(gaps))
+        _check_fit(onnx, s, src, model_path, model, index, allow_missing=allow_missing, allow_unknown=allow_unknown)
         written = nbytes = 0
-        for n in names:
+        for n in s.keys():
             if n in index:
                 arr = np.asarray(s.get(n))
                 model.graph.initializer[index[n]].CopyFrom(numpy_helper.from_array(arr, n))
                 written += 1
                 nbytes += arr.nbytes
     external = used_external or sum(len(t.raw_data) for t in model.graph.initializer) > _PROTO_LIMIT
-    location = os.path.basename(out) + ".data"
-    data_path = os.path.join(os.path.dirname(os.path.abspath(out)), location)
-    if external and os.path.exists(data_path):
-        os.remove(data_path)  # onnx appends to an existing external data file
-    try:
-        onnx.save_model(model, out, save_as_external_data=external, all_tensors_to_one_file=True, location=location)
-        onnx.checker.check_model(out)
-    except Exception as e:
-        for p in (out, data_path if external else None):
-            if p and os.path.exists(p):
-                os.remove(p)
-        raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {first_line(e)}") from e
+    _save_atomically(onnx, model, out, external)
     return ConvertResult(out, "onnx", written, nbytes)
+
+
+def _listed(what: str, names: list[str], hint: str) -> str:
+    return f"{len(names)} {what}: {', '.join(names[:20])}" + (" ..." if len(names) > 20 else "") + f" ({hint})"
+
+
+def _check_fit(onnx: Any, s: Source, src: str, model_path: str, model: Any, index: dict[str, int], *,
+               allow_missing: bool, allow_unknown: bool) -> None:
+    """Every tensor of ``s`` fits its initializer (dtype, shape), and every name pairs up unless allowed.
+
+    Raises:
+        ConversionError: mismatched tensors (all listed, with the unpaired names).
+        UnmappedKeyError: unpaired names only.
+    """
+    names = s.keys()
+    have = set(names)
+    unknown = [n for n in names if n not in index]
+    missing = [n for n in index if n not in have]
+    mismatched = []
+    for n in names:
+        if n not in index:
+            continue
+        t = model.graph.initializer[index[n]]
+        dt = _np_dtype(onnx, t.data_type)
+        want = (dtype_str(dt) if dt is not None else f"onnx:{t.data_type}", tuple(int(d) for d in t.dims))
+        info = s.info(n)
+        if (info.dtype, info.shape) != want:
+            mismatched.append(f"{n}: {info.dtype}{list(info.shape)} in {src}, {want[0]}{list(want[1])} in the model")
+    gaps = []
+    if unknown and not allow_unknown:
+        gaps.append(_listed(f"tensor(s) of {src} have no initializer in {model_path}", unknown, "--allow-unknown ignores them"))
+    if missing and not allow_missing:
+        gaps.append(_listed(f"initializer(s) of {model_path} are not in {src}", missing, "--allow-missing keeps the model's values"))
+    if mismatched:
+        what = f"{len(mismatched)} tensor(s) do not match the model's initializers: " + "; ".join(mismatched)
+        raise ConversionError("; ".join([what, *gaps]))
+    if gaps:
+        raise UnmappedKeyError("; ".join(gaps))
+
+
+def _save_atomically(onnx: Any, model: Any, out: str, external: bool) -> None:
+    """Save and check the model in a new directory beside ``out``, then commit its files.
+
+    The external data file (``<out>.data``, named inside the model) is committed first and
+    the model last: the model's rename is the commit, so a save killed halfway leaves no
+    new model (and onnx never appends to an existing data file).
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    name = os.path.basename(out)
+    location = name + ".data"
+    work = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    staged = [os.path.join(work, name), os.path.join(work, location)]
+    try:
+        try:
+            onnx.save_model(model, staged[0], save_as_external_data=external, all_tensors_to_one_file=True, location=location)
+            onnx.checker.check_model(staged[0])
+        except Exception as e:
+            raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {first_line(e)}") from e
+        if os.path.exists(staged[1]):  # small tensors stay inside the model even with external data
+            commit_file(staged[1], os.path.join(parent, location))
+        commit_file(staged[0], out)
+    finally:
+        for p in staged:
+            remove_quietly(p)
+        os.rmdir(work)

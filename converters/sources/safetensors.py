@@ -26,8 +26,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -290,8 +291,6 @@ def write_safetensors(
                 raise ConversionError(f"tensor {info.name!r}: read {arr.dtype}{list(arr.shape)}, the header says {info.dtype}{list(info.shape)}")
             arr = np.ascontiguousarray(arr, dtype=want)
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        f.flush()
-        os.fsync(f.fileno())
     return len(head) + pos
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 __all__ = ["TORCH_SUFFIXES", "TorchSource", "write_torch"]
 
 import os
-import pickle
 import time
 import zipfile
 from typing import Any
@@ -29,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.errors import CheckpointNotFoundError, FormatError, FrameworkNotAvailableError, TensorNotFoundError
+from ckptfmt.errors import CheckpointNotFoundError, FormatError, TensorNotFoundError
 from ckptfmt.format.tree import PLAIN_TYPES
 
+from ..optional import require
 from .base import Source, TensorInfo, first_line, make_report
 
 #: File suffixes of torch.save files.
@@ -42,17 +42,15 @@ _READ_BLOCK = 4 << 20
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise FrameworkNotAvailableError("torch", "torch", feature="reading and writing .pt/.pth/.bin files") from None
-    return torch
+    return require("torch", "reading and writing .pt/.pth/.bin files")
 
 
 def _load(path: str, *, mmap: bool) -> Any:
-    """``torch.load`` with ``weights_only=True`` (never without it)."""
-    torch = _torch()
-    return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    """The one safe loader (``weights_only=True``, never without it): :func:`ckptfmt.torch.load_torch_file`."""
+    _torch()  # FrameworkNotAvailableError naming the extra
+    from ckptfmt.torch import load_torch_file
+
+    return load_torch_file(path, mmap=mmap)
 
 
 def _flatten(obj: Any, torch: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -80,15 +78,6 @@ def _flatten(obj: Any, torch: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, plain
 
 
-def _load_error(path: str, e: BaseException) -> FormatError:
-    if isinstance(e, pickle.UnpicklingError):
-        return FormatError(
-            f"{path}: refused by weights-only loading: the file holds objects other than tensors and "
-            f"plain containers, and ckptfmt never unpickles arbitrary objects ({first_line(e)})"
-        )
-    return FormatError(f"{path}: not a readable torch file: {first_line(e)}")
-
-
 class TorchSource(Source):
     """A ``torch.save`` file, memory-mapped when it is a zip archive (torch >= 1.6 format)."""
 
@@ -99,15 +88,7 @@ class TorchSource(Source):
         torch = _torch()
         if not os.path.isfile(path):
             raise CheckpointNotFoundError(f"no torch file at {path}")
-        try:
-            try:
-                obj = _load(path, mmap=True)
-            except pickle.UnpicklingError:
-                raise
-            except Exception:  # legacy (non-zip) files cannot be memory-mapped
-                obj = _load(path, mmap=False)
-        except Exception as e:
-            raise _load_error(path, e) from e
+        obj = _load(path, mmap=True)  # FormatError naming the file
         self._tensors, self._plain = _flatten(obj, torch)
         self._version = _archive_version(path)
 
@@ -192,8 +173,8 @@ class TorchSource(Source):
                 return make_report(path, problems, t0, checked=checked, nbytes=nbytes)
         try:
             obj = _load(path, mmap=False)
-        except Exception as e:
-            problems.append(Problem("unreadable", str(_load_error(path, e)), file=path))
+        except FormatError as e:
+            problems.append(Problem("unreadable", str(e), file=path))
             return make_report(path, problems, t0, checked=checked, nbytes=nbytes)
         tensors, _ = _flatten(obj, torch)
         if bad_members:

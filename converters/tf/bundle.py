@@ -22,8 +22,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +32,17 @@ import numpy as np
 
 from ckptfmt.errors import (
     CheckpointNotFoundError,
-    StorageError,
     FormatError,
     IntegrityError,
     LimitExceededError,
+    StorageError,
     TensorNotFoundError,
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
 from ckptfmt.storage.local import open_regular_file
 
+from ..files import atomic_file, commit_file
 from ._proto import BundleEntry, BundleHeader, CheckpointState, VersionDef, read_varint, varint
 from ._table import build_table, crc32c, mask_crc, read_table, unmask_crc
 
@@ -688,18 +689,14 @@ class TFCheckpointWriter:
 
     def finish(self) -> None:
         """Flush data, write the index and rename both into place (both synced first)."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
         header = BundleHeader(1, 0, VersionDef(producer=_BUNDLE_VERSION))
         pairs = [(b"", header.encode())] + [(k, self._entries[k].encode()) for k in sorted(self._entries)]
         index_tmp = self.prefix + ".index.tmp"
         with open(index_tmp, "wb") as f:
             f.write(build_table(pairs))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._tmp_data, self._data_path)
-        os.replace(index_tmp, self.prefix + ".index")
+        commit_file(self._tmp_data, self._data_path)  # the index, renamed last, is the commit
+        commit_file(index_tmp, self.prefix + ".index")
 
     def abort(self) -> None:
         self._f.close()
@@ -770,6 +767,4 @@ def update_state_file(prefix: str) -> None:
             old = CheckpointState()
     paths = [p for p in old.all_model_checkpoint_paths if p != name] + [name]
     new = CheckpointState(name, tuple(paths))
-    tmp = state_path + ".tmp"
-    Path(tmp).write_text(new.format(), encoding="utf-8")
-    os.replace(tmp, state_path)
+    atomic_file(state_path, lambda tmp: Path(tmp).write_text(new.format(), encoding="utf-8"))

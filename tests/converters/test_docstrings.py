@@ -31,6 +31,12 @@ MODULES = [
     "ckptfmt.converters.keras.outputs",
     "ckptfmt.converters.keras.torch_state",
     "ckptfmt.converters.keras.diff",
+    "ckptfmt.converters.mapping.registry",
+    "ckptfmt.converters.mapping.layers",
+    "ckptfmt.converters.mapping.describe",
+    "ckptfmt.converters.optim.tables",
+    "ckptfmt.converters.files",
+    "ckptfmt.converters.optional",
 ]
 
 
