@@ -208,6 +208,37 @@ def _infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[st
     )
 
 
+def unknown_layers_error(layers: Sequence[KerasLayer], targets: AbcMapping[str, tuple[int, ...]] | None = None) -> ConversionError:
+    """One error for every layer of unknown kind: their weights and a rule file ready to edit.
+
+    With ``targets`` (the torch model's unproduced tensors), each weight's rule proposes a
+    torch tensor of the same size (reshaped where the shape differs) when there is one.
+
+    Example:
+        >>> e = unknown_layers_error([KerasLayer("ls", "Unknown", {}, (KerasWeight("ls/variable", (4,)),))])
+        >>> "ls/variable (4,)" in str(e)
+        True
+    """
+    import json
+
+    rules = []
+    for layer in layers:
+        for w in layer.weights:
+            fits = [k for k, s in (targets or {}).items() if int(np.prod(s)) == int(np.prod(w.shape))]
+            target = fits[0] if len(fits) == 1 else "TODO.torch.key"
+            ops = [{"op": "Reshape", "shape": list(targets[target])}] if target in (targets or {}) and tuple(targets[target]) != tuple(w.shape) else []
+            rules.append({"rule": "Convert", "sources": [w.key], "targets": [target], "ops": ops})
+    text = ('{"format": "ckptfmt-mapping", "version": 1, "source_format": "keras", "target_format": "torch",\n "rules": [\n  '
+            + ",\n  ".join(json.dumps(r) for r in rules) + "\n]}")
+    listing = "\n  ".join(f"{l.name}: " + ", ".join(f"{w.key} {tuple(w.shape)}" for w in l.weights) for l in layers)
+    return ConversionError(
+        f"{len(layers)} layer(s) with weights the converter does not know (known layers: {', '.join(sorted(LAYER_CONVERTERS))}):\n  "
+        f"{listing}\nWrite their rules in a mapping file and pass it with --map (with --model, the file's rules map these "
+        "layers and the model-guided matching does the rest; a regex rule, \"re:...\", can cover many layers: "
+        "docs/conversions.md). A file to start from (replace each TODO):\n" + text
+    )
+
+
 def _conv_kind(name: str, kernel: tuple[int, ...], bias: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
     """Conv, ConvTranspose or DepthwiseConv from a kernel ``(*k, a, b)`` and its bias.
 
@@ -244,7 +275,7 @@ def _rnn_kind(name: str, kernel: tuple[int, ...], units: int, bias: tuple[int, .
 
 
 def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", optimizer_root: str = "optimizer",
-                          infer_layers: bool = True) -> KerasCheckpoint:
+                          infer_layers: bool = True, unknown: str = "raise") -> KerasCheckpoint:
     """Resolve a Keras 3 TF checkpoint's keys through its object graph.
 
     Args:
@@ -252,10 +283,13 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         root: the name the model was saved under (``tf.train.Checkpoint(model=...)``).
         optimizer_root: likewise for the optimizer.
         infer_layers: infer each layer's kind (not needed with a mapping file).
+        unknown: ``"raise"``: layers of unknown kind are an error (listing all of them and a
+            rule file to edit); ``"keep"``: they are kept as ``class_name="Unknown"`` for a
+            mapping file to cover.
 
     Raises:
         TensorNotFoundError: the checkpoint has no object graph.
-        ConversionError: a layer of unknown kind (names it and how to add a rule).
+        ConversionError: layers of unknown kind (all named, with a rule file to start from).
 
     Example:
         >>> kc = read_keras_checkpoint(TFCheckpointReader("fixtures/tf/keras3_conv_adam"))
@@ -346,8 +380,13 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         if name in taken:
             name = node
         taken.add(name)
-        kind, config = _infer_kind(name, weights) if infer_layers else ("?", {})
+        try:
+            kind, config = _infer_kind(name, weights) if infer_layers else ("?", {})
+        except ConversionError as e:
+            kind, config = "Unknown", {"problem": str(e)}
         layers.append(KerasLayer(name, kind, config, weights))
+    if unknown == "raise" and any(l.class_name == "Unknown" for l in layers):
+        raise unknown_layers_error([l for l in layers if l.class_name == "Unknown"])
     layers = _insert_flattens(layers) if infer_layers else layers
     problems = [f"optimizer variable {k} is not a slot of any model variable" for k in unknown_opt] + ambiguous
     return KerasCheckpoint(
@@ -422,7 +461,10 @@ def _insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
                         f"Dense {layer.name!r} takes {rows} features after a layer with {channels} channels; "
                         "the reshape between them is unknown. Write its rules in a mapping file (--map)"
                     )
-                out.append(KerasLayer(f"{layer.name}/flatten", "Flatten", {}, (), input_shape=(None, rows // channels, channels)))
+                # a guess: a BatchNormalization after a concatenation, then global pooling, gives
+                # the same shapes; with a torch model the dataflow decides (build_mapping)
+                out.append(KerasLayer(f"{layer.name}/flatten", "Flatten", {"inferred": True}, (),
+                                      input_shape=(None, rows // channels, channels)))
         out.append(layer)
         if layer.class_name.startswith(("Conv", "Depthwise", "Separable")):
             channels = _out_channels(layer)
@@ -542,6 +584,7 @@ class ConversionReport:
         optimizer_report: the slot conversion and expected drift, one ``- `` line each.
         notes: conventions the weights cannot carry (BatchNorm eps, padding, assumed defaults).
         written: False for a dry run.
+        check: the :class:`ckptfmt.converters.check.CheckResult` of ``check=True``, else None.
     """
 
     direction: str
@@ -555,6 +598,7 @@ class ConversionReport:
     optimizer_report: str = ""
     notes: tuple[str, ...] = ()
     written: bool = False
+    check: Any = None
 
     def table(self) -> str:
         """The mapping table, the unused keys, the notes and the optimizer report, as text."""
@@ -634,6 +678,16 @@ def _make_model(factory: str | Callable[[], Any] | None) -> tuple[Any, Any]:
     return model, example
 
 
+def _make_keras_model(spec: Any) -> Any:
+    """A Keras model, or None: given as is, or made by a ``"file.py:factory"`` / callable."""
+    if spec is None or (hasattr(spec, "layers") and hasattr(spec, "get_config")):
+        return spec
+    model = load_factory(spec)()
+    if not (hasattr(model, "layers") and hasattr(model, "get_config")):
+        raise ConversionError(f"the Keras model factory returned a {type(model).__name__}, not a Keras model")
+    return model
+
+
 def _as_mapping(mapping: Mapping | str | os.PathLike[str] | None) -> Mapping | None:
     if mapping is None or isinstance(mapping, Mapping):
         return mapping
@@ -653,23 +707,44 @@ def _check_dst(dst: str, overwrite: bool) -> None:
 
 def _plan(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None, strict: bool,
           targets: dict[str, tuple[int, ...]] | None = None, preset: str = "keras",
-          pairs: AbcMapping[str, str] | None = None) -> tuple[Plan, tuple[str, ...]]:
-    """The Keras -> torch plan of a checkpoint, with its notes."""
+          pairs: AbcMapping[str, str] | None = None, keras_model: Any = None) -> tuple[Plan, tuple[str, ...]]:
+    """The Keras -> torch plan of a checkpoint, with its notes.
+
+    With a model, a mapping file extends the model-guided matching: its rules map what they
+    cover (unknown layers, overrides), the matching does the rest.
+    """
     sources = kc.specs()
-    if pairs and (model is None or mapping is not None):
-        raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model and no --map")
+    if pairs and model is None:
+        raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model")
+    if keras_model is not None and model is None:
+        raise ConversionError("a Keras model (--keras-model) is used with a torch model (--model)")
     if model is not None:
         targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if mapping is None and _preset(preset, model) == "tf-module":
         mapping = module_mapping(kc)
-    if mapping is None:
-        layers = list(kc.layers)
-        if model is not None:
-            from .mapping.match import build_mapping, settle_kinds
+    if model is not None and _preset(preset, model) == "keras":
+        from .mapping._dataflow import keras_graph
+        from .mapping.match import build_mapping, settle_kinds
 
-            mapping = build_mapping(_refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs)
-        else:
-            mapping = preset_mapping(layers)
+        layers = list(kc.layers)
+        covered: set[str] = set()
+        if mapping is not None:
+            extra = mapping.plan(sources, None, strict=False)
+            covered = {s for e in extra.entries for s in e.sources} | set(extra.dropped)
+        unknown = [l for l in layers if l.class_name == "Unknown" and not all(w.key in covered for w in l.weights)]
+        if unknown:
+            produced = set() if mapping is None else {t for e in mapping.plan(sources, None, strict=False).entries for t in e.targets}
+            raise unknown_layers_error(unknown, {k: v for k, v in targets.items() if k not in produced
+                                                 and not k.endswith("num_batches_tracked")})
+        # unknown layers left are the mapping file's: build_mapping leaves what it covers out of the matching
+        graph = keras_graph(keras_model) if keras_model is not None else None
+        mapping = build_mapping(_refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs,
+                                keras_graph=graph, extra=mapping)
+    elif mapping is None:
+        unknown = [l for l in kc.layers if l.class_name == "Unknown"]
+        if unknown:
+            raise unknown_layers_error(unknown)
+        mapping = preset_mapping(list(kc.layers))
     plan = mapping.plan(sources, targets, strict=strict)
     return plan, plan.notes
 
@@ -739,6 +814,9 @@ def tf_to_torch(
     preset: str = "keras",
     pairs: AbcMapping[str, str] | None = None,
     progress: bool | None = None,
+    keras_model: Any = None,
+    check: bool = False,
+    check_tolerance: float = 1e-5,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
 
@@ -773,12 +851,23 @@ def tf_to_torch(
             model-guided matching cannot tell apart (as listed in its error).
         progress: a progress bar over the bytes converted, on stderr (default: on a
             terminal, for conversions of 256 MiB or more).
+        keras_model: the Keras model the checkpoint was saved from, or a factory for it
+            (``"file.py:factory"``): its graph decides matches the torch model's dataflow
+            cannot (same-shape layers on parallel branches), and ``check`` runs it.
+        check: after writing, run the Keras model (weights read from ``src``) and the torch
+            model (loaded from ``dst``) on the same inputs in eval mode and compare the
+            outputs, and one optimizer step on identical gradients
+            (:func:`ckptfmt.converters.check.check_conversion`); ``report.check`` holds the
+            figures. Needs ``model_factory`` and ``keras_model``.
+        check_tolerance: the largest difference allowed, relative to the outputs' magnitude.
 
     Raises:
         ConversionError: unknown or ambiguous layers, unsupported optimizer options.
         UnmappedKeyError: keys the mapping does not cover (all listed).
         CheckpointExistsError: ``dst`` exists (without ``overwrite``), or is a non-empty
             directory that is not a ckptfmt checkpoint.
+        CheckFailedError: ``check`` found outputs (or an optimizer step) further apart than
+            the tolerance; the message gives the largest difference per output.
 
     Example:
         >>> r = tf_to_torch("fixtures/tf/keras3_conv_adam", "/tmp/x.pt", dry_run=True)
@@ -788,11 +877,16 @@ def tf_to_torch(
     src, dst = os.fspath(src), os.fspath(dst)
     mapping = _as_mapping(mapping)
     model, example = _make_model(model_factory)
+    kmodel = _make_keras_model(keras_model)
+    if check and (model is None or kmodel is None or dry_run):
+        raise ConversionError("check (--check) runs both models: it needs the torch model (--model), the Keras model "
+                              "(--keras-model FILE.py:factory) and a written output (no --dry-run)")
     if not dry_run:  # an existing DST is refused before anything is read
         _convert_io.check_output(dst, _convert_io.output_kind(dst), overwrite, optimizer=False)
     with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
-        plan, notes = _plan(kc, model, example, mapping, strict, preset=preset, pairs=pairs)
+        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None) and _preset(preset, model) == "keras",
+                                   unknown="keep")
+        plan, notes = _plan(kc, model, example, mapping, strict, preset=preset, pairs=pairs, keras_model=kmodel)
         used = set(kc.keys.values())
         has_opt = bool(kc.slots) or kc.iterations_key is not None
         conv = None
@@ -863,12 +957,18 @@ def tf_to_torch(
 
         if kind == "safetensors":
             _convert_io.write_safetensors_stream(dst, plan, read, metadata=_convert_io.SAFETENSORS_METADATA, progress=progress)
-            return report
-        if kind == "ckptfmt":
+        elif kind == "ckptfmt":
             _write_ckptfmt(dst, plan, read, model, conv, report, overwrite, progress)
-            return report
-        weights = _convert_io.run_plan(plan, read, progress=progress)
-    _write_torch(dst, weights, model, conv, report)
+        else:
+            weights = _convert_io.run_plan(plan, read, progress=progress)
+    if kind == "torch":
+        _write_torch(dst, weights, model, conv, report)
+        del weights
+    if check:
+        from .check import check_output
+
+        result = check_output(src, dst, kc, plan, kmodel, model_factory, tolerance=check_tolerance)
+        report = dataclasses.replace(report, check=result)
     return report
 
 
@@ -1000,6 +1100,7 @@ def torch_to_tf(
     overwrite: bool = False,
     preset: str = "keras",
     pairs: AbcMapping[str, str] | None = None,
+    keras_model: Any = None,
 ) -> ConversionReport:
     """Convert a torch checkpoint (model and optimizer) to a Keras 3 TF checkpoint.
 
@@ -1020,7 +1121,7 @@ def torch_to_tf(
         optimizer_class: the torch optimizer class when ``src`` does not say
             (``"SGD"``, ``"Adam"``, ``"KerasAdam"``...).
         iterations: the Keras iteration count when torch keeps none (stock SGD).
-        preset / pairs: as for :func:`tf_to_torch`.
+        preset / pairs / keras_model: as for :func:`tf_to_torch`.
 
     Raises:
         ConversionError / UnmappedKeyError: as for :func:`tf_to_torch`; also template keys the
@@ -1037,9 +1138,10 @@ def torch_to_tf(
     ckpt = _convert_io.read_torch_side(src)  # numpy only; our errors name the file
     weights = ckpt["model"]
     with TFCheckpointReader(template) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
+        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None) and _preset(preset, model) == "keras",
+                                   unknown="keep")
         plan, notes = _plan(kc, model, example, mapping, True, {k: tuple(v.shape) for k, v in weights.items()}, preset=preset,
-                            pairs=pairs)
+                            pairs=pairs, keras_model=_make_keras_model(keras_model))
         back = plan.inverse()
         out_keys: dict[str, Any] = {}
         unused = tuple(k for k in weights if not any(k in e.sources for e in back.entries))
@@ -1191,6 +1293,7 @@ def diff_converted(
     pairs: AbcMapping[str, str] | None = None,
     atol: float = 0.0,
     rtol: float = 0.0,
+    keras_model: Any = None,
 ) -> DiffReport:
     """Compare a TF checkpoint's weights, converted as :func:`tf_to_torch` would, with torch weights.
 
@@ -1204,7 +1307,7 @@ def diff_converted(
     Args:
         src: the TF checkpoint (the converted side, ``a`` of the report).
         other: the torch-side checkpoint (``b``, the reference for relative differences).
-        model_factory / mapping / preset / pairs: as for :func:`tf_to_torch`.
+        model_factory / mapping / preset / pairs / keras_model: as for :func:`tf_to_torch`.
         atol, rtol: tolerances, as for :func:`ckptfmt.converters.kinds.diff_any`.
 
     Example:
@@ -1217,8 +1320,9 @@ def diff_converted(
     model, example = _make_model(model_factory)
     reader = TFCheckpointReader(src)
     try:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
-        plan, _ = _plan(kc, model, example, mapping, True, preset=preset, pairs=pairs)
+        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None) and _preset(preset, model) == "keras",
+                                   unknown="keep")
+        plan, _ = _plan(kc, model, example, mapping, True, preset=preset, pairs=pairs, keras_model=_make_keras_model(keras_model))
         with open_any(other) as sb:
             names = set(sb.keys())
             targets = list(plan.target_specs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 __all__ = ["match_layers", "build_mapping", "settle_kinds"]
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping as AbcMapping
 from collections.abc import Sequence
@@ -29,7 +30,8 @@ from typing import Any
 
 from ckptfmt.errors import ConversionError, FrameworkNotAvailableError
 
-from .layers import KerasLayer, find_flatten_dense, layer_rules
+from ._dataflow import INPUT, TorchDataflow, producers
+from .layers import KerasLayer, KerasWeight, find_flatten_dense, layer_rules
 from .rules import Mapping
 
 try:
@@ -52,7 +54,15 @@ def _accepts(layer: KerasLayer, module: nn.Module) -> bool:
     if cls in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
         return isinstance(module, convt[int(cls[4])])
     if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
-        return isinstance(module, conv[int(cls[-2])]) and module.groups == module.in_channels
+        # the weight (in*m, 1, *k) of Conv(in, in*m, groups=in) also fits Conv(in*m, in*m,
+        # groups=in*m): the input channels are the kernel's (*k, in, m)
+        try:
+            roles = layer.roles()
+        except ConversionError:
+            roles = {}
+        kernel = (roles.get("kernel") or roles.get("depthwise_kernel") or KerasWeight("", ())).shape or None
+        return (isinstance(module, conv[int(cls[-2])]) and module.groups == module.in_channels
+                and (kernel is None or module.in_channels == kernel[-2]))
     if cls in ("SeparableConv1D", "SeparableConv2D"):
         c = conv[int(cls[-2])]
         return isinstance(getattr(module, "depthwise", None), c) and isinstance(getattr(module, "pointwise", None), c)
@@ -72,25 +82,53 @@ def _accepts(layer: KerasLayer, module: nn.Module) -> bool:
     return False
 
 
-def _hyper_notes(layer: KerasLayer, path: str, module: nn.Module) -> list[str]:
-    """Mismatches between the Keras config and the torch module that weights cannot fix."""
+def _hyper_notes(matched: Sequence[tuple[KerasLayer, str]], modules: AbcMapping[str, nn.Module]) -> list[str]:
+    """Conventions the weights cannot carry, grouped: one line per convention, with a count.
+
+    A TF checkpoint stores no layer config, so eps and momentum are unknown: the note says so
+    and gives the values found in the torch model, which must be the Keras model's. With a
+    live Keras model (a config), differences are ``MISMATCH`` notes.
+    """
+    unknown: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    mismatch: dict[str, list[str]] = defaultdict(list)
+    n_bn = 0
+    for layer, path in matched:
+        module = modules[path]
+        kind = "BatchNormalization" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "LayerNormalization"
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+            eps = layer.config.get("epsilon")
+            if eps is None:
+                unknown[f"{kind} epsilon"][f"eps={module.eps:g}"].append(layer.name)
+            elif abs(module.eps - eps) > 1e-12:
+                mismatch[f"{kind} epsilon: Keras {eps:g}, torch eps={module.eps:g}; outputs will differ"].append(layer.name)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n_bn += 1
+            if module.momentum is None:
+                continue
+            mom = layer.config.get("momentum")
+            if mom is None:
+                unknown["BatchNormalization momentum"][f"momentum={module.momentum:g} (Keras momentum {1 - module.momentum:.6g})"].append(layer.name)
+            elif abs(module.momentum - (1 - mom)) > 1e-9:
+                mismatch[f"BatchNormalization momentum: Keras {mom:g} is torch momentum={1 - mom:.6g}, the torch module has "
+                         f"{module.momentum:g}; running statistics will update differently"].append(layer.name)
     notes = []
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
-        eps = layer.config.get("epsilon")
-        if eps is None:  # a TF checkpoint stores no layer config
-            notes.append(f"{layer.name} -> {path}: epsilon is not stored in the checkpoint; torch uses eps={module.eps:g}, "
-                         "which must be the Keras layer's epsilon (Keras default 1e-3)")
-        elif abs(module.eps - eps) > 1e-12:
-            notes.append(f"MISMATCH {layer.name} -> {path}: eps {module.eps} in torch, {eps} in Keras; outputs will differ")
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
-        mom = layer.config.get("momentum")
-        if mom is None:
-            notes.append(f"{layer.name} -> {path}: momentum is not stored in the checkpoint; torch momentum {module.momentum:g} "
-                         f"is Keras momentum {1 - module.momentum:.6g} (Keras default 0.99)")
-        elif abs(module.momentum - (1 - mom)) > 1e-9:
-            notes.append(f"MISMATCH {layer.name} -> {path}: torch momentum {module.momentum}, Keras momentum "
-                         f"{mom} means torch momentum {1 - mom:.6g}; running statistics will update differently")
+    for what, values in unknown.items():
+        count = sum(len(v) for v in values.values())
+        found = "; ".join(f"{v} in {len(names)} ({_few(names)})" for v, names in values.items())
+        notes.append(f"UNKNOWN {what} of {count} layer(s): not stored in a TF checkpoint; the torch model has {found}. "
+                     "They must be the Keras model's (Keras defaults: epsilon 1e-3, momentum 0.99; keras.applications' "
+                     "DenseNet/ResNet use epsilon 1.001e-5, MobileNetV2 momentum 0.999)")
+    for what, names in mismatch.items():
+        notes.append(f"MISMATCH {what} ({len(names)} layer(s): {_few(names)})")
+    if n_bn:
+        notes.append(f"BatchNormalization variance ({n_bn} layer(s)): Keras updates moving_variance with the biased batch "
+                     "variance, torch running_var with the unbiased one (x n/(n-1)); resumed training moves them apart "
+                     "(eval outputs right after the conversion are equal)")
     return notes
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f", ... {len(names) - n} more" if len(names) > n else "")
 
 
 def _trace_order(model: nn.Module, example_input: Any, modules: dict[str, nn.Module]) -> dict[str, int]:
@@ -164,6 +202,66 @@ def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module, pairs: Ab
     return out
 
 
+def _no_module_problem(sig: tuple, layers: Sequence[KerasLayer], cands: Sequence[str], modules: AbcMapping[str, nn.Module],
+                       own: AbcMapping[str, dict[str, tuple]]) -> str:
+    """Why layers fit no module, said so a person can act: near misses are named."""
+    names = ", ".join(l.name for l in layers[:6]) + (f", ... ({len(layers)} layers)" if len(layers) > 6 else "")
+    want = dict(sig[1])
+    shapes = ", ".join(f"{k} {s}" for k, s in want.items())
+    msg = (f"Keras {sig[0]} layer(s) {names} [{shapes}]: {len(cands)} torch module(s) of that type and shape "
+           f"({', '.join(cands) or 'none'}) for {len(layers)} layer(s)")
+    near = [p for p, o in own.items() if o and _accepts(layers[0], modules[p]) and o.get("weight") == want.get("weight")
+            and set(o) != set(want)]
+    if near:
+        extra = sorted({k for p in near for k in set(want) ^ set(own[p])})
+        msg += (f"; {len(near)} module(s) of that type have the same weight shape but differ in {', '.join(extra)} "
+                f"(e.g. {near[0]})")
+        if "bias" in want and "bias" not in own[near[0]]:
+            msg += (": the Keras layer has a bias the torch module lacks; if a BatchNormalization follows it, the bias "
+                    "folds exactly into its running_mean (running_mean -= bias), which a mapping file can do")
+    return msg
+
+
+def _match_by_graph(groups: AbcMapping[tuple, list[KerasLayer]], candidates: AbcMapping[tuple, list[str]], result: dict[str, str],
+                    keras_graph: AbcMapping[str, Any], flow: TorchDataflow, keras_participants: set[str],
+                    torch_participants: set[str]) -> None:
+    """Match same-shape layers to the modules whose inputs come from where the layers' inputs do.
+
+    A layer and a module are consistent when every matched layer feeding the layer became a
+    module feeding the module, and the other way round (and both or neither read the model's
+    input). Layers with exactly one consistent candidate are matched; repeated until nothing
+    changes, so matches spread from the layers whose shape is unique.
+    """
+    missing = sorted(keras_participants - set(keras_graph))
+    if missing:
+        raise ConversionError(f"the Keras model has no layer(s) {_few(missing)} that the checkpoint has: it is not the "
+                              "checkpoint's model (layer names must match)")
+    kp = {n: producers(keras_graph, n, keras_participants) for n in keras_participants}
+    tp = {p: flow.producers(p, torch_participants) for p in torch_participants}
+
+    def consistent(name: str, path: str) -> bool:
+        back = {v: k for k, v in result.items()}
+        k_in, t_in = kp[name], tp.get(path, frozenset())
+        if (INPUT in k_in) != (INPUT in t_in):
+            return False
+        if any(p in result and result[p] not in t_in for p in k_in if p != INPUT):
+            return False
+        return not any(q in back and back[q] not in k_in for q in t_in if q != INPUT)
+
+    progress = True
+    while progress:
+        progress = False
+        for sig, layers in groups.items():
+            for layer in layers:
+                if layer.name in result:
+                    continue
+                taken = set(result.values())
+                fits = [p for p in candidates[sig] if p not in taken and consistent(layer.name, p)]
+                if len(fits) == 1:
+                    result[layer.name] = fits[0]
+                    progress = True
+
+
 def match_layers(
     keras_layers: Sequence[KerasLayer],
     model: nn.Module,
@@ -171,6 +269,10 @@ def match_layers(
     *,
     pairs: AbcMapping[str, str] | None = None,
     flatten_from: AbcMapping[str, Sequence[int]] | None = None,
+    dataflow: TorchDataflow | None = None,
+    keras_graph: AbcMapping[str, Any] | None = None,
+    exclude: Sequence[str] = (),
+    decided_by_order: list[str] | None = None,
 ) -> list[tuple[KerasLayer, str]]:
     """Pair every Keras layer that has weights with the path of its torch module.
 
@@ -180,6 +282,14 @@ def match_layers(
         example_input: an input for one forward pass, to order layers that share a signature.
         pairs: ``{keras layer name: torch module path}`` fixed by hand.
         flatten_from: ``{dense name: (*spatial, C)}`` from ``find_flatten_dense``.
+        dataflow: the torch model's traced dataflow (:class:`TorchDataflow`): same-shape
+            candidates on parallel branches are never told apart by execution order.
+        keras_graph: ``{layer name: input layer names}`` of the Keras model
+            (:func:`~._dataflow.keras_graph`): same-shape layers are matched to the modules
+            whose inputs come from the modules their inputs' layers matched.
+        exclude: torch module paths not to match (their tensors come from other rules).
+        decided_by_order: a list that receives one line per group matched by execution
+            order alone (layers on one dataflow path), for the report.
 
     Returns:
         ``[(layer, module path), ...]`` in Keras order.
@@ -224,23 +334,31 @@ def match_layers(
     for layer in weighted:
         if layer.name not in result:
             groups[signature[layer.name]].append(layer)
-    taken = set(result.values())
+    taken = set(result.values()) | set(exclude)
     candidates: dict[tuple, list[str]] = {}
     for sig, layers in groups.items():
         want = dict(sig[1])
         candidates[sig] = [p for p, m in modules.items() if p not in taken and own[p] == want and _accepts(layers[0], m)]
 
+    if keras_graph is not None and dataflow is not None:
+        _match_by_graph(groups, candidates, result, keras_graph, dataflow, {l.name for l in weighted},
+                        {p for c in candidates.values() for p in c} | set(result.values()))
+
     order: dict[str, int] | None = None
-    if example_input is not None and any(len(c) > 1 for c in candidates.values()):
-        order = _trace_order(model, example_input, {p: modules[p] for c in candidates.values() for p in c})
+    open_groups = {sig: [l for l in ls if l.name not in result] for sig, ls in groups.items()}
+    if example_input is not None and any(len(c) > 1 and open_groups[sig] for sig, c in candidates.items()):
+        order = dataflow.order if dataflow is not None else _trace_order(
+            model, example_input, {p: modules[p] for c in candidates.values() for p in c})
 
     for sig, layers in groups.items():
-        cands = candidates[sig]
+        cands = [p for p in candidates[sig] if p not in result.values()]
+        layers = open_groups[sig]
+        if not layers:
+            continue
         names = ", ".join(l.name for l in layers)
         shapes = ", ".join(f"{k} {s}" for k, s in sig[1])
         if len(cands) < len(layers):
-            problems.append(f"Keras {sig[0]} layer(s) {names} [{shapes}]: {len(cands)} torch module(s) of that type and shape "
-                            f"({', '.join(cands) or 'none'}) for {len(layers)} layer(s)")
+            problems.append(_no_module_problem(sig, layers, cands, modules, own))
             continue
         if len(cands) == 1:
             result[layers[0].name] = cands[0]
@@ -254,6 +372,14 @@ def match_layers(
             problems.append(f"Keras {sig[0]} layer(s) {names}: the forward pass ran {len(run)} of the candidate torch modules "
                             f"{', '.join(cands)}, not {len(layers)}; pass pairs= (--pair NAME=PATH) to decide")
             continue
+        if dataflow is not None and not dataflow.chain(run):
+            problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] fit torch modules {', '.join(run)}, some of "
+                            "which run on parallel branches (a shortcut beside a main branch): execution order cannot tell "
+                            "them apart. Pass the Keras model (keras_model= / --keras-model FILE.py:factory) so its graph "
+                            "decides, or pairs={keras name: torch path} (--pair NAME=PATH)")
+            continue
+        if decided_by_order is not None:
+            decided_by_order.append(f"{', '.join(f'{l.name}->{p}' for l, p in zip(layers, run))}")
         result.update({l.name: p for l, p in zip(layers, run)})
 
     seen: dict[str, str] = {}
@@ -273,31 +399,114 @@ def build_mapping(
     *,
     pairs: AbcMapping[str, str] | None = None,
     flatten_shapes: AbcMapping[str, Sequence[int]] | None = None,
+    keras_graph: AbcMapping[str, Any] | None = None,
+    extra: Mapping | None = None,
 ) -> Mapping:
     """The Keras -> torch :class:`~.rules.Mapping` for a model, checked against its state_dict.
 
-    Detects the Flatten trap (``flatten_shapes``: ``{flatten name: (H, W, C)}`` when the layer
-    descriptions carry no shapes), matches layers to modules (:func:`match_layers`), and plans
-    the result strictly against ``model.state_dict()`` so every torch key is produced once.
+    With ``example_input`` the torch model is traced (:class:`~._dataflow.TorchDataflow`) and
+    its dataflow decides what shapes cannot: whether each ``Linear`` takes a flattened spatial
+    map (its Keras rows are then permuted from ``(H, W, C)`` to ``(C, H, W)``) and which of
+    several same-shape modules on parallel branches a layer is (with ``keras_graph``; without
+    it such ties are refused). Without a trace, the Keras layers' own Flatten layers
+    (``flatten_shapes``: ``{flatten name: (H, W, C)}`` when the descriptions carry no shapes)
+    decide, and a Flatten inferred from a checkpoint's shapes is refused as a guess.
+
+    ``extra`` rules (a mapping file) come first: layers whose weights they cover and modules
+    whose tensors they produce are left out of the matching, which does the rest.
 
     Raises:
-        ConversionError / UnmappedKeyError: as :func:`match_layers` and :meth:`Mapping.plan`.
+        ConversionError / UnmappedKeyError: as :func:`match_layers` and :meth:`Mapping.plan`;
+            also a Dense whose Keras and torch inputs disagree (flattened map vs vector).
 
     Example:
         >>> m = build_mapping(describe_keras_model(kmodel), tmodel, torch.zeros(1, 8))  # doctest: +SKIP
         >>> tmodel.load_state_dict(to_torch(m.apply(keras_weights)))  # doctest: +SKIP
     """
-    flatten_from = find_flatten_dense(keras_layers, dict(flatten_shapes or {}))
-    matched = match_layers(keras_layers, model, example_input, pairs=pairs, flatten_from=flatten_from)
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     modules = dict(model.named_modules())
-    mapping = Mapping(())
+    covered: set[str] = set()
+    produced: set[str] = set()
+    if extra is not None and extra.rules:
+        all_sources = {k: s for layer in keras_layers for k, s in layer.specs().items()}
+        extra_plan = extra.plan(all_sources, None, strict=False)
+        covered = {s for e in extra_plan.entries for s in e.sources} | set(extra_plan.dropped)
+        produced = {t for e in extra_plan.entries for t in e.targets}
+        stray = sorted(produced - set(state))
+        if stray:
+            raise ConversionError(f"the mapping file produces {len(stray)} key(s) the torch model does not have: {_few(stray, 10)}")
+    layers = [l for l in keras_layers if not (l.weights and all(w.key in covered for w in l.weights))]
+    partly = [l.name for l in layers if any(w.key in covered for w in l.weights)]
+    if partly:
+        raise ConversionError(f"the mapping file covers some but not all weights of layer(s) {_few(partly)}: cover all of a "
+                              "layer's weights (or none, so the layer is matched)")
+    exclude = [p for p, m in modules.items() if p and m.state_dict() and all(_key(p, k) in produced for k in m.state_dict())]
+
+    flow: TorchDataflow | None = None
     notes: list[str] = []
+    if example_input is not None:
+        try:
+            flow = TorchDataflow.trace(model, example_input)
+        except ConversionError as e:
+            notes.append(f"no dataflow: {e}; same-shape layers are matched by execution order")
+    keras_flatten = find_flatten_dense([l for l in layers if l.weights or l.class_name != "Flatten" or not l.config.get("inferred")],
+                                       dict(flatten_shapes or {}))
+    guessed = find_flatten_dense(layers, dict(flatten_shapes or {}))
+    guessed = {k: v for k, v in guessed.items() if k not in keras_flatten}
+    order_notes: list[str] = []
+    matched = match_layers(layers, model, example_input, pairs=pairs, flatten_from=keras_flatten, dataflow=flow,
+                           keras_graph=keras_graph, exclude=exclude, decided_by_order=order_notes)
+    flatten_from = dict(keras_flatten)
+    problems = []
+    for layer, path in matched:
+        if layer.class_name != "Dense":
+            continue
+        fed = flow.linear_input(path) if flow is not None else None
+        if fed is None:
+            if layer.name in guessed:
+                problems.append(f"Dense {layer.name!r} -> {path}: its {layer.weight('kernel').shape[0]} input rows may be a "
+                                f"flattened {guessed[layer.name]} map or a pooled vector (a checkpoint has no Flatten layers); "
+                                "pass an example input (the factory's (model, example_input)) so the torch model's dataflow decides")
+            continue
+        if not fed.known:
+            problems.append(f"Dense {layer.name!r} -> Linear {path}: the torch model feeds it {fed.how}, whose feature order "
+                            "the converter cannot relate to Keras's; write its rules in a mapping file (--map)")
+            continue
+        if fed.flattened is not None and math.prod(fed.flattened) != layer.weight("kernel").shape[0]:
+            problems.append(f"Dense {layer.name!r} -> Linear {path}: torch flattens a {fed.flattened} map, not the Dense's "
+                            f"{layer.weight('kernel').shape[0]} rows")
+            continue
+        if layer.name in keras_flatten and fed.flattened is None:
+            problems.append(f"Dense {layer.name!r} -> Linear {path}: the Keras model flattens a {keras_flatten[layer.name]} "
+                            f"map, the torch model feeds a {fed.how}: not the same model")
+            continue
+        if layer.name in keras_flatten and tuple(keras_flatten[layer.name]) != fed.flattened:
+            problems.append(f"Dense {layer.name!r} -> Linear {path}: the Keras model flattens {keras_flatten[layer.name]} "
+                            f"(H, W, C), the torch model {fed.flattened} in (H, W, C) terms: not the same model")
+            continue
+        if fed.flattened is not None:
+            flatten_from[layer.name] = fed.flattened
+        else:
+            flatten_from.pop(layer.name, None)
+    if problems:
+        raise ConversionError("cannot tell how the Dense layers are fed:\n  " + "\n  ".join(problems))
+    mapping = extra if extra is not None else Mapping(())
     for layer, path in matched:
         mapping = mapping + layer_rules(layer, path, flatten_from=flatten_from.get(layer.name))
-        notes += _hyper_notes(layer, path, modules[path])
+    notes += _hyper_notes(matched, modules)
     if flatten_from:
-        notes.append("the torch model must flatten NCHW feature maps channels-first (x.flatten(1)) before the Dense layers noted above")
+        how = "from the torch model's dataflow" if flow is not None else "from the Keras model's Flatten layers"
+        notes.append(f"Flatten: the rows of {len(flatten_from)} Dense kernel(s) ({_few(sorted(flatten_from))}) are permuted from "
+                     f"Keras's (H, W, C) order to torch's (C, H, W), {how}")
+    if order_notes:
+        notes.append(f"ORDER: {len(order_notes)} group(s) of same-shape layers on one dataflow path were matched by execution "
+                     f"order: {'; '.join(order_notes[:3])}" + (f"; ... {len(order_notes) - 3} more" if len(order_notes) > 3 else ""))
     mapping = Mapping(mapping.rules, mapping.notes + tuple(notes))
-    sources = {k: s for layer, _ in matched for k, s in layer.specs().items()}
-    mapping.plan(sources, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    sources = {k: s for layer in keras_layers for k, s in layer.specs().items()
+               if any(layer is l for l, _ in matched) or k in covered}
+    mapping.plan(sources, state)
     return mapping
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
