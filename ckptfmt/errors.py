@@ -32,6 +32,7 @@ __all__ = [
     "FrameworkNotAvailableError",
     "ConversionError",
     "UnmappedKeyError",
+    "CheckFailedError",
 ]
 
 
@@ -103,3 +104,7 @@ class ConversionError(CkptFmtError, ValueError):
 
 class UnmappedKeyError(ConversionError):
     """Source or target keys have no mapping rule."""
+
+
+class CheckFailedError(ConversionError):
+    """A converted model computes something else than the original (``--check``)."""

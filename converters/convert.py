@@ -230,7 +230,7 @@ def unknown_layers_error(layers: Sequence[KerasLayer], targets: AbcMapping[str, 
             rules.append({"rule": "Convert", "sources": [w.key], "targets": [target], "ops": ops})
     text = ('{"format": "ckptfmt-mapping", "version": 1, "source_format": "keras", "target_format": "torch",\n "rules": [\n  '
             + ",\n  ".join(json.dumps(r) for r in rules) + "\n]}")
-    listing = "\n  ".join(f"{l.name}: " + ", ".join(f"{w.key} {tuple(w.shape)}" for w in l.weights) for l in layers)
+    listing = "\n  ".join(f"layer {l.name!r}: " + ", ".join(f"{w.key} {tuple(w.shape)}" for w in l.weights) for l in layers)
     return ConversionError(
         f"{len(layers)} layer(s) with weights the converter does not know (known layers: {', '.join(sorted(LAYER_CONVERTERS))}):\n  "
         f"{listing}\nWrite their rules in a mapping file and pass it with --map (with --model, the file's rules map these "
@@ -534,7 +534,12 @@ def preset_mapping(layers: Sequence[KerasLayer]) -> Mapping:
     settled = [_settle_by_name(layer) for layer in layers]
     layers = _refit_flattens(layers, [layer for layer, _ in settled])
     flatten = find_flatten_dense(layers)
-    mapping = Mapping((), tuple(note for _, note in settled if note))
+    guessed = [(l.name[: -len("/flatten")], l.input_shape[1:]) for l in layers if l.class_name == "Flatten" and l.config.get("inferred")]
+    notes = [note for _, note in settled if note]
+    notes += [f"ASSUMED {dense}: its input rows are a flattened {tuple(shape)} map (permuted to channels-first); a "
+              "pooled or concatenated vector of the same width is not told apart by a checkpoint: pass --model with "
+              "an example input so the torch model's dataflow decides" for dense, shape in guessed if dense in flatten]
+    mapping = Mapping((), tuple(notes))
     for layer in layers:
         if layer.weights:
             mapping = mapping + layer_rules(layer, re.sub(r"[^0-9A-Za-z_]", "_", layer.name), flatten_from=flatten.get(layer.name))
@@ -890,6 +895,7 @@ def tf_to_torch(
         used = set(kc.keys.values())
         has_opt = bool(kc.slots) or kc.iterations_key is not None
         conv = None
+        opt_info: dict[str, Any] | None = None
         if optimizer and has_opt and model is None and dry_run:
             notes = notes + ("optimizer state not planned: it needs --model for the torch parameter order",)
         elif optimizer and has_opt:
@@ -927,6 +933,8 @@ def tf_to_torch(
             names = [n for n, _ in model.named_parameters()]
             frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
             conv = keras_to_torch_optimizer(state, plan, names, exact=exact_optimizer, frozen=frozen)
+            opt_info = {"class_name": cls, "config": {k: v for k, v in config.items() if k != "class_name"}, "iterations": iterations,
+                        "torch_class": conv.optimizer, "torch_hyperparameters": dict(conv.hyperparameters)}
             notes = notes + (f"optimizer: Keras {cls} (named {kc.optimizer_name!r} in the checkpoint), iterations={iterations}, "
                              f"learning_rate={config['learning_rate']:g} "
                              + ("read from the checkpoint" if "learning_rate" not in cfg else "as given")
@@ -967,7 +975,7 @@ def tf_to_torch(
     if check:
         from .check import check_output
 
-        result = check_output(src, dst, kc, plan, kmodel, model_factory, tolerance=check_tolerance)
+        result = check_output(src, dst, kc, plan, kmodel, model_factory, tolerance=check_tolerance, optimizer=opt_info)
         report = dataclasses.replace(report, check=result)
     return report
 

@@ -229,23 +229,28 @@ def _batchnorm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
         Convert((), (_key(p, "num_batches_tracked"),), (Fill((), "int64", 0),)),
     ]
     if "epsilon" not in layer.config:  # from a checkpoint: no config
-        note = (f"{layer.name}: epsilon and momentum are not stored in the checkpoint; build the torch BatchNorm with the "
-                "Keras layer's (Keras defaults eps=1e-3, momentum 0.99 = torch momentum 0.01; torch's: 1e-5, 0.1)")
-    else:
+        note = BN_UNKNOWN_NOTE
+    else:  # one note per distinct value, not per layer
         eps, mom = layer.config["epsilon"], layer.config.get("momentum", 0.99)
-        note = (f"{layer.name}: build the torch BatchNorm with eps={eps} (Keras default 1e-3, torch 1e-5) and "
+        note = (f"BatchNormalization: build the torch BatchNorm with eps={eps} (Keras default 1e-3, torch 1e-5) and "
                 f"momentum={1 - mom:.6g} (torch momentum = 1 - Keras momentum {mom})")
     return Mapping(tuple(rules), (note,))
+
+
+# Notes of layers read from a checkpoint (no config): the same for every layer, so they appear once.
+BN_UNKNOWN_NOTE = ("BatchNormalization: epsilon and momentum are not stored in a TF checkpoint; build each torch BatchNorm with "
+                   "the Keras layer's (Keras defaults eps=1e-3, momentum 0.99 = torch momentum 0.01; torch's: 1e-5, 0.1)")
+LN_UNKNOWN_NOTE = ("LayerNormalization: epsilon is not stored in a TF checkpoint; build each torch LayerNorm with the Keras "
+                   "layer's (Keras default 1e-3, torch 1e-5)")
 
 
 def _layernorm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
     roles = layer.roles()
     rules = tuple(Rename(roles[k].key, _key(p, t)) for k, t in (("gamma", "weight"), ("beta", "bias")) if k in roles)
     if "epsilon" not in layer.config:
-        note = (f"{layer.name}: epsilon is not stored in the checkpoint; build the torch LayerNorm with the Keras layer's "
-                "(Keras default 1e-3, torch 1e-5)")
+        note = LN_UNKNOWN_NOTE
     else:
-        note = f"{layer.name}: build the torch LayerNorm with eps={layer.config['epsilon']} (Keras default 1e-3, torch 1e-5)"
+        note = f"LayerNormalization: build the torch LayerNorm with eps={layer.config['epsilon']} (Keras default 1e-3, torch 1e-5)"
     return Mapping(rules, (note,))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from ckptfmt.errors import ConversionError, FrameworkNotAvailableError
 
 from ._dataflow import INPUT, TorchDataflow, producers
-from .layers import KerasLayer, KerasWeight, find_flatten_dense, layer_rules
+from .layers import BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE, KerasLayer, KerasWeight, find_flatten_dense, layer_rules
 from .rules import Mapping
 
 try:
@@ -115,7 +115,8 @@ def _hyper_notes(matched: Sequence[tuple[KerasLayer, str]], modules: AbcMapping[
     for what, values in unknown.items():
         count = sum(len(v) for v in values.values())
         found = "; ".join(f"{v} in {len(names)} ({_few(names)})" for v, names in values.items())
-        notes.append(f"UNKNOWN {what} of {count} layer(s): not stored in a TF checkpoint; the torch model has {found}. "
+        notes.append(f"UNKNOWN {what} of {count} layer(s): {what.split()[-1]} is not stored in a TF checkpoint; the torch "
+                     f"model has {found}. "
                      "They must be the Keras model's (Keras defaults: epsilon 1e-3, momentum 0.99; keras.applications' "
                      "DenseNet/ResNet use epsilon 1.001e-5, MobileNetV2 momentum 0.999)")
     for what, names in mismatch.items():
@@ -501,7 +502,8 @@ def build_mapping(
     if order_notes:
         notes.append(f"ORDER: {len(order_notes)} group(s) of same-shape layers on one dataflow path were matched by execution "
                      f"order: {'; '.join(order_notes[:3])}" + (f"; ... {len(order_notes) - 3} more" if len(order_notes) > 3 else ""))
-    mapping = Mapping(mapping.rules, mapping.notes + tuple(notes))
+    # the grouped UNKNOWN notes say what the per-kind checkpoint notes say, with the torch values
+    mapping = Mapping(mapping.rules, tuple(n for n in mapping.notes if n not in (BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE)) + tuple(notes))
     sources = {k: s for layer in keras_layers for k, s in layer.specs().items()
                if any(layer is l for l, _ in matched) or k in covered}
     mapping.plan(sources, state)
