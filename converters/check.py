@@ -151,19 +151,47 @@ def check_conversion(keras_model: Any, torch_model: Any, inputs: Sequence[np.nda
     return CheckResult(tuple(rows), tolerance)
 
 
-def _load_keras_weights(keras_model: Any, src: str, keys: AbcMapping[str, str], read: Callable[[str], np.ndarray],
-                        shape: Callable[[str], tuple[int, ...]]) -> None:
-    """The checkpoint's values into the Keras model, by variable path (independent of any plan)."""
-    missing = [v.path for v in keras_model.weights if v.path not in keys]
+def keras_variable_keys(keras_model: Any, keys: AbcMapping[str, str], src: str = "the checkpoint") -> dict[str, str]:
+    """``{Keras variable path: checkpoint source key}`` for every variable of ``keras_model``.
+
+    By path; a variable Keras named automatically (``variable``, ``variable_1``: one counter
+    per process, so a model built again gets other numbers) is paired with the only
+    unpaired variable of its layer in the checkpoint.
+
+    Raises:
+        ConversionError: variables that pair with nothing (the model is not the checkpoint's).
+    """
+    out = {v.path: v.path for v in keras_model.weights if v.path in keys}
+    taken = set(out.values())
+    missing = []
+    for v in keras_model.weights:
+        if v.path in out:
+            continue
+        layer = v.path.rpartition("/")[0]
+        left = [k for k in keys if k.rpartition("/")[0] == layer and k not in taken]
+        mine = [w for w in keras_model.weights if w.path.rpartition("/")[0] == layer and w.path not in out]
+        if len(left) == 1 and len(mine) == 1:
+            out[v.path] = left[0]
+            taken.add(left[0])
+        else:
+            missing.append(v.path)
     if missing:
-        raise ConversionError(f"check: the Keras model has variable(s) the checkpoint {src} does not (by path): "
+        raise ConversionError(f"check: the Keras model has variable(s) {src} does not (by path): "
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; is it the checkpoint's model?")
-    bad = [f"{v.path} {tuple(v.shape)} (checkpoint {shape(keys[v.path])})" for v in keras_model.weights
-           if tuple(v.shape) != tuple(shape(keys[v.path]))]
+    return out
+
+
+def _load_keras_weights(keras_model: Any, src: str, keys: AbcMapping[str, str], read: Callable[[str], np.ndarray],
+                        shape: Callable[[str], tuple[int, ...]]) -> dict[str, str]:
+    """The checkpoint's values into the Keras model, by variable path (independent of any plan)."""
+    pairs = keras_variable_keys(keras_model, keys, src)
+    bad = [f"{v.path} {tuple(v.shape)} (checkpoint {shape(keys[pairs[v.path]])})" for v in keras_model.weights
+           if tuple(v.shape) != tuple(shape(keys[pairs[v.path]]))]
     if bad:
         raise ConversionError(f"check: the Keras model's variables do not fit the checkpoint {src}: {', '.join(bad[:5])}")
     for v in keras_model.weights:
-        v.assign(read(keys[v.path]))
+        v.assign(read(keys[pairs[v.path]]))
+    return pairs
 
 
 _SLOT_ATTRS = {"momentum": ("_momentums", "momentums"), "velocity": ("_velocities",), "velocity_hat": ("_velocity_hats",),
@@ -178,7 +206,7 @@ def _step(keras_model: Any, torch_model: Any, plan: Plan, optimizer: AbcMapping[
 
     from ckptfmt.adapters.torch import numpy_to_state
 
-    trainable = {v.path: v for v in keras_model.trainable_variables}
+    trainable = {optimizer["paths"][v.path]: v for v in keras_model.trainable_variables}
     entries = [e for e in plan.entries if e.sources and all(s in trainable for s in e.sources)]
     kopt = keras.optimizers.get({"class_name": optimizer["class_name"], "config": dict(optimizer["config"])})
     kopt.build(keras_model.trainable_variables)
@@ -250,12 +278,13 @@ def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, mode
     model, example = _make_model(model_factory)
     model.load_state_dict({k: numpy_to_tensor(np.ascontiguousarray(v)) for k, v in written["model"].items()})
     with TFCheckpointReader(src) as reader:
-        _load_keras_weights(keras_model, src, kc.keys, reader.get, reader.shape)
+        paths = _load_keras_weights(keras_model, src, kc.keys, reader.get, reader.shape)
         result = check_conversion(keras_model, model, example_input=example, tolerance=tolerance)
         step, note = None, "optimizer step not checked: the output holds no optimizer state"
         if optimizer is not None and written.get("optimizer") is not None:
             slots = {s: d for s, d in kc.slots.items()}
-            step, note = _step(keras_model, model, plan, {**optimizer, "slots": slots}, reader.get, written["optimizer"], seed=1)
+            step, note = _step(keras_model, model, plan, {**optimizer, "slots": slots, "paths": paths}, reader.get,
+                               written["optimizer"], seed=1)
     result = CheckResult(result.outputs, tolerance, step, note)
     if not result.passed:
         raise CheckFailedError(f"{dst}: {result}")
