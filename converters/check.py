@@ -266,16 +266,14 @@ def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, mode
     Example:
         >>> check_output("run/ckpt-1", "out.pt", kc, plan, kmodel, "models.py:make")  # doctest: +SKIP
     """
-    import torch
-
     from ckptfmt.adapters.torch import numpy_to_tensor
 
-    from . import _convert_io
-    from .convert import _make_model
+    from .keras.planner import make_model
+    from .keras.torch_state import read_torch_side
     from .tf.bundle import TFCheckpointReader
 
-    written = _convert_io.read_torch_side(dst)
-    model, example = _make_model(model_factory)
+    written = read_torch_side(dst)
+    model, example = make_model(model_factory)
     model.load_state_dict({k: numpy_to_tensor(np.ascontiguousarray(v)) for k, v in written["model"].items()})
     with TFCheckpointReader(src) as reader:
         paths = _load_keras_weights(keras_model, src, kc.keys, reader.get, reader.shape)
