@@ -31,6 +31,7 @@ MODULES = [
     "ckptfmt.converters.keras.outputs",
     "ckptfmt.converters.keras.torch_state",
     "ckptfmt.converters.keras.diff",
+    "ckptfmt.converters.check",
 ]
 
 

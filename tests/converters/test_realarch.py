@@ -242,3 +242,29 @@ def test_densenet_dry_run_fits_on_a_screen(runs, tmp_path):
     assert sum("BatchNormalization" in n for n in notes) == 3  # epsilon, momentum, variance: one line each
     assert any(n.startswith("UNKNOWN BatchNormalization epsilon of 19 layer(s)") and "eps=1.001e-05" in n for n in notes)
     assert any("biased batch variance" in n for n in notes)
+
+
+def test_a_mapping_file_covering_part_of_a_layer_or_missing_keys_is_refused(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"format": "ckptfmt-mapping", "version": 1, "rules": [
+        {"rule": "Rename", "src_pattern": "fc2/bias", "dst_pattern": "classifier.3.bias"}]}))
+    with pytest.raises(ConversionError, match="covers some but not all weights of layer.*fc2"):
+        tf_to_torch(run["prefix"], tmp_path / "v.pt", model_factory=f"{MODELS}:vgg", mapping=str(part), optimizer=False)
+    stray = tmp_path / "stray.json"
+    stray.write_text(json.dumps({"format": "ckptfmt-mapping", "version": 1, "rules": [
+        {"rule": "Rename", "src_pattern": "fc2/bias", "dst_pattern": "classifier.9.bias"},
+        {"rule": "Convert", "sources": ["fc2/kernel"], "targets": ["classifier.3.weight"], "ops": [{"op": "Transpose", "axes": [1, 0]}]}]}))
+    with pytest.raises(ConversionError, match="does not have: classifier.9.bias"):
+        tf_to_torch(run["prefix"], tmp_path / "v.pt", model_factory=f"{MODELS}:vgg", mapping=str(stray), optimizer=False)
+
+
+def test_a_keras_model_that_is_not_the_checkpoints_is_refused(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("resnet")
+    with pytest.raises(ConversionError, match="not the checkpoint's model"):
+        tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet", keras_model=f"{MODELS}:keras_vgg",
+                    optimizer=False)
