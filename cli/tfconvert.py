@@ -94,9 +94,11 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
               "the same inputs, and one optimizer step on identical gradients; fail (exit 1) above the tolerance.")
 @click.option("--check-tolerance", type=float, default=1e-5, show_default=True, metavar="X",
               help="Largest output difference allowed by --check, relative to the outputs' magnitude.")
+@click.option("--fold-conv-bias", is_flag=True, help="A Keras conv bias the torch conv lacks is folded into the BatchNorm "
+              "after it (running_mean - bias; reported). Weights only (--no-optimizer).")
 def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, keras_model: str | None, pairs: tuple[str, ...],
              no_optimizer: bool, dry_run: bool, overwrite: bool, exact_optimizer: bool, optimizer_config: str | None,
-             progress: bool | None, check: bool, check_tolerance: float) -> None:
+             progress: bool | None, check: bool, check_tolerance: float, fold_conv_bias: bool) -> None:
     """Convert a Keras (3 or tf.keras 2) TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
 
     \b
@@ -120,7 +122,7 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
     report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
                                   exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
                                   progress=progress, preset=preset, pairs=pairs_option(pairs), keras_model=keras_model,
-                                  check=check, check_tolerance=check_tolerance)
+                                  check=check, check_tolerance=check_tolerance, fold_conv_bias=fold_conv_bias)
     _done(report, dry_run)
 
 

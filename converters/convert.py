@@ -94,6 +94,7 @@ def tf_to_torch(
     keras_model: Any = None,
     check: bool = False,
     check_tolerance: float = 1e-5,
+    fold_conv_bias: bool = False,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
 
@@ -138,6 +139,10 @@ def tf_to_torch(
             figures. Needs ``model_factory`` and ``keras_model``.
         check_tolerance: the largest output difference allowed, relative to the outputs'
             magnitude (at least 1).
+        fold_conv_bias: a Keras convolution with a bias whose torch module has none is
+            matched without it and its bias folded into the BatchNorm the module feeds
+            (``running_mean - bias``; reported). Weights only: the bias's optimizer state has
+            no torch parameter, so a conversion with the optimizer refuses it.
 
     Raises:
         ConversionError: unknown or ambiguous layers, unsupported optimizer options.
@@ -168,6 +173,7 @@ def tf_to_torch(
             dataclasses.replace(kc, path=src), dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
             dry_run=dry_run, exact_optimizer=exact_optimizer, optimizer_config=optimizer_config, strict=strict,
             overwrite=overwrite, preset=preset, pairs=pairs, progress=progress, keras_model=kmodel,
+            fold_conv_bias=fold_conv_bias,
         )
         if check:
             from .check import check_output
@@ -197,6 +203,7 @@ def keras_to_torch(
     pairs: AbcMapping[str, str] | None = None,
     progress: bool | None = None,
     keras_model: Any = None,
+    fold_conv_bias: bool = False,
 ) -> ConversionReport:
     """The tf2torch pipeline on a :class:`KerasCheckpoint` from any reader: plan, optimizer, write.
 
@@ -205,8 +212,8 @@ def keras_to_torch(
         dst: as for :func:`tf_to_torch`.
         model / example: the torch model and an example input (see :func:`load_factory`), or None.
         mapping, optimizer, dry_run, exact_optimizer, optimizer_config, strict, overwrite,
-            preset, pairs, progress, keras_model: as for :func:`tf_to_torch` (``keras_model``
-            a Keras model object).
+            preset, pairs, progress, keras_model, fold_conv_bias: as for :func:`tf_to_torch`
+            (``keras_model`` a Keras model object).
 
     Raises:
         As :func:`tf_to_torch`.
@@ -217,7 +224,11 @@ def keras_to_torch(
     """
     dst = os.fspath(dst)
     plan, notes = plan_conversion(kc, model, example, as_mapping(mapping), strict, preset=preset, pairs=pairs,
-                                  keras_model=keras_model)
+                                  keras_model=keras_model, fold_conv_bias=fold_conv_bias)
+    folds = [e for e in plan.entries if any(type(op).__name__ == "Subtract" for op in e.ops)]
+    if folds and optimizer and kc.has_optimizer and not dry_run:
+        raise ConversionError(f"{len(folds)} conv bias(es) are folded into BatchNorm running means ({folds[0].sources[1]}...): "
+                              "their optimizer state has no torch parameter to go to; convert the weights only (--no-optimizer)")
     conv, opt_notes, state = _torch_optimizer(kc, plan, model, optimizer=optimizer, dry_run=dry_run, exact=exact_optimizer,
                                               optimizer_config=optimizer_config)
     used = set(kc.keys.values()) | (optimizer_keys(kc) if conv is not None else set())

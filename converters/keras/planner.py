@@ -211,7 +211,8 @@ def check_preset(preset: str, model: Any) -> str:
 
 def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None, strict: bool,
                     targets: dict[str, tuple[int, ...]] | None = None, preset: str = "keras",
-                    pairs: AbcMapping[str, str] | None = None, keras_model: Any = None) -> tuple[Plan, tuple[str, ...]]:
+                    pairs: AbcMapping[str, str] | None = None, keras_model: Any = None,
+                    fold_conv_bias: bool = False) -> tuple[Plan, tuple[str, ...]]:
     """The Keras -> torch plan of a checkpoint, with its notes.
 
     With a torch model, layers are matched by kind and shape and decided by the model's
@@ -253,7 +254,7 @@ def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapp
         # unknown layers left are the mapping file's: build_mapping leaves what it covers out of the matching
         graph = keras_graph(keras_model) if keras_model is not None else None
         mapping = build_mapping(refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs,
-                                keras_graph=graph, extra=mapping)
+                                keras_graph=graph, extra=mapping, fold_conv_bias=fold_conv_bias)
     elif mapping is None:
         unknown = [l for l in kc.layers if l.class_name == "Unknown"]
         if unknown:

@@ -31,12 +31,14 @@ from .layers import (
     layer_rules,
 )
 from .rules import (
+    AppendFill,
     AppendZeros,
     Cast,
     Concat,
     Convert,
     Discard,
     Drop,
+    DropLast,
     Entry,
     Fill,
     GateReorder,
@@ -48,6 +50,7 @@ from .rules import (
     Repeat,
     Reshape,
     Split,
+    Subtract,
     Sum,
     TensorSpec,
     Transpose,
@@ -58,7 +61,7 @@ _LAZY = {"build_mapping", "match_layers"}
 
 __all__ = [
     "TensorSpec", "spec_of", "Op", "Transpose", "Reshape", "Split", "Concat", "GateReorder", "Cast",
-    "Sum", "AppendZeros", "Repeat", "Mean", "Fill", "Discard", "Rename", "Convert", "Drop",
+    "Sum", "AppendZeros", "Repeat", "Mean", "Fill", "Discard", "AppendFill", "DropLast", "Subtract", "Rename", "Convert", "Drop",
     "Entry", "Plan", "Mapping",
     "KerasWeight", "KerasLayer", "LAYER_CONVERTERS", "layer_rules", "conv_kernel_axes",
     "flatten_kernel_ops", "find_flatten_dense", "describe_keras_model", "describe_keras_layer",

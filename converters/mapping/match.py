@@ -32,7 +32,7 @@ from ckptfmt.errors import ConversionError, FrameworkNotAvailableError
 
 from ._dataflow import INPUT, TorchDataflow, producers
 from .layers import BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE, KerasLayer, KerasWeight, find_flatten_dense, layer_rules
-from .rules import Mapping
+from .rules import Convert, Mapping, Subtract
 
 try:
     import torch
@@ -219,7 +219,7 @@ def _no_module_problem(sig: tuple, layers: Sequence[KerasLayer], cands: Sequence
                 f"(e.g. {near[0]})")
         if "bias" in want and "bias" not in own[near[0]]:
             msg += (": the Keras layer has a bias the torch module lacks; if a BatchNormalization follows it, the bias "
-                    "folds exactly into its running_mean (running_mean -= bias), which a mapping file can do")
+                    "folds exactly into its running_mean (running_mean -= bias): pass --fold-conv-bias (fold_conv_bias=True)")
     return msg
 
 
@@ -402,6 +402,7 @@ def build_mapping(
     flatten_shapes: AbcMapping[str, Sequence[int]] | None = None,
     keras_graph: AbcMapping[str, Any] | None = None,
     extra: Mapping | None = None,
+    fold_conv_bias: bool = False,
 ) -> Mapping:
     """The Keras -> torch :class:`~.rules.Mapping` for a model, checked against its state_dict.
 
@@ -415,6 +416,11 @@ def build_mapping(
 
     ``extra`` rules (a mapping file) come first: layers whose weights they cover and modules
     whose tensors they produce are left out of the matching, which does the rest.
+
+    ``fold_conv_bias``: a Keras convolution with a bias whose torch module has none (and the
+    same weight) is matched without it, and its bias is folded into the BatchNormalization
+    its torch module feeds alone (``running_mean = moving_mean - bias``, exact in eval and
+    reported); without such a BatchNorm it is refused. Needs the example input (dataflow).
 
     Raises:
         ConversionError / UnmappedKeyError: as :func:`match_layers` and :meth:`Mapping.plan`;
@@ -454,6 +460,9 @@ def build_mapping(
                                        dict(flatten_shapes or {}))
     guessed = find_flatten_dense(layers, dict(flatten_shapes or {}))
     guessed = {k: v for k, v in guessed.items() if k not in keras_flatten}
+    folded: dict[str, KerasWeight] = {}
+    if fold_conv_bias:
+        layers, folded = _without_foldable_bias(layers, modules)
     order_notes: list[str] = []
     matched = match_layers(layers, model, example_input, pairs=pairs, flatten_from=keras_flatten, dataflow=flow,
                            keras_graph=keras_graph, exclude=exclude, decided_by_order=order_notes)
@@ -491,10 +500,21 @@ def build_mapping(
             flatten_from.pop(layer.name, None)
     if problems:
         raise ConversionError("cannot tell how the Dense layers are fed:\n  " + "\n  ".join(problems))
+    fold_into = _fold_targets(folded, matched, flow, modules) if folded else {}
     mapping = extra if extra is not None else Mapping(())
     for layer, path in matched:
-        mapping = mapping + layer_rules(layer, path, flatten_from=flatten_from.get(layer.name))
+        rules = layer_rules(layer, path, flatten_from=flatten_from.get(layer.name))
+        if layer.name in fold_into:
+            bias = fold_into[layer.name]
+            mean = layer.weight("moving_mean").key
+            rules = Mapping(tuple(r for r in rules.rules if mean not in r.sources)
+                            + (Convert((mean, bias.key), (_key(path, "running_mean"),), (Subtract(),)),), rules.notes)
+        mapping = mapping + rules
     notes += _hyper_notes(matched, modules)
+    if fold_into:
+        notes.append(f"FOLDED: the bias of {len(fold_into)} Keras convolution(s) is subtracted from the running_mean of the "
+                     f"BatchNorm its torch module feeds ({_few([b.key for b in fold_into.values()])}); exact in eval mode, "
+                     "and the way back gives a zero bias")
     if flatten_from:
         how = "from the torch model's dataflow" if flow is not None else "from the Keras model's Flatten layers"
         notes.append(f"Flatten: the rows of {len(flatten_from)} Dense kernel(s) ({_few(sorted(flatten_from))}) are permuted from "
@@ -504,10 +524,63 @@ def build_mapping(
                      f"order: {'; '.join(order_notes[:3])}" + (f"; ... {len(order_notes) - 3} more" if len(order_notes) > 3 else ""))
     # the grouped UNKNOWN notes say what the per-kind checkpoint notes say, with the torch values
     mapping = Mapping(mapping.rules, tuple(n for n in mapping.notes if n not in (BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE)) + tuple(notes))
-    sources = {k: s for layer in keras_layers for k, s in layer.specs().items()
-               if any(layer is l for l, _ in matched) or k in covered}
+    sources = {k: s for l, _ in matched for k, s in l.specs().items()}
+    sources.update({k: s for layer in keras_layers for k, s in layer.specs().items()
+                    if k in covered or any(k == b.key for b in fold_into.values())})
     mapping.plan(sources, state)
     return mapping
+
+
+def _without_foldable_bias(layers: Sequence[KerasLayer], modules: AbcMapping[str, nn.Module]) -> tuple[list[KerasLayer], dict[str, KerasWeight]]:
+    """Convolutions whose bias no module of their kind has: matched without it (the bias kept aside)."""
+    out, folded = [], {}
+    for layer in layers:
+        if not layer.class_name.startswith("Conv") or "Transpose" in layer.class_name:
+            out.append(layer)
+            continue
+        try:
+            roles = layer.roles()
+        except ConversionError:
+            out.append(layer)
+            continue
+        if "bias" not in roles:
+            out.append(layer)
+            continue
+        want = {k: s.shape for k, s in layer_rules(layer, "").plan(layer.specs()).target_specs.items()}
+        fits = any(_accepts(layer, m) and {k: tuple(v.shape) for k, v in m.state_dict().items()} == want
+                   for m in modules.values())
+        bare = KerasLayer(layer.name, layer.class_name, layer.config, tuple(w for w in layer.weights if w is not roles["bias"]),
+                          layer.input_shape, layer.output_shape)
+        if fits:
+            out.append(layer)
+        else:
+            out.append(bare)
+            folded[layer.name] = roles["bias"]
+    return out, folded
+
+
+def _fold_targets(folded: AbcMapping[str, KerasWeight], matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow | None,
+                  modules: AbcMapping[str, nn.Module]) -> dict[str, KerasWeight]:
+    """``{Keras BatchNorm name: conv bias}``: each folded conv's torch module must feed exactly one BatchNorm, alone."""
+    if flow is None:
+        raise ConversionError(f"folding the bias of {_few(sorted(folded))} needs the torch model's dataflow: give the "
+                              "factory's (model, example_input)")
+    by_path = {p: l for l, p in matched}
+    where = {l.name: p for l, p in matched}
+    out, problems = {}, []
+    for conv, bias in folded.items():
+        path = where.get(conv)
+        consumers = [c for c, (m, ps) in flow.calls.items() if any(flow.calls[q][0] == path for q in ps)]
+        mods = [flow.calls[c][0] for c in consumers]
+        bn = mods[0] if len(mods) == 1 else None
+        if bn is None or not isinstance(modules.get(bn), nn.modules.batchnorm._BatchNorm) or flow.producers(bn, {path}) != {path} \
+                or bn not in by_path or by_path[bn].class_name != "BatchNormalization":
+            problems.append(f"{conv} -> {path}: its output goes to {', '.join(mods) or 'nothing'}, not to one BatchNorm alone")
+            continue
+        out[by_path[bn].name] = bias
+    if problems:
+        raise ConversionError("cannot fold these convolutions' biases (the torch modules have none):\n  " + "\n  ".join(problems))
+    return out
 
 
 def _key(prefix: str, name: str) -> str:

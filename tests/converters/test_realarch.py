@@ -160,19 +160,20 @@ def test_resnet_with_conv_bias_into_bias_free_torch_model_says_why(runs, tmp_pat
 
     run = runs("resnet")
 
-    def no_bias():
-        import torch
-
-        model, x = _load_models().resnet()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.bias = None
-        return model, x
-
     with pytest.raises(ConversionError) as e:
-        tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=no_bias, keras_model=f"{MODELS}:keras_resnet", optimizer=False)
+        tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet_no_bias", keras_model=f"{MODELS}:keras_resnet",
+                    optimizer=False)
     msg = str(e.value)
-    assert "same weight shape but differ in bias" in msg and "running_mean" in msg
+    assert "same weight shape but differ in bias" in msg and "--fold-conv-bias" in msg
+    # the offer, taken: exact, and reported
+    r = tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet_no_bias", keras_model=f"{MODELS}:keras_resnet",
+                    optimizer=False, fold_conv_bias=True, check=True)
+    assert r.check.passed and r.check.outputs[0][1] <= 1e-5 * max(r.check.outputs[0][2], 1)
+    assert any(n.startswith("FOLDED: the bias of 15 Keras convolution(s)") for n in r.notes)
+    # the bias's optimizer state has nowhere to go: refused, not dropped
+    with pytest.raises(ConversionError, match="--no-optimizer"):
+        tf_to_torch(run["prefix"], tmp_path / "s.pt", model_factory=f"{MODELS}:resnet_no_bias", keras_model=f"{MODELS}:keras_resnet",
+                    fold_conv_bias=True)
 
 
 def _load_models():
