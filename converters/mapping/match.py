@@ -520,7 +520,10 @@ def build_mapping(
         notes.append(f"Flatten: the rows of {len(flatten_from)} Dense kernel(s) ({_few(sorted(flatten_from))}) are permuted from "
                      f"Keras's (H, W, C) order to torch's (C, H, W), {how}")
     if order_notes:
-        notes.append(f"ORDER: {len(order_notes)} group(s) of same-shape layers on one dataflow path were matched by execution "
+        where = ("on one dataflow path" if flow is not None else
+                 "(UNVERIFIED: the torch model could not be traced, so parallel branches are not ruled out; check the "
+                 "result with --check)")
+        notes.append(f"ORDER: {len(order_notes)} group(s) of same-shape layers {where} were matched by execution "
                      f"order: {'; '.join(order_notes[:3])}" + (f"; ... {len(order_notes) - 3} more" if len(order_notes) > 3 else ""))
     # the grouped UNKNOWN notes say what the per-kind checkpoint notes say, with the torch values
     mapping = Mapping(mapping.rules, tuple(n for n in mapping.notes if n not in (BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE)) + tuple(notes))
