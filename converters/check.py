@@ -285,6 +285,6 @@ def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, mode
                                written["optimizer"], seed=1)
     result = CheckResult(result.outputs, tolerance, step, note)
     if not result.passed:
-        raise CheckFailedError(f"{dst}: {result}")
+        raise CheckFailedError(f"{dst} was written, but it does not compute what the Keras model does: {result}")
     return result
 

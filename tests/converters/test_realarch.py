@@ -269,3 +269,17 @@ def test_a_keras_model_that_is_not_the_checkpoints_is_refused(runs, tmp_path):
     with pytest.raises(ConversionError, match="not the checkpoint's model"):
         tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet", keras_model=f"{MODELS}:keras_vgg",
                     optimizer=False)
+
+
+def test_command_line_refusals_exit_non_zero_and_write_nothing(runs, tmp_path):
+    from click.testing import CliRunner
+
+    from ckptfmt.cli.main import main
+
+    run = runs("resnet")
+    out = tmp_path / "r.pt"
+    res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:resnet"])
+    assert res.exit_code != 0 and "parallel branches" in res.output and not out.exists()
+    res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:resnet",
+                                    "--keras-model", f"{MODELS}:keras_resnet", "--check", "--check-tolerance", "1e-12"])
+    assert res.exit_code != 0 and "check FAILED" in res.output
