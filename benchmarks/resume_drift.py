@@ -51,7 +51,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         data = [(rng.standard_normal((4, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 4)) for _ in range(2 + args.steps)]
 
-        def keras_step(x, y):
+        def keras_step(x, y, km=km, opt=opt):
             with tf.GradientTape() as tape:
                 loss = loss_fn(y, km(x, training=True))
             opt.apply_gradients(zip(tape.gradient(loss, km.trainable_variables), km.trainable_variables))
