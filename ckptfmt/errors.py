@@ -33,6 +33,7 @@ __all__ = [
     "FrameworkNotAvailableError",
     "ConversionError",
     "UnmappedKeyError",
+    "CheckFailedError",
 ]
 
 
@@ -108,3 +109,7 @@ class ConversionError(CkptFmtError, ValueError):
 
 class UnmappedKeyError(ConversionError):
     """Source or target keys have no mapping rule."""
+
+
+class CheckFailedError(ConversionError):
+    """A converted model computes something else than the original (``--check``)."""

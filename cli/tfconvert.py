@@ -56,6 +56,9 @@ def _shared(fn: Any) -> Any:
         click.option("--preset", type=click.Choice(_convert.PRESETS), default="keras", show_default=True,
                      help="Naming without --model/--map: keras (Keras 3 and tf.keras 2 layers) or tf-module "
                           "(object paths as torch keys, values as is)."),
+        click.option("--keras-model", "keras_model", default=None, metavar="FILE.py:FACTORY",
+                     help="With --model: the Keras model the checkpoint was saved from (a factory); its graph settles "
+                          "same-shape layers on parallel branches, and --check runs it."),
         click.option("--pair", "pairs", multiple=True, metavar="KERAS=TORCH",
                      help="With --model: match Keras layer KERAS to torch module TORCH by hand (repeatable)."),
         click.option("--no-optimizer", is_flag=True, help="Convert the weights only."),
@@ -76,6 +79,8 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
         click.echo(report.optimizer_report, err=True)
     opt = f" + {report.optimizer} state" if report.optimizer else ""
     click.echo(f"wrote {report.destination} ({len(report.plan.target_specs)} tensors{opt})")
+    if getattr(report, "check", None) is not None:
+        click.echo(str(report.check))
 
 
 @click.command("tf2torch", context_settings=_CONTEXT)
@@ -85,8 +90,15 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 @click.option("--exact-optimizer", is_flag=True, help="Target KerasAdam/KerasSGD/KerasRMSprop (identical updates) instead of stock torch.")
 @click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for 256 MiB or more).")
-def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, pairs: tuple[str, ...], no_optimizer: bool, dry_run: bool,
-             overwrite: bool, exact_optimizer: bool, optimizer_config: str | None, progress: bool | None) -> None:
+@click.option("--check", is_flag=True, help="After writing, run the Keras model (--keras-model) and the converted torch model on "
+              "the same inputs, and one optimizer step on identical gradients; fail (exit 1) above the tolerance.")
+@click.option("--check-tolerance", type=float, default=1e-5, show_default=True, metavar="X",
+              help="Largest output difference allowed by --check, relative to the outputs' magnitude.")
+@click.option("--fold-conv-bias", is_flag=True, help="A Keras conv bias the torch conv lacks is folded into the BatchNorm "
+              "after it (running_mean - bias; reported). Weights only (--no-optimizer).")
+def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, keras_model: str | None, pairs: tuple[str, ...],
+             no_optimizer: bool, dry_run: bool, overwrite: bool, exact_optimizer: bool, optimizer_config: str | None,
+             progress: bool | None, check: bool, check_tolerance: float, fold_conv_bias: bool) -> None:
     """Convert a Keras (3 or tf.keras 2) TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
 
     \b
@@ -101,10 +113,16 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
       ckptfmt convert tf2torch runs/ckpt-3 resumed.pt --model models.py:make_torch_model
       ckptfmt convert tf2torch runs/ckpt-3 weights.safetensors --no-optimizer --dry-run
       ckptfmt convert tf2torch runs/ckpt-3 torch-ckpt/step-3 --model models.py:make_torch_model
+      ckptfmt convert tf2torch runs/ckpt-3 out.pt --model models.py:make_torch_model \\
+          --keras-model models.py:make_keras_model --check
+
+    \b
+    With --model, --map FILE adds rules (unknown layers, overrides); the rest is matched.
     """
     report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
                                   exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
-                                  progress=progress, preset=preset, pairs=pairs_option(pairs))
+                                  progress=progress, preset=preset, pairs=pairs_option(pairs), keras_model=keras_model,
+                                  check=check, check_tolerance=check_tolerance, fold_conv_bias=fold_conv_bias)
     _done(report, dry_run)
 
 
@@ -116,8 +134,9 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
 @_shared
 @click.option("--optimizer-class", default=None, help="The torch optimizer class when SRC does not record it (SGD, Adam, KerasAdam...).")
 @click.option("--iterations", type=int, default=None, help="Keras iteration count when torch keeps none (stock SGD).")
-def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, preset: str, pairs: tuple[str, ...], no_optimizer: bool,
-             dry_run: bool, overwrite: bool, optimizer_class: str | None, iterations: int | None) -> None:
+def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, preset: str, keras_model: str | None,
+             pairs: tuple[str, ...], no_optimizer: bool, dry_run: bool, overwrite: bool, optimizer_class: str | None,
+             iterations: int | None) -> None:
     """Convert a torch checkpoint SRC (model + optimizer) to a Keras TF checkpoint prefix DST.
 
     \b
@@ -132,5 +151,5 @@ def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str 
     """
     report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
                                   dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
-                                  preset=preset, pairs=pairs_option(pairs))
+                                  preset=preset, pairs=pairs_option(pairs), keras_model=keras_model)
     _done(report, dry_run)

@@ -63,7 +63,17 @@ from .keras import outputs
 from .keras.checkpoint import KerasCheckpoint
 from .keras.diff import diff_converted
 from .keras.optimizer import keras_optimizer_settings, optimizer_keys, torch_optimizer_for_template
-from .keras.planner import PRESETS, as_mapping, check_preset, load_factory, make_model, module_mapping, plan_conversion, preset_mapping
+from .keras.planner import (
+    PRESETS,
+    as_mapping,
+    check_preset,
+    load_factory,
+    make_keras_model,
+    make_model,
+    module_mapping,
+    plan_conversion,
+    preset_mapping,
+)
 from .keras.report import ConversionReport
 from .keras.tfcheckpoint import describe_checkpoint_layers, read_keras_checkpoint, write_like_template
 from .keras.torch_state import read_torch_side
@@ -91,6 +101,10 @@ def tf_to_torch(
     preset: str = "keras",
     pairs: AbcMapping[str, str] | None = None,
     progress: bool | None = None,
+    keras_model: Any = None,
+    check: bool = False,
+    check_tolerance: float = 1e-5,
+    fold_conv_bias: bool = False,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
 
@@ -125,12 +139,28 @@ def tf_to_torch(
             model-guided matching cannot tell apart (as listed in its error).
         progress: a progress bar over the bytes converted, on stderr (default: on a
             terminal, for conversions of 256 MiB or more).
+        keras_model: the Keras model the checkpoint was saved from, or a factory for it
+            (``"file.py:factory"``): its graph settles matches the torch model's dataflow
+            cannot (same-shape layers on parallel branches), and ``check`` runs it.
+        check: after writing, run the Keras model (weights read from ``src`` by variable
+            path) and the torch model (loaded from ``dst``) on the same inputs in eval mode,
+            and one optimizer step on identical gradients
+            (:func:`ckptfmt.converters.check.check_output`); ``report.check`` holds the
+            figures. Needs ``model_factory`` and ``keras_model``.
+        check_tolerance: the largest output difference allowed, relative to the outputs'
+            magnitude (at least 1).
+        fold_conv_bias: a Keras convolution with a bias whose torch module has none is
+            matched without it and its bias folded into the BatchNorm the module feeds
+            (``running_mean - bias``; reported). Weights only: the bias's optimizer state has
+            no torch parameter, so a conversion with the optimizer refuses it.
 
     Raises:
         ConversionError: unknown or ambiguous layers, unsupported optimizer options.
         UnmappedKeyError: keys the mapping does not cover (all listed).
         CheckpointExistsError: ``dst`` exists (without ``overwrite``), or is a non-empty
             directory that is not a ckptfmt checkpoint.
+        CheckFailedError: ``check`` found outputs (or weights after one optimizer step)
+            further apart than the tolerance; the message gives every figure.
 
     Example:
         >>> r = tf_to_torch("fixtures/tf/keras3_conv_adam", "/tmp/x.pt", dry_run=True)
@@ -140,15 +170,30 @@ def tf_to_torch(
     src, dst = os.fspath(src), os.fspath(dst)
     mapping = as_mapping(mapping)
     model, example = make_model(model_factory)
+    kmodel = make_keras_model(keras_model)
+    if check and (model is None or kmodel is None or dry_run):
+        raise ConversionError("check (--check) runs both models: it needs the torch model (--model), the Keras model "
+                              "(--keras-model FILE.py:factory) and a written output (no --dry-run)")
     if not dry_run:  # an existing DST is refused before anything is read
         outputs.check_output(dst, outputs.output_kind(dst), overwrite, optimizer=False)
     with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and check_preset(preset, model) == "keras")
-        return keras_to_torch(
+        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None)
+                                   and check_preset(preset, model) == "keras", unknown="keep")
+        report = keras_to_torch(
             dataclasses.replace(kc, path=src), dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
             dry_run=dry_run, exact_optimizer=exact_optimizer, optimizer_config=optimizer_config, strict=strict,
-            overwrite=overwrite, preset=preset, pairs=pairs, progress=progress,
+            overwrite=overwrite, preset=preset, pairs=pairs, progress=progress, keras_model=kmodel,
+            fold_conv_bias=fold_conv_bias,
         )
+        if check:
+            from .check import check_output
+
+            result = check_output(src, dst, kc, report.plan, kmodel, model_factory, tolerance=check_tolerance,
+                                  optimizer=report.check)  # keras_to_torch leaves the optimizer's settings there
+            report = dataclasses.replace(report, check=result)
+        elif report.check is not None:
+            report = dataclasses.replace(report, check=None)
+    return report
 
 
 def keras_to_torch(
@@ -167,6 +212,8 @@ def keras_to_torch(
     preset: str = "keras",
     pairs: AbcMapping[str, str] | None = None,
     progress: bool | None = None,
+    keras_model: Any = None,
+    fold_conv_bias: bool = False,
 ) -> ConversionReport:
     """The tf2torch pipeline on a :class:`KerasCheckpoint` from any reader: plan, optimizer, write.
 
@@ -175,7 +222,8 @@ def keras_to_torch(
         dst: as for :func:`tf_to_torch`.
         model / example: the torch model and an example input (see :func:`load_factory`), or None.
         mapping, optimizer, dry_run, exact_optimizer, optimizer_config, strict, overwrite,
-            preset, pairs, progress: as for :func:`tf_to_torch`.
+            preset, pairs, progress, keras_model, fold_conv_bias: as for :func:`tf_to_torch`
+            (``keras_model`` a Keras model object).
 
     Raises:
         As :func:`tf_to_torch`.
@@ -185,14 +233,22 @@ def keras_to_torch(
         ...     report = keras_to_torch(read_keras_checkpoint(r), "x.pt", dry_run=True)
     """
     dst = os.fspath(dst)
-    plan, notes = plan_conversion(kc, model, example, as_mapping(mapping), strict, preset=preset, pairs=pairs)
-    conv, opt_notes = _torch_optimizer(kc, plan, model, optimizer=optimizer, dry_run=dry_run, exact=exact_optimizer,
-                                       optimizer_config=optimizer_config)
+    plan, notes = plan_conversion(kc, model, example, as_mapping(mapping), strict, preset=preset, pairs=pairs,
+                                  keras_model=keras_model, fold_conv_bias=fold_conv_bias)
+    folds = [e for e in plan.entries if any(type(op).__name__ == "Subtract" for op in e.ops)]
+    if folds and optimizer and kc.has_optimizer and not dry_run:
+        raise ConversionError(f"{len(folds)} conv bias(es) are folded into BatchNorm running means ({folds[0].sources[1]}...): "
+                              "their optimizer state has no torch parameter to go to; convert the weights only (--no-optimizer)")
+    conv, opt_notes, state = _torch_optimizer(kc, plan, model, optimizer=optimizer, dry_run=dry_run, exact=exact_optimizer,
+                                              optimizer_config=optimizer_config)
     used = set(kc.keys.values()) | (optimizer_keys(kc) if conv is not None else set())
     report = ConversionReport(
         "tf2torch", kc.path, dst, plan, {s: kc.keys[s] for e in plan.entries for s in e.sources},
         tuple(k for k in kc.stored_keys() if k not in used), conv.optimizer if conv else None,
         dict(conv.hyperparameters) if conv else {}, conv.report if conv else "", tuple(notes) + opt_notes, not dry_run,
+        # what a check needs to make the same optimizer step in Keras (replaced by the check's result)
+        {"class_name": state.class_name, "config": dict(state.config), "iterations": state.iterations,
+         "torch_class": conv.optimizer, "torch_hyperparameters": dict(conv.hyperparameters)} if conv and state else None,
     )
     if not dry_run:
         _write_torch_side(dst, kc, plan, model, conv, report, overwrite, progress)
@@ -200,12 +256,13 @@ def keras_to_torch(
 
 
 def _torch_optimizer(kc: KerasCheckpoint, plan: Plan, model: Any, *, optimizer: bool, dry_run: bool, exact: bool,
-                     optimizer_config: AbcMapping[str, Any] | None) -> tuple[OptimizerConversion | None, tuple[str, ...]]:
-    """The torch optimizer state of a Keras checkpoint (None when not asked for or not held), with notes."""
+                     optimizer_config: AbcMapping[str, Any] | None) -> tuple[OptimizerConversion | None, tuple[str, ...], Any]:
+    """The torch optimizer state of a Keras checkpoint (None when not asked for or not held), with notes
+    and the Keras optimizer's settings."""
     if not (optimizer and kc.has_optimizer):
-        return None, ()
+        return None, (), None
     if model is None and dry_run:
-        return None, ("optimizer state not planned: it needs --model for the torch parameter order",)
+        return None, ("optimizer state not planned: it needs --model for the torch parameter order",), None
     if kc.problems:
         raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(kc.problems))
     if model is None:
@@ -214,7 +271,7 @@ def _torch_optimizer(kc: KerasCheckpoint, plan: Plan, model: Any, *, optimizer: 
     state, notes = keras_optimizer_settings(kc, optimizer_config, shapes_only=dry_run)
     names = [n for n, _ in model.named_parameters()]
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    return keras_to_torch_optimizer(state, plan, names, exact=exact, frozen=frozen), notes
+    return keras_to_torch_optimizer(state, plan, names, exact=exact, frozen=frozen), notes, state
 
 
 def _write_torch_side(dst: str, kc: KerasCheckpoint, plan: Plan, model: Any, conv: OptimizerConversion | None,
@@ -253,6 +310,7 @@ def torch_to_tf(
     overwrite: bool = False,
     preset: str = "keras",
     pairs: AbcMapping[str, str] | None = None,
+    keras_model: Any = None,
 ) -> ConversionReport:
     """Convert a torch checkpoint (model and optimizer) to a Keras 3 TF checkpoint.
 
@@ -273,7 +331,7 @@ def torch_to_tf(
         optimizer_class: the torch optimizer class when ``src`` does not say
             (``"SGD"``, ``"Adam"``, ``"KerasAdam"``...).
         iterations: the Keras iteration count when torch keeps none (stock SGD).
-        preset / pairs: as for :func:`tf_to_torch`.
+        preset / pairs / keras_model: as for :func:`tf_to_torch`.
 
     Raises:
         ConversionError / UnmappedKeyError: as for :func:`tf_to_torch`; also template keys the
@@ -289,11 +347,12 @@ def torch_to_tf(
     model, example = make_model(model_factory)
     ckpt = read_torch_side(src)  # numpy only; our errors name the file
     with TFCheckpointReader(template) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and check_preset(preset, model) == "keras")
+        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None)
+                                   and check_preset(preset, model) == "keras", unknown="keep")
         return torch_to_keras(
             ckpt, dataclasses.replace(kc, path=os.fspath(template)), dst, source=src, model=model, example=example,
             mapping=mapping, optimizer=optimizer, dry_run=dry_run, optimizer_class=optimizer_class,
-            iterations=iterations, overwrite=overwrite, preset=preset, pairs=pairs,
+            iterations=iterations, overwrite=overwrite, preset=preset, pairs=pairs, keras_model=make_keras_model(keras_model),
         )
 
 
@@ -313,6 +372,7 @@ def torch_to_keras(
     overwrite: bool = False,
     preset: str = "keras",
     pairs: AbcMapping[str, str] | None = None,
+    keras_model: Any = None,
 ) -> ConversionReport:
     """The torch2tf pipeline: a torch-side checkpoint into the layout of a template :class:`KerasCheckpoint`.
 
@@ -336,7 +396,7 @@ def torch_to_keras(
     kc, dst = template, os.fspath(dst)
     weights = ckpt["model"]
     plan, notes = plan_conversion(kc, model, example, as_mapping(mapping), True, {k: tuple(v.shape) for k, v in weights.items()},
-                                  preset=preset, pairs=pairs)
+                                  preset=preset, pairs=pairs, keras_model=keras_model)
     back = plan.inverse()
     unused = tuple(k for k in weights if not any(k in e.sources for e in back.entries))
     ks, report_text = _keras_optimizer(ckpt, kc, plan, model, source=source, optimizer=optimizer,

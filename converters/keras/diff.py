@@ -28,7 +28,7 @@ from ..sources.base import Source, TensorInfo
 from ..tf.bundle import TFCheckpointReader
 from .checkpoint import KerasCheckpoint
 from .outputs import target_info
-from .planner import as_mapping, check_preset, make_model, plan_conversion
+from .planner import as_mapping, check_preset, make_keras_model, make_model, plan_conversion
 from .tfcheckpoint import read_keras_checkpoint
 
 
@@ -82,6 +82,7 @@ def diff_converted(
     pairs: AbcMapping[str, str] | None = None,
     atol: float = 0.0,
     rtol: float = 0.0,
+    keras_model: Any = None,
 ) -> DiffReport:
     """Compare a TF checkpoint's weights, converted as :func:`tf_to_torch` would, with torch weights.
 
@@ -95,7 +96,8 @@ def diff_converted(
     Args:
         src: the TF checkpoint (the converted side, ``a`` of the report).
         other: the torch-side checkpoint (``b``, the reference for relative differences).
-        model_factory / mapping / preset / pairs: as for :func:`ckptfmt.converters.convert.tf_to_torch`.
+        model_factory / mapping / preset / pairs / keras_model: as for
+            :func:`ckptfmt.converters.convert.tf_to_torch`.
         atol, rtol: tolerances, as for :func:`ckptfmt.converters.kinds.diff_any`.
 
     Example:
@@ -107,21 +109,22 @@ def diff_converted(
     mapping = as_mapping(mapping)
     model, example = make_model(model_factory)
     with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and check_preset(preset, model) == "keras")
+        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None)
+                                   and check_preset(preset, model) == "keras", unknown="keep")
         return diff_keras(dataclasses.replace(kc, path=src), other, model=model, example=example, mapping=mapping,
-                          preset=preset, pairs=pairs, atol=atol, rtol=rtol)
+                          preset=preset, pairs=pairs, atol=atol, rtol=rtol, keras_model=make_keras_model(keras_model))
 
 
 def diff_keras(kc: KerasCheckpoint, other: str | os.PathLike[str], *, model: Any = None, example: Any = None,
                mapping: Mapping | None = None, preset: str = "keras", pairs: AbcMapping[str, str] | None = None,
-               atol: float = 0.0, rtol: float = 0.0) -> DiffReport:
+               atol: float = 0.0, rtol: float = 0.0, keras_model: Any = None) -> DiffReport:
     """:func:`diff_converted` of a :class:`KerasCheckpoint` (kept open by its reader) and torch weights.
 
     Example:
         >>> with TFCheckpointReader("runs/ckpt-3") as r:  # doctest: +SKIP
         ...     diff_keras(read_keras_checkpoint(r), "resumed.pt").identical
     """
-    plan, _ = plan_conversion(kc, model, example, mapping, True, preset=preset, pairs=pairs)
+    plan, _ = plan_conversion(kc, model, example, mapping, True, preset=preset, pairs=pairs, keras_model=keras_model)
     with open_any(other) as sb:
         names = set(sb.keys())
         targets = list(plan.target_specs)

@@ -13,10 +13,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["infer_kind", "insert_flattens", "refit_flattens", "settle_by_name"]
+__all__ = ["infer_kind", "insert_flattens", "refit_flattens", "settle_by_name", "unknown_layers_error"]
 
+import json
+from collections.abc import Mapping as AbcMapping
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from ckptfmt.errors import ConversionError
 
@@ -67,6 +71,36 @@ def infer_kind(name: str, weights: Sequence[KerasWeight]) -> tuple[str, dict[str
     )
 
 
+def unknown_layers_error(layers: Sequence[KerasLayer], targets: AbcMapping[str, tuple[int, ...]] | None = None) -> ConversionError:
+    """One error for every layer of unknown kind: their weights and a rule file ready to edit.
+
+    With ``targets`` (the torch model's tensors no rule produces), each weight's rule proposes
+    the torch tensor of the same size (reshaped where the shape differs) when there is one.
+
+    Example:
+        >>> e = unknown_layers_error([KerasLayer("ls", "Unknown", {}, (KerasWeight("ls/variable", (4,)),))])
+        >>> "'ls': ls/variable (4,)" in str(e)
+        True
+    """
+    rules = []
+    for layer in layers:
+        for w in layer.weights:
+            fits = [k for k, s in (targets or {}).items() if int(np.prod(s)) == int(np.prod(w.shape))]
+            target = fits[0] if len(fits) == 1 else "TODO.torch.key"
+            reshape = target in (targets or {}) and tuple(targets[target]) != tuple(w.shape)
+            ops = [{"op": "Reshape", "shape": list(targets[target])}] if reshape else []
+            rules.append({"rule": "Convert", "sources": [w.key], "targets": [target], "ops": ops})
+    text = ('{"format": "ckptfmt-mapping", "version": 1, "source_format": "keras", "target_format": "torch",\n "rules": [\n  '
+            + ",\n  ".join(json.dumps(r) for r in rules) + "\n]}")
+    listing = "\n  ".join(f"layer {l.name!r}: " + ", ".join(f"{w.key} {tuple(w.shape)}" for w in l.weights) for l in layers)
+    return ConversionError(
+        f"{len(layers)} layer(s) with weights the converter does not know (known layers: {', '.join(sorted(LAYER_KINDS))}):\n  "
+        f"{listing}\nWrite their rules in a mapping file and pass it with --map (with --model, the file's rules map these "
+        "layers and the model-guided matching does the rest; a regex rule, \"re:...\", can cover many layers: "
+        "docs/conversions.md). A file to start from (replace each TODO):\n" + text
+    )
+
+
 def insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
     """Put a Flatten before each Dense fed by a flattened channels-last feature map.
 
@@ -90,7 +124,10 @@ def insert_flattens(layers: list[KerasLayer]) -> list[KerasLayer]:
                         f"Dense {layer.name!r} takes {rows} features after a layer with {channels} channels; "
                         "the reshape between them is unknown. Write its rules in a mapping file (--map)"
                     )
-                out.append(KerasLayer(f"{layer.name}/flatten", "Flatten", {}, (), input_shape=(None, rows // channels, channels)))
+                # a guess: a BatchNormalization after a concatenation, then global pooling, gives
+                # the same shapes; with a torch model its dataflow decides (build_mapping)
+                out.append(KerasLayer(f"{layer.name}/flatten", "Flatten", {"inferred": True}, (),
+                                      input_shape=(None, rows // channels, channels)))
         out.append(layer)
         kind = LAYER_KINDS.get(layer.class_name)
         if kind is not None and kind.out_channels is not None:  # a feature map, channels last

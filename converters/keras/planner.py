@@ -20,6 +20,7 @@ __all__ = [
     "module_mapping",
     "load_factory",
     "make_model",
+    "make_keras_model",
     "as_mapping",
     "check_preset",
     "plan_conversion",
@@ -42,7 +43,7 @@ from ..mapping.registry import KerasLayer, layer_rules
 from ..mapping.rules import Mapping, Plan, Rename
 from ..optional import require
 from .checkpoint import KerasCheckpoint
-from .infer import refit_flattens, settle_by_name
+from .infer import refit_flattens, settle_by_name, unknown_layers_error
 
 # Built-in namings for conversions without --model or --map: Keras 3 and tf.keras 2 layers
 # (kinds inferred from the weights), or a plain tf.Module tree (object paths, values as is).
@@ -66,7 +67,12 @@ def preset_mapping(layers: Sequence[KerasLayer]) -> Mapping:
     settled = [settle_by_name(layer) for layer in layers]
     layers = refit_flattens(layers, [layer for layer, _ in settled])
     flatten = find_flatten_dense(layers)
-    mapping = Mapping((), tuple(note for _, note in settled if note))
+    guessed = [(l.name[: -len("/flatten")], l.input_shape[1:]) for l in layers if l.class_name == "Flatten" and l.config.get("inferred")]
+    notes = [note for _, note in settled if note]
+    notes += [f"ASSUMED {dense}: its input rows are a flattened {tuple(shape)} map (permuted to channels-first); a "
+              "pooled or concatenated vector of the same width is not told apart by a checkpoint: pass --model with "
+              "an example input so the torch model's dataflow decides" for dense, shape in guessed if dense in flatten]
+    mapping = Mapping((), tuple(notes))
     for layer in layers:
         if layer.weights:
             mapping = mapping + layer_rules(layer, re.sub(r"[^0-9A-Za-z_]", "_", layer.name), flatten_from=flatten.get(layer.name))
@@ -160,6 +166,21 @@ def make_model(factory: str | Callable[[], Any] | None) -> tuple[Any, Any]:
     return model, example
 
 
+def make_keras_model(spec: Any) -> Any:
+    """A Keras model, or None: given as is, or made by a ``"file.py:factory"`` / callable.
+
+    Example:
+        >>> make_keras_model(None) is None
+        True
+    """
+    if spec is None or (hasattr(spec, "layers") and hasattr(spec, "get_config")):
+        return spec
+    model = load_factory(spec)()
+    if not (hasattr(model, "layers") and hasattr(model, "get_config")):
+        raise ConversionError(f"the Keras model factory returned a {type(model).__name__}, not a Keras model")
+    return model
+
+
 def as_mapping(mapping: Mapping | str | os.PathLike[str] | None) -> Mapping | None:
     """A :class:`Mapping`, loaded from a mapping file when given a path.
 
@@ -190,33 +211,55 @@ def check_preset(preset: str, model: Any) -> str:
 
 
 def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None, strict: bool,
-          targets: dict[str, tuple[int, ...]] | None = None, preset: str = "keras",
-          pairs: AbcMapping[str, str] | None = None) -> tuple[Plan, tuple[str, ...]]:
+                    targets: dict[str, tuple[int, ...]] | None = None, preset: str = "keras",
+                    pairs: AbcMapping[str, str] | None = None, keras_model: Any = None,
+                    fold_conv_bias: bool = False) -> tuple[Plan, tuple[str, ...]]:
     """The Keras -> torch plan of a checkpoint, with its notes.
 
-    The plan comes from the mapping file when given; else from the torch model (layers
-    matched by kind and shape, ``pairs`` fixed by hand); else from the preset.
+    With a torch model, layers are matched by kind and shape and decided by the model's
+    dataflow (``pairs`` fixed by hand; ``keras_model`` gives the Keras graph), and a mapping
+    file *extends* the matching: its rules map what they cover (unknown layers, overrides),
+    the matching does the rest. Without a model: the mapping file, else the preset.
 
     Raises:
-        ConversionError / UnmappedKeyError: layers that cannot be matched, keys not covered.
+        ConversionError / UnmappedKeyError: layers that cannot be matched (unknown layers all
+            listed, with a rule file to start from), keys not covered.
 
     Example:
         >>> plan, notes = plan_conversion(kc, None, None, None, True)  # doctest: +SKIP
     """
     sources = kc.specs()
-    if pairs and (model is None or mapping is not None):
-        raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model and no --map")
+    if pairs and model is None:
+        raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model")
+    if keras_model is not None and model is None:
+        raise ConversionError("a Keras model (--keras-model) is used with a torch model (--model)")
     if model is not None:
         targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if mapping is None and check_preset(preset, model) == "tf-module":
         mapping = module_mapping(kc)
-    if mapping is None:
-        layers = list(kc.layers)
-        if model is not None:
-            from ..mapping.match import build_mapping, settle_kinds
+    if model is not None and check_preset(preset, model) == "keras":
+        from ..mapping._dataflow import keras_graph
+        from ..mapping.match import build_mapping, settle_kinds
 
-            mapping = build_mapping(refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs)
-        else:
-            mapping = preset_mapping(layers)
+        layers = list(kc.layers)
+        covered: set[str] = set()
+        produced: set[str] = set()
+        if mapping is not None:
+            extra = mapping.plan(sources, None, strict=False)
+            covered = {s for e in extra.entries for s in e.sources} | set(extra.dropped)
+            produced = {t for e in extra.entries for t in e.targets}
+        unknown = [l for l in layers if l.class_name == "Unknown" and not all(w.key in covered for w in l.weights)]
+        if unknown:
+            raise unknown_layers_error(unknown, {k: v for k, v in targets.items()
+                                                 if k not in produced and not k.endswith("num_batches_tracked")})
+        # unknown layers left are the mapping file's: build_mapping leaves what it covers out of the matching
+        graph = keras_graph(keras_model) if keras_model is not None else None
+        mapping = build_mapping(refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs,
+                                keras_graph=graph, extra=mapping, fold_conv_bias=fold_conv_bias)
+    elif mapping is None:
+        unknown = [l for l in kc.layers if l.class_name == "Unknown"]
+        if unknown:
+            raise unknown_layers_error(unknown)
+        mapping = preset_mapping(list(kc.layers))
     plan = mapping.plan(sources, targets, strict=strict)
     return plan, plan.notes

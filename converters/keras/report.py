@@ -32,6 +32,7 @@ class ConversionReport:
         optimizer_report: the slot conversion and expected drift, one ``- `` line each.
         notes: conventions the weights cannot carry (BatchNorm eps, padding, assumed defaults).
         written: False for a dry run.
+        check: the :class:`ckptfmt.converters.check.CheckResult` of ``check=True``, else None.
     """
 
     direction: str
@@ -45,6 +46,7 @@ class ConversionReport:
     optimizer_report: str = ""
     notes: tuple[str, ...] = ()
     written: bool = False
+    check: Any = None
 
     def table(self) -> str:
         """The mapping table, the unused keys, the notes and the optimizer report, as text."""

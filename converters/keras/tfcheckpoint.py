@@ -34,7 +34,7 @@ from ..mapping.registry import KerasLayer, KerasWeight
 from ..tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, TFCheckpointWriter, update_state_file
 from ..tf.object_graph import CheckpointObjectGraph, read_object_graph, split_object_path
 from .checkpoint import KerasCheckpoint
-from .infer import infer_kind, insert_flattens
+from .infer import infer_kind, insert_flattens, unknown_layers_error
 
 # Sub-objects of one Keras layer: their variables belong to the enclosing layer.
 _SUBOBJECTS = {
@@ -142,7 +142,7 @@ def _tf_keras_slots(found: _Found, infos: dict[str, Any]) -> None:
 
 
 def _layers(reader: TFCheckpointReader, graph: CheckpointObjectGraph, model_vars: dict[str, Any], source: dict[str, str],
-            use_names: bool, infer_layers: bool) -> list[KerasLayer]:
+            use_names: bool, infer_layers: bool, unknown: str = "raise") -> list[KerasLayer]:
     """The model's variables grouped by the layer object owning them, in tracking order."""
     groups: dict[str, list[str]] = {}
     for key, info in model_vars.items():
@@ -156,13 +156,18 @@ def _layers(reader: TFCheckpointReader, graph: CheckpointObjectGraph, model_vars
         if name in taken:
             name = node
         taken.add(name)
-        kind, config = infer_kind(name, weights) if infer_layers else ("?", {})
+        try:
+            kind, config = infer_kind(name, weights) if infer_layers else ("?", {})
+        except ConversionError as e:  # listed with all the others (or mapped by a mapping file)
+            kind, config = "Unknown", {"problem": str(e)}
         layers.append(KerasLayer(name, kind, config, weights))
+    if unknown == "raise" and any(l.class_name == "Unknown" for l in layers):
+        raise unknown_layers_error([l for l in layers if l.class_name == "Unknown"])
     return insert_flattens(layers) if infer_layers else layers
 
 
 def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", optimizer_root: str = "optimizer",
-                          infer_layers: bool = True) -> KerasCheckpoint:
+                          infer_layers: bool = True, unknown: str = "raise") -> KerasCheckpoint:
     """Resolve a Keras 3 TF checkpoint's keys through its object graph.
 
     Args:
@@ -170,10 +175,13 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         root: the name the model was saved under (``tf.train.Checkpoint(model=...)``).
         optimizer_root: likewise for the optimizer.
         infer_layers: infer each layer's kind (not needed with a mapping file).
+        unknown: ``"raise"``: layers of unknown kind are an error (listing all of them and a
+            rule file to edit); ``"keep"``: they are kept as ``class_name="Unknown"`` for a
+            mapping file to cover (the planner raises for those it does not cover).
 
     Raises:
         TensorNotFoundError: the checkpoint has no object graph.
-        ConversionError: a layer of unknown kind (names it and how to add a rule).
+        ConversionError: layers of unknown kind (all named, with a rule file to start from).
 
     Example:
         >>> kc = read_keras_checkpoint(TFCheckpointReader("fixtures/tf/keras3_conv_adam"))
@@ -189,7 +197,7 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
     names = [i.full_name for i in model_vars.values()]
     use_names = all(names) and len(set(names)) == len(names)
     source = {k: (i.full_name if use_names else i.path) for k, i in model_vars.items()}
-    layers = _layers(reader, graph, model_vars, source, use_names, infer_layers)
+    layers = _layers(reader, graph, model_vars, source, use_names, infer_layers, unknown)
     problems = [f"optimizer variable {k} is not a slot of any model variable" for k in found.unknown_opt] + found.ambiguous
     problems += [f"optimizer slots of {v} belong to no model variable" for v in found.slot_keys if v not in source]
     return KerasCheckpoint(

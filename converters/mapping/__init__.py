@@ -35,12 +35,14 @@ from .registry import (
     unregister_layer,
 )
 from .rules import (
+    AppendFill,
     AppendZeros,
     Cast,
     Concat,
     Convert,
     Discard,
     Drop,
+    DropLast,
     Entry,
     Fill,
     GateReorder,
@@ -52,6 +54,7 @@ from .rules import (
     Repeat,
     Reshape,
     Split,
+    Subtract,
     Sum,
     TensorSpec,
     Transpose,
@@ -62,7 +65,7 @@ _LAZY = {"build_mapping", "match_layers"}
 
 __all__ = [
     "TensorSpec", "spec_of", "Op", "Transpose", "Reshape", "Split", "Concat", "GateReorder", "Cast",
-    "Sum", "AppendZeros", "Repeat", "Mean", "Fill", "Discard", "Rename", "Convert", "Drop",
+    "Sum", "AppendZeros", "Repeat", "Mean", "Fill", "Discard", "AppendFill", "DropLast", "Subtract", "Rename", "Convert", "Drop",
     "Entry", "Plan", "Mapping",
     "KerasWeight", "KerasLayer", "LayerKind", "LAYER_KINDS", "LAYER_CONVERTERS", "register_layer",
     "unregister_layer", "layer_kind", "layer_rules", "conv_kernel_axes",

@@ -150,23 +150,28 @@ def _batchnorm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
         Convert((), (_key(p, "num_batches_tracked"),), (Fill((), "int64", 0),)),
     ]
     if "epsilon" not in layer.config:  # from a checkpoint: no config
-        note = (f"{layer.name}: epsilon and momentum are not stored in the checkpoint; build the torch BatchNorm with the "
-                "Keras layer's (Keras defaults eps=1e-3, momentum 0.99 = torch momentum 0.01; torch's: 1e-5, 0.1)")
-    else:
+        note = BN_UNKNOWN_NOTE
+    else:  # one note per distinct value, not per layer
         eps, mom = layer.config["epsilon"], layer.config.get("momentum", 0.99)
-        note = (f"{layer.name}: build the torch BatchNorm with eps={eps} (Keras default 1e-3, torch 1e-5) and "
+        note = (f"BatchNormalization: build the torch BatchNorm with eps={eps} (Keras default 1e-3, torch 1e-5) and "
                 f"momentum={1 - mom:.6g} (torch momentum = 1 - Keras momentum {mom})")
     return Mapping(tuple(rules), (note,))
+
+
+# Notes of layers read from a checkpoint (no config): the same for every layer, so they appear once.
+BN_UNKNOWN_NOTE = ("BatchNormalization: epsilon and momentum are not stored in a TF checkpoint; build each torch BatchNorm with "
+                   "the Keras layer's (Keras defaults eps=1e-3, momentum 0.99 = torch momentum 0.01; torch's: 1e-5, 0.1)")
+LN_UNKNOWN_NOTE = ("LayerNormalization: epsilon is not stored in a TF checkpoint; build each torch LayerNorm with the Keras "
+                   "layer's (Keras default 1e-3, torch 1e-5)")
 
 
 def _layernorm(layer: KerasLayer, p: str, **_: Any) -> Mapping:
     roles = layer.roles()
     rules = tuple(Rename(roles[k].key, _key(p, t)) for k, t in (("gamma", "weight"), ("beta", "bias")) if k in roles)
     if "epsilon" not in layer.config:
-        note = (f"{layer.name}: epsilon is not stored in the checkpoint; build the torch LayerNorm with the Keras layer's "
-                "(Keras default 1e-3, torch 1e-5)")
+        note = LN_UNKNOWN_NOTE
     else:
-        note = f"{layer.name}: build the torch LayerNorm with eps={layer.config['epsilon']} (Keras default 1e-3, torch 1e-5)"
+        note = f"LayerNormalization: build the torch LayerNorm with eps={layer.config['epsilon']} (Keras default 1e-3, torch 1e-5)"
     return Mapping(rules, (note,))
 
 
@@ -401,7 +406,14 @@ def _convt_accepts(layer: KerasLayer, module: Any) -> bool:
 
 
 def _depthwise_accepts(layer: KerasLayer, module: Any) -> bool:
-    return isinstance(module, getattr(_nn(), f"Conv{layer.class_name[-2]}d")) and module.groups == module.in_channels
+    # the weight (in*m, 1, *k) of Conv(in, in*m, groups=in) also fits Conv(in*m, in*m,
+    # groups=in*m): the input channels are the kernel's (*k, in, m)
+    try:
+        kernel = layer.roles()["depthwise_kernel" if "depthwise_kernel" in layer.roles() else "kernel"].shape
+    except (ConversionError, KeyError):
+        kernel = None
+    return (isinstance(module, getattr(_nn(), f"Conv{layer.class_name[-2]}d")) and module.groups == module.in_channels
+            and (not kernel or module.in_channels == kernel[-2]))
 
 
 def _separable_accepts(layer: KerasLayer, module: Any) -> bool:
@@ -425,24 +437,39 @@ def _batchnorm_accepts(layer: KerasLayer, module: Any) -> bool:
 
 
 def _norm_notes(momentum: bool) -> ModuleNotes:
-    """Mismatches of epsilon (and a BatchNorm's momentum) between Keras and the torch module."""
+    """Epsilon (and a BatchNorm's momentum) the weights do not carry, and the variance convention.
 
-    def notes(layer: KerasLayer, path: str, module: Any) -> list[str]:
+    A TF checkpoint stores no layer config, so eps and momentum are unknown: the note says so
+    and gives the values found in the torch model, which must be the Keras model's. With a
+    config (a live Keras model, a ``.keras`` file) a difference is a ``MISMATCH``.
+    """
+    cls = "BatchNormalization" if momentum else "LayerNormalization"
+    unknown = ("UNKNOWN {what} of {{count}} layer(s): {role} is not stored in a TF checkpoint; the torch model has "
+               "{{found}}. They must be the Keras model's (Keras defaults: epsilon 1e-3, momentum 0.99; keras.applications' "
+               "DenseNet/ResNet use epsilon 1.001e-5, MobileNetV2 momentum 0.999)")
+
+    def notes(layer: KerasLayer, path: str, module: Any) -> list[tuple[str, str]]:
         out = []
         eps = layer.config.get("epsilon")
-        if eps is None:  # a TF checkpoint stores no layer config
-            out.append(f"{layer.name} -> {path}: epsilon is not stored in the checkpoint; torch uses eps={module.eps:g}, "
-                       "which must be the Keras layer's epsilon (Keras default 1e-3)")
+        if eps is None:
+            out.append((unknown.format(what=f"{cls} epsilon", role="epsilon"), f"eps={module.eps:g}"))
         elif abs(module.eps - eps) > 1e-12:
-            out.append(f"MISMATCH {layer.name} -> {path}: eps {module.eps} in torch, {eps} in Keras; outputs will differ")
-        if momentum and module.momentum is not None:
+            out.append((f"MISMATCH {cls} epsilon: Keras {eps:g}, torch eps={module.eps:g}; outputs will differ "
+                        "({count} layer(s): {layers})", ""))
+        if not momentum:
+            return out
+        if module.momentum is not None:
             mom = layer.config.get("momentum")
             if mom is None:
-                out.append(f"{layer.name} -> {path}: momentum is not stored in the checkpoint; torch momentum {module.momentum:g} "
-                           f"is Keras momentum {1 - module.momentum:.6g} (Keras default 0.99)")
+                out.append((unknown.format(what=f"{cls} momentum", role="momentum"),
+                            f"momentum={module.momentum:g} (Keras momentum {1 - module.momentum:.6g})"))
             elif abs(module.momentum - (1 - mom)) > 1e-9:
-                out.append(f"MISMATCH {layer.name} -> {path}: torch momentum {module.momentum}, Keras momentum "
-                           f"{mom} means torch momentum {1 - mom:.6g}; running statistics will update differently")
+                out.append((f"MISMATCH BatchNormalization momentum: Keras {mom:g} is torch momentum={1 - mom:.6g}, the torch "
+                            f"module has {module.momentum:g}; running statistics will update differently "
+                            "({count} layer(s): {layers})", ""))
+        out.append(("BatchNormalization variance ({count} layer(s)): Keras updates moving_variance with the biased batch "
+                    "variance, torch running_var with the unbiased one (x n/(n-1)); resumed training moves them apart "
+                    "(eval outputs right after the conversion are equal)", ""))
         return out
 
     return notes

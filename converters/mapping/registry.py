@@ -135,7 +135,7 @@ Signature = Callable[[KerasLayer, dict[str, tuple[int, ...]]], "dict[str, Any] |
 #: ``accepts(layer, module)``: whether a torch module is of the kind the layer becomes.
 Accepts = Callable[[KerasLayer, Any], bool]
 #: ``module_notes(layer, path, module)``: what the weights cannot carry, for the report.
-ModuleNotes = Callable[[KerasLayer, str, Any], "list[str]"]
+ModuleNotes = Callable[[KerasLayer, str, Any], "list[tuple[str, str]]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +151,10 @@ class LayerKind:
         accepts: ``accepts(layer, module) -> bool``, the torch modules the layer may become
             (their state_dict shapes are checked against ``rules`` separately); None: no
             model-guided matching.
-        module_notes: ``(layer, path, module) -> [str]``, conventions the weights cannot carry.
+        module_notes: ``(layer, path, module) -> [(template, value)]``, conventions the weights
+            cannot carry; layers sharing a template are reported in one line, the template
+            formatted with ``{count}`` (layers), ``{found}`` (each value with its layers) and
+            ``{layers}`` (a few names).
         out_channels: for a layer leaving a channels-last feature map, its channels from its
             weights (a Dense after it with a multiple of them as inputs follows a Flatten).
         keeps_channels: the layer passes the feature map on unchanged (BatchNormalization).

@@ -52,6 +52,9 @@ __all__ = [
     "Mean",
     "Fill",
     "Discard",
+    "AppendFill",
+    "DropLast",
+    "Subtract",
     "Rename",
     "Convert",
     "Drop",
@@ -449,9 +452,88 @@ class Discard(Op):
         return Fill(specs[0].shape, specs[0].dtype, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class AppendFill(Op):
+    """One tensor into itself followed by a constant one; inverse :class:`DropLast`.
+
+    Lets one pattern rule fill a tensor per match, e.g. every BatchNorm's
+    ``num_batches_tracked`` beside its ``running_mean``:
+    ``Convert(("re:(.*)/moving_mean",), (r"\1.running_mean", r"\1.num_batches_tracked"),
+    (AppendFill((), "int64"),))``.
+
+    Example:
+        >>> [a.dtype.name for a in AppendFill((), "int64").apply((np.zeros(3, np.float32),))]
+        ['float32', 'int64']
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    value: float = 0
+    n_in: ClassVar[int | None] = 1
+
+    def infer(self, specs):
+        self._check_count(specs)
+        return specs + (TensorSpec(tuple(self.shape), str(np.dtype(self.dtype))),)
+
+    def apply(self, arrays):
+        return arrays + (np.full(tuple(self.shape), self.value, dtype=self.dtype),)
+
+    def inverse(self, specs):
+        return DropLast()
+
+
+@dataclass(frozen=True, slots=True)
+class DropLast(Op):
+    """All tensors in flight but the last (the way back of :class:`AppendFill`)."""
+
+    def infer(self, specs):
+        if not specs:
+            raise ConversionError("DropLast needs at least one tensor")
+        return specs[:-1]
+
+    def apply(self, arrays):
+        return arrays[:-1]
+
+    def inverse(self, specs):
+        if specs[-1].dtype is None:
+            raise ConversionError("cannot invert DropLast without the dropped tensor's dtype")
+        return AppendFill(specs[-1].shape, specs[-1].dtype, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Subtract(Op):
+    """Two tensors of one shape into their difference ``a - b``; inverse :class:`AppendZeros`.
+
+    Folds a convolution's bias into the BatchNormalization after it, for a torch model whose
+    convolution has no bias: ``BN(Wx + b)`` with ``moving_mean`` equals ``BN(Wx)`` with
+    ``running_mean = moving_mean - b``. The way back gives the mean and a zero bias, which
+    computes the same. The bias's optimizer state has no torch parameter, so a conversion
+    with the optimizer refuses it (convert the weights only).
+
+    Example:
+        >>> Subtract().apply((np.array([3.0]), np.array([1.0])))
+        (array([2.]),)
+    """
+
+    n_in: ClassVar[int | None] = 2
+
+    def infer(self, specs):
+        self._check_count(specs)
+        if specs[0].shape != specs[1].shape:
+            raise ConversionError(f"Subtract needs tensors of one shape, got {specs[0].shape} and {specs[1].shape}")
+        return (specs[0],)
+
+    def apply(self, arrays):
+        return (arrays[0] - arrays[1],)
+
+    def inverse(self, specs):
+        return AppendZeros(1)
+
+
 _OPS: dict[str, type[Op]] = {
     c.__name__: c
-    for c in (Transpose, Reshape, Split, Concat, GateReorder, Cast, Sum, AppendZeros, Repeat, Mean, Fill, Discard)
+    for c in (Transpose, Reshape, Split, Concat, GateReorder, Cast, Sum, AppendZeros, Repeat, Mean, Fill, Discard,
+              AppendFill, DropLast, Subtract)
 }
 
 

@@ -675,11 +675,19 @@ def test_flatten_after_a_convolution_settled_by_the_model(torch, tmp_path):
             "model/fc/bias/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal(2).astype(np.float32)}
     write_checkpoint(tmp_path / "ck", keys, object_graph=build_object_graph(keys))
 
-    def factory():
-        m = torch.nn.Module()
-        m.up, m.fc = torch.nn.ConvTranspose1d(4, 6, 3, bias=False), torch.nn.Linear(18, 2)
-        return m
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.fc = torch.nn.ConvTranspose1d(4, 6, 3, bias=False), torch.nn.Linear(18, 2)
 
+        def forward(self, x):
+            return self.fc(self.up(x).flatten(1))  # (N, 6, 3) flattened channels-first
+
+    def factory():
+        return Net(), torch.zeros(1, 4, 1)
+
+    with pytest.raises(ConversionError, match="may be a flattened .* or a pooled vector"):  # no example input: no evidence
+        tf_to_torch(tmp_path / "ck", tmp_path / "o.safetensors", model_factory=Net, optimizer=False)
     r = tf_to_torch(tmp_path / "ck", tmp_path / "o.safetensors", model_factory=factory, optimizer=False)
     from safetensors.numpy import load_file
 

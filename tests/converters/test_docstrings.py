@@ -37,6 +37,7 @@ MODULES = [
     "ckptfmt.converters.optim.tables",
     "ckptfmt.converters.files",
     "ckptfmt.converters.optional",
+    "ckptfmt.converters.check",
 ]
 
 

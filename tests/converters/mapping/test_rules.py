@@ -218,3 +218,34 @@ def test_scalar_targets_keep_their_shape():
     plan = Mapping((Convert((), ("bn.num_batches_tracked",), (Fill((), "int64", 0),)),)).plan({})
     out = plan.apply({})
     assert out["bn.num_batches_tracked"].shape == () and out["bn.num_batches_tracked"].dtype == np.int64
+
+
+def test_one_pattern_rule_fills_num_batches_tracked_for_every_batchnorm(tmp_path):
+    """AppendFill: the 121 literal Fill rules a DenseNet mapping file needed are one rule."""
+    from ckptfmt.converters.mapping import AppendFill
+
+    src = {f"bn{i}/moving_mean": rng.standard_normal(3).astype(np.float32) for i in range(4)}
+    m = Mapping((Convert(("re:(.*)/moving_mean",), (r"\1.running_mean", r"\1.num_batches_tracked"), (AppendFill((), "int64"),)),))
+    m.save(tmp_path / "m.json")
+    m = Mapping.load(tmp_path / "m.json")
+    out = m.apply(src)
+    assert sorted(out) == sorted([f"bn{i}.{k}" for i in range(4) for k in ("running_mean", "num_batches_tracked")])
+    assert out["bn2.num_batches_tracked"].dtype == np.int64 and out["bn2.num_batches_tracked"].shape == ()
+    np.testing.assert_array_equal(out["bn3.running_mean"], src["bn3/moving_mean"])
+    back = m.plan(src).inverse().apply(out)
+    assert set(back) == set(src) and all(np.array_equal(back[k], src[k]) for k in src)
+
+
+def test_subtract_folds_a_conv_bias_into_the_running_mean_and_back_is_equivalent():
+    from ckptfmt.converters.mapping import Subtract
+
+    mean, bias = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    m = Mapping((Convert(("bn/moving_mean", "conv/bias"), ("bn.running_mean",), (Subtract(),)),))
+    out = m.apply({"bn/moving_mean": mean, "conv/bias": bias})
+    np.testing.assert_array_equal(out["bn.running_mean"], mean - bias)
+    back = m.plan({"bn/moving_mean": mean, "conv/bias": bias}).inverse().apply(out)
+    # the way back: the folded mean and a zero bias, which compute what mean and bias did
+    np.testing.assert_array_equal(back["bn/moving_mean"] - back["conv/bias"], mean - bias)
+    assert not back["conv/bias"].any()
+    with pytest.raises(ConversionError, match="one shape"):
+        m.plan({"bn/moving_mean": (4,), "conv/bias": (3,)})

@@ -1,0 +1,291 @@
+"""A conversion that checks itself: run the Keras model and the converted torch model, compare.
+
+:func:`check_conversion` feeds the same inputs to a Keras model and a torch model (NHWC
+images become NCHW as the torch model's example input shows), both in inference mode, and
+compares every output. :func:`check_output` does it for a file ``tf2torch`` wrote: the
+Keras model gets its weights straight from the TF checkpoint (by variable path, not through
+the conversion's plan), the torch model from the written file; with an optimizer it also
+makes one step on both sides with identical gradients and compares the weights after it.
+
+Keras 3 runs under any backend: the forward check needs TensorFlow only when Keras's backend
+is TensorFlow (the default).
+
+Example:
+    >>> result = check_conversion(keras_model, torch_model)  # doctest: +SKIP
+    >>> print(result)  # doctest: +SKIP
+    check passed: output 0: max |keras - torch| 6.0e-08 (outputs up to 0.34, tolerance 3.4e-06)
+"""
+
+from __future__ import annotations
+
+__all__ = ["CheckResult", "check_conversion", "check_output"]
+
+from collections.abc import Callable, Sequence
+from collections.abc import Mapping as AbcMapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckptfmt.errors import CheckFailedError, ConversionError
+
+from .mapping.rules import Plan
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The figures of a check.
+
+    Attributes:
+        outputs: ``(name, max |keras - torch|, max |keras|)`` per output.
+        tolerance: the relative tolerance used (times the outputs' magnitude, at least 1).
+        step: ``(max |keras - torch| of the weights after one step, max |step|)``, or None;
+            it passes within 1e-6.
+        step_note: why the optimizer step was not checked, or what was compared.
+    """
+
+    outputs: tuple[tuple[str, float, float], ...]
+    tolerance: float
+    step: tuple[float, float] | None = None
+    step_note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        ok = all(d <= self.tolerance * max(m, 1.0) for _, d, m in self.outputs)
+        return ok and (self.step is None or self.step[0] <= _STEP_TOLERANCE)
+
+    def __str__(self) -> str:
+        parts = [f"output {n}: max |keras - torch| {d:.2g} (outputs up to {m:.2g}, tolerance {self.tolerance * max(m, 1.0):.2g})"
+                 for n, d, m in self.outputs]
+        if self.step is not None:
+            parts.append(f"one optimizer step on identical gradients: weights {self.step[0]:.2g} apart "
+                         f"(largest update {self.step[1]:.2g}, tolerance 1e-06)")
+        elif self.step_note:
+            parts.append(self.step_note)
+        return ("check passed: " if self.passed else "check FAILED: ") + "; ".join(parts)
+
+
+_STEP_TOLERANCE = 1e-6
+
+
+def _nested(x: Any) -> list[Any]:
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in _nested(x[k])]
+    if isinstance(x, (list, tuple)):
+        return [v for i in x for v in _nested(i)]
+    return [x]
+
+
+def _to_torch_layout(x: np.ndarray, torch_shape: Sequence[int] | None) -> np.ndarray:
+    """NHWC -> NCHW where the torch model's example input has the channels-first shape."""
+    if torch_shape is not None:
+        if tuple(torch_shape[1:]) == x.shape[1:]:
+            return x
+        moved = np.moveaxis(x, -1, 1)
+        if tuple(torch_shape[1:]) == moved.shape[1:]:
+            return np.ascontiguousarray(moved)
+        raise ConversionError(f"the Keras model takes inputs of shape {x.shape[1:]}, the torch model's example input "
+                              f"has {tuple(torch_shape[1:])}: no layout change relates them")
+    return np.ascontiguousarray(np.moveaxis(x, -1, 1)) if x.ndim >= 4 else x
+
+
+def _inputs(keras_model: Any, rng: np.random.Generator, batch: int = 2) -> list[np.ndarray]:
+    out = []
+    for t in _nested(keras_model.inputs):
+        shape = tuple(batch if s is None and i == 0 else (8 if s is None else int(s)) for i, s in enumerate(t.shape))
+        dtype = np.dtype(str(getattr(t, "dtype", "float32")))
+        if np.issubdtype(dtype, np.integer):
+            out.append(rng.integers(0, 2, shape).astype(dtype))
+        else:
+            out.append(rng.standard_normal(shape).astype(dtype))
+    return out
+
+
+def check_conversion(keras_model: Any, torch_model: Any, inputs: Sequence[np.ndarray] | None = None, *,
+                     example_input: Any = None, tolerance: float = 1e-5, seed: int = 0) -> CheckResult:
+    """Run both models on the same inputs in inference mode and compare every output.
+
+    Args:
+        keras_model: a Keras 3 model holding the checkpoint's weights.
+        torch_model: the torch model holding the converted weights.
+        inputs: Keras-layout inputs (default: a batch of 2 random ones from the model's
+            input shapes; integers in [0, 2) for integer inputs).
+        example_input: the torch model's example input: its shape tells whether images go
+            channels-first (default: inputs of rank 4 or more do).
+        tolerance: the largest difference allowed, relative to the outputs' magnitude
+            (``tolerance * max(max |keras output|, 1)``).
+        seed: for the random inputs.
+
+    Returns:
+        the figures; ``result.passed`` says whether they are within the tolerance.
+
+    Example:
+        >>> check_conversion(kmodel, tmodel).passed  # doctest: +SKIP
+        True
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    xs = list(inputs) if inputs is not None else _inputs(keras_model, rng)
+    examples = _nested(example_input) if example_input is not None else [None] * len(xs)
+    if len(examples) != len(xs):
+        examples = [None] * len(xs)
+    t_in = [torch.from_numpy(_to_torch_layout(x, None if e is None else tuple(e.shape))) for x, e in zip(xs, examples)]
+    k_out = [np.asarray(o) for o in _nested(keras_model(xs[0] if len(xs) == 1 else xs, training=False))]
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with torch.no_grad():
+            t_out = [o.detach().numpy() for o in _nested(torch_model(*t_in))]
+    finally:
+        torch_model.train(was_training)
+    if len(k_out) != len(t_out):
+        raise CheckFailedError(f"check FAILED: the Keras model gives {len(k_out)} output(s), the torch model {len(t_out)}")
+    rows = []
+    for i, (k, t) in enumerate(zip(k_out, t_out)):
+        if k.shape != t.shape and t.ndim >= 3 and np.moveaxis(t, 1, -1).shape == k.shape:
+            t = np.moveaxis(t, 1, -1)
+        if k.shape != t.shape:
+            raise CheckFailedError(f"check FAILED: output {i} has shape {k.shape} in Keras, {t.shape} in torch")
+        rows.append((str(i), float(np.max(np.abs(k.astype(np.float64) - t))) if k.size else 0.0,
+                     float(np.max(np.abs(k))) if k.size else 0.0))
+    return CheckResult(tuple(rows), tolerance)
+
+
+def keras_variable_keys(keras_model: Any, keys: AbcMapping[str, str], src: str = "the checkpoint") -> dict[str, str]:
+    """``{Keras variable path: checkpoint source key}`` for every variable of ``keras_model``.
+
+    By path; a variable Keras named automatically (``variable``, ``variable_1``: one counter
+    per process, so a model built again gets other numbers) is paired with the only
+    unpaired variable of its layer in the checkpoint.
+
+    Raises:
+        ConversionError: variables that pair with nothing (the model is not the checkpoint's).
+    """
+    out = {v.path: v.path for v in keras_model.weights if v.path in keys}
+    taken = set(out.values())
+    missing = []
+    for v in keras_model.weights:
+        if v.path in out:
+            continue
+        layer = v.path.rpartition("/")[0]
+        left = [k for k in keys if k.rpartition("/")[0] == layer and k not in taken]
+        mine = [w for w in keras_model.weights if w.path.rpartition("/")[0] == layer and w.path not in out]
+        if len(left) == 1 and len(mine) == 1:
+            out[v.path] = left[0]
+            taken.add(left[0])
+        else:
+            missing.append(v.path)
+    if missing:
+        raise ConversionError(f"check: the Keras model has variable(s) {src} does not (by path): "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; is it the checkpoint's model?")
+    return out
+
+
+def _load_keras_weights(keras_model: Any, src: str, keys: AbcMapping[str, str], read: Callable[[str], np.ndarray],
+                        shape: Callable[[str], tuple[int, ...]]) -> dict[str, str]:
+    """The checkpoint's values into the Keras model, by variable path (independent of any plan)."""
+    pairs = keras_variable_keys(keras_model, keys, src)
+    bad = [f"{v.path} {tuple(v.shape)} (checkpoint {shape(keys[pairs[v.path]])})" for v in keras_model.weights
+           if tuple(v.shape) != tuple(shape(keys[pairs[v.path]]))]
+    if bad:
+        raise ConversionError(f"check: the Keras model's variables do not fit the checkpoint {src}: {', '.join(bad[:5])}")
+    for v in keras_model.weights:
+        v.assign(read(keys[pairs[v.path]]))
+    return pairs
+
+
+_SLOT_ATTRS = {"momentum": ("_momentums", "momentums"), "velocity": ("_velocities",), "velocity_hat": ("_velocity_hats",),
+               "average_gradient": ("_average_gradients",)}
+
+
+def _step(keras_model: Any, torch_model: Any, plan: Plan, optimizer: AbcMapping[str, Any], read: Callable[[str], np.ndarray],
+          torch_optimizer_state: Any, seed: int) -> tuple[tuple[float, float] | None, str]:
+    """One step on identical gradients in both frameworks; the weights after it, compared."""
+    import keras
+    import torch
+
+    from ckptfmt.adapters.torch import numpy_to_state
+
+    trainable = {optimizer["paths"][v.path]: v for v in keras_model.trainable_variables}
+    entries = [e for e in plan.entries if e.sources and all(s in trainable for s in e.sources)]
+    kopt = keras.optimizers.get({"class_name": optimizer["class_name"], "config": dict(optimizer["config"])})
+    kopt.build(keras_model.trainable_variables)
+    for path, slots in optimizer["slots"].items():
+        if path not in trainable:
+            continue
+        i = kopt._get_variable_index(trainable[path])
+        for slot, ckey in slots.items():
+            attr = next((a for a in _SLOT_ATTRS.get(slot, ()) if getattr(kopt, a, None)), None)
+            if attr is None:
+                return None, f"optimizer step not checked: no Keras slot list for {slot!r}"
+            getattr(kopt, attr)[i].assign(read(ckey))
+    kopt.iterations.assign(optimizer["iterations"])
+    rng = np.random.default_rng(seed)
+    # |g| in [0.5, 1.5]: far above epsilon, where Keras's and torch's epsilon placements agree
+    # (near |g| ~ epsilon they differ by design: docs/conversions.md, "Update rules and drift")
+    grads = {p: (rng.choice([-1.0, 1.0], tuple(v.shape)) * rng.uniform(0.5, 1.5, tuple(v.shape))).astype(np.float32)
+             for p, v in trainable.items()}
+    t_grads: dict[str, np.ndarray] = {}
+    for e in entries:
+        t_grads.update(zip(e.targets, e.run(tuple(grads[s] for s in e.sources), slots=True)))
+    params = dict(torch_model.named_parameters())
+    no_grad = [n for n, p in params.items() if p.requires_grad and n not in t_grads]
+    if no_grad:
+        return None, f"optimizer step not checked: no Keras gradient reaches torch parameter(s) {', '.join(no_grad[:3])}"
+    cls = optimizer["torch_class"]
+    module, _, name = cls.rpartition(".")
+    import importlib
+
+    topt = getattr(importlib.import_module(module), name)(torch_model.parameters(), **optimizer["torch_hyperparameters"])
+    topt.load_state_dict(numpy_to_state(torch_optimizer_state))
+    before = {p: np.array(v.numpy()) for p, v in trainable.items()}
+    kopt.apply_gradients([(keras.ops.convert_to_tensor(grads[p]), v) for p, v in trainable.items()])
+    for n, p in params.items():
+        if p.requires_grad:
+            p.grad = torch.from_numpy(t_grads[n].copy())
+    topt.step()
+    after = {p: np.array(v.numpy()) for p, v in trainable.items()}
+    diff = step = 0.0
+    for e in entries:
+        converted = e.run(tuple(after[s] for s in e.sources))
+        for t, value in zip(e.targets, converted):
+            if t in params:
+                diff = max(diff, float(np.max(np.abs(value - params[t].detach().numpy()))))
+        step = max(step, max(float(np.max(np.abs(after[s] - before[s]))) for s in e.sources))
+    return (diff, step), ""
+
+
+def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, model_factory: Any, *,
+                 tolerance: float = 1e-5, optimizer: AbcMapping[str, Any] | None = None) -> CheckResult:
+    """Check what ``tf_to_torch`` wrote at ``dst`` against the Keras model and the checkpoint ``src``.
+
+    Raises:
+        CheckFailedError: an output, or the weights after one optimizer step, further apart
+            than the tolerance (the message gives every figure).
+
+    Example:
+        >>> check_output("run/ckpt-1", "out.pt", kc, plan, kmodel, "models.py:make")  # doctest: +SKIP
+    """
+    from ckptfmt.adapters.torch import numpy_to_tensor
+
+    from .keras.planner import make_model
+    from .keras.torch_state import read_torch_side
+    from .tf.bundle import TFCheckpointReader
+
+    written = read_torch_side(dst)
+    model, example = make_model(model_factory)
+    model.load_state_dict({k: numpy_to_tensor(np.ascontiguousarray(v)) for k, v in written["model"].items()})
+    with TFCheckpointReader(src) as reader:
+        paths = _load_keras_weights(keras_model, src, kc.keys, reader.get, reader.shape)
+        result = check_conversion(keras_model, model, example_input=example, tolerance=tolerance)
+        step, note = None, "optimizer step not checked: the output holds no optimizer state"
+        if optimizer is not None and written.get("optimizer") is not None:
+            slots = {s: d for s, d in kc.slots.items()}
+            step, note = _step(keras_model, model, plan, {**optimizer, "slots": slots, "paths": paths}, reader.get,
+                               written["optimizer"], seed=1)
+    result = CheckResult(result.outputs, tolerance, step, note)
+    if not result.passed:
+        raise CheckFailedError(f"{dst} was written, but it does not compute what the Keras model does: {result}")
+    return result
+

@@ -1,0 +1,285 @@
+"""tf2torch on real published architectures (keras.applications, reduced) and torch twins in
+torchvision's layout: logits, one optimizer step on identical gradients, the way back to TF,
+and each former silent failure either exact now or refused.
+
+The Keras side is trained 2 Adam steps and checkpointed at test time (a few seconds per
+model); the torch side is ``fixtures/realarch/models.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckptfmt.errors import CheckFailedError, ConversionError
+
+pytestmark = [pytest.mark.torch, pytest.mark.tensorflow]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = str(ROOT / "fixtures" / "realarch" / "models.py")
+NAMES = ("densenet", "resnet", "mobilenet", "convnext", "vgg")
+
+
+@pytest.fixture(scope="module")
+def tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("keras")
+    pytest.importorskip("torch")
+    return tf
+
+
+@pytest.fixture(scope="module")
+def models():
+    from ckptfmt.converters.convert import load_factory
+
+    return lambda name: load_factory(f"{MODELS}:{name}")
+
+
+@pytest.fixture(scope="module")
+def runs(tf, models, tmp_path_factory):
+    """Per architecture: a Keras model trained 2 Adam steps, its checkpoint and its eval logits."""
+    import keras
+
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            keras.utils.set_random_seed(0)
+            km = models(f"keras_{name}")()
+            opt = keras.optimizers.Adam(1e-3)
+            rng = np.random.default_rng(0)
+            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            for _ in range(2):
+                x, y = rng.standard_normal((4, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 4)
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, km(x, training=True))
+                opt.apply_gradients(zip(tape.gradient(loss, km.trainable_variables), km.trainable_variables))
+            d = tmp_path_factory.mktemp(name)
+            prefix = tf.train.Checkpoint(model=km, optimizer=opt).write(str(d / "ckpt"))
+            x = rng.standard_normal((3, 32, 32, 3)).astype(np.float32)
+            cache[name] = dict(prefix=prefix, keras=km, x=x, logits=km(x, training=False).numpy(), dir=d)
+        return cache[name]
+
+    return get
+
+
+def _convnext_rules(tmp_path: Path) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_realarch_models", MODELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "layer_scale.json"
+    path.write_text(json.dumps(mod.CONVNEXT_RULES))
+    return str(path)
+
+
+def _torch_logits(torch, models, name, state, x):
+    model = models(name)()[0]
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_real_architecture_converts_exactly_checks_itself_and_goes_back(name, runs, models, tmp_path):
+    import keras
+    import tensorflow as tf
+    import torch
+
+    from ckptfmt.converters.convert import tf_to_torch, torch_to_tf
+
+    run = runs(name)
+    out = tmp_path / f"{name}.pt"
+    report = tf_to_torch(run["prefix"], out, model_factory=f"{MODELS}:{name}", keras_model=f"{MODELS}:keras_{name}",
+                         mapping=_convnext_rules(tmp_path) if name == "convnext" else None, check=True)
+    # the self-check's figures: outputs and one optimizer step on identical gradients
+    assert report.check.passed
+    (_, diff, scale), = report.check.outputs
+    assert diff <= 1e-5 * max(scale, 1.0)
+    assert report.check.step is not None and report.check.step[0] <= 1e-6 < report.check.step[1]
+    # and independently of the check: the converted file's logits are Keras's
+    ck = torch.load(out, weights_only=True)
+    logits = _torch_logits(torch, models, name, ck["model"], run["x"])
+    assert np.abs(logits - run["logits"]).max() <= 1e-5 * max(np.abs(run["logits"]).max(), 1.0)
+    # notes a person reads: grouped, one line per convention
+    assert len(report.notes) <= 8, report.notes
+
+    # back to TF: the Keras model restores every variable and computes the same outputs
+    back = tmp_path / "back" / "ckpt-1"
+    torch_to_tf(out, back, template=run["prefix"], model_factory=f"{MODELS}:{name}", keras_model=f"{MODELS}:keras_{name}",
+                mapping=_convnext_rules(tmp_path) if name == "convnext" else None)
+    k2 = models(f"keras_{name}")()
+    o2 = keras.optimizers.Adam(1e-3)
+    o2.build(k2.trainable_variables)
+    tf.train.Checkpoint(model=k2, optimizer=o2).read(str(back)).assert_consumed()
+    np.testing.assert_allclose(k2(run["x"], training=False).numpy(), run["logits"], atol=1e-5 * max(np.abs(run["logits"]).max(), 1))
+    assert int(o2.iterations.numpy()) == 2
+
+
+# -- the former silent failures: exact now, or refused ------------------------------------------
+
+
+def test_densenet_head_is_not_taken_for_a_flatten(runs, models, tmp_path):
+    """BN (96 = 3 x 32 channels, after a concatenation) -> GAP -> Dense: the rows are not permuted."""
+    import torch
+
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("densenet")
+    r = tf_to_torch(run["prefix"], tmp_path / "d.pt", model_factory=f"{MODELS}:densenet", optimizer=False)
+    assert not any("Flatten" in n for n in r.notes)
+    logits = _torch_logits(torch, models, "densenet", torch.load(tmp_path / "d.pt", weights_only=True)["model"], run["x"])
+    assert np.abs(logits - run["logits"]).max() <= 1e-5 * max(np.abs(run["logits"]).max(), 1.0)
+    # without an example input (no dataflow, no execution order) it is refused, never guessed
+    with pytest.raises(ConversionError, match=r"example[_ ]input"):
+        tf_to_torch(run["prefix"], tmp_path / "e.pt", model_factory=lambda: models("densenet")()[0], optimizer=False)
+    # the preset (no torch model) guesses, and says so
+    r = tf_to_torch(run["prefix"], tmp_path / "f.pt", optimizer=False, dry_run=True)
+    assert any(n.startswith("ASSUMED predictions") for n in r.notes)
+
+
+def test_resnet_shortcut_beside_main_branch_is_refused_without_the_keras_graph(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("resnet")
+    with pytest.raises(ConversionError, match="parallel branches") as e:
+        tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet", optimizer=False)
+    assert "conv2_block1_0_bn" in str(e.value) and "layer1.0.downsample.1" in str(e.value) and "--keras-model" in str(e.value)
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_resnet_with_conv_bias_into_bias_free_torch_model_says_why(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("resnet")
+
+    with pytest.raises(ConversionError) as e:
+        tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet_no_bias", keras_model=f"{MODELS}:keras_resnet",
+                    optimizer=False)
+    msg = str(e.value)
+    assert "same weight shape but differ in bias" in msg and "--fold-conv-bias" in msg
+    # the offer, taken: exact, and reported
+    r = tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet_no_bias", keras_model=f"{MODELS}:keras_resnet",
+                    optimizer=False, fold_conv_bias=True, check=True)
+    assert r.check.passed and r.check.outputs[0][1] <= 1e-5 * max(r.check.outputs[0][2], 1)
+    assert any(n.startswith("FOLDED: the bias of 15 Keras convolution(s)") for n in r.notes)
+    # the bias's optimizer state has nowhere to go: refused, not dropped
+    with pytest.raises(ConversionError, match="--no-optimizer"):
+        tf_to_torch(run["prefix"], tmp_path / "s.pt", model_factory=f"{MODELS}:resnet_no_bias", keras_model=f"{MODELS}:keras_resnet",
+                    fold_conv_bias=True)
+
+
+def _load_models():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_realarch_models2", MODELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_unknown_layers_are_all_listed_with_a_rule_file_to_edit(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+    from ckptfmt.converters.mapping import Mapping
+
+    run = runs("convnext")
+    with pytest.raises(ConversionError) as e:
+        tf_to_torch(run["prefix"], tmp_path / "c.pt", model_factory=f"{MODELS}:convnext", optimizer=False)
+    msg = str(e.value)
+    assert msg.startswith("2 layer(s) with weights the converter does not know")
+    assert "'block0_layer_scale': block0_layer_scale/variable (16,)" in msg and "'block1_layer_scale'" in msg
+    # the rule file in the message loads as a mapping once its TODOs are filled
+    text = msg[msg.index('{"format"'):]
+    (tmp_path / "m.json").write_text(text.replace("TODO.torch.key", "features.1.0.layer_scale"))
+    assert len(Mapping.load(tmp_path / "m.json").rules) == 2
+    # the one-rule file extends the matching (it does not replace it)
+    r = tf_to_torch(run["prefix"], tmp_path / "c.pt", model_factory=f"{MODELS}:convnext", mapping=_convnext_rules(tmp_path),
+                    optimizer=False)
+    (entry,) = [e for e in r.plan.entries if e.targets == ("features.1.1.layer_scale",)]
+    assert entry.sources[0].startswith("block1_layer_scale/")
+
+
+def test_check_fails_with_the_figures_when_the_torch_model_differs(runs, tmp_path):
+    """A torch twin with another BatchNorm eps: the weights fit, the outputs do not: exit non-zero."""
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+
+    def other():
+        model, x = _load_models().vgg()
+        model.classifier[1] = __import__("torch").nn.Tanh()  # not the Keras model's ReLU
+        return model, x
+
+    with pytest.raises(CheckFailedError, match=r"check FAILED: output 0: max \|keras - torch\|"):
+        tf_to_torch(run["prefix"], tmp_path / "v.pt", model_factory=other, keras_model=f"{MODELS}:keras_vgg", check=True)
+
+
+def test_check_from_the_command_line(runs, tmp_path):
+    from click.testing import CliRunner
+
+    from ckptfmt.cli.main import main
+
+    run = runs("vgg")
+    res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(tmp_path / "v.pt"), "--model", f"{MODELS}:vgg",
+                                    "--keras-model", f"{MODELS}:keras_vgg", "--check"])
+    assert res.exit_code == 0, res.output
+    assert "check passed: output 0: max |keras - torch|" in res.output
+    assert "one optimizer step on identical gradients" in res.output
+
+
+def test_densenet_dry_run_fits_on_a_screen(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("densenet")
+    r = tf_to_torch(run["prefix"], tmp_path / "d.pt", model_factory=f"{MODELS}:densenet", dry_run=True)
+    notes = list(r.notes)
+    assert sum("BatchNormalization" in n for n in notes) == 3  # epsilon, momentum, variance: one line each
+    assert any(n.startswith("UNKNOWN BatchNormalization epsilon of 19 layer(s)") and "eps=1.001e-05" in n for n in notes)
+    assert any("biased batch variance" in n for n in notes)
+
+
+def test_a_mapping_file_covering_part_of_a_layer_or_missing_keys_is_refused(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"format": "ckptfmt-mapping", "version": 1, "rules": [
+        {"rule": "Rename", "src_pattern": "fc2/bias", "dst_pattern": "classifier.3.bias"}]}))
+    with pytest.raises(ConversionError, match="covers some but not all weights of layer.*fc2"):
+        tf_to_torch(run["prefix"], tmp_path / "v.pt", model_factory=f"{MODELS}:vgg", mapping=str(part), optimizer=False)
+    stray = tmp_path / "stray.json"
+    stray.write_text(json.dumps({"format": "ckptfmt-mapping", "version": 1, "rules": [
+        {"rule": "Rename", "src_pattern": "fc2/bias", "dst_pattern": "classifier.9.bias"},
+        {"rule": "Convert", "sources": ["fc2/kernel"], "targets": ["classifier.3.weight"], "ops": [{"op": "Transpose", "axes": [1, 0]}]}]}))
+    with pytest.raises(ConversionError, match="does not have: classifier.9.bias"):
+        tf_to_torch(run["prefix"], tmp_path / "v.pt", model_factory=f"{MODELS}:vgg", mapping=str(stray), optimizer=False)
+
+
+def test_a_keras_model_that_is_not_the_checkpoints_is_refused(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("resnet")
+    with pytest.raises(ConversionError, match="not the checkpoint's model"):
+        tf_to_torch(run["prefix"], tmp_path / "r.pt", model_factory=f"{MODELS}:resnet", keras_model=f"{MODELS}:keras_vgg",
+                    optimizer=False)
+
+
+def test_command_line_refusals_exit_non_zero_and_write_nothing(runs, tmp_path):
+    from click.testing import CliRunner
+
+    from ckptfmt.cli.main import main
+
+    run = runs("resnet")
+    out = tmp_path / "r.pt"
+    res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:resnet"])
+    assert res.exit_code != 0 and "parallel branches" in res.output and not out.exists()
+    res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:resnet",
+                                    "--keras-model", f"{MODELS}:keras_resnet", "--check", "--check-tolerance", "1e-12"])
+    assert res.exit_code != 0 and "check FAILED" in res.output
