@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ckptfmt._pool import pool
-from ckptfmt.errors import CheckpointNotFoundError, IntegrityError, TensorNotFoundError
+from ckptfmt.errors import CheckpointNotFoundError, FormatError, IntegrityError, TensorNotFoundError
 from ckptfmt.format.hashing import get_hash
 from ckptfmt.format.manifest import Manifest, TensorEntry, decode_manifest
 from ckptfmt.format.spec import LIMITS, MANIFEST_NAME
@@ -37,6 +37,14 @@ def read_manifest(path: str, storage: Storage, *, check_hash: bool = True) -> Ma
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{path} is a file, not a ckptfmt checkpoint directory") from None
     return decode_manifest(data, where=mpath, check_hash=check_hash)
+
+
+def symlink_message(fpath: str) -> str:
+    """Why a data file that is a symbolic link is refused (its target is never looked at)."""
+    return (
+        f"data file {fpath} is a symbolic link; ckptfmt does not follow links out of a checkpoint "
+        "(spec section 'Files'): replace the link with the file itself"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +153,8 @@ class CheckpointReader:
             if h is None:
                 fe = self.manifest.files[file_index]
                 fpath = self.storage.join(self.path, fe.path)
+                if self.storage.islink(fpath):
+                    raise FormatError(symlink_message(fpath))
                 try:
                     h = self.storage.open_read(fpath)
                 except FileNotFoundError:

@@ -32,7 +32,7 @@ from ckptfmt.converters.kinds import (
     _make_report,
     open_any,
 )
-from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, FrameworkNotAvailableError, TensorNotFoundError, UnmappedKeyError
+from ckptfmt.errors import CheckpointExistsError, CheckpointNotFoundError, ConversionError, FormatError, FrameworkNotAvailableError, TensorNotFoundError, UnmappedKeyError
 
 #: protobuf cannot serialize a message of 2 GiB; above this, tensors go to external data.
 _PROTO_LIMIT = 1_800_000_000
@@ -111,8 +111,8 @@ class OnnxSource(Source):
         t.CopyFrom(self._init(name))  # reading external data fills the proto; keep ours light
         try:
             return numpy_helper.to_array(t, base_dir=self._base)
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{self.path}: initializer {name!r} cannot be read: {_first_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - onnx on damaged protos raises TypeError, KeyError, ValueError...
+            raise FormatError(f"{self.path}: initializer {name!r} cannot be read ({type(e).__name__}: {_first_line(e)}); the model is damaged") from e
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -135,47 +135,62 @@ class OnnxSource(Source):
     def verify(cls, path: str, *, progress: bool | None = None) -> VerifyReport:
         t0 = time.perf_counter()
         onnx = _onnx()
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
         problems: list[Problem] = []
         try:
             model = _load_model(path, external=False)
         except FormatError as e:
+            with open(path, "rb") as f:
+                head = f.read(1)
+            if head != b"\x08":  # every ONNX writer puts ModelProto.ir_version (field 1, varint) first
+                problems.append(Problem("unreadable", f"{path}: not an ONNX model: it does not start with a ModelProto's ir_version field ({_first_line(e)})", file=path, offset=0))
+                return _make_report(path, problems, t0, readable=False)
             problems.append(Problem("header", str(e), file=path))
             return _make_report(path, problems, t0)
         base = os.path.dirname(os.path.abspath(path))
         checked = nbytes = 0
         inits = list(model.graph.initializer)
         for t in inits:
-            need = _nbytes(onnx, t)
-            if uses_external_data(t):
-                ext = ExternalDataInfo(t)
-                loc = ext.location or ""
-                fp = os.path.normpath(os.path.join(base, loc))
-                if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep):
-                    problems.append(Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory", file=path, tensor=t.name))
-                    continue
-                if not os.path.isfile(fp):
-                    problems.append(Problem("missing_file", f"{path}: external data file {loc} of initializer {t.name!r} is missing", file=loc, tensor=t.name, offset=ext.offset))
-                    continue
-                length = ext.length if ext.length is not None and ext.length > 0 else need
-                if need is not None and length != need:
-                    problems.append(Problem("size_mismatch", f"{path}: initializer {t.name!r} records {length} bytes of external data but its dtype and shape need {need}", file=loc, tensor=t.name, offset=ext.offset))
-                    continue
-                size = os.path.getsize(fp)
-                if length is not None and ext.offset + length > size:
-                    problems.append(Problem("truncated_file", f"{loc}: initializer {t.name!r} needs bytes {ext.offset}..{ext.offset + length} but the file holds {size}; it is truncated", file=loc, tensor=t.name, offset=ext.offset))
-                    continue
-            elif t.HasField("raw_data") and need is not None and len(t.raw_data) != need:
-                problems.append(Problem("size_mismatch", f"{path}: initializer {t.name!r} holds {len(t.raw_data)} bytes but its dtype and shape need {need}", file=path, tensor=t.name))
+            try:
+                found = _check_initializer(onnx, path, base, t)
+            except Exception as e:  # noqa: BLE001 - onnx helpers on damaged protos raise anything
+                found = Problem("header", f"{path}: initializer {t.name!r} is malformed ({type(e).__name__}: {_first_line(e)})", file=path, tensor=t.name)
+            if found is not None:
+                problems.append(found)
                 continue
             checked += 1
-            nbytes += need or 0
+            nbytes += _nbytes(onnx, t) or 0
         try:
             onnx.checker.check_model(path)  # the path form follows external data and allows > 2 GiB
         except Exception as e:
             problems.append(Problem("checker", f"{path}: onnx.checker: {_first_line(e)}", file=path))
-        return _make_report(path, problems, t0, tensors=len(inits), checked=checked, nbytes=nbytes, version=f"ir {model.ir_version}")
+        return _make_report(path, problems, t0, tensors=len(inits), checked=checked, nbytes=nbytes,
+                            version=f"ir {model.ir_version}", coverage="structure")
+
+
+def _check_initializer(onnx: Any, path: str, base: str, t: Any) -> Problem | None:
+    """The first problem of one initializer's data (embedded or external), or None."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if any(d < 0 for d in t.dims):
+        return Problem("header", f"{path}: initializer {t.name!r} has a negative dimension {list(t.dims)}", file=path, tensor=t.name)
+    need = _nbytes(onnx, t)
+    if uses_external_data(t):
+        ext = ExternalDataInfo(t)
+        loc = ext.location or ""
+        fp = os.path.normpath(os.path.join(base, loc))
+        if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep):
+            return Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory", file=path, tensor=t.name)
+        if not os.path.isfile(fp):
+            return Problem("missing_file", f"{path}: external data file {loc} of initializer {t.name!r} is missing", file=loc, tensor=t.name, offset=ext.offset)
+        length = ext.length if ext.length is not None and ext.length > 0 else need
+        if need is not None and length != need:
+            return Problem("size_mismatch", f"{path}: initializer {t.name!r} records {length} bytes of external data but its dtype and shape need {need}", file=loc, tensor=t.name, offset=ext.offset)
+        size = os.path.getsize(fp)
+        if ext.offset < 0 or (length is not None and ext.offset + length > size):
+            return Problem("truncated_file", f"{loc}: initializer {t.name!r} needs bytes {ext.offset}..{ext.offset + (length or 0)} but the file holds {size}; it is truncated", file=loc, tensor=t.name, offset=ext.offset)
+    elif t.HasField("raw_data") and need is not None and len(t.raw_data) != need:
+        return Problem("size_mismatch", f"{path}: initializer {t.name!r} holds {len(t.raw_data)} bytes but its dtype and shape need {need}", file=path, tensor=t.name)
+    return None
 
 
 def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, allow_unknown: bool, overwrite: bool) -> ConvertResult:
@@ -225,15 +240,50 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
                 nbytes += arr.nbytes
     external = used_external or sum(len(t.raw_data) for t in model.graph.initializer) > _PROTO_LIMIT
     location = os.path.basename(out) + ".data"
-    data_path = os.path.join(os.path.dirname(os.path.abspath(out)), location)
-    if external and os.path.exists(data_path):
-        os.remove(data_path)  # onnx appends to an existing external data file
+    out_dir = os.path.dirname(os.path.abspath(out))
+    data_path = os.path.join(out_dir, location)
+    if external:
+        _check_data_dst(data_path, model_path, overwrite)
+    # Written into a private directory beside OUT, checked, then renamed into place: a failed
+    # or interrupted export leaves neither OUT nor OUT.data half-written.
+    import shutil
+    import tempfile
+
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-{os.getpid()}-", dir=out_dir)
     try:
-        onnx.save_model(model, out, save_as_external_data=external, all_tensors_to_one_file=True, location=location)
-        onnx.checker.check_model(out)
-    except Exception as e:
-        for p in (out, data_path if external else None):
-            if p and os.path.exists(p):
-                os.remove(p)
-        raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {_first_line(e)}") from e
+        tmp_out = os.path.join(tmp_dir, os.path.basename(out))
+        try:
+            onnx.save_model(model, tmp_out, save_as_external_data=external, all_tensors_to_one_file=True, location=location)
+            onnx.checker.check_model(tmp_out)
+        except OSError:
+            raise
+        except Exception as e:
+            raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {_first_line(e)}") from e
+        if external and os.path.exists(os.path.join(tmp_dir, location)):  # small tensors stay inline
+            os.replace(os.path.join(tmp_dir, location), data_path)
+        os.replace(tmp_out, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return ConvertResult(out, "onnx", written, nbytes)
+
+
+def _check_data_dst(data_path: str, model_path: str, overwrite: bool) -> None:
+    """``OUT.data`` may be replaced only with ``overwrite``, and never when the input model uses it."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if not os.path.lexists(data_path):
+        return
+    base = os.path.dirname(os.path.abspath(model_path))
+    model = _load_model(model_path, external=False)
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            loc = ExternalDataInfo(t).location or ""
+            if os.path.realpath(os.path.join(base, loc)) == os.path.realpath(data_path):
+                raise ConversionError(
+                    f"{data_path} holds the external data of the input model {model_path}; writing the "
+                    "output's data there would destroy the input. Choose another output name"
+                )
+    if not overwrite:
+        raise CheckpointExistsError(
+            f"{data_path} (the output's external data file) already exists; pass --overwrite to replace it"
+        )

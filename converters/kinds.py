@@ -228,10 +228,13 @@ def _make_report(
     nbytes: int = 0,
     digest: str | None = None,
     version: str | None = None,
+    readable: bool = True,
+    coverage: str = "full",
 ) -> VerifyReport:
     """A VerifyReport for a foreign kind; ``checked`` counts entries (the kind's "chunks")."""
     ok = not any(p.severity == "error" for p in problems)
-    return VerifyReport(path, ok, digest, version, tensors, checked, nbytes, time.perf_counter() - t0, tuple(problems))
+    return VerifyReport(path, ok, digest, version, tensors, checked, nbytes, time.perf_counter() - t0, tuple(problems),
+                        readable=readable, coverage=coverage)
 
 
 def _first_line(e: BaseException) -> str:
