@@ -325,6 +325,7 @@ def write_checkpoint(
     if parent_ref is not None:
         parent_ref.builder = builder
     hasher = builder.hash
+    created = not storage.exists(path)
     storage.makedirs(path)
     token = secrets.token_hex(4)
     written: list[str] = []
@@ -371,6 +372,11 @@ def write_checkpoint(
         for fname in written:
             try:
                 storage.delete(storage.join(path, fname))
+            except OSError:
+                pass
+        if created:  # a failed save to a new path leaves no empty directory behind
+            try:
+                storage.rmdir(path)
             except OSError:
                 pass
         if isinstance(exc, OSError) and not isinstance(exc, CkptFmtError):

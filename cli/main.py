@@ -27,12 +27,15 @@ from __future__ import annotations
 
 __all__ = ["main", "convert", "register_convert_command", "CONVERT_COMMANDS", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE", "EXIT_ERROR"]
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import os
+import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -73,6 +76,9 @@ def _debug(ctx: click.Context | None) -> bool:
 
 def _message(e: BaseException) -> str:
     text = " ".join(str(e).split())
+    if isinstance(e, OSError) and getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        where = getattr(e, "filename", None) or "the output"
+        return f"disk full ({errno.errorcode[e.errno]}) writing {where}"
     if isinstance(e, KeyError) and not isinstance(e, CkptFmtError):
         text = text.strip("'\"")
     if isinstance(e, CkptFmtError) or isinstance(e, OSError):
@@ -80,7 +86,7 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _hint(e: BaseException) -> str:
+def _hint(e: BaseException, command: str | None = None) -> str:
     if isinstance(e, FrameworkNotAvailableError):
         return "install the extra named above, or use a checkpoint kind that does not need it"
     if isinstance(e, CheckpointNotFoundError):
@@ -94,6 +100,12 @@ def _hint(e: BaseException) -> str:
         return "names must match exactly; compare them with `ckptfmt inspect`"
     if isinstance(e, ConversionError):
         return "see `ckptfmt convert --help` for the options that relax a conversion"
+    if isinstance(e, OSError) and getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space (or write to another disk) and run the command again; nothing was left half-written"
+    if command == "verify":  # the user just ran verify: point at the input, not at verify
+        if isinstance(e, FormatError):
+            return "the input is damaged or not the kind its name says; restore it from a good copy or check what wrote it"
+        return _DEBUG_HINT
     if isinstance(e, IntegrityError):
         return "run `ckptfmt verify PATH` for a full report, then restore the checkpoint from a good copy"
     if isinstance(e, FormatError):
@@ -101,21 +113,52 @@ def _hint(e: BaseException) -> str:
     return _DEBUG_HINT
 
 
-def _error_lines(e: BaseException) -> tuple[str, str]:
-    hint = _hint(e)
+def _error_lines(e: BaseException, command: str | None = None) -> tuple[str, str]:
+    hint = _hint(e, command)
     if hint != _DEBUG_HINT:
         hint = f"{hint}; {_DEBUG_HINT}"
     return f"error: {_message(e)}", f"hint: {hint}"
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup handler runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 class _Main(click.Group):
-    """The root group: turns library errors into one line, a hint and exit code 3."""
+    """The root group: turns library errors into one line, a hint and exit code 3.
+
+    ``--debug`` is accepted anywhere before ``--`` (``ckptfmt verify x --debug`` too). Ctrl-C
+    and SIGTERM unwind normally, so temporaries are removed, and exit 130 / 143.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end] and args[:1] != ["--debug"]:
+            i = args.index("--debug", 1)
+            args = ["--debug", *args[:i], *args[i + 1 :]]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = None
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except (ValueError, OSError):  # not the main thread (e.g. a test runner's worker)
+            pass
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (click.exceptions.ClickException, click.exceptions.Exit):
             raise
+        except (KeyboardInterrupt, click.exceptions.Abort) as e:
+            term = isinstance(e, _Terminated)
+            click.echo(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}); nothing was left half-written", err=True)
+            raise click.exceptions.Exit(128 + signal.SIGTERM if term else EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`ckptfmt inspect big | head`): stop quietly, as cat does.
             try:
@@ -129,6 +172,9 @@ class _Main(click.Group):
             for line in _error_lines(e):
                 click.echo(line, err=True)
             raise click.exceptions.Exit(EXIT_ERROR) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------- output
@@ -247,10 +293,18 @@ def _verify_one(ctx: click.Context, path: str, progress: bool | None) -> dict[st
     except Exception as e:
         if _debug(ctx):
             raise
-        error, hint = _error_lines(e)
+        error, hint = _error_lines(e, "verify")
         return {"path": path, "kind": kind, "status": "unreadable", "code": EXIT_ERROR, "error": error[7:], "hint": hint[6:]}
+    if not report.readable:  # not a checkpoint of its kind at all: unreadable, exit 3
+        first = report.errors[0].message if report.errors else f"{path} cannot be read as {kind}"
+        hint = "check that the file is what its name says (the message names what it looks like), or restore it from a good copy"
+        return {"path": path, "kind": kind, "status": "unreadable", "code": EXIT_ERROR, "error": first, "hint": hint}
     status, code = ("ok", EXIT_OK) if report.ok else ("corrupt", EXIT_FOUND)
     return {"path": path, "kind": kind, "status": status, "code": code, "report": report}
+
+
+#: What ``verify`` says of a kind whose format records no checksums of the data.
+UNVERIFIABLE = "structure ok; contents not verifiable: no checksums in this format"
 
 
 @main.command(context_settings=_CONTEXT)
@@ -285,6 +339,9 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
     code = max(r["code"] for r in results)
     if as_json:
         out = [{**(r["report"].to_dict() if "report" in r else {}), **{k: v for k, v in r.items() if k != "report"}} for r in results]
+        for r, d in zip(results, out):
+            if "report" in r and r["report"].coverage == "structure":
+                d["note"] = UNVERIFIABLE
         _echo_json({"ok": code == EXIT_OK, "exit_code": code, "results": out})
         ctx.exit(code)
     for r in results:
@@ -298,6 +355,8 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
             detail = f"{report.tensors} tensors, {_size(report.bytes_checked)} checked in {report.seconds:.2f} s"
             word = "ok" if report.ok else "FAILED"
             extra = "" if report.ok else f", {nerr} problem{'s' if nerr != 1 else ''}"
+            if report.ok and report.coverage == "structure":
+                extra = f"; {UNVERIFIABLE} (`ckptfmt hash` and `verify --sums` check contents)"
             click.echo(f"{word:<8}{path}  ({r['kind']}{' ' + report.version if report.version else ''}, {detail}{extra})")
         for p in report.problems:
             if p.severity == "error" or not quiet:
@@ -482,6 +541,17 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--skip-unsupported", is_flag=True, help="Leave out tensors whose dtype the target cannot hold.")(fn)
 
 
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Name ``path`` in a disk-full message when the failing library does not."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not getattr(e, "filename", None):
+            e.filename = path
+        raise
+
+
 def _report(result: kinds.ConvertResult) -> None:
     for name, reason in result.skipped:
         click.echo(f"skipped {name} ({reason})", err=True)
@@ -496,7 +566,8 @@ def _to_command(target: str, example_src: str, example_dst: str) -> click.Comman
     @click.argument("dst", type=click.Path())
     @_common
     def command(src: str, dst: str, overwrite: bool, skip_unsupported: bool) -> None:
-        _report(kinds.convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
+        with _writing(dst):
+            _report(kinds.convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
     return command
 
@@ -520,7 +591,8 @@ def onnx_import(model: str, dst: str, to: str | None, overwrite: bool, skip_unsu
       ckptfmt convert onnx-import model.onnx weights.safetensors
       ckptfmt convert onnx-import model.onnx runs/from-onnx --to ckptfmt
     """
-    _report(kinds.onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
+    with _writing(dst):
+        _report(kinds.onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
 
 @convert.command("onnx-export", context_settings=_CONTEXT)
@@ -540,7 +612,8 @@ def onnx_export(src: str, model: str, out: str, allow_missing: bool, allow_unkno
     Example:
       ckptfmt convert onnx-export finetuned.safetensors model.onnx finetuned.onnx
     """
-    _report(kinds.onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
+    with _writing(out):
+        _report(kinds.onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
 
 
 def register_convert_command(command: click.Command) -> click.Command:

@@ -110,6 +110,12 @@ class OnnxSource(Source):
         t = self._onnx.TensorProto()
         t.CopyFrom(self._init(name))  # reading external data fills the proto; keep ours light
         try:
+            found = _check_initializer(self._onnx, self.path, self._base, t)
+        except Exception as e:  # noqa: BLE001 - onnx helpers on damaged protos raise anything
+            raise FormatError(f"{self.path}: initializer {name!r} is malformed ({type(e).__name__}: {_first_line(e)})") from e
+        if found is not None:  # outside the model's directory, missing, short: never read it
+            raise FormatError(found.message)
+        try:
             return numpy_helper.to_array(t, base_dir=self._base)
         except Exception as e:  # noqa: BLE001 - onnx on damaged protos raises TypeError, KeyError, ValueError...
             raise FormatError(f"{self.path}: initializer {name!r} cannot be read ({type(e).__name__}: {_first_line(e)}); the model is damaged") from e
@@ -178,8 +184,8 @@ def _check_initializer(onnx: Any, path: str, base: str, t: Any) -> Problem | Non
         ext = ExternalDataInfo(t)
         loc = ext.location or ""
         fp = os.path.normpath(os.path.join(base, loc))
-        if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep):
-            return Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory", file=path, tensor=t.name)
+        if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep) or os.path.islink(fp):
+            return Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory (or through a link); it is not read", file=path, tensor=t.name)
         if not os.path.isfile(fp):
             return Problem("missing_file", f"{path}: external data file {loc} of initializer {t.name!r} is missing", file=loc, tensor=t.name, offset=ext.offset)
         length = ext.length if ext.length is not None and ext.length > 0 else need

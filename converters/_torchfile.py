@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = ["TorchSource", "write_torch"]
 
+import io
 import os
 import pickle
 import re
@@ -344,4 +345,36 @@ def write_torch(path: str, tensors: dict[str, np.ndarray]) -> None:
     torch = _torch()
     from ckptfmt.adapters.torch import numpy_to_tensor
 
-    torch.save({name: numpy_to_tensor(np.asarray(a)) for name, a in tensors.items()}, path)
+    obj = {name: numpy_to_tensor(np.asarray(a)) for name, a in tensors.items()}
+    with open(path, "wb") as f:
+        sink = _Sink(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            # torch reports a failed write as "[enforce fail at inline_container.cc...]";
+            # the OSError our sink saw (ENOSPC, EIO...) is the real cause.
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+class _Sink(io.RawIOBase):
+    """A file for torch.save that remembers the OSError a write raised."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self._f = f
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()

@@ -795,21 +795,48 @@ def _target_kind(dst: str) -> str:
     return "ckptfmt"
 
 
+def _check_suffix(dst: str, target: str) -> None:
+    """Refuse a destination whose suffix names another kind: nobody could read it back as such."""
+    low = dst.lower().rstrip("/")
+    implied = next((k for suffix, k in _TARGET_BY_SUFFIX.items() if low.endswith(suffix)), None)
+    if implied is None and low.endswith(".onnx"):
+        implied = "onnx"
+    if implied is not None and implied != target:
+        raise ConversionError(
+            f"{dst}: the suffix says {implied} but the target is {target}; a {target} checkpoint under this "
+            f"name would be misread by every tool. Name it for what it is, or convert to {implied}"
+            + (f" (ckptfmt convert to-{implied})" if implied in ("safetensors", "torch") else "")
+        )
+
+
 def _check_dst(dst: str, overwrite: bool) -> None:
     if os.path.lexists(dst) and not overwrite:
+        from ckptfmt.converters._temps import clear_partial_checkpoint
+
+        if clear_partial_checkpoint(dst):
+            return  # what an interrupted save left: never a reason to refuse the rerun
         raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
 
 
 def _atomic_file(dst: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` and rename ``tmp`` to ``dst``: a failed write leaves no ``dst``."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    """Call ``write(tmp)`` and rename ``tmp`` to ``dst``: a failed write leaves no ``dst``.
+
+    ``tmp`` is ``.NAME.tmp-PID`` beside ``dst``; temporaries of ``dst`` left by processes that
+    no longer run (killed with SIGKILL, a power cut) are removed first. A full disk is
+    reported as such, naming ``dst``.
+    """
+    from ckptfmt.converters._temps import remove_stale_temporaries, temporary_name, wrap_write_error
+
+    remove_stale_temporaries(dst)
+    tmp = temporary_name(dst)
     try:
         write(tmp)
         os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise wrap_write_error(e, dst) from e
+    finally:
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        raise
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -924,6 +951,7 @@ def convert(
     target = to or _target_kind(d_path)
     if target not in ("ckptfmt", "safetensors", "torch"):
         raise ConversionError(f"cannot convert to {target!r}; targets: ckptfmt, safetensors, torch (onnx: onnx_export)")
+    _check_suffix(d_path, target)
     _check_dst(d_path, overwrite)
     with open_any(s_path, kind=src_kind) as s:
         keep, skipped = _plan(s, target, skip_unsupported)
