@@ -85,8 +85,10 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 @click.option("--exact-optimizer", is_flag=True, help="Target KerasAdam/KerasSGD/KerasRMSprop (identical updates) instead of stock torch.")
 @click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for 256 MiB or more).")
+@click.option("--root", default=None, metavar="NAME",
+              help="The attribute holding the model in tf.train.Checkpoint(NAME=model) (default: found; needed when several hold models).")
 def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, pairs: tuple[str, ...], no_optimizer: bool, dry_run: bool,
-             overwrite: bool, exact_optimizer: bool, optimizer_config: str | None, progress: bool | None) -> None:
+             overwrite: bool, exact_optimizer: bool, optimizer_config: str | None, progress: bool | None, root: str | None) -> None:
     """Convert a Keras (3 or tf.keras 2) TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
 
     \b
@@ -104,7 +106,7 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
     """
     report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
                                   exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
-                                  progress=progress, preset=preset, pairs=pairs_option(pairs))
+                                  progress=progress, preset=preset, pairs=pairs_option(pairs), root=root)
     _done(report, dry_run)
 
 

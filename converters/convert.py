@@ -71,7 +71,7 @@ from .mapping.layers import LAYER_CONVERTERS, KerasLayer, KerasWeight, find_flat
 from .mapping.rules import Mapping, Plan, Rename, TensorSpec
 from .optim.convert import KERAS_SLOTS, KerasOptimizerState, keras_to_torch_optimizer, torch_to_keras_optimizer
 from .tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, TFCheckpointWriter, update_state_file
-from .tf.object_graph import CheckpointObjectGraph, read_object_graph, split_object_path
+from .tf.object_graph import CheckpointObjectGraph, choose_roots, read_object_graph, split_object_path
 
 # Sub-objects of one Keras layer: their variables belong to the enclosing layer.
 _SUBOBJECTS = {
@@ -140,6 +140,7 @@ class KerasCheckpoint:
     also_iterations: tuple[str, ...] = ()
     also_learning_rate: tuple[str, ...] = ()
     loss_scale_keys: dict[str, str] = field(default_factory=dict)
+    root: str = "model"
 
     def specs(self) -> dict[str, TensorSpec]:
         """``{source key: TensorSpec}`` of the model's variables."""
@@ -243,14 +244,16 @@ def _rnn_kind(name: str, kernel: tuple[int, ...], units: int, bias: tuple[int, .
     )
 
 
-def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", optimizer_root: str = "optimizer",
+def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str | None = None, optimizer_root: str | None = None,
                           infer_layers: bool = True) -> KerasCheckpoint:
     """Resolve a Keras 3 TF checkpoint's keys through its object graph.
 
     Args:
         reader: the open checkpoint.
-        root: the name the model was saved under (``tf.train.Checkpoint(model=...)``).
-        optimizer_root: likewise for the optimizer.
+        root: the attribute the model was saved under (``tf.train.Checkpoint(net=...)``); by
+            default found from the object graph (an error lists the candidates when several
+            attributes hold models).
+        optimizer_root: likewise for the optimizer (found from the graph by default).
         infer_layers: infer each layer's kind (not needed with a mapping file).
 
     Raises:
@@ -263,6 +266,10 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         [('conv', 'Conv2D'), ('bn', 'BatchNormalization'), ('head', 'Dense')]
     """
     graph = read_object_graph(reader)
+    found_root, found_opt = choose_roots(graph, root, where=reader.prefix)
+    root, optimizer_root = found_root, optimizer_root or found_opt or "optimizer"
+    if root != "model":  # paths a user would name start at the model's own attribute
+        graph = CheckpointObjectGraph(graph.graph, graph.where, preferred_root=root)
     infos = graph.resolve()
     model_vars: dict[str, Any] = {}  # ckpt key -> info
     slot_keys: dict[str, dict[str, str]] = {}  # variable ckpt key -> {slot: ckpt key}
@@ -366,6 +373,7 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         other=tuple(other),
         graph=graph,
         problems=tuple(problems + [f"optimizer slots of {v} belong to no model variable" for v in slot_keys if v not in source]),
+        root=root,
     )
 
 
@@ -499,7 +507,7 @@ def preset_mapping(layers: Sequence[KerasLayer]) -> Mapping:
     return mapping
 
 
-def module_mapping(kc: KerasCheckpoint, root: str = "model") -> Mapping:
+def module_mapping(kc: KerasCheckpoint, root: str | None = None) -> Mapping:
     """The ``tf-module`` preset: each variable's object path becomes its torch key, as is.
 
     For checkpoints of plain ``tf.Module`` trees, whose variables have no Keras layer to say
@@ -512,6 +520,7 @@ def module_mapping(kc: KerasCheckpoint, root: str = "model") -> Mapping:
         >>> sorted(module_mapping(kc).plan(kc.specs()).target_specs)[:2]
         ['blocks.0.b', 'blocks.0.w']
     """
+    root = root or kc.root
     rules = []
     for source, ckey in kc.keys.items():
         info = kc.graph.info(ckey)
@@ -739,6 +748,7 @@ def tf_to_torch(
     preset: str = "keras",
     pairs: AbcMapping[str, str] | None = None,
     progress: bool | None = None,
+    root: str | None = None,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
 
@@ -773,9 +783,12 @@ def tf_to_torch(
             model-guided matching cannot tell apart (as listed in its error).
         progress: a progress bar over the bytes converted, on stderr (default: on a
             terminal, for conversions of 256 MiB or more).
+        root: the attribute of ``tf.train.Checkpoint(...)`` holding the model (``net`` for
+            ``tf.train.Checkpoint(net=model)``); found from the object graph by default.
 
     Raises:
-        ConversionError: unknown or ambiguous layers, unsupported optimizer options.
+        ConversionError: unknown or ambiguous layers, unsupported optimizer options, no
+            model or several in the checkpoint (without ``root``), nothing to convert.
         UnmappedKeyError: keys the mapping does not cover (all listed).
         CheckpointExistsError: ``dst`` exists (without ``overwrite``), or is a non-empty
             directory that is not a ckptfmt checkpoint.
@@ -791,8 +804,13 @@ def tf_to_torch(
     if not dry_run:  # an existing DST is refused before anything is read
         _convert_io.check_output(dst, _convert_io.output_kind(dst), overwrite, optimizer=False)
     with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and _preset(preset, model) == "keras")
+        kc = read_keras_checkpoint(reader, root=root, infer_layers=mapping is None and _preset(preset, model) == "keras")
         plan, notes = _plan(kc, model, example, mapping, strict, preset=preset, pairs=pairs)
+        if not plan.entries:  # never "wrote ... (0 tensors)"
+            raise ConversionError(
+                f"{src}: nothing to convert: no variable of {kc.root!r} maps to a torch tensor "
+                f"({len(kc.keys)} model variables read); check --root, --map or --preset"
+            )
         used = set(kc.keys.values())
         has_opt = bool(kc.slots) or kc.iterations_key is not None
         conv = None
