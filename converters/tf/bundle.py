@@ -23,7 +23,7 @@ import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -639,6 +639,36 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
                 f"{on_disk}; the index is corrupt"
             )
         return parts
+
+    def slice_parts(self, key: str) -> list[tuple[str, str, int, int, Callable[[], np.ndarray]]]:
+        """The stored slices of a partitioned variable, for checking one at a time.
+
+        Returns:
+            ``(label, shard path, byte offset, size, read)`` per slice, where ``label`` is
+            how a person names the slice (``emb[75:100, 0:8]``) and ``read()`` reads it,
+            checking its CRC32C (``IntegrityError``) and its bounds (``FormatError``).
+            Empty for a variable that is not partitioned.
+
+        Example:
+            >>> [p[0] for p in r.slice_parts("emb")]  # doctest: +SKIP
+            ['emb[0:4, 0:3]', 'emb[4:7, 0:3]', 'emb[7:10, 0:3]']
+        """
+        bkey = self._bkey(key)
+        e = self._entry(bkey)
+        out = []
+        for sl in e.slices:
+            skey = slice_key(bkey, sl)
+            index = tuple(
+                slice(0, dim) if length is None else slice(start, start + length)
+                for (start, length), dim in zip(sl, e.shape)
+            )
+            label = slice_name(key, index)
+            if skey not in self._raw:
+                raise FormatError(f"{self.index_path}: slice {label} has no data entry in the index; the checkpoint is incomplete")
+            se = self._entry(skey)
+            out.append((label, self.shard_path(se.shard_id), se.offset, se.size,
+                        lambda skey=skey, se=se: self._read_plain(skey, se)))
+        return out
 
     def read_all(self) -> dict[str, np.ndarray]:
         """Read every tensor into a dict ``{name: array}``.

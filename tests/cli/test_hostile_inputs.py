@@ -362,3 +362,21 @@ def test_signal_during_convert_cleans_up(make, tmp_path, sig, code):
     assert "interrupted" in err and "Traceback" not in err
     assert os.listdir(dst.parent) == []  # no temporary, no partial output
     assert run("convert", "to-safetensors", src, dst).exit_code == EXIT_OK  # the rerun just works
+
+
+def test_tf1_partitioned_variable_verify(make, helpers):
+    d = make.tf_fixture("v1_partitioned")
+    prefix = os.path.join(d, "model.ckpt-5")
+    report = kinds.verify_any(prefix)
+    assert report.ok and report.bytes_checked == 248 and report.chunks_checked == 7  # 3 + 2 slices, 2 plain
+    shard = prefix + ".data-00000-of-00002"
+    helpers.flip(shard, 150)  # inside emb's second slice, rows 4..7
+    r = run("verify", d)
+    assert r.exit_code == EXIT_FOUND
+    line = next(x for x in r.output.splitlines() if "hash_mismatch" in x)
+    assert "emb[4:7, 0:3]" in line and "data-00000-of-00002" in line and "offset=144" in line
+    helpers.flip(shard, 150)
+    helpers.truncate(shard, 170)
+    r = run("verify", d)
+    assert r.exit_code == EXIT_FOUND and "truncated_file" in r.output and "is truncated" in r.output
+    assert "emb[7:10, 0:3]" in r.output and "hash_mismatch" not in r.output
