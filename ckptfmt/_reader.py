@@ -93,6 +93,29 @@ class CheckpointReader:
         """The checkpoint's identity: the hash of its manifest body, as hex."""
         return self.manifest.hexdigest
 
+    @property
+    def content_digest(self) -> str:
+        """The checkpoint's content identity, as hex: same tensors and tree, same value.
+
+        Unlike :attr:`digest` (which covers the save time, producer and data file names),
+        this covers only the tree, each tensor's name, dtype and shape, and its chunk
+        hashes, all taken from the manifest (no data is read). Two saves of the same state
+        with the same ``chunk_size`` and hash algorithm (the defaults) have the same
+        content digest, whenever and wherever they were written, incremental or not.
+        Compare across formats with ``ckptfmt hash``.
+        """
+        import msgpack
+
+        m = self.manifest
+        h = get_hash("blake3")
+        parts = [b"ckptfmt-content-1", m.hash_alg.encode(), m.chunk_size.to_bytes(8, "little"), h.digest(m.tree_blob)]
+        for i in range(m.num_tensors):
+            e = m.tensor(i)
+            head = msgpack.packb([e.name, e.dtype, list(e.shape)], use_bin_type=True)
+            hashes = b"".join(m.chunk_hash(e.first_chunk + k) for k in range(e.num_chunks))
+            parts.append(h.digest(head + hashes))
+        return h.digest(b"".join(parts)).hex()
+
     def sharing(self) -> dict[str, Any]:
         """Where this checkpoint's data lies: its parent, chain depth, own and shared bytes.
 

@@ -268,6 +268,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     if len(meta) > _META_CHARS:  # e.g. a conversion report: one screen line, --json has it all
         meta = f"{meta[:_META_CHARS]}... ({len(meta)} characters; --json shows all)"
     for label, value in (("path", s.path), ("kind", s.kind), ("version", s.version or "-"), ("digest", s.digest or "-"),
+                         *((("content", f"{s.content_digest} (same tensors and tree, same value)"),) if s.content_digest else ()),
                          ("tensors", f"{s.count} ({_size(s.nbytes)}, {s.nbytes} bytes)"), ("metadata", meta)):
         click.echo(f"{label + ':':<10}{value}")
     if s.kind == "ckptfmt":
@@ -284,12 +285,19 @@ def inspect_cmd(path: str, as_json: bool) -> None:
             click.echo(line)
 
 
-def _verify_one(ctx: click.Context, path: str, progress: bool | None) -> dict[str, Any]:
+def _verify_one(ctx: click.Context, path: str, progress: bool | None, sums: str | None = None) -> dict[str, Any]:
     """One input's result: status ok/corrupt/unreadable, its report or its error."""
     kind = None
     try:
         kind = kinds.detect_kind(path)
         report = kinds.verify_any(path, kind=kind, progress=progress)
+        if sums is not None and report.readable:
+            from ckptfmt.converters.sums import verify_sums
+
+            checked = next(iter(verify_sums(sums, [path])))
+            problems = report.problems + checked.problems
+            report = dataclasses.replace(report, ok=report.ok and checked.ok, problems=problems, coverage="full",
+                                         bytes_checked=max(report.bytes_checked, checked.bytes_checked))
     except Exception as e:
         if _debug(ctx):
             raise
@@ -312,15 +320,18 @@ UNVERIFIABLE = "structure ok; contents not verifiable: no checksums in this form
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every input's report.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only problems (nothing when everything is intact).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for large inputs).")
+@click.option("--sums", type=click.Path(exists=True, dir_okay=False), default=None, metavar="SUMS",
+              help="Also check every tensor against SUMS (written by `ckptfmt hash`): for formats without checksums.")
 @click.pass_context
-def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: bool, progress: bool | None) -> None:
+def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: bool, progress: bool | None, sums: str | None) -> None:
     """Check checkpoints completely: the CI gate. Accepts any kind, several at once.
 
     ckptfmt: every chunk hash; TensorFlow: every CRC32C; torch: every zip CRC-32 and a
     weights-only load; safetensors: header and offsets (the format has no checksums);
     ONNX: onnx.checker and external data files.
 
-    Prints one line per problem, naming the file, tensor and byte offset.
+    Prints one line per problem, naming the file, tensor and byte offset. With --sums,
+    every tensor is also compared with the BLAKE3 digests `ckptfmt hash` recorded.
 
     \b
     Exit codes:
@@ -335,7 +346,11 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
       ckptfmt verify runs/ckpt-100 export/model.safetensors
       ckptfmt verify --quiet --json ckpts/* > verify.json
     """
-    results = [_verify_one(ctx, p, progress) for p in paths]
+    if sums is not None:
+        from ckptfmt.converters.sums import read_sums
+
+        read_sums(sums)  # a bad sums file is the command's error (exit 3), not the inputs'
+    results = [_verify_one(ctx, p, progress, sums) for p in paths]
     code = max(r["code"] for r in results)
     if as_json:
         out = [{**(r["report"].to_dict() if "report" in r else {}), **{k: v for k, v in r.items() if k != "report"}} for r in results]
@@ -423,6 +438,27 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: f
         verdict = "identical" if r.identical else "different"
         click.echo(f"{verdict}: {r.unchanged} same, {len(r.changed)} changed, {len(r.removed)} only in A, {len(r.added)} only in B")
     ctx.exit(EXIT_OK if r.identical else EXIT_FOUND)
+
+
+@main.command("hash", context_settings=_CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+def hash_cmd(paths: tuple[str, ...]) -> None:
+    """Print a BLAKE3 digest of every tensor of PATHS (any kind): a sums file for `verify --sums`.
+
+    The digest covers each tensor's dtype, shape and values as read, not the file's bytes:
+    the same tensors give the same sums in every kind and after any re-serialisation.
+    Write the output to a file and check it later (the formats without checksums:
+    safetensors, ONNX, legacy torch files).
+
+    \b
+    Example:
+      ckptfmt hash models/*.safetensors > SUMS
+      ckptfmt verify --sums SUMS models/*.safetensors
+    """
+    from ckptfmt.converters.sums import hash_checkpoint, write_sums
+
+    entries = [e for p in paths for e in hash_checkpoint(p)]  # every input read before anything is printed
+    write_sums(entries, sys.stdout)
 
 
 # ----------------------------------------------------------------------- convert

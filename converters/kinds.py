@@ -197,6 +197,12 @@ class Source(ABC):
         """A content identity, for kinds that record one (ckptfmt)."""
         return None
 
+    @property
+    def content_digest(self) -> str | None:
+        """Same tensors and tree, same value, whatever the save time or file names, for kinds
+        that record chunk hashes (ckptfmt); compare other kinds with ``ckptfmt hash``."""
+        return None
+
     def close(self) -> None:
         """Release open files. Arrays already returned stay valid."""
 
@@ -380,6 +386,10 @@ class CkptfmtSource(Source):
     def digest(self) -> str:
         return self._reader.digest
 
+    @property
+    def content_digest(self) -> str:
+        return self._reader.content_digest
+
     def close(self) -> None:
         self._reader.close()
 
@@ -552,6 +562,7 @@ class Summary:
     digest: str | None
     metadata: Any
     tensors: tuple[TensorInfo, ...]
+    content_digest: str | None = None
 
     @property
     def count(self) -> int:
@@ -568,6 +579,7 @@ class Summary:
             "kind": self.kind,
             "version": self.version,
             "digest": self.digest,
+            "content_digest": self.content_digest,
             "count": self.count,
             "nbytes": self.nbytes,
             "metadata": _jsonable(self.metadata),
@@ -600,7 +612,7 @@ def inspect_any(path: str | os.PathLike[str], *, kind: str | None = None) -> Sum
         ('safetensors', 12, 4096)
     """
     with open_any(path, kind=kind) as src:
-        return Summary(src.path, src.kind, src.version, src.digest, src.metadata, tuple(src.tensors()))
+        return Summary(src.path, src.kind, src.version, src.digest, src.metadata, tuple(src.tensors()), src.content_digest)
 
 
 def verify_any(path: str | os.PathLike[str], *, kind: str | None = None, progress: bool | None = None) -> VerifyReport:
