@@ -12,6 +12,8 @@ kind             what a path looks like                                         
 ``torch``        a ``.pt`` / ``.pth`` / ``.bin`` file written by ``torch.save``  torch
 ``safetensors``  a ``.safetensors`` file                                         --
 ``onnx``         a ``.onnx`` model (its initializers are the tensors)            onnx
+``safetensors-   a Hugging Face ``*.safetensors.index.json`` and its shards, or   --
+sharded``        the directory holding them: one checkpoint
 ===============  ==============================================================  =====
 
 Files without a known suffix are recognised by their first bytes (zip or pickle: torch;
@@ -87,7 +89,7 @@ from ckptfmt.format.dtypes import dtype_name
 from ckptfmt.format.spec import DATA_SUFFIX, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 
 #: Every kind, in detection order.
-KINDS: tuple[str, ...] = ("ckptfmt", "tf", "torch", "safetensors", "onnx")
+KINDS: tuple[str, ...] = ("ckptfmt", "tf", "torch", "safetensors", "onnx", "safetensors-sharded")
 
 #: File suffixes of torch.save files.
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -100,6 +102,7 @@ _SOURCES: dict[str, str] = {
     "torch": "ckptfmt.converters._torchfile:TorchSource",
     "safetensors": "ckptfmt.converters._safetensors:SafetensorsSource",
     "onnx": "ckptfmt.converters._onnx:OnnxSource",
+    "safetensors-sharded": "ckptfmt.converters._hfshards:ShardedSafetensorsSource",
 }
 
 # Where a converted checkpoint goes, by the destination's suffix (anything else: ckptfmt).
@@ -277,6 +280,8 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
             return "tf"
         if any(n.endswith(DATA_SUFFIX) or n.startswith(MANIFEST_TMP_PREFIX) for n in names):
             return "ckptfmt"  # an incomplete ckptfmt checkpoint; opening it says so
+        if sum(n.endswith(".safetensors.index.json") for n in names) == 1:
+            return "safetensors-sharded"  # a Hugging Face model directory
         prefixes = sorted(n[: -len(".index")] for n in names if n.endswith(".index"))
         if prefixes:
             raise FormatError(
@@ -289,6 +294,8 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
         )
     if os.path.isfile(p):
         low = p.lower()
+        if low.endswith(".safetensors.index.json"):
+            return "safetensors-sharded"
         if low.endswith(".index") or _TF_SHARD.search(p):
             return "tf"
         if low.endswith(".safetensors"):
