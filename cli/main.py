@@ -11,6 +11,7 @@ Exit codes, for every command:
 2    usage error: a bad option or argument (click's own code)
 3    an input could not be checked or the command failed: not found, not a
      supported kind, a framework (torch, onnx) missing, a conversion refused
+130  interrupted by Ctrl-C (143: SIGTERM); temporaries are removed first
 ===  =======================================================================
 
 Why 3 and not 2: click already exits with 2 on usage errors, and a CI gate has to tell
@@ -33,6 +34,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import signal
 import sys
 from typing import Any, Callable, Iterator
@@ -232,6 +234,7 @@ def main(debug: bool) -> None:
       1  verify: corruption found; diff: the inputs differ
       2  usage error (bad option or argument)
       3  an input is missing, unreadable or unsupported, or the command failed
+      130  interrupted (Ctrl-C; 143: SIGTERM), temporaries removed
 
     \b
     Example:
@@ -311,6 +314,22 @@ def _verify_one(ctx: click.Context, path: str, progress: bool | None, sums: str 
     return {"path": path, "kind": kind, "status": status, "code": code, "report": report}
 
 
+def _checkpoints_in(path: str) -> list[str]:
+    """The checkpoints of a directory of checkpoints (a CheckpointManager's), in step order.
+
+    Empty when ``path`` is itself a checkpoint of some kind, or holds none.
+    """
+    if not os.path.isdir(path) or os.path.islink(path):
+        return []
+    names = os.listdir(path)
+    if "MANIFEST" in names or "checkpoint" in names or any(n.endswith(".safetensors.index.json") for n in names):
+        return []
+    kids = [n for n in names if os.path.isdir(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n))
+            and os.path.isfile(os.path.join(path, n, "MANIFEST"))]
+    key = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]  # noqa: E731 - step-9 before step-10
+    return [os.path.join(path, n) for n in sorted(kids, key=key)]
+
+
 #: What ``verify`` says of a kind whose format records no checksums of the data.
 UNVERIFIABLE = "structure ok; contents not verifiable: no checksums in this format"
 
@@ -330,6 +349,7 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
     weights-only load; safetensors: header and offsets (the format has no checksums);
     ONNX: onnx.checker and external data files.
 
+    A directory of checkpoints (a CheckpointManager's) means every checkpoint in it.
     Prints one line per problem, naming the file, tensor and byte offset. With --sums,
     every tensor is also compared with the BLAKE3 digests `ckptfmt hash` recorded.
 
@@ -350,6 +370,7 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
         from ckptfmt.converters.sums import read_sums
 
         read_sums(sums)  # a bad sums file is the command's error (exit 3), not the inputs'
+    paths = tuple(c for p in paths for c in (_checkpoints_in(p) or [p]))
     results = [_verify_one(ctx, p, progress, sums) for p in paths]
     code = max(r["code"] for r in results)
     if as_json:

@@ -380,3 +380,18 @@ def test_tf1_partitioned_variable_verify(make, helpers):
     r = run("verify", d)
     assert r.exit_code == EXIT_FOUND and "truncated_file" in r.output and "is truncated" in r.output
     assert "emb[7:10, 0:3]" in r.output and "hash_mismatch" not in r.output
+
+
+def test_verify_of_a_checkpoint_manager_directory(tmp_path, helpers):
+    from ckptfmt.manager import CheckpointManager
+
+    with CheckpointManager(str(tmp_path / "runs"), max_to_keep=5) as mgr:
+        for step in (9, 10, 11):
+            mgr.save(step, {"w": np.full(4, step, np.float32)}, force=True)
+    r = run("verify", tmp_path / "runs")
+    assert r.exit_code == EXIT_OK, r.output
+    assert "3 of 3 intact" in r.output and r.output.index("step-9") < r.output.index("step-10")
+    data = next(f for f in sorted(os.listdir(tmp_path / "runs" / "step-10")) if f.endswith(".data"))
+    helpers.flip(tmp_path / "runs" / "step-10" / data, 0)
+    r = run("verify", tmp_path / "runs")
+    assert r.exit_code == EXIT_FOUND and "step-10" in r.output and "2 of 3 intact" in r.output
