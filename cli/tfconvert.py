@@ -104,9 +104,14 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
       ckptfmt convert tf2torch runs/ckpt-3 weights.safetensors --no-optimizer --dry-run
       ckptfmt convert tf2torch runs/ckpt-3 torch-ckpt/step-3 --model models.py:make_torch_model
     """
-    report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
-                                  exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
-                                  progress=progress, preset=preset, pairs=pairs_option(pairs), root=root)
+    from ckptfmt.cli.main import _writing
+    from ckptfmt.converters._temps import remove_stale_temporaries
+
+    remove_stale_temporaries(dst)
+    with _writing(dst):
+        report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
+                                      exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
+                                      progress=progress, preset=preset, pairs=pairs_option(pairs), root=root)
     _done(report, dry_run)
 
 
@@ -132,7 +137,10 @@ def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str 
     Example:
       ckptfmt convert torch2tf resumed.pt out/ckpt-1 --template runs/ckpt-3 --model models.py:make_torch_model
     """
-    report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
-                                  dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
-                                  preset=preset, pairs=pairs_option(pairs))
+    from ckptfmt.cli.main import _writing
+
+    with _writing(dst):
+        report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
+                                      dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
+                                      preset=preset, pairs=pairs_option(pairs))
     _done(report, dry_run)

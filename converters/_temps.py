@@ -2,8 +2,9 @@
 
 A destination ``DIR/NAME`` is written as ``DIR/.NAME.tmp-PID`` and renamed into place. A
 process killed with SIGKILL cannot remove its temporary; the next write of the same
-destination removes every ``.NAME.tmp-PID`` whose process no longer exists (only that
-exact pattern, only regular files, only in ``DIR``: nothing ckptfmt did not create).
+destination removes every ``.NAME.tmp-PID`` (and ``NAME.tmp-PID``, tf2torch's older
+spelling) whose process no longer exists (only those exact patterns, only regular files,
+only in ``DIR``: nothing ckptfmt did not create).
 
 Example:
     >>> temporary_name("/tmp/out.pt").startswith("/tmp/.out.pt.tmp-")
@@ -51,7 +52,8 @@ def stale_temporaries(dst: str) -> list[str]:
         []
     """
     d, name = os.path.split(os.path.abspath(dst))
-    pattern = re.compile(rf"\.{re.escape(name)}\.tmp-(\d+)")
+    # ".NAME.tmp-PID" (kinds, _convert_io) and "NAME.tmp-PID" (tf2torch's torch file)
+    pattern = re.compile(rf"\.?{re.escape(name)}\.tmp-(\d+)")
     try:
         entries = os.listdir(d)
     except OSError:

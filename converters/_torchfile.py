@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["TorchSource", "write_torch"]
+__all__ = ["TorchSource", "write_torch", "save_to"]
 
 import io
 import os
@@ -347,15 +347,23 @@ def write_torch(path: str, tensors: dict[str, np.ndarray]) -> None:
 
     obj = {name: numpy_to_tensor(np.asarray(a)) for name, a in tensors.items()}
     with open(path, "wb") as f:
-        sink = _Sink(f)
-        try:
-            torch.save(obj, sink)
-        except RuntimeError:
-            # torch reports a failed write as "[enforce fail at inline_container.cc...]";
-            # the OSError our sink saw (ENOSPC, EIO...) is the real cause.
-            if sink.error is not None:
-                raise sink.error from None
-            raise
+        save_to(obj, f)
+
+
+def save_to(obj: Any, f: Any) -> None:
+    """``torch.save(obj, f)`` to an open binary file, raising the OSError a write met.
+
+    torch reports a failed write as ``[enforce fail at inline_container.cc...]``; the
+    OSError (ENOSPC, EIO...) the file raised is the real cause, and is raised instead.
+    """
+    torch = _torch()
+    sink = _Sink(f)
+    try:
+        torch.save(obj, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
 
 
 class _Sink(io.RawIOBase):

@@ -929,7 +929,9 @@ def _write_torch(dst: str, weights: dict[str, np.ndarray], model: Any, conv: Any
     out["conversion_report"] = report.table()
     try:
         with open(tmp, "wb") as f:
-            torch.save(out, f)
+            from ._torchfile import save_to
+
+            save_to(out, f)  # a full disk surfaces as OSError(ENOSPC), not torch's enforce message
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)

@@ -395,3 +395,28 @@ def test_verify_of_a_checkpoint_manager_directory(tmp_path, helpers):
     helpers.flip(tmp_path / "runs" / "step-10" / data, 0)
     r = run("verify", tmp_path / "runs")
     assert r.exit_code == EXIT_FOUND and "step-10" in r.output and "2 of 3 intact" in r.output
+
+
+@pytest.mark.torch
+def test_tf2torch_disk_full_and_stale_temporaries(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "fixtures" / "examples" / "cnn_adam"
+    dst = tmp_path / "w.pt"
+    stale = tmp_path / f"w.pt.tmp-{_dead_pid()}"  # what a SIGKILLed tf2torch left
+    stale.write_bytes(b"x" * 100)
+    import ckptfmt.converters._torchfile as tfm
+
+    real = tfm._Sink.write
+
+    def full(self, b):
+        self.error = OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
+
+    monkeypatch.setattr(tfm._Sink, "write", full)
+    r = run("convert", "tf2torch", example, dst, "--no-optimizer")
+    assert r.exit_code == EXIT_ERROR and f"disk full (ENOSPC) writing {dst}" in r.output, r.output
+    assert "inline_container" not in r.output and os.listdir(tmp_path) == []
+    monkeypatch.setattr(tfm._Sink, "write", real)
+    assert run("convert", "tf2torch", example, dst, "--no-optimizer").exit_code == EXIT_OK
