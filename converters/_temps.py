@@ -52,7 +52,7 @@ def stale_temporaries(dst: str) -> list[str]:
         []
     """
     d, name = os.path.split(os.path.abspath(dst))
-    # ".NAME.tmp-PID" (kinds, _convert_io) and "NAME.tmp-PID" (tf2torch's torch file)
+    # ".NAME.tmp-PID" (sources.base.atomic_file, keras.outputs) and "NAME.tmp-PID" (tf2torch's torch file)
     pattern = re.compile(rf"\.?{re.escape(name)}\.tmp-(\d+)")
     try:
         entries = os.listdir(d)

@@ -256,8 +256,8 @@ def test_disk_full_is_named_and_leaves_nothing(make, tmp_path, monkeypatch, cmd,
     monkeypatch.setattr(local.os, "write", _enospc)  # ckptfmt's own writer
     monkeypatch.setattr(local.os, "pwrite", _enospc, raising=False)
     monkeypatch.setattr(local.os, "writev", _enospc, raising=False)
-    import ckptfmt.converters._safetensors as sfm
-    import ckptfmt.converters._torchfile as tfm
+    import ckptfmt.converters.sources.safetensors as sfm
+    import ckptfmt.converters.sources.torch as tfm
 
     class Full:
         def __init__(self, *a, **k):
@@ -325,7 +325,7 @@ def test_partial_ckptfmt_output_does_not_block_a_rerun(make, tmp_path):
 
 _SLOW_CONVERT = """
 import sys, time
-import ckptfmt.converters._safetensors as s
+import ckptfmt.converters.sources.safetensors as s
 real = s.write_safetensors
 def slow(path, tensors, metadata=None):
     def late(get):
@@ -406,7 +406,7 @@ def test_tf2torch_disk_full_and_stale_temporaries(tmp_path, monkeypatch):
     dst = tmp_path / "w.pt"
     stale = tmp_path / f"w.pt.tmp-{_dead_pid()}"  # what a SIGKILLed tf2torch left
     stale.write_bytes(b"x" * 100)
-    import ckptfmt.converters._torchfile as tfm
+    import ckptfmt.converters.sources.torch as tfm
 
     real = tfm._Sink.write
 

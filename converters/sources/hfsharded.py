@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.converters._safetensors import SafetensorsSource
-from ckptfmt.converters.kinds import Source, TensorInfo, _make_report
+from .base import Source, TensorInfo, make_report
+from .safetensors import SafetensorsSource
 from ckptfmt.errors import CheckpointNotFoundError, FormatError, TensorNotFoundError
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -88,6 +88,11 @@ class ShardedSafetensorsSource(Source):
                 extra = sorted(held - listed)
                 raise FormatError(f"{src.path}: holds {len(extra)} tensor(s) the index does not list: {', '.join(map(repr, extra[:10]))}; the index is stale")
 
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        """A ``*.safetensors.index.json`` file, or a directory holding exactly one."""
+        return find_index(path) is not None
+
     def _shard(self, shard: str) -> SafetensorsSource:
         src = self._shards.get(shard)
         if src is None:
@@ -136,7 +141,7 @@ class ShardedSafetensorsSource(Source):
         try:
             wm, meta = _read_index(index)
         except FormatError as e:
-            return _make_report(path, [Problem("unreadable", str(e), file=index)], t0, readable=False)
+            return make_report(path, [Problem("unreadable", str(e), file=index)], t0, readable=False)
         base = os.path.dirname(os.path.abspath(index))
         problems: list[Problem] = []
         tensors = checked = nbytes = 0
@@ -164,5 +169,5 @@ class ShardedSafetensorsSource(Source):
         total = meta.get("total_size") if isinstance(meta, dict) else None
         if isinstance(total, int) and not problems and total != nbytes:
             problems.append(Problem("size_mismatch", f"{index} records total_size {total} but the shards hold {nbytes} bytes of tensors", "warning", file=os.path.basename(index)))
-        return _make_report(path, problems, t0, tensors=tensors, checked=checked, nbytes=nbytes,
+        return make_report(path, problems, t0, tensors=tensors, checked=checked, nbytes=nbytes,
                             version=f"{len(set(wm.values()))} shards", coverage="structure")

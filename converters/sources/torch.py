@@ -11,14 +11,14 @@ flipped bit inside tensor data loads silently; :meth:`TorchSource.verify` checks
 CRCs itself and traces a corrupted member back to the tensors stored in it.
 
 Example:
-    >>> from ckptfmt.converters._torchfile import TorchSource
+    >>> from ckptfmt.converters.sources.torch import TorchSource
     >>> with TorchSource("pytorch_model.bin") as src:  # doctest: +SKIP
     ...     src.info("embed.weight")
 """
 
 from __future__ import annotations
 
-__all__ = ["TorchSource", "write_torch", "save_to"]
+__all__ = ["TORCH_SUFFIXES", "TorchSource", "write_torch", "save_to"]
 
 import io
 import os
@@ -31,9 +31,13 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.converters.kinds import Source, TensorInfo, _first_line, _make_report
 from ckptfmt.errors import CheckpointNotFoundError, FormatError, FrameworkNotAvailableError, TensorNotFoundError
 from ckptfmt.format.tree import PLAIN_TYPES
+
+from .base import Source, TensorInfo, first_line, make_report
+
+#: File suffixes of torch.save files.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _READ_BLOCK = 4 << 20
@@ -81,7 +85,7 @@ def _flatten(obj: Any, torch: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 _SAFETENSORS_HINT = "it is a safetensors file: rename it to .safetensors"
 
 
-def sniff(path: str) -> str | None:
+def file_layout(path: str) -> str | None:
     """What a would-be torch file is, from its first bytes: ``"zip"``, ``"pickle"`` or None.
 
     None means it is neither of the two layouts ``torch.save`` writes; :func:`not_torch_reason`
@@ -140,7 +144,7 @@ def _load_error(path: str, e: BaseException) -> FormatError:
             f"containers{cause}; ckptfmt never unpickles arbitrary objects. Re-save only the tensors "
             "(torch.save(model.state_dict(), ...)) or export a .safetensors file"
         )
-    return FormatError(f"{path}: not a readable torch file: {_first_line(e)}")
+    return FormatError(f"{path}: not a readable torch file: {first_line(e)}")
 
 
 def view_problems(path: str, tensors: dict[str, Any]) -> list[tuple[str, str]]:
@@ -173,7 +177,7 @@ class TorchSource(Source):
         torch = _torch()
         if not os.path.isfile(path):
             raise CheckpointNotFoundError(f"no torch file at {path}")
-        if sniff(path) is None:
+        if file_layout(path) is None:
             raise FormatError(not_torch_reason(path))
         try:
             try:
@@ -189,6 +193,16 @@ class TorchSource(Source):
         if bad:
             raise FormatError(bad[0][1] + (f" ({len(bad) - 1} more such tensors)" if len(bad) > 1 else ""))
         self._version = _archive_version(path)
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        """A file named ``.pt``, ``.pth`` or ``.bin``."""
+        return os.path.isfile(path) and path.lower().endswith(TORCH_SUFFIXES)
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        """A zip archive (torch >= 1.6) or a legacy pickle."""
+        return head[:4] == _ZIP_MAGIC or head[:1] == b"\x80"
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -228,10 +242,10 @@ class TorchSource(Source):
         if not os.path.isfile(path):
             raise CheckpointNotFoundError(f"no torch file at {path}")
         problems: list[Problem] = []
-        layout = sniff(path)
+        layout = file_layout(path)
         if layout is None:
             problems.append(Problem("unreadable", not_torch_reason(path), file=path, offset=0))
-            return _make_report(path, problems, t0, readable=False)
+            return make_report(path, problems, t0, readable=False)
         is_zip = layout == "zip"
         checked = nbytes = 0
         bad_members: list[tuple[zipfile.ZipInfo, int]] = []
@@ -241,8 +255,8 @@ class TorchSource(Source):
             try:
                 zf = zipfile.ZipFile(path)
             except Exception as e:  # noqa: BLE001 - see above
-                problems.append(Problem("truncated_file", f"{path}: the zip archive cannot be opened ({type(e).__name__}: {_first_line(e)}); the file is truncated or damaged", file=path))
-                return _make_report(path, problems, t0)
+                problems.append(Problem("truncated_file", f"{path}: the zip archive cannot be opened ({type(e).__name__}: {first_line(e)}); the file is truncated or damaged", file=path))
+                return make_report(path, problems, t0)
             size = os.path.getsize(path)
             with zf, open(path, "rb") as raw:
                 infos = zf.infolist()
@@ -261,28 +275,28 @@ class TorchSource(Source):
                         bad_members.append((info, off))
                         problems.append(Problem(kind, f"{path}: archive member {info.filename} (bytes {off}..{off + info.compress_size}) fails its CRC-32 check; the file is corrupted", file=path, offset=off))
                     except (OSError, EOFError) as e:
-                        problems.append(Problem("truncated_file", f"{path}: archive member {info.filename} at byte {off} cannot be read ({_first_line(e)})", file=path, offset=off))
+                        problems.append(Problem("truncated_file", f"{path}: archive member {info.filename} at byte {off} cannot be read ({first_line(e)})", file=path, offset=off))
                     except Exception as e:  # noqa: BLE001 - zipfile on damaged bytes, as above
-                        problems.append(Problem("unreadable", f"{path}: archive member {info.filename!r} at byte {off} cannot be read ({type(e).__name__}: {_first_line(e)}); the file is damaged", file=path, offset=off))
+                        problems.append(Problem("unreadable", f"{path}: archive member {info.filename!r} at byte {off} cannot be read ({type(e).__name__}: {first_line(e)}); the file is damaged", file=path, offset=off))
                     checked += 1
                     nbytes += max(0, info.file_size)
                     bar.update(max(0, info.file_size))
                 bar.close()
             if any(p.kind != "hash_mismatch" for p in problems):
-                return _make_report(path, problems, t0, checked=checked, nbytes=nbytes)
+                return make_report(path, problems, t0, checked=checked, nbytes=nbytes)
         try:
             obj = _load(path, mmap=False)
             tensors, _ = _flatten(obj, torch)
         except Exception as e:  # noqa: BLE001 - torch.load on untrusted bytes raises anything
             problems.append(Problem("unreadable", str(_load_error(path, e)), file=path))
-            return _make_report(path, problems, t0, checked=checked, nbytes=nbytes)
+            return make_report(path, problems, t0, checked=checked, nbytes=nbytes)
         if bad_members:
             problems = _name_tensors(path, problems, bad_members, tensors, torch)
         for name, message in view_problems(path, tensors):
             problems.append(Problem("expanded_view", message, file=path, tensor=name))
         if not is_zip:
             checked, nbytes = len(tensors), sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors.values())
-        return _make_report(path, problems, t0, tensors=len(tensors), checked=checked, nbytes=nbytes,
+        return make_report(path, problems, t0, tensors=len(tensors), checked=checked, nbytes=nbytes,
                             version=_archive_version(path), coverage="full" if is_zip else "structure")
 
 
