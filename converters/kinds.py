@@ -12,6 +12,8 @@ kind             what a path looks like                                         
 ``torch``        a ``.pt`` / ``.pth`` / ``.bin`` file written by ``torch.save``  torch
 ``safetensors``  a ``.safetensors`` file                                         --
 ``onnx``         a ``.onnx`` model (its initializers are the tensors)            onnx
+``safetensors-   a Hugging Face ``*.safetensors.index.json`` and its shards, or   --
+sharded``        the directory holding them: one checkpoint
 ===============  ==============================================================  =====
 
 Files without a known suffix are recognised by their first bytes (zip or pickle: torch;
