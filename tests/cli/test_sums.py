@@ -96,3 +96,12 @@ def test_content_digest_ignores_time_names_and_incremental_layout(tmp_path):
     r = run("inspect", paths[1])
     assert f"content:  {readers[0].content_digest}" in r.output
     assert json.loads(run("inspect", "--json", paths[2]).output)["content_digest"] == readers[0].content_digest
+
+
+def test_sums_of_a_structurally_damaged_file_is_corrupt_not_unreadable(make, tmp_path):
+    st = make.safetensors()
+    (tmp_path / "SUMS").write_text(run("hash", st).output)
+    with open(st, "r+b") as f:
+        f.truncate(os.path.getsize(st) - 4)
+    r = run("verify", "--sums", tmp_path / "SUMS", st)
+    assert r.exit_code == EXIT_FOUND and "truncated" in r.output and "ckptfmt verify" not in r.output
