@@ -420,3 +420,38 @@ def test_tf2torch_disk_full_and_stale_temporaries(tmp_path, monkeypatch):
     assert "inline_container" not in r.output and os.listdir(tmp_path) == []
     monkeypatch.setattr(tfm._Sink, "write", real)
     assert run("convert", "tf2torch", example, dst, "--no-optimizer").exit_code == EXIT_OK
+
+
+_SLOW_SAVE = """
+import sys, time
+import ckptfmt._writer as w
+real = w._write_tensor
+def slow(*a, **k):
+    real(*a, **k)
+    open(sys.argv[-1] + ".started", "w").close()
+    time.sleep(60)
+w._write_tensor = slow
+from ckptfmt.cli.main import main
+sys.argv = ["ckptfmt"] + sys.argv[1:]
+main()
+"""
+
+
+def test_ctrl_c_during_to_ckptfmt_leaves_no_directory(make, tmp_path):
+    src = make.safetensors()
+    dst = tmp_path / "out" / "ck"
+    dst.parent.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, "convert", "to-ckptfmt", src, str(dst)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = str(dst) + ".started"
+    deadline = time.time() + 60
+    while not os.path.exists(marker) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert os.path.exists(marker), p.communicate()
+    os.remove(marker)
+    assert dst.is_dir() and os.listdir(dst)  # data is being written
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert os.listdir(dst.parent) == []  # no data file, no empty directory: the rerun is a plain save
+    assert run("convert", "to-ckptfmt", src, dst).exit_code == EXIT_OK
