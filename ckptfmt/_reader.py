@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ckptfmt._pool import pool
-from ckptfmt.errors import CheckpointNotFoundError, IntegrityError, TensorNotFoundError
+from ckptfmt.errors import CheckpointNotFoundError, FormatError, IntegrityError, TensorNotFoundError
 from ckptfmt.format.hashing import get_hash
 from ckptfmt.format.manifest import Manifest, TensorEntry, decode_manifest, parent_depth
 from ckptfmt.format.spec import LIMITS, MANIFEST_NAME
@@ -37,6 +37,14 @@ def read_manifest(path: str, storage: Storage, *, check_hash: bool = True) -> Ma
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{path} is a file, not a ckptfmt checkpoint directory") from None
     return decode_manifest(data, where=mpath, check_hash=check_hash)
+
+
+def symlink_message(fpath: str) -> str:
+    """Why a data file that is a symbolic link is refused (its target is never looked at)."""
+    return (
+        f"data file {fpath} is a symbolic link; ckptfmt does not follow links out of a checkpoint "
+        "(spec section 'Files'): replace the link with the file itself"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,29 @@ class CheckpointReader:
     def digest(self) -> str:
         """The checkpoint's identity: the hash of its manifest body, as hex."""
         return self.manifest.hexdigest
+
+    @property
+    def content_digest(self) -> str:
+        """The checkpoint's content identity, as hex: same tensors and tree, same value.
+
+        Unlike :attr:`digest` (which covers the save time, producer and data file names),
+        this covers only the tree, each tensor's name, dtype and shape, and its chunk
+        hashes, all taken from the manifest (no data is read). Two saves of the same state
+        with the same ``chunk_size`` and hash algorithm (the defaults) have the same
+        content digest, whenever and wherever they were written, incremental or not.
+        Compare across formats with ``ckptfmt hash``.
+        """
+        import msgpack
+
+        m = self.manifest
+        h = get_hash("blake3")
+        parts = [b"ckptfmt-content-1", m.hash_alg.encode(), m.chunk_size.to_bytes(8, "little"), h.digest(m.tree_blob)]
+        for i in range(m.num_tensors):
+            e = m.tensor(i)
+            head = msgpack.packb([e.name, e.dtype, list(e.shape)], use_bin_type=True)
+            hashes = b"".join(m.chunk_hash(e.first_chunk + k) for k in range(e.num_chunks))
+            parts.append(h.digest(head + hashes))
+        return h.digest(b"".join(parts)).hex()
 
     def sharing(self) -> dict[str, Any]:
         """Where this checkpoint's data lies: its parent, chain depth, own and shared bytes.
@@ -146,6 +177,8 @@ class CheckpointReader:
             if h is None:
                 fe = self.manifest.files[file_index]
                 fpath = self.storage.join(self.path, fe.path)
+                if self.storage.islink(fpath):
+                    raise FormatError(symlink_message(fpath))
                 try:
                     h = self.storage.open_read(fpath)
                 except FileNotFoundError:

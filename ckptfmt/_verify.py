@@ -10,7 +10,7 @@ import numpy as np
 
 from ckptfmt._pool import pool, workers
 from ckptfmt._progress import progress_bar
-from ckptfmt._reader import read_manifest
+from ckptfmt._reader import read_manifest, symlink_message
 from ckptfmt.errors import CheckpointNotFoundError, FormatError
 from ckptfmt.format.hashing import get_hash
 from ckptfmt.format.spec import MANIFEST_NAME, MANIFEST_TMP_PREFIX, STORE_NAME
@@ -50,6 +50,12 @@ class VerifyReport:
     bytes_checked: int
     seconds: float
     problems: tuple[Problem, ...] = field(default_factory=tuple)
+    #: False when the input is not a checkpoint of its kind at all (wrong magic, not the
+    #: format its name says): the CLI reports it as unreadable (exit 3), not corrupt (exit 1).
+    readable: bool = True
+    #: What the kind's checks can vouch for: "full" (every byte is covered by a checksum) or
+    #: "structure" (headers and offsets only: the format records no checksums of the data).
+    coverage: str = "full"
 
     @property
     def errors(self) -> list[Problem]:
@@ -99,6 +105,10 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
     usable = [True] * len(m.files)
     for i, fe in enumerate(m.files):
         fpath = storage.join(path, fe.path)
+        if storage.islink(fpath):
+            problems.append(Problem("unreadable", symlink_message(fpath), file=fe.path))
+            usable[i] = False
+            continue
         try:
             size = storage.size(fpath)
         except FileNotFoundError:

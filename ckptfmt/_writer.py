@@ -468,6 +468,11 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
                 storage.rmdir(path)  # only if empty: nothing of anyone else's is touched
             except OSError:
                 pass
+        if created:  # a failed save to a new path leaves no empty directory behind
+            try:
+                storage.rmdir(path)
+            except OSError:
+                pass
         if isinstance(exc, OSError) and not isinstance(exc, CkptFmtError):
             raise storage_error(exc, path, "saving checkpoint") from exc
         raise

@@ -11,6 +11,7 @@ Exit codes, for every command:
 2    usage error: a bad option or argument (click's own code)
 3    an input could not be checked or the command failed: not found, not a
      supported kind, a framework (torch, onnx) missing, a conversion refused
+130  interrupted by Ctrl-C (143: SIGTERM); temporaries are removed first
 ===  =======================================================================
 
 Why 3 and not 2: click already exits with 2 on usage errors, and a CI gate has to tell
@@ -27,12 +28,15 @@ from __future__ import annotations
 
 __all__ = ["main", "convert", "register_convert_command", "CONVERT_COMMANDS", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE", "EXIT_ERROR"]
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -74,6 +78,9 @@ def _debug(ctx: click.Context | None) -> bool:
 
 def _message(e: BaseException) -> str:
     text = " ".join(str(e).split())
+    if isinstance(e, OSError) and getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        where = getattr(e, "filename", None) or "the output"
+        return f"disk full ({errno.errorcode[e.errno]}) writing {where}"
     if isinstance(e, KeyError) and not isinstance(e, CkptFmtError):
         text = text.strip("'\"")
     if isinstance(e, CkptFmtError) or isinstance(e, OSError):
@@ -81,7 +88,7 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _hint(e: BaseException) -> str:
+def _hint(e: BaseException, command: str | None = None) -> str:
     if isinstance(e, FrameworkNotAvailableError):
         return "install the extra named above, or use a checkpoint kind that does not need it"
     if isinstance(e, CheckpointNotFoundError):
@@ -95,6 +102,12 @@ def _hint(e: BaseException) -> str:
         return "names must match exactly; compare them with `ckptfmt inspect`"
     if isinstance(e, ConversionError):
         return "see `ckptfmt convert --help` for the options that relax a conversion"
+    if isinstance(e, OSError) and getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space (or write to another disk) and run the command again; nothing was left half-written"
+    if command == "verify":  # the user just ran verify: point at the input, not at verify
+        if isinstance(e, FormatError):
+            return "the input is damaged or not the kind its name says; restore it from a good copy or check what wrote it"
+        return _DEBUG_HINT
     if isinstance(e, IntegrityError):
         return "run `ckptfmt verify PATH` for a full report, then restore the checkpoint from a good copy"
     if isinstance(e, FormatError):
@@ -102,21 +115,52 @@ def _hint(e: BaseException) -> str:
     return _DEBUG_HINT
 
 
-def _error_lines(e: BaseException) -> tuple[str, str]:
-    hint = _hint(e)
+def _error_lines(e: BaseException, command: str | None = None) -> tuple[str, str]:
+    hint = _hint(e, command)
     if hint != _DEBUG_HINT:
         hint = f"{hint}; {_DEBUG_HINT}"
     return f"error: {_message(e)}", f"hint: {hint}"
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup handler runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 class _Main(click.Group):
-    """The root group: turns library errors into one line, a hint and exit code 3."""
+    """The root group: turns library errors into one line, a hint and exit code 3.
+
+    ``--debug`` is accepted anywhere before ``--`` (``ckptfmt verify x --debug`` too). Ctrl-C
+    and SIGTERM unwind normally, so temporaries are removed, and exit 130 / 143.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end] and args[:1] != ["--debug"]:
+            i = args.index("--debug", 1)
+            args = ["--debug", *args[:i], *args[i + 1 :]]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = None
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except (ValueError, OSError):  # not the main thread (e.g. a test runner's worker)
+            pass
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (click.exceptions.ClickException, click.exceptions.Exit):
             raise
+        except (KeyboardInterrupt, click.exceptions.Abort) as e:
+            term = isinstance(e, _Terminated)
+            click.echo(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}); nothing was left half-written", err=True)
+            raise click.exceptions.Exit(128 + signal.SIGTERM if term else EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`ckptfmt inspect big | head`): stop quietly, as cat does.
             try:
@@ -130,6 +174,9 @@ class _Main(click.Group):
             for line in _error_lines(e):
                 click.echo(line, err=True)
             raise click.exceptions.Exit(EXIT_ERROR) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------- output
@@ -187,6 +234,7 @@ def main(debug: bool) -> None:
       1  verify: corruption found; diff: the inputs differ
       2  usage error (bad option or argument)
       3  an input is missing, unreadable or unsupported, or the command failed
+      130  interrupted (Ctrl-C; 143: SIGTERM), temporaries removed
 
     \b
     Example:
@@ -223,6 +271,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     if len(meta) > _META_CHARS:  # e.g. a conversion report: one screen line, --json has it all
         meta = f"{meta[:_META_CHARS]}... ({len(meta)} characters; --json shows all)"
     for label, value in (("path", s.path), ("kind", s.kind), ("version", s.version or "-"), ("digest", s.digest or "-"),
+                         *((("content", f"{s.content_digest} (same tensors and tree, same value)"),) if s.content_digest else ()),
                          ("tensors", f"{s.count} ({_size(s.nbytes)}, {s.nbytes} bytes)"), ("metadata", meta)):
         click.echo(f"{label + ':':<10}{value}")
     if s.kind == "ckptfmt":
@@ -264,19 +313,34 @@ def _expand_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return out, notes
 
 
-def _verify_one(ctx: click.Context, path: str, progress: bool | None) -> dict[str, Any]:
+def _verify_one(ctx: click.Context, path: str, progress: bool | None, sums: str | None = None) -> dict[str, Any]:
     """One input's result: status ok/corrupt/unreadable, its report or its error."""
     kind = None
     try:
         kind = kinds.detect_kind(path)
         report = kinds.verify_any(path, kind=kind, progress=progress)
+        if sums is not None and report.ok:  # a damaged structure is reported as such; contents after
+            from ckptfmt.converters.sums import verify_sums
+
+            checked = next(iter(verify_sums(sums, [path])))
+            problems = report.problems + checked.problems
+            report = dataclasses.replace(report, ok=report.ok and checked.ok, problems=problems, coverage="full",
+                                         bytes_checked=max(report.bytes_checked, checked.bytes_checked))
     except Exception as e:
         if _debug(ctx):
             raise
-        error, hint = _error_lines(e)
+        error, hint = _error_lines(e, "verify")
         return {"path": path, "kind": kind, "status": "unreadable", "code": EXIT_ERROR, "error": error[7:], "hint": hint[6:]}
+    if not report.readable:  # not a checkpoint of its kind at all: unreadable, exit 3
+        first = report.errors[0].message if report.errors else f"{path} cannot be read as {kind}"
+        hint = "check that the file is what its name says (the message names what it looks like), or restore it from a good copy"
+        return {"path": path, "kind": kind, "status": "unreadable", "code": EXIT_ERROR, "error": first, "hint": hint}
     status, code = ("ok", EXIT_OK) if report.ok else ("corrupt", EXIT_FOUND)
     return {"path": path, "kind": kind, "status": status, "code": code, "report": report}
+
+
+#: What ``verify`` says of a kind whose format records no checksums of the data.
+UNVERIFIABLE = "structure ok; contents not verifiable: no checksums in this format"
 
 
 @main.command(context_settings=_CONTEXT)
@@ -284,15 +348,19 @@ def _verify_one(ctx: click.Context, path: str, progress: bool | None) -> dict[st
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every input's report.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only problems (nothing when everything is intact).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for large inputs).")
+@click.option("--sums", type=click.Path(exists=True, dir_okay=False), default=None, metavar="SUMS",
+              help="Also check every tensor against SUMS (written by `ckptfmt hash`): for formats without checksums.")
 @click.pass_context
-def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: bool, progress: bool | None) -> None:
+def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: bool, progress: bool | None, sums: str | None) -> None:
     """Check checkpoints completely: the CI gate. Accepts any kind, several at once.
 
     ckptfmt: every chunk hash; TensorFlow: every CRC32C; torch: every zip CRC-32 and a
     weights-only load; safetensors: header and offsets (the format has no checksums);
     ONNX: onnx.checker and external data files.
 
-    Prints one line per problem, naming the file, tensor and byte offset.
+    A directory of checkpoints (a CheckpointManager's) means every checkpoint in it.
+    Prints one line per problem, naming the file, tensor and byte offset. With --sums,
+    every tensor is also compared with the BLAKE3 digests `ckptfmt hash` recorded.
 
     \b
     Exit codes:
@@ -307,15 +375,22 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
       ckptfmt verify runs/ckpt-100 export/model.safetensors
       ckptfmt verify --quiet --json ckpts/* > verify.json
     """
+    if sums is not None:
+        from ckptfmt.converters.sums import read_sums
+
+        read_sums(sums)  # a bad sums file is the command's error (exit 3), not the inputs'
     expanded, notes = _expand_runs(paths)
     for n in notes:
         click.echo(n, err=True)
     if not expanded:
         ctx.exit(EXIT_OK)
-    results = [_verify_one(ctx, p, progress) for p in expanded]
+    results = [_verify_one(ctx, p, progress, sums) for p in expanded]
     code = max(r["code"] for r in results)
     if as_json:
         out = [{**(r["report"].to_dict() if "report" in r else {}), **{k: v for k, v in r.items() if k != "report"}} for r in results]
+        for r, d in zip(results, out):
+            if "report" in r and r["report"].coverage == "structure":
+                d["note"] = UNVERIFIABLE
         _echo_json({"ok": code == EXIT_OK, "exit_code": code, "results": out})
         ctx.exit(code)
     for r in results:
@@ -329,6 +404,8 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
             detail = f"{report.tensors} tensors, {_size(report.bytes_checked)} checked in {report.seconds:.2f} s"
             word = "ok" if report.ok else "FAILED"
             extra = "" if report.ok else f", {nerr} problem{'s' if nerr != 1 else ''}"
+            if report.ok and report.coverage == "structure":
+                extra = f"; {UNVERIFIABLE} (`ckptfmt hash` and `verify --sums` check contents)"
             click.echo(f"{word:<8}{path}  ({r['kind']}{' ' + report.version if report.version else ''}, {detail}{extra})")
         for p in report.problems:
             if p.severity == "error" or not quiet:
@@ -395,6 +472,27 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: f
         verdict = "identical" if r.identical else "different"
         click.echo(f"{verdict}: {r.unchanged} same, {len(r.changed)} changed, {len(r.removed)} only in A, {len(r.added)} only in B")
     ctx.exit(EXIT_OK if r.identical else EXIT_FOUND)
+
+
+@main.command("hash", context_settings=_CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+def hash_cmd(paths: tuple[str, ...]) -> None:
+    """Print a BLAKE3 digest of every tensor of PATHS (any kind): a sums file for `verify --sums`.
+
+    The digest covers each tensor's dtype, shape and values as read, not the file's bytes:
+    the same tensors give the same sums in every kind and after any re-serialisation.
+    Write the output to a file and check it later (the formats without checksums:
+    safetensors, ONNX, legacy torch files).
+
+    \b
+    Example:
+      ckptfmt hash models/*.safetensors > SUMS
+      ckptfmt verify --sums SUMS models/*.safetensors
+    """
+    from ckptfmt.converters.sums import hash_checkpoint, write_sums
+
+    entries = [e for p in paths for e in hash_checkpoint(p)]  # every input read before anything is printed
+    write_sums(entries, sys.stdout)
 
 
 # ----------------------------------------------------------------------- convert
@@ -528,6 +626,17 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--skip-unsupported", is_flag=True, help="Leave out tensors whose dtype the target cannot hold.")(fn)
 
 
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Name ``path`` in a disk-full message when the failing library does not."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not getattr(e, "filename", None):
+            e.filename = path
+        raise
+
+
 def _report(result: kinds.ConvertResult) -> None:
     for name, reason in result.skipped:
         click.echo(f"skipped {name} ({reason})", err=True)
@@ -542,7 +651,8 @@ def _to_command(target: str, example_src: str, example_dst: str) -> click.Comman
     @click.argument("dst", type=click.Path())
     @_common
     def command(src: str, dst: str, overwrite: bool, skip_unsupported: bool) -> None:
-        _report(kinds.convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
+        with _writing(dst):
+            _report(kinds.convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
     return command
 
@@ -566,7 +676,8 @@ def onnx_import(model: str, dst: str, to: str | None, overwrite: bool, skip_unsu
       ckptfmt convert onnx-import model.onnx weights.safetensors
       ckptfmt convert onnx-import model.onnx runs/from-onnx --to ckptfmt
     """
-    _report(kinds.onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
+    with _writing(dst):
+        _report(kinds.onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
 
 @convert.command("onnx-export", context_settings=_CONTEXT)
@@ -586,7 +697,8 @@ def onnx_export(src: str, model: str, out: str, allow_missing: bool, allow_unkno
     Example:
       ckptfmt convert onnx-export finetuned.safetensors model.onnx finetuned.onnx
     """
-    _report(kinds.onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
+    with _writing(out):
+        _report(kinds.onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
 
 
 def register_convert_command(command: click.Command) -> click.Command:

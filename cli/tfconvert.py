@@ -96,9 +96,11 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
               help="Largest output difference allowed by --check, relative to the outputs' magnitude.")
 @click.option("--fold-conv-bias", is_flag=True, help="A Keras conv bias the torch conv lacks is folded into the BatchNorm "
               "after it (running_mean - bias; reported). Weights only (--no-optimizer).")
+@click.option("--root", default=None, metavar="NAME",
+              help="The attribute holding the model in tf.train.Checkpoint(NAME=model) (default: found; needed when several hold models).")
 def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, keras_model: str | None, pairs: tuple[str, ...],
              no_optimizer: bool, dry_run: bool, overwrite: bool, exact_optimizer: bool, optimizer_config: str | None,
-             progress: bool | None, check: bool, check_tolerance: float, fold_conv_bias: bool) -> None:
+             progress: bool | None, check: bool, check_tolerance: float, fold_conv_bias: bool, root: str | None) -> None:
     """Convert a Keras (3 or tf.keras 2) TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
 
     \b
@@ -119,10 +121,15 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
     \b
     With --model, --map FILE adds rules (unknown layers, overrides); the rest is matched.
     """
-    report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
-                                  exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
-                                  progress=progress, preset=preset, pairs=pairs_option(pairs), keras_model=keras_model,
-                                  check=check, check_tolerance=check_tolerance, fold_conv_bias=fold_conv_bias)
+    from ckptfmt.cli.main import _writing
+    from ckptfmt.converters._temps import remove_stale_temporaries
+
+    remove_stale_temporaries(dst)
+    with _writing(dst):
+        report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
+                                      exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
+                                      progress=progress, preset=preset, pairs=pairs_option(pairs), keras_model=keras_model,
+                                      check=check, check_tolerance=check_tolerance, fold_conv_bias=fold_conv_bias, root=root)
     _done(report, dry_run)
 
 
@@ -149,7 +156,10 @@ def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str 
     Example:
       ckptfmt convert torch2tf resumed.pt out/ckpt-1 --template runs/ckpt-3 --model models.py:make_torch_model
     """
-    report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
-                                  dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
-                                  preset=preset, pairs=pairs_option(pairs), keras_model=keras_model)
+    from ckptfmt.cli.main import _writing
+
+    with _writing(dst):
+        report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,
+                                      dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
+                                      preset=preset, pairs=pairs_option(pairs), keras_model=keras_model)
     _done(report, dry_run)

@@ -105,6 +105,7 @@ def tf_to_torch(
     check: bool = False,
     check_tolerance: float = 1e-5,
     fold_conv_bias: bool = False,
+    root: str | None = None,
 ) -> ConversionReport:
     """Convert a Keras 3 TF checkpoint (model and optimizer) to a torch checkpoint.
 
@@ -153,9 +154,12 @@ def tf_to_torch(
             matched without it and its bias folded into the BatchNorm the module feeds
             (``running_mean - bias``; reported). Weights only: the bias's optimizer state has
             no torch parameter, so a conversion with the optimizer refuses it.
+        root: the attribute of ``tf.train.Checkpoint(...)`` holding the model (``net`` for
+            ``tf.train.Checkpoint(net=model)``); found from the object graph by default.
 
     Raises:
-        ConversionError: unknown or ambiguous layers, unsupported optimizer options.
+        ConversionError: unknown or ambiguous layers, unsupported optimizer options, no
+            model or several in the checkpoint (without ``root``), nothing to convert.
         UnmappedKeyError: keys the mapping does not cover (all listed).
         CheckpointExistsError: ``dst`` exists (without ``overwrite``), or is a non-empty
             directory that is not a ckptfmt checkpoint.
@@ -177,7 +181,7 @@ def tf_to_torch(
     if not dry_run:  # an existing DST is refused before anything is read
         outputs.check_output(dst, outputs.output_kind(dst), overwrite, optimizer=False)
     with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None)
+        kc = read_keras_checkpoint(reader, root=root, infer_layers=(mapping is None or model is not None)
                                    and check_preset(preset, model) == "keras", unknown="keep")
         report = keras_to_torch(
             dataclasses.replace(kc, path=src), dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
@@ -239,6 +243,11 @@ def keras_to_torch(
     if folds and optimizer and kc.has_optimizer and not dry_run:
         raise ConversionError(f"{len(folds)} conv bias(es) are folded into BatchNorm running means ({folds[0].sources[1]}...): "
                               "their optimizer state has no torch parameter to go to; convert the weights only (--no-optimizer)")
+    if not plan.entries:  # never "wrote ... (0 tensors)"
+        raise ConversionError(
+            f"{kc.path}: nothing to convert: no variable of {kc.root!r} maps to a torch tensor "
+            f"({len(kc.keys)} model variables read); check --root, --map or --preset"
+        )
     conv, opt_notes, state = _torch_optimizer(kc, plan, model, optimizer=optimizer, dry_run=dry_run, exact=exact_optimizer,
                                               optimizer_config=optimizer_config)
     used = set(kc.keys.values()) | (optimizer_keys(kc) if conv is not None else set())

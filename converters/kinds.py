@@ -12,6 +12,8 @@ kind             what a path looks like                                         
 ``torch``        a ``.pt`` / ``.pth`` / ``.bin`` file written by ``torch.save``  torch
 ``safetensors``  a ``.safetensors`` file                                         --
 ``onnx``         a ``.onnx`` model (its initializers are the tensors)            onnx
+``safetensors-   a Hugging Face ``*.safetensors.index.json`` and its shards, or   --
+sharded``        the directory holding them: one checkpoint
 ===============  ==============================================================  =====
 
 Files without a known suffix are recognised by their first bytes (zip or pickle: torch;
@@ -98,6 +100,7 @@ class Summary:
     digest: str | None
     metadata: Any
     tensors: tuple[TensorInfo, ...]
+    content_digest: str | None = None
 
     @property
     def count(self) -> int:
@@ -114,6 +117,7 @@ class Summary:
             "kind": self.kind,
             "version": self.version,
             "digest": self.digest,
+            "content_digest": self.content_digest,
             "count": self.count,
             "nbytes": self.nbytes,
             "metadata": jsonable(self.metadata),
@@ -130,7 +134,7 @@ def inspect_any(path: str | os.PathLike[str], *, kind: str | None = None) -> Sum
         ('safetensors', 12, 4096)
     """
     with open_any(path, kind=kind) as src:
-        return Summary(src.path, src.kind, src.version, src.digest, src.metadata, tuple(src.tensors()))
+        return Summary(src.path, src.kind, src.version, src.digest, src.metadata, tuple(src.tensors()), src.content_digest)
 
 
 def verify_any(path: str | os.PathLike[str], *, kind: str | None = None, progress: bool | None = None) -> VerifyReport:
@@ -194,6 +198,20 @@ def target_kind(dst: str) -> str:
             "(ckptfmt convert onnx-export SRC MODEL.onnx OUT.onnx)"
         )
     return "ckptfmt"
+
+
+def _check_suffix(dst: str, target: str) -> None:
+    """Refuse a destination whose suffix names another kind: nobody could read it back as such."""
+    low = dst.lower().rstrip("/")
+    implied = next((k for suffix, k in _TARGET_BY_SUFFIX.items() if low.endswith(suffix)), None)
+    if implied is None and low.endswith(".onnx"):
+        implied = "onnx"
+    if implied is not None and implied != target:
+        raise ConversionError(
+            f"{dst}: the suffix says {implied} but the target is {target}; a {target} checkpoint under this "
+            f"name would be misread by every tool. Name it for what it is, or convert to {implied}"
+            + (f" (ckptfmt convert to-{implied})" if implied in ("safetensors", "torch") else "")
+        )
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -302,6 +320,7 @@ def convert(
     target = to or target_kind(d_path)
     if target not in ("ckptfmt", "safetensors", "torch"):
         raise ConversionError(f"cannot convert to {target!r}; targets: ckptfmt, safetensors, torch (onnx: onnx_export)")
+    _check_suffix(d_path, target)
     check_destination(d_path, "ckptfmt" if target == "ckptfmt" else "file", overwrite)
     with open_any(s_path, kind=src_kind) as s:
         keep, skipped = _plan(s, target, skip_unsupported)

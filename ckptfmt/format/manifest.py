@@ -364,6 +364,8 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
             or fe[1] < 0
         ):
             raise FormatError(f"{where}: files[{i}] must be [path, size]")
+        if fe[1] > _MAX_FILE_BYTES:
+            raise LimitExceededError(f"{where}: files[{i}] ({fe[0]!r}) records a size of {fe[1]} bytes, over the limit of {_MAX_FILE_BYTES}")
         _check_rel_path(fe[0], where)
         files.append(FileEntry(fe[0], fe[1]))
 
@@ -461,7 +463,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
         chunk_offset=chunk_offset,
         chunk_hashes=hashes,
         tree_blob=tree_blob,
-        parent=body.get("parent"),
+        parent=_check_parent(body.get("parent"), where),
         wrote=wrote,
         where=where,
     )
@@ -484,7 +486,35 @@ def _products(ranks: np.ndarray, dims: np.ndarray, itemsizes: np.ndarray, limits
     if float(approx.max()) > limits.max_tensor_bytes:
         i = int(np.argmax(approx))
         raise LimitExceededError(f"{where}: tensor #{i} would be {approx[i]:.3g} bytes, over the limit of {limits.max_tensor_bytes}")
+    # An empty tensor holds no bytes, but numpy still refuses a shape whose non-zero
+    # dimensions multiply past its index range: (0, 2**62) must fail here, not at load.
+    spread = np.multiply.reduceat(np.where(ext == 0, 1, ext).astype(np.float64), seg_starts)
+    if float(spread.max()) > limits.max_tensor_bytes:
+        i = int(np.argmax(spread))
+        raise LimitExceededError(
+            f"{where}: tensor #{i} has a shape whose non-zero dimensions span {spread[i]:.3g} bytes, "
+            f"over the limit of {limits.max_tensor_bytes}"
+        )
     return np.multiply.reduceat(ext, seg_starts)
+
+
+#: A data file's recorded size must fit a signed 64-bit offset (sizes are compared as int64).
+_MAX_FILE_BYTES = (1 << 63) - 1
+
+
+def _check_parent(parent: Any, where: str) -> Any:
+    """The optional ``parent`` field (1.1): a map whose known fields have their types."""
+    if parent is None:
+        return None
+    if not isinstance(parent, dict):
+        raise FormatError(f"{where}: field 'parent' is a {type(parent).__name__}, not a map")
+    depth = parent.get("depth", 0)
+    if type(depth) is not int or not 0 <= depth <= _MAX_FILE_BYTES:
+        raise FormatError(f"{where}: parent.depth {depth!r} is not a non-negative integer")
+    for key in ("name", "digest"):
+        if key in parent and not isinstance(parent[key], str):
+            raise FormatError(f"{where}: parent.{key} is a {type(parent[key]).__name__}, not a string")
+    return parent
 
 
 def _check_rel_path(p: str, where: str) -> None:

@@ -210,6 +210,14 @@ class Storage(abc.ABC):
     def rmdir(self, path: str) -> None:
         """Remove an empty directory; no error if it is gone; an error if it is not empty."""
 
+    def islink(self, path: str) -> bool:
+        """Whether ``path`` is a symbolic link (backends without links: never).
+
+        Readers refuse data files that are links, so a checkpoint cannot be made to read
+        (and return, or report the size of) a file outside its tree.
+        """
+        return False
+
     def delete_many(self, paths: Iterable[str]) -> None:
         """Delete several files (a backend may batch them)."""
         for p in paths:

@@ -190,6 +190,9 @@ class LocalStorage(Storage):
     def isdir(self, path: str) -> bool:
         return os.path.isdir(path)
 
+    def islink(self, path: str) -> bool:
+        return os.path.islink(path)
+
     def size(self, path: str) -> int:
         return os.stat(path).st_size
 

@@ -83,6 +83,7 @@ class KerasCheckpoint:
     path: str = ""
     reader: Any = field(default=None, repr=False, compare=False)
     internal_keys: tuple[str, ...] = ()
+    root: str = "model"  # the attribute of tf.train.Checkpoint(...) holding the model
 
     def specs(self) -> dict[str, TensorSpec]:
         """``{source key: TensorSpec}`` of the model's variables."""

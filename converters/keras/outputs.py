@@ -335,4 +335,10 @@ def write_torch_checkpoint(dst: str, weights: dict[str, np.ndarray], model: Any,
         out.update(optimizer=_torch_optimizer(conv, model).state_dict(), optimizer_class=conv.optimizer,
                    optimizer_hyperparameters=dict(conv.hyperparameters))
     out["conversion_report"] = report_text
-    atomic_file(dst, lambda tmp: torch.save(out, tmp))
+    from ..sources.torch import save_to
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            save_to(out, f)  # a full disk surfaces as OSError(ENOSPC), not torch's enforce message
+
+    atomic_file(dst, write)

@@ -79,7 +79,7 @@ def preset_mapping(layers: Sequence[KerasLayer]) -> Mapping:
     return mapping
 
 
-def module_mapping(kc: KerasCheckpoint, root: str = "model") -> Mapping:
+def module_mapping(kc: KerasCheckpoint, root: str | None = None) -> Mapping:
     """The ``tf-module`` preset: each variable's object path becomes its torch key, as is.
 
     For checkpoints of plain ``tf.Module`` trees, whose variables have no Keras layer to say
@@ -95,6 +95,7 @@ def module_mapping(kc: KerasCheckpoint, root: str = "model") -> Mapping:
         ['blocks.0.b', 'blocks.0.w']
     """
     rules = []
+    root = root or kc.root
     for source, ckey in kc.keys.items():
         info = kc.graph.info(ckey)
         # the attribute path a user wrote, not tf.keras's positional alias (layer_with_weights-0)

@@ -32,7 +32,7 @@ from ckptfmt.errors import ConversionError
 
 from ..mapping.registry import KerasLayer, KerasWeight
 from ..tf.bundle import OBJECT_GRAPH_KEY, TFCheckpointReader, TFCheckpointWriter, update_state_file
-from ..tf.object_graph import CheckpointObjectGraph, read_object_graph, split_object_path
+from ..tf.object_graph import CheckpointObjectGraph, choose_roots, read_object_graph, split_object_path
 from .checkpoint import KerasCheckpoint
 from .infer import infer_kind, insert_flattens, unknown_layers_error
 
@@ -166,14 +166,16 @@ def _layers(reader: TFCheckpointReader, graph: CheckpointObjectGraph, model_vars
     return insert_flattens(layers) if infer_layers else layers
 
 
-def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", optimizer_root: str = "optimizer",
+def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str | None = None, optimizer_root: str | None = None,
                           infer_layers: bool = True, unknown: str = "raise") -> KerasCheckpoint:
     """Resolve a Keras 3 TF checkpoint's keys through its object graph.
 
     Args:
         reader: the open checkpoint (values are read through it later: keep it open).
-        root: the name the model was saved under (``tf.train.Checkpoint(model=...)``).
-        optimizer_root: likewise for the optimizer.
+        root: the attribute the model was saved under (``tf.train.Checkpoint(net=...)``); by
+            default found from the object graph (an error lists the candidates when several
+            attributes hold models).
+        optimizer_root: likewise for the optimizer (found from the graph by default).
         infer_layers: infer each layer's kind (not needed with a mapping file).
         unknown: ``"raise"``: layers of unknown kind are an error (listing all of them and a
             rule file to edit); ``"keep"``: they are kept as ``class_name="Unknown"`` for a
@@ -189,6 +191,10 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         [('conv', 'Conv2D'), ('bn', 'BatchNormalization'), ('head', 'Dense')]
     """
     graph = read_object_graph(reader)
+    found_root, found_opt = choose_roots(graph, root, where=getattr(reader, "prefix", "the checkpoint"))
+    root, optimizer_root = found_root, optimizer_root or found_opt or "optimizer"
+    if root != "model":  # paths a user would name start at the model's own attribute
+        graph = CheckpointObjectGraph(graph.graph, graph.where, preferred_root=root)
     infos = graph.resolve()
     found = _sort_keys(reader, infos, root, optimizer_root)
     _tf_keras_slots(found, infos)
@@ -219,6 +225,7 @@ def read_keras_checkpoint(reader: TFCheckpointReader, *, root: str = "model", op
         path=getattr(reader, "prefix", ""),
         reader=reader,
         internal_keys=(OBJECT_GRAPH_KEY,),
+        root=root,
     )
 
 

@@ -10,6 +10,8 @@ kind             what a path looks like                                         
 ``torch``        a ``.pt`` / ``.pth`` / ``.bin`` file written by ``torch.save``  ``torch``
 ``safetensors``  a ``.safetensors`` file                                         ``safetensors``
 ``onnx``         a ``.onnx`` model (its initializers are the tensors)            ``onnx``
+``safetensors-   a Hugging Face ``*.safetensors.index.json`` and its shards, or   ``hfsharded``
+sharded``        the directory holding them: one checkpoint
 ===============  ==============================================================  ============
 
 Each module's :class:`~.base.Source` says which paths are its own (``claims``: layout or
@@ -45,6 +47,7 @@ SOURCES: dict[str, str] = {
     "torch": "ckptfmt.converters.sources.torch:TorchSource",
     "safetensors": "ckptfmt.converters.sources.safetensors:SafetensorsSource",
     "onnx": "ckptfmt.converters.sources.onnx:OnnxSource",
+    "safetensors-sharded": "ckptfmt.converters.sources.hfsharded:ShardedSafetensorsSource",
 }
 
 #: Every kind, in detection order.

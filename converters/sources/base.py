@@ -135,6 +135,12 @@ class Source(ABC):
         """A content identity, for kinds that record one (ckptfmt)."""
         return None
 
+    @property
+    def content_digest(self) -> str | None:
+        """Same tensors and tree, same value, whatever the save time or file names, for kinds
+        that record chunk hashes (ckptfmt); compare other kinds with ``ckptfmt hash``."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - a default: most sources hold nothing to release
         """Release open files. Arrays already returned stay valid."""
 
@@ -190,15 +196,21 @@ def make_report(
     nbytes: int = 0,
     digest: str | None = None,
     version: str | None = None,
+    readable: bool = True,
+    coverage: str = "full",
 ) -> VerifyReport:
     """A VerifyReport for a foreign kind; ``checked`` counts entries (the kind's "chunks").
+
+    ``readable=False``: the input is not a file of its kind at all (the CLI exits 3);
+    ``coverage="structure"``: the format records no checksums of its data.
 
     Example:
         >>> make_report("x.safetensors", [], time.perf_counter()).ok
         True
     """
     ok = not any(p.severity == "error" for p in problems)
-    return VerifyReport(path, ok, digest, version, tensors, checked, nbytes, time.perf_counter() - t0, tuple(problems))
+    return VerifyReport(path, ok, digest, version, tensors, checked, nbytes, time.perf_counter() - t0, tuple(problems),
+                        readable=readable, coverage=coverage)
 
 
 def first_line(e: BaseException) -> str:

@@ -71,6 +71,10 @@ class CkptfmtSource(Source):
     def digest(self) -> str:
         return self._reader.digest
 
+    @property
+    def content_digest(self) -> str:
+        return self._reader.content_digest
+
     def close(self) -> None:
         self._reader.close()
 

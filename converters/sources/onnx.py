@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, TensorNotFoundError, UnmappedKeyError
+from ckptfmt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConversionError,
+    FormatError,
+    TensorNotFoundError,
+    UnmappedKeyError,
+)
 
 from ..files import check_destination, commit_file, remove_quietly
 from ..optional import require
@@ -107,9 +114,15 @@ class OnnxSource(Source):
         t = self._onnx.TensorProto()
         t.CopyFrom(self._init(name))  # reading external data fills the proto; keep ours light
         try:
+            found = _check_initializer(self._onnx, self.path, self._base, t)
+        except Exception as e:  # noqa: BLE001 - onnx helpers on damaged protos raise anything
+            raise FormatError(f"{self.path}: initializer {name!r} is malformed ({type(e).__name__}: {first_line(e)})") from e
+        if found is not None:  # outside the model's directory, missing, short: never read it
+            raise FormatError(found.message)
+        try:
             return numpy_helper.to_array(t, base_dir=self._base)
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{self.path}: initializer {name!r} cannot be read: {first_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - onnx on damaged protos raises TypeError, KeyError, ValueError...
+            raise FormatError(f"{self.path}: initializer {name!r} cannot be read ({type(e).__name__}: {first_line(e)}); the model is damaged") from e
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -132,47 +145,62 @@ class OnnxSource(Source):
     def verify(cls, path: str, *, progress: bool | None = None) -> VerifyReport:
         t0 = time.perf_counter()
         onnx = _onnx()
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
         problems: list[Problem] = []
         try:
             model = _load_model(path, external=False)
         except FormatError as e:
+            with open(path, "rb") as f:
+                head = f.read(1)
+            if head != b"\x08":  # every ONNX writer puts ModelProto.ir_version (field 1, varint) first
+                problems.append(Problem("unreadable", f"{path}: not an ONNX model: it does not start with a ModelProto's ir_version field ({first_line(e)})", file=path, offset=0))
+                return make_report(path, problems, t0, readable=False)
             problems.append(Problem("header", str(e), file=path))
             return make_report(path, problems, t0)
         base = os.path.dirname(os.path.abspath(path))
         checked = nbytes = 0
         inits = list(model.graph.initializer)
         for t in inits:
-            need = _nbytes(onnx, t)
-            if uses_external_data(t):
-                ext = ExternalDataInfo(t)
-                loc = ext.location or ""
-                fp = os.path.normpath(os.path.join(base, loc))
-                if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep):
-                    problems.append(Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory", file=path, tensor=t.name))
-                    continue
-                if not os.path.isfile(fp):
-                    problems.append(Problem("missing_file", f"{path}: external data file {loc} of initializer {t.name!r} is missing", file=loc, tensor=t.name, offset=ext.offset))
-                    continue
-                length = ext.length if ext.length is not None and ext.length > 0 else need
-                if need is not None and length != need:
-                    problems.append(Problem("size_mismatch", f"{path}: initializer {t.name!r} records {length} bytes of external data but its dtype and shape need {need}", file=loc, tensor=t.name, offset=ext.offset))
-                    continue
-                size = os.path.getsize(fp)
-                if length is not None and ext.offset + length > size:
-                    problems.append(Problem("truncated_file", f"{loc}: initializer {t.name!r} needs bytes {ext.offset}..{ext.offset + length} but the file holds {size}; it is truncated", file=loc, tensor=t.name, offset=ext.offset))
-                    continue
-            elif t.HasField("raw_data") and need is not None and len(t.raw_data) != need:
-                problems.append(Problem("size_mismatch", f"{path}: initializer {t.name!r} holds {len(t.raw_data)} bytes but its dtype and shape need {need}", file=path, tensor=t.name))
+            try:
+                found = _check_initializer(onnx, path, base, t)
+            except Exception as e:  # noqa: BLE001 - onnx helpers on damaged protos raise anything
+                found = Problem("header", f"{path}: initializer {t.name!r} is malformed ({type(e).__name__}: {first_line(e)})", file=path, tensor=t.name)
+            if found is not None:
+                problems.append(found)
                 continue
             checked += 1
-            nbytes += need or 0
+            nbytes += _nbytes(onnx, t) or 0
         try:
             onnx.checker.check_model(path)  # the path form follows external data and allows > 2 GiB
         except Exception as e:
             problems.append(Problem("checker", f"{path}: onnx.checker: {first_line(e)}", file=path))
-        return make_report(path, problems, t0, tensors=len(inits), checked=checked, nbytes=nbytes, version=f"ir {model.ir_version}")
+        return make_report(path, problems, t0, tensors=len(inits), checked=checked, nbytes=nbytes,
+                            version=f"ir {model.ir_version}", coverage="structure")
+
+
+def _check_initializer(onnx: Any, path: str, base: str, t: Any) -> Problem | None:
+    """The first problem of one initializer's data (embedded or external), or None."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if any(d < 0 for d in t.dims):
+        return Problem("header", f"{path}: initializer {t.name!r} has a negative dimension {list(t.dims)}", file=path, tensor=t.name)
+    need = _nbytes(onnx, t)
+    if uses_external_data(t):
+        ext = ExternalDataInfo(t)
+        loc = ext.location or ""
+        fp = os.path.normpath(os.path.join(base, loc))
+        if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep) or os.path.islink(fp):
+            return Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory (or through a link); it is not read", file=path, tensor=t.name)
+        if not os.path.isfile(fp):
+            return Problem("missing_file", f"{path}: external data file {loc} of initializer {t.name!r} is missing", file=loc, tensor=t.name, offset=ext.offset)
+        length = ext.length if ext.length is not None and ext.length > 0 else need
+        if need is not None and length != need:
+            return Problem("size_mismatch", f"{path}: initializer {t.name!r} records {length} bytes of external data but its dtype and shape need {need}", file=loc, tensor=t.name, offset=ext.offset)
+        size = os.path.getsize(fp)
+        if ext.offset < 0 or (length is not None and ext.offset + length > size):
+            return Problem("truncated_file", f"{loc}: initializer {t.name!r} needs bytes {ext.offset}..{ext.offset + (length or 0)} but the file holds {size}; it is truncated", file=loc, tensor=t.name, offset=ext.offset)
+    elif t.HasField("raw_data") and need is not None and len(t.raw_data) != need:
+        return Problem("size_mismatch", f"{path}: initializer {t.name!r} holds {len(t.raw_data)} bytes but its dtype and shape need {need}", file=path, tensor=t.name)
+    return None
 
 
 def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, allow_unknown: bool, overwrite: bool) -> ConvertResult:
@@ -198,6 +226,9 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
                 written += 1
                 nbytes += arr.nbytes
     external = used_external or sum(len(t.raw_data) for t in model.graph.initializer) > _PROTO_LIMIT
+    if external:
+        _check_data_dst(os.path.join(os.path.dirname(os.path.abspath(out)), os.path.basename(out) + ".data"),
+                        model_path, overwrite)
     _save_atomically(onnx, model, out, external)
     return ConvertResult(out, "onnx", written, nbytes)
 
@@ -256,6 +287,8 @@ def _save_atomically(onnx: Any, model: Any, out: str, external: bool) -> None:
         try:
             onnx.save_model(model, staged[0], save_as_external_data=external, all_tensors_to_one_file=True, location=location)
             onnx.checker.check_model(staged[0])
+        except OSError:
+            raise  # a full disk is a storage error, not a bad model
         except Exception as e:
             raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {first_line(e)}") from e
         if os.path.exists(staged[1]):  # small tensors stay inside the model even with external data
@@ -265,3 +298,25 @@ def _save_atomically(onnx: Any, model: Any, out: str, external: bool) -> None:
         for p in staged:
             remove_quietly(p)
         os.rmdir(work)
+
+
+def _check_data_dst(data_path: str, model_path: str, overwrite: bool) -> None:
+    """``OUT.data`` may be replaced only with ``overwrite``, and never when the input model uses it."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if not os.path.lexists(data_path):
+        return
+    base = os.path.dirname(os.path.abspath(model_path))
+    model = _load_model(model_path, external=False)
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            loc = ExternalDataInfo(t).location or ""
+            if os.path.realpath(os.path.join(base, loc)) == os.path.realpath(data_path):
+                raise ConversionError(
+                    f"{data_path} holds the external data of the input model {model_path}; writing the "
+                    "output's data there would destroy the input. Choose another output name"
+                )
+    if not overwrite:
+        raise CheckpointExistsError(
+            f"{data_path} (the output's external data file) already exists; pass --overwrite to replace it"
+        )

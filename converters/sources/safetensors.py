@@ -62,6 +62,8 @@ _BY_ST = {v: k for k, v in ST_DTYPES.items()}
 #: The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_RANK = 255
+#: Largest byte span of a shape's non-zero dimensions (ckptfmt's tensor size limit, 2**62).
+_MAX_SPREAD = 1 << 62
 _META_KEY = "__metadata__"
 #: Metadata that is not a {str: str} dict is JSON-encoded under this key.
 WRAPPED_METADATA_KEY = "ckptfmt.metadata"
@@ -86,6 +88,7 @@ class _Scan:
     metadata: dict[str, str] | None = None
     count: int = 0  # tensors the header declares, valid or not
     problems: list[Problem] = field(default_factory=list)
+    readable: bool = True  # False: not a safetensors file at all (no length + JSON object)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -111,6 +114,11 @@ def _scan(path: str) -> _Scan:
             bad(Problem("truncated_file", f"{path} is {size} bytes; a safetensors file starts with an 8-byte header length", file=path, offset=0))
             return sc
         n = int.from_bytes(f.read(8), "little")
+        if f.read(1) != b"{":
+            sc.readable = False
+            bad(Problem("unreadable", f"{path}: not a safetensors file: it does not start with an 8-byte header length followed by a JSON object", file=path, offset=0))
+            return sc
+        f.seek(8)
         if n > MAX_HEADER_BYTES:
             bad(Problem("header", f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit; the file is corrupt or not safetensors", file=path, offset=0))
             return sc
@@ -153,6 +161,10 @@ def _scan(path: str) -> _Scan:
             bad(Problem("header", f"{where}: dtype {st!r} is not one ckptfmt can read (known: {', '.join(_BY_ST)})", file=path, tensor=name, offset=sc.data_start + begin))
         else:
             need = math.prod(shape) * numpy_dtype(dtype).itemsize
+            spread = math.prod(d or 1 for d in shape) * numpy_dtype(dtype).itemsize
+            if spread > _MAX_SPREAD:  # numpy refuses such a shape even when it is empty
+                bad(Problem("header", f"{where}: shape {shape} is beyond what any array can have (its non-zero dimensions span {spread} bytes)", file=path, tensor=name, offset=8))
+                continue
             if need != end - begin:
                 bad(Problem("size_mismatch", f"{where}: {st} of shape {shape} needs {need} bytes but data_offsets [{begin}, {end}] hold {end - begin}", file=path, tensor=name, offset=sc.data_start + begin))
                 continue
@@ -239,7 +251,8 @@ class SafetensorsSource(Source):
         t0 = time.perf_counter()
         sc = _scan(path)
         nbytes = sum(e.end - e.begin for e in sc.entries.values())
-        return make_report(path, sc.problems, t0, tensors=sc.count, checked=len(sc.entries), nbytes=nbytes)
+        return make_report(path, sc.problems, t0, tensors=sc.count, checked=len(sc.entries), nbytes=nbytes,
+                            readable=sc.readable, coverage="structure")
 
 
 def encode_metadata(metadata: Any) -> dict[str, str] | None:

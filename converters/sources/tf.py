@@ -16,6 +16,7 @@ import math
 import os
 import re
 import time
+from typing import Any
 
 import numpy as np
 
@@ -117,11 +118,24 @@ class TFSource(Source):
 def _check_entries(path: str, r: TFCheckpointReader, entries: dict, missing: set[int], problems: list[Problem],
                    progress: bool | None) -> tuple[int, int]:
     """Read every entry (CRC32C-checked); problems are collected. Returns (checked, bytes)."""
-    bar = progress_bar(sum(e.size for e in entries.values()), f"verifying {path}", progress)
+    parts: dict[str, list] = {}
+    for key, e in list(entries.items()):
+        if e.slices:
+            try:
+                parts[key] = r.slice_parts(key)
+            except (FormatError, OSError) as ex:
+                problems.append(Problem("header", first_line(ex), file=r.index_path, tensor=key))
+                del entries[key]
+    total = sum(e.size for e in entries.values()) + sum(p[3] for ps in parts.values() for p in ps)
+    bar = progress_bar(total, f"verifying {path}", progress)
     checked = nbytes = 0
     for key, e in entries.items():
         sliced = bool(e.slices)
-        if not sliced and e.shard in missing:
+        if sliced:  # a partitioned variable: every slice checked, and named, on its own
+            c, b = _check_slices(r, key, parts[key], problems, bar)
+            checked, nbytes = checked + c, nbytes + b
+            continue
+        if e.shard in missing:
             continue
         sp = None if sliced else r.shard_path(e.shard)
         off = None if sliced else e.offset
@@ -138,4 +152,37 @@ def _check_entries(path: str, r: TFCheckpointReader, entries: dict, missing: set
         nbytes += e.size
         bar.update(e.size)
     bar.close()
+    return checked, nbytes
+
+
+def _check_slices(r: TFCheckpointReader, key: str, parts: list, problems: list[Problem], bar: Any) -> tuple[int, int]:
+    """Check each stored slice of a partitioned variable; (slices checked, bytes checked)."""
+    checked = nbytes = 0
+    bad = False
+    for label, shard, offset, size, read in parts:
+        if not os.path.isfile(shard):
+            bad = True
+            continue  # the missing shard is reported once, above
+        try:
+            read()
+        except IntegrityError:
+            bad = True
+            problems.append(Problem("hash_mismatch", f"slice {label}: checksum mismatch in {shard} at byte offset {offset} "
+                                    f"({size} bytes); the shard is corrupt, restore it from a backup", file=shard, tensor=label, offset=offset))
+        except (FormatError, OSError) as ex:
+            bad = True
+            held = os.path.getsize(shard)
+            if offset + size > held:
+                problems.append(Problem("truncated_file", f"{shard} is truncated: slice {label} needs bytes {offset}..{offset + size} "
+                                        f"but the shard holds {held}", file=shard, tensor=label, offset=offset))
+            else:
+                problems.append(Problem("unreadable", f"slice {label}: {first_line(ex)}", file=shard, tensor=label, offset=offset))
+        checked += 1
+        nbytes += size
+        bar.update(size)
+    if not bad:
+        try:
+            r.get(key)  # the slices together: shapes agree, the whole tensor is covered
+        except (FormatError, OSError) as ex:
+            problems.append(Problem("header", first_line(ex), file=r.index_path, tensor=key))
     return checked, nbytes

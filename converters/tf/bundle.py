@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ __all__ = [
     "write_checkpoint",
     "update_state_file",
     "latest_checkpoint",
+    "slice_name",
     "OBJECT_GRAPH_KEY",
 ]
 
@@ -172,6 +173,17 @@ def _escape_ordered(s: bytes) -> bytes:
         else:
             out.append(b)
     return bytes(out)
+
+
+def slice_name(name: str, index: tuple[slice, ...]) -> str:
+    """A slice of a partitioned variable as a person writes it: ``emb[75:100, 0:8]``.
+
+    Example:
+        >>> slice_name("emb", (slice(75, 100), slice(0, 8)))
+        'emb[75:100, 0:8]'
+    """
+    dims = ", ".join(f"{s.start}:{s.stop}" for s in index)
+    return f"{name}[{dims}]"
 
 
 def slice_key(name: bytes, extents: tuple[Extent, ...]) -> bytes:
@@ -570,11 +582,29 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
                 f"{self.index_path} tensor {_fmt_key(bkey)}: {len(e.slices)} slices hold {stored} "
                 f"elements, fewer than the {total} of shape {e.shape}; the checkpoint is incomplete"
             )
+        parts = self._slice_entries(bkey, e, total)
         out = np.empty(e.shape, dtype=dt)
         covered = np.zeros(e.shape, dtype=bool) if out.size else None
+        for skey, se, index in parts:
+            out[index] = self._read_plain(skey, se)
+            if covered is not None:
+                covered[index] = True
+        if covered is not None and not covered.all():
+            raise FormatError(f"{self.index_path} tensor {_fmt_key(bkey)}: slices do not cover the whole tensor")
+        return out
+
+    def _slice_entries(self, bkey: bytes, e: BundleEntry, total: int) -> list[tuple[bytes, BundleEntry, tuple[slice, ...]]]:
+        """Every slice's data entry, checked against the shards *before* the whole is allocated.
+
+        The declared shape alone decides nothing: a 176-byte index can declare (2**24, 2**24).
+        The slices' data must lie in the shards, must not share bytes, and must add up to at
+        least the whole tensor, so the allocation is bounded by bytes that exist on disk.
+        """
+        where = f"{self.index_path} tensor {_fmt_key(bkey)}"
+        parts = []
+        spans: dict[int, list[tuple[int, int, tuple[slice, ...]]]] = {}
         for sl in e.slices:
             skey = slice_key(bkey, sl)
-            where = f"{self.index_path} tensor {_fmt_key(bkey)}"
             if skey not in self._raw:
                 raise FormatError(f"{where}: slice {sl} has no data entry in the index; the checkpoint is incomplete")
             se = self._entry(skey)
@@ -583,16 +613,62 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
                 for (start, length), dim in zip(sl, e.shape)
             )
             want = tuple(s.stop - s.start for s in index)
-            if se.shape != want or se.dtype != e.dtype:
+            if se.shape != want or se.dtype != e.dtype or se.slices:
                 raise FormatError(
                     f"{where}: slice {sl} is stored with shape {se.shape} and dtype "
                     f"{_ENUM_NAMES.get(se.dtype)}, expected {want}; the checkpoint is corrupt"
                 )
-            out[index] = self._read_plain(skey, se)
-            if covered is not None:
-                covered[index] = True
-        if covered is not None and not covered.all():
-            raise FormatError(f"{self.index_path} tensor {_fmt_key(bkey)}: slices do not cover the whole tensor")
+            self._check_span(se, skey)
+            spans.setdefault(se.shard_id, []).append((se.offset, se.size, index))
+            parts.append((skey, se, index))
+        on_disk = 0
+        for shard, regions in spans.items():
+            end = 0
+            for off, size, index in sorted(regions, key=lambda r: r[0]):
+                if size and off < end:
+                    label = slice_name(bkey.decode("utf-8", "backslashreplace"), index)
+                    raise FormatError(
+                        f"{self.shard_path(shard)}: slice {label} at byte offset "
+                        f"{off} shares bytes with another slice; the index is corrupt"
+                    )
+                end = max(end, off + size)
+                on_disk += size
+        per_element = 1 if e.dtype == _DT_STRING else _ENUM_TO_NUMPY[e.dtype].itemsize
+        if total * per_element > on_disk:
+            raise FormatError(
+                f"{where}: shape {e.shape} needs {total * per_element} bytes but its slices hold "
+                f"{on_disk}; the index is corrupt"
+            )
+        return parts
+
+    def slice_parts(self, key: str) -> list[tuple[str, str, int, int, Callable[[], np.ndarray]]]:
+        """The stored slices of a partitioned variable, for checking one at a time.
+
+        Returns:
+            ``(label, shard path, byte offset, size, read)`` per slice, where ``label`` is
+            how a person names the slice (``emb[75:100, 0:8]``) and ``read()`` reads it,
+            checking its CRC32C (``IntegrityError``) and its bounds (``FormatError``).
+            Empty for a variable that is not partitioned.
+
+        Example:
+            >>> [p[0] for p in r.slice_parts("emb")]  # doctest: +SKIP
+            ['emb[0:4, 0:3]', 'emb[4:7, 0:3]', 'emb[7:10, 0:3]']
+        """
+        bkey = self._bkey(key)
+        e = self._entry(bkey)
+        out = []
+        for sl in e.slices:
+            skey = slice_key(bkey, sl)
+            index = tuple(
+                slice(0, dim) if length is None else slice(start, start + length)
+                for (start, length), dim in zip(sl, e.shape)
+            )
+            label = slice_name(key, index)
+            if skey not in self._raw:
+                raise FormatError(f"{self.index_path}: slice {label} has no data entry in the index; the checkpoint is incomplete")
+            se = self._entry(skey)
+            out.append((label, self.shard_path(se.shard_id), se.offset, se.size,
+                        lambda skey=skey, se=se: self._read_plain(skey, se)))
         return out
 
     def read_all(self) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckptfmt.errors import FormatError, LimitExceededError, TensorNotFoundError
+from ckptfmt.errors import ConversionError, FormatError, LimitExceededError, TensorNotFoundError
 
 from ._proto import (
     ObjectReference,
@@ -43,6 +43,9 @@ from ._proto import (
 
 __all__ = [
     "CheckpointObjectGraph",
+    "RootObject",
+    "root_objects",
+    "choose_roots",
     "KeyInfo",
     "SlotInfo",
     "build_object_graph",
@@ -403,3 +406,111 @@ def build_object_graph(keys: Iterable[str]) -> bytes:
         for n in range(len(children))
     )
     return TrackableObjectGraph(nodes).encode()
+
+
+# ------------------------------------------------------------------ what the root holds
+
+#: Children an optimizer object has in every TF/Keras version: its step counter.
+_OPTIMIZER_COUNTERS = {"iter", "iterations", "_iterations"}
+
+
+@dataclass(frozen=True, slots=True)
+class RootObject:
+    """One attribute of the saved ``tf.train.Checkpoint(...)``, and what it is.
+
+    Attributes:
+        name: the attribute name (``model``, ``net``, ``optimizer``, ``save_counter``...).
+        kind: ``"model"`` (a subtree holding variables), ``"optimizer"`` (slot variables
+            or a step counter), ``"variable"`` (a single variable such as ``save_counter``)
+            or ``"empty"`` (no variables).
+        variables: how many variables (not optimizer slots) lie under it.
+    """
+
+    name: str
+    kind: str
+    variables: int
+
+
+def _is_optimizer(graph: TrackableObjectGraph, node_id: int) -> bool:
+    node = graph.nodes[node_id]
+    names = {c.local_name for c in node.children}
+    if node.slot_variables or names & _OPTIMIZER_COUNTERS:
+        return True
+    return "_trainable_variables" in names and "_variables" in names  # Keras 3
+
+
+def root_objects(g: CheckpointObjectGraph) -> list[RootObject]:
+    """What each attribute of the checkpoint's root object is, found from the graph alone.
+
+    The attribute names are whatever the user wrote (``tf.train.Checkpoint(net=model,
+    optimizer=opt)``, ``tf.train.Checkpoint(bag=module)``): models are told from optimizers
+    by structure (optimizers own slot variables or a step counter), never by name.
+
+    Example:
+        >>> graph = read_object_graph(TFCheckpointReader("fixtures/tf/tf_module"))  # doctest: +SKIP
+        >>> [(r.name, r.kind) for r in root_objects(graph)]  # doctest: +SKIP
+        [('model', 'model'), ('optimizer', 'optimizer'), ('save_counter', 'variable')]
+    """
+    graph = g.graph
+    if not graph.nodes:
+        return []
+    slot_nodes = set(g._slots)
+    out = []
+    for child in graph.nodes[0].children:
+        cid = child.node_id
+        if _is_optimizer(graph, cid):
+            out.append(RootObject(child.local_name, "optimizer", 0))
+            continue
+        seen, stack, count = {cid}, [cid], 0
+        while stack:  # the subtree, not through nested optimizers (a compiled model's)
+            n = stack.pop()
+            node = graph.nodes[n]
+            if n not in slot_nodes and any(a.name == "VARIABLE_VALUE" for a in node.attributes):
+                count += 1
+            for c in node.children:
+                if c.node_id not in seen and not _is_optimizer(graph, c.node_id):
+                    seen.add(c.node_id)
+                    stack.append(c.node_id)
+        node = graph.nodes[cid]
+        if count == 1 and not node.children and node.attributes:
+            out.append(RootObject(child.local_name, "variable", 1))
+        else:
+            out.append(RootObject(child.local_name, "model" if count else "empty", count))
+    return out
+
+
+def choose_roots(g: CheckpointObjectGraph, root: str | None = None, *, where: str = "the checkpoint") -> tuple[str, str | None]:
+    """``(model attribute, optimizer attribute or None)`` of a checkpoint's root object.
+
+    Args:
+        g: the object graph.
+        root: the model's attribute when the caller knows it (``--root NAME``).
+        where: names the checkpoint in errors.
+
+    Raises:
+        ConversionError: ``root`` is not an attribute holding variables; no attribute holds
+            model variables; or several do and ``root`` does not say which (all listed).
+
+    Example:
+        >>> choose_roots(graph)  # doctest: +SKIP
+        ('net', 'optimizer')
+    """
+    objs = root_objects(g)
+    listing = ", ".join(f"{o.name} ({o.kind}{f', {o.variables} variables' if o.kind == 'model' else ''})" for o in objs) or "nothing"
+    models = [o.name for o in objs if o.kind == "model"]
+    optimizers = [o.name for o in objs if o.kind == "optimizer"]
+    if root is not None:
+        if root not in {o.name for o in objs if o.kind in ("model", "variable")}:
+            raise ConversionError(f"{where}: the checkpoint's root has no model attribute {root!r}; it holds: {listing}")
+        chosen = root
+    elif len(models) == 1:
+        chosen = models[0]
+    elif not models:
+        raise ConversionError(f"{where}: no model variables found; the checkpoint's root holds: {listing}")
+    else:
+        raise ConversionError(
+            f"{where}: the checkpoint holds several models: {', '.join(models)}; choose one with --root NAME "
+            f"(root=NAME in the library). The root holds: {listing}"
+        )
+    optimizer = optimizers[0] if len(optimizers) == 1 else ("optimizer" if "optimizer" in optimizers else None)
+    return chosen, optimizer

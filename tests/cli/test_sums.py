@@ -1,0 +1,107 @@
+"""`ckptfmt hash` / `verify --sums` and the content digest (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import ckptfmt
+from ckptfmt.cli.main import EXIT_ERROR, EXIT_FOUND, EXIT_OK, main
+from ckptfmt.converters import kinds, sums
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], env={"CKPTFMT_DEBUG": ""})
+
+
+def _flip_data_byte(path):
+    raw = bytearray(open(path, "rb").read())
+    raw[-3] ^= 0x40  # the last tensor's data: structure intact, contents changed
+    open(path, "wb").write(bytes(raw))
+
+
+def test_flipped_safetensors_byte_passes_structure_and_fails_sums(make, tmp_path):
+    st = make.safetensors()
+    r = run("hash", st)
+    assert r.exit_code == EXIT_OK
+    (tmp_path / "SUMS").write_text(r.output)
+    lines = [json.loads(x) for x in r.output.splitlines()]
+    assert lines[0] == {"ckptfmt_sums": 1} and {x["tensor"] for x in lines[1:]} == {"layer/w", "layer/b", "step"}
+    assert run("verify", "--sums", tmp_path / "SUMS", st).exit_code == EXIT_OK
+    _flip_data_byte(st)
+    r = run("verify", st)
+    assert r.exit_code == EXIT_OK and "contents not verifiable" in r.output  # the format cannot tell
+    r = run("verify", "--sums", tmp_path / "SUMS", st)
+    assert r.exit_code == EXIT_FOUND and "hash_mismatch" in r.output and "contents changed" in r.output
+    assert "contents not verifiable" not in r.output
+
+
+def test_sums_are_stable_across_kinds_and_reserialisation(make, tmp_path):
+    ck = make.ckptfmt()
+    st = str(tmp_path / "a.safetensors")
+    kinds.convert(ck, st)
+    again = str(tmp_path / "again")
+    kinds.convert(st, again)
+    digests = [{e.tensor: e.blake3 for e in sums.hash_checkpoint(p)} for p in (ck, st, again)]
+    assert digests[0] == digests[1] == digests[2]
+    r = run("hash", ck)
+    (tmp_path / "SUMS").write_text(r.output.replace(ck, st))  # the same tensors, recorded for the export
+    assert run("verify", "--sums", tmp_path / "SUMS", st).exit_code == EXIT_OK
+
+
+@pytest.mark.torch
+def test_sums_for_torch_and_missing_or_extra_tensors(make, tmp_path):
+    pt = make.torch()
+    (tmp_path / "SUMS").write_text(run("hash", pt).output)
+    assert run("verify", "--sums", tmp_path / "SUMS", pt).exit_code == EXIT_OK
+    import torch
+
+    torch.save({"layer/w": torch.zeros(3, 4), "new": torch.ones(1)}, pt)
+    r = run("verify", "--sums", tmp_path / "SUMS", pt)
+    assert r.exit_code == EXIT_FOUND
+    assert "missing_tensor" in r.output and "extra_tensor" in r.output and "hash_mismatch" in r.output
+
+
+def test_sums_errors(make, tmp_path):
+    st = make.safetensors()
+    bad = tmp_path / "SUMS"
+    bad.write_text("not json\n")
+    r = run("verify", "--sums", bad, st)
+    assert r.exit_code == EXIT_ERROR and "not a ckptfmt sums file" in r.output and "ckptfmt hash" in r.output
+    (tmp_path / "S2").write_text(run("hash", st).output)
+    other = make.ckptfmt("other")
+    r = run("verify", "--sums", tmp_path / "S2", other)
+    assert r.exit_code == EXIT_FOUND and "not_in_sums" in r.output
+
+
+def test_content_digest_ignores_time_names_and_incremental_layout(tmp_path):
+    state = {"a": np.arange(10.0), "b": {"c": np.ones((3, 4), np.float32)}, "n": 3}
+    paths = [str(tmp_path / n) for n in ("x", "y", "z")]
+    ckptfmt.save(state, paths[0])
+    ckptfmt.save(state, paths[1])
+    ckptfmt.save(state, paths[2], parent=paths[0])
+    readers = [ckptfmt.open(p) for p in paths]
+    assert len({r.digest for r in readers}) == 3  # the manifest digest covers save time and files
+    assert len({r.content_digest for r in readers}) == 1
+    changed = str(tmp_path / "w")
+    ckptfmt.save({**state, "a": np.arange(10.0) + 1}, changed)
+    assert ckptfmt.open(changed).content_digest != readers[0].content_digest
+    retree = str(tmp_path / "t")
+    ckptfmt.save({"a": np.arange(10.0), "b": {"c": np.ones((3, 4), np.float32)}, "n": 4}, retree)
+    assert ckptfmt.open(retree).content_digest != readers[0].content_digest  # the tree counts
+    r = run("inspect", paths[1])
+    assert f"content:  {readers[0].content_digest}" in r.output
+    assert json.loads(run("inspect", "--json", paths[2]).output)["content_digest"] == readers[0].content_digest
+
+
+def test_sums_of_a_structurally_damaged_file_is_corrupt_not_unreadable(make, tmp_path):
+    st = make.safetensors()
+    (tmp_path / "SUMS").write_text(run("hash", st).output)
+    with open(st, "r+b") as f:
+        f.truncate(os.path.getsize(st) - 4)
+    r = run("verify", "--sums", tmp_path / "SUMS", st)
+    assert r.exit_code == EXIT_FOUND and "truncated" in r.output and "ckptfmt verify" not in r.output
