@@ -103,10 +103,18 @@ def atomic_file(dst: str, write: Callable[[str], object]) -> None:
         >>> os.path.exists(p)
         True
     """
+    from ._temps import remove_stale_temporaries, wrap_write_error
+
+    # temporaries of ``dst`` left by processes that no longer run (SIGKILL, a power cut) go
+    # first; a full disk is reported naming ``dst``
+    remove_stale_temporaries(dst)
     tmp = temp_path(dst)
     try:
         write(tmp)
         commit_file(tmp, dst)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise wrap_write_error(e, dst) from e
     except BaseException:
         remove_quietly(tmp)
         raise
@@ -155,6 +163,10 @@ def _check_ckptfmt_dir(dst: str, overwrite: bool) -> None:
     if not names:
         return
     if MANIFEST_NAME not in names:
+        from ._temps import clear_partial_checkpoint
+
+        if clear_partial_checkpoint(dst):
+            return  # what an interrupted save left: never a reason to refuse the rerun
         raise CheckpointExistsError(f"{dst} is a non-empty directory but not a ckptfmt checkpoint; refusing to write "
                                     "into it (choose a new or empty directory)")
     if not overwrite:

@@ -324,7 +324,7 @@ def write_torch_checkpoint(dst: str, weights: dict[str, np.ndarray], model: Any,
     Example:
         >>> write_torch_checkpoint("run.pt", weights, model, conv, "")  # doctest: +SKIP
     """
-    torch = require("torch", "tf2torch/torch2tf conversion")
+    require("torch", "tf2torch/torch2tf conversion")  # FrameworkNotAvailableError naming the extra
     from ckptfmt.adapters.torch import numpy_to_tensor
 
     # Shares the arrays' memory (bfloat16/float8 through a bit view); nothing is copied.

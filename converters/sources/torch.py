@@ -350,7 +350,7 @@ def write_torch(path: str, tensors: dict[str, np.ndarray]) -> None:
         >>> import numpy as np
         >>> write_torch("/tmp/doc.pt", {"w": np.ones(2, np.float32)})  # doctest: +SKIP
     """
-    torch = _torch()
+    _torch()  # FrameworkNotAvailableError naming the extra
     from ckptfmt.adapters.torch import numpy_to_tensor
 
     obj = {name: numpy_to_tensor(np.asarray(a)) for name, a in tensors.items()}
