@@ -32,13 +32,12 @@ import datetime
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 import ckptfmt
 from ckptfmt.cli._lazy import LazyGroup
-from ckptfmt.converters import kinds
 from ckptfmt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -50,12 +49,24 @@ from ckptfmt.errors import (
     UnmappedKeyError,
 )
 
+if TYPE_CHECKING:
+    from ckptfmt.converters import kinds
+
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 
 #: Extra ``convert`` subcommands living in other modules, imported only when used:
 #: ``{"tf2torch": "ckptfmt.cli.tf:tf2torch"}``. Other packages can add theirs through the
 #: ``ckptfmt.convert`` entry-point group instead.
 CONVERT_COMMANDS: dict[str, str] = {"tf2torch": "ckptfmt.cli.tfconvert:tf2torch", "torch2tf": "ckptfmt.cli.tfconvert:torch2tf"}
+
+
+
+def _kinds() -> Any:
+    """The converters' kind registry, imported when a command first needs it (not for --help)."""
+    from ckptfmt.converters import kinds
+
+    return kinds
+
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _DEBUG_HINT = "--debug (or CKPTFMT_DEBUG=1) shows the full traceback"
@@ -210,7 +221,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
       ckptfmt inspect runs/ckpt-100
       ckptfmt inspect model.safetensors --json | jq '.tensors[].name'
     """
-    s = kinds.inspect_any(path)
+    s = _kinds().inspect_any(path)
     if as_json:
         d = s.to_dict()
         if s.kind == "ckptfmt":
@@ -242,8 +253,8 @@ def _verify_one(ctx: click.Context, path: str, progress: bool | None) -> dict[st
     """One input's result: status ok/corrupt/unreadable, its report or its error."""
     kind = None
     try:
-        kind = kinds.detect_kind(path)
-        report = kinds.verify_any(path, kind=kind, progress=progress)
+        kind = _kinds().detect_kind(path)
+        report = _kinds().verify_any(path, kind=kind, progress=progress)
     except Exception as e:
         if _debug(ctx):
             raise
@@ -346,7 +357,7 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: f
 
         r = diff_converted(a, b, model_factory=model, mapping=mapping, preset=preset, pairs=pairs_option(pairs), atol=atol, rtol=rtol)
     else:
-        r = kinds.diff_any(a, b, atol=atol, rtol=rtol)
+        r = _kinds().diff_any(a, b, atol=atol, rtol=rtol)
     if as_json:
         _echo_json(r.to_dict())
     else:
@@ -496,7 +507,7 @@ def _to_command(target: str, example_src: str, example_dst: str) -> click.Comman
     @click.argument("dst", type=click.Path())
     @_common
     def command(src: str, dst: str, overwrite: bool, skip_unsupported: bool) -> None:
-        _report(kinds.convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
+        _report(_kinds().convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
     return command
 
@@ -520,7 +531,7 @@ def onnx_import(model: str, dst: str, to: str | None, overwrite: bool, skip_unsu
       ckptfmt convert onnx-import model.onnx weights.safetensors
       ckptfmt convert onnx-import model.onnx runs/from-onnx --to ckptfmt
     """
-    _report(kinds.onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
+    _report(_kinds().onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
 
 @convert.command("onnx-export", context_settings=_CONTEXT)
@@ -540,7 +551,7 @@ def onnx_export(src: str, model: str, out: str, allow_missing: bool, allow_unkno
     Example:
       ckptfmt convert onnx-export finetuned.safetensors model.onnx finetuned.onnx
     """
-    _report(kinds.onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
+    _report(_kinds().onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
 
 
 def register_convert_command(command: click.Command) -> click.Command:

@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 
 from ckptfmt.errors import FormatError, IntegrityError, LimitExceededError, UnsupportedVersionError
-from ckptfmt.format.dtypes import DTYPE_NAMES, numpy_dtype
+from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_itemsize, numpy_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH, get_hash
 from ckptfmt.format.spec import (
     ALIGNMENT,
@@ -375,7 +375,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
     if len(dtype_table) > 255:
         raise FormatError(f"{where}: dtype table too long")
     for name in dtype_table:
-        numpy_dtype(name)  # raises FormatError for unknown names
+        dtype_itemsize(name)  # raises FormatError for unknown names
     dtypes = _array(_req(tens, "dtype", bytes, where), "u1", n, "dtype", where)
     if n and int(dtypes.max()) >= len(dtype_table):
         raise FormatError(f"{where}: dtype code out of range")
@@ -387,7 +387,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
     if total_dims and int(dims_u.max()) > limits.max_tensor_bytes:
         raise LimitExceededError(f"{where}: a dimension exceeds {limits.max_tensor_bytes}")
     dims = dims_u.astype(np.int64)
-    itemsizes = np.array([numpy_dtype(d).itemsize for d in dtype_table] or [1], np.int64)[dtypes]
+    itemsizes = np.array([dtype_itemsize(d) for d in dtype_table] or [1], np.int64)[dtypes]
     nbytes = _products(ranks, dims, itemsizes, limits, where)
 
     nchunks = -(-nbytes // chunk_size)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from ckptfmt.errors import (
@@ -66,7 +66,23 @@ _MAX_ELEMENTS = 1 << 48
 
 # DataType enum (types.proto) -> numpy dtype. DT_STRING is handled separately.
 _DT_STRING = 7
-_ENUM_TO_NUMPY: dict[int, np.dtype] = {
+# bfloat16 and the float8 types come from ml_dtypes, whose import costs most of a command's
+# start-up: it is imported when a tensor of one of them is read, not with this module.
+_ML_ENUMS = {14: "bfloat16", 24: "float8_e5m2", 25: "float8_e4m3fn", 26: "float8_e4m3fnuz", 27: "float8_e4m3b11fnuz", 28: "float8_e5m2fnuz"}
+
+
+class _EnumDtypes(dict):
+    """DataType enum -> numpy dtype; ml_dtypes entries are filled in on first use."""
+
+    def __missing__(self, code: int) -> np.dtype:
+        name = _ML_ENUMS.get(code)
+        if name is None:
+            raise KeyError(code)
+        _load_ml_enums()
+        return self[code]
+
+
+_ENUM_TO_NUMPY: dict[int, np.dtype] = _EnumDtypes({
     1: np.dtype(np.float32),
     2: np.dtype(np.float64),
     3: np.dtype(np.int32),
@@ -76,19 +92,26 @@ _ENUM_TO_NUMPY: dict[int, np.dtype] = {
     8: np.dtype(np.complex64),
     9: np.dtype(np.int64),
     10: np.dtype(np.bool_),
-    14: np.dtype(ml_dtypes.bfloat16),
     17: np.dtype(np.uint16),
     18: np.dtype(np.complex128),
     19: np.dtype(np.float16),
     22: np.dtype(np.uint32),
     23: np.dtype(np.uint64),
-    24: np.dtype(ml_dtypes.float8_e5m2),
-    25: np.dtype(ml_dtypes.float8_e4m3fn),
-    26: np.dtype(ml_dtypes.float8_e4m3fnuz),
-    27: np.dtype(ml_dtypes.float8_e4m3b11fnuz),
-    28: np.dtype(ml_dtypes.float8_e5m2fnuz),
-}
+})
 _NUMPY_TO_ENUM = {dt: e for e, dt in _ENUM_TO_NUMPY.items()}
+_READABLE_ENUMS = frozenset(_ENUM_TO_NUMPY) | frozenset(_ML_ENUMS)
+_ENUM_ITEMSIZE = {**{e: dt.itemsize for e, dt in _ENUM_TO_NUMPY.items()}, **{e: 2 if n == "bfloat16" else 1 for e, n in _ML_ENUMS.items()}}
+
+
+def _load_ml_enums() -> None:
+    import ml_dtypes
+
+    for code, name in _ML_ENUMS.items():
+        dt = np.dtype(getattr(ml_dtypes, name))
+        _ENUM_TO_NUMPY[code] = dt
+        _NUMPY_TO_ENUM[dt] = code
+
+
 _ENUM_NAMES = {
     1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string",
     8: "complex64", 9: "int64", 10: "bool", 11: "qint8", 12: "quint8", 13: "qint32",
@@ -367,7 +390,7 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
             )
         if e.dtype not in _ENUM_NAMES:
             raise FormatError(f"{where}: unknown dtype enum {e.dtype}; the index is corrupt")
-        if e.dtype not in _ENUM_TO_NUMPY and e.dtype != _DT_STRING:
+        if e.dtype not in _READABLE_ENUMS and e.dtype != _DT_STRING:
             raise UnsupportedDtypeError(
                 f"{where}: dtype {_ENUM_NAMES.get(e.dtype, e.dtype)} cannot be read without "
                 "TensorFlow; load this tensor with tf.train.load_checkpoint"
@@ -392,7 +415,7 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
             if e.offset < 0 or e.size < 0:
                 raise FormatError(f"{where}: negative offset {e.offset} or size {e.size}")
             if e.dtype != _DT_STRING:
-                nbytes = _ENUM_TO_NUMPY[e.dtype].itemsize
+                nbytes = _ENUM_ITEMSIZE[e.dtype]
                 for d in e.shape:
                     nbytes *= d
                 if nbytes != e.size:
@@ -635,6 +658,8 @@ def _tensor_bytes(key: str, value: object) -> tuple[int, tuple[int, ...], bytes 
         data, crc = _encode_strings(arr, key)
         return _DT_STRING, arr.shape, data, crc
     dt = arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else arr.dtype
+    if len(_NUMPY_TO_ENUM) < len(_READABLE_ENUMS) and "ml_dtypes" in sys.modules:
+        _load_ml_enums()  # an array can only have an ml_dtypes dtype once ml_dtypes is imported
     enum = _NUMPY_TO_ENUM.get(np.dtype(dt))
     if enum is None:
         raise UnsupportedDtypeError(
