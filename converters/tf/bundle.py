@@ -123,6 +123,15 @@ _ENUM_NAMES = {
 
 Extent = tuple[int, "int | None"]
 
+# read_all: tensors up to this size are read in runs of neighbours (one preadv per run of
+# at most _BATCH_RUN_MAX bytes, bridging gaps up to _BATCH_GAP); larger ones one by one,
+# on two threads only when they add up to _THREADS_MIN_BYTES (threads cost more than they
+# save on small reads).
+_BATCH_TENSOR_MAX = 1 << 20
+_BATCH_RUN_MAX = 16 << 20
+_BATCH_GAP = 64 << 10
+_THREADS_MIN_BYTES = 64 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class TensorEntry:
@@ -618,15 +627,83 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
         return out
 
     def read_all(self) -> dict[str, np.ndarray]:
-        """Read every tensor into a dict ``{name: array}``.
+        """Read every tensor into a dict ``{name: array}``, each checked against its CRC32C.
 
-        Two threads read at once: preadv and the CRC32C check release the GIL, and
-        faulting in fresh output memory is the dominant cost on large checkpoints.
+        Small plain tensors (the thousands of biases and norms of a real model) are read
+        in batches: neighbours in a shard come in with one ``preadv`` and are then checked
+        and copied out one by one, so the cost per tensor is a CRC call and a copy, not a
+        system call and a Python read path. Large tensors are read one at a time, on two
+        threads when there are enough large bytes for that to pay (preadv and the CRC32C
+        release the GIL; faulting in fresh output memory is their dominant cost).
+
+        Example:
+            >>> sorted(r.read_all())  # doctest: +SKIP
+            ['b', 'w']
         """
-        if len(self._keys) < 2:
-            return {k: self.get(k) for k in self._keys}
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptfmt-tf-read") as ex:
-            return dict(zip(self._keys, ex.map(self.get, self._keys)))
+        out: dict[str, np.ndarray] = {}
+        small: dict[int, list[tuple[str, bytes, BundleEntry]]] = {}
+        large: list[str] = []
+        large_bytes = 0
+        for key in self._keys:
+            bkey = self._bkey(key)
+            e = self._entry(bkey)
+            if not e.slices and e.dtype != _DT_STRING and e.size <= _BATCH_TENSOR_MAX:
+                small.setdefault(e.shard_id, []).append((key, bkey, e))
+            else:
+                large.append(key)
+                large_bytes += e.size
+        for shard, items in small.items():
+            self._read_batch(shard, items, out)
+        if len(large) >= 2 and large_bytes >= _THREADS_MIN_BYTES:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptfmt-tf-read") as ex:
+                out.update(zip(large, ex.map(self.get, large)))
+        else:
+            out.update((k, self.get(k)) for k in large)
+        return {k: out[k] for k in self._keys}
+
+    def _read_batch(self, shard: int, items: list[tuple[str, bytes, BundleEntry]], out: dict[str, np.ndarray]) -> None:
+        """Read plain tensors of one shard in runs of neighbours, one preadv per run."""
+        fd, fsize = self._fd(shard)
+        items.sort(key=lambda t: t[2].offset)
+        swap = self.header.endianness == 1
+        i, n = 0, len(items)
+        while i < n:
+            lo = items[i][2].offset
+            hi = lo + items[i][2].size
+            j = i + 1
+            while j < n:
+                e = items[j][2]
+                end = e.offset + e.size
+                if e.offset - hi > _BATCH_GAP or max(end, hi) - lo > _BATCH_RUN_MAX:
+                    break
+                hi = max(hi, end)
+                j += 1
+            if hi > fsize:  # a truncated shard: the per-tensor path names the first tensor past its end
+                for key, bkey, e in items[i:j]:
+                    self._check_span(e, bkey)
+            buf = bytearray(hi - lo)
+            mv = memoryview(buf)
+            done = 0
+            while done < len(buf):
+                got = os.preadv(fd, [mv[done:]], lo + done)
+                if got <= 0:
+                    raise FormatError(
+                        f"{self.shard_path(shard)}: unexpected end of file at byte offset "
+                        f"{lo + done} reading tensors {_fmt_key(items[i][1])}..; the shard is truncated"
+                    )
+                done += got
+            for key, bkey, e in items[i:j]:
+                a = e.offset - lo
+                piece = mv[a : a + e.size]
+                actual = crc32c(piece)
+                if actual != unmask_crc(e.crc32c):
+                    self._check_crc(e, bkey, actual)
+                dt = _ENUM_TO_NUMPY[e.dtype]
+                arr = np.frombuffer(piece, dtype=dt).reshape(e.shape).copy()
+                if swap and dt.itemsize > 1:
+                    arr = arr.view(dt.newbyteorder(">")).astype(dt)
+                out[key] = arr
+            i = j
 
 
 # ----------------------------------------------------------------------- writer
