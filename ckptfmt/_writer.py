@@ -76,7 +76,7 @@ class DeferredTensor:
 
 
 def _is_leaf(x: Any) -> bool:
-    return isinstance(x, DeferredTensor) or is_tensor_leaf(x)
+    return type(x) is np.ndarray or isinstance(x, DeferredTensor) or is_tensor_leaf(x)
 
 
 def _producer(extra: dict | None) -> dict:
@@ -259,7 +259,7 @@ def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray | Defer
         idx = by_id.get(id(x))
         if idx is not None:
             return idx  # the same array object twice (tied weights): stored once
-        arr = x if isinstance(x, DeferredTensor) else np.asarray(x)
+        arr = x if type(x) is np.ndarray or isinstance(x, DeferredTensor) else np.asarray(x)
         try:
             dtype_name(arr.dtype)  # refuse unsupported dtypes before anything is written
         except UnsupportedDtypeError as e:
@@ -332,12 +332,15 @@ def write_checkpoint(
     bar = progress_bar(total, f"saving {os.path.basename(path)}", progress)
     handle = None
     window = 2 * workers()
+    small_max = min(chunk_size, _INLINE_HASH_BYTES)
+    digest = hasher.function
     try:
         file_index = -1
         for name, arr in tensors:
-            builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
+            builder.add_tensor(name, dtype_name(arr.dtype), arr.shape if type(arr) is np.ndarray else tuple(int(d) for d in arr.shape))
             nbytes = int(arr.nbytes)
-            if handle is None or (handle.tell() and handle.tell() + nbytes > DATA_FILE_TARGET):
+            pos = handle.tell() if handle is not None else 0
+            if handle is None or (pos and pos + nbytes > DATA_FILE_TARGET):
                 if handle is not None:
                     builder.set_file_size(file_index, handle.tell())
                     handle.close(sync=sync)
@@ -345,13 +348,26 @@ def write_checkpoint(
                 handle = storage.open_write(storage.join(path, fname), durable=sync)
                 written.append(fname)
                 file_index = builder.add_file(fname)
-            pad = -handle.tell() % ALIGNMENT
+                pos = 0
+            pad = -pos % ALIGNMENT
             if pad:
                 handle.write(_ZEROS[:pad])
+                pos += pad
             if isinstance(arr, DeferredTensor):
                 arr = arr.materialize(name)  # rebound: dropped once written
             base = parent_ref.match(name, arr) if parent_ref is not None else None
-            if base is None:
+            if base is None and nbytes <= small_max and arr.flags.c_contiguous and not needs_byteswap(arr.dtype):
+                # One chunk, no copy: hashed and gathered here (a tensor of a model with
+                # thousands of parameters would spend more on the general path's layers).
+                if nbytes:
+                    try:
+                        data = memoryview(arr).cast("B")
+                    except (ValueError, TypeError):  # ml_dtypes types have no buffer format
+                        data = memoryview(arr.reshape(-1).view(np.uint8))
+                    builder.add_chunk(file_index, pos, digest(data))
+                    handle.write(data)
+                    bar.update(nbytes)
+            elif base is None:
                 _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window)
             else:
                 _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base)

@@ -52,6 +52,9 @@ DTYPE_NAMES: tuple[str, ...] = tuple(_NUMPY_BY_NAME)
 _ITEMSIZES: dict[str, int] = {n: (t.itemsize if t is not None else (2 if n == "bfloat16" else 1)) for n, t in _NUMPY_BY_NAME.items()}
 _STD_KINDS = {(t.kind, t.itemsize): n for n, t in _NUMPY_BY_NAME.items() if t is not None}
 _ml_types: dict[type, str] = {}
+_LITTLE = sys.byteorder == "little"
+# dtype -> name for dtypes already seen (np.dtype objects only; equal dtypes share a name).
+_NAME_CACHE: dict[np.dtype, str] = {}
 
 
 def _load_ml_dtypes() -> None:
@@ -69,16 +72,23 @@ def dtype_name(dtype: np.dtype) -> str:
     Raises:
         UnsupportedDtypeError: object, string, structured and other non-numeric dtypes.
     """
+    try:
+        return _NAME_CACHE[dtype]  # called once or twice per tensor by the writer
+    except (KeyError, TypeError):
+        pass
     dt = np.dtype(dtype)
     if dt.fields is None and dt.subdtype is None:
         name = _STD_KINDS.get((dt.kind, dt.itemsize))
         if name is not None:
+            if type(dtype) is type(dt):
+                _NAME_CACHE[dtype] = name
             return name
     # ml_dtypes types are numpy "V"-kind or custom kinds; match them by identity of the type.
     if not _ml_types and "ml_dtypes" in sys.modules:
         _load_ml_dtypes()
     name = _ml_types.get(dt.type)
     if name is not None:
+        _NAME_CACHE[dt] = name
         return name
     raise UnsupportedDtypeError(
         f"dtype {dt!r} cannot be stored; supported dtypes are: {', '.join(DTYPE_NAMES)}"
@@ -119,6 +129,8 @@ def dtype_itemsize(name: str) -> int:
 
 def needs_byteswap(dtype: np.dtype) -> bool:
     """True when values of ``dtype`` must be byte-swapped to be stored little-endian."""
+    if _LITTLE and isinstance(dtype, np.dtype) and dtype.byteorder != ">":
+        return False  # the writer asks once per tensor: the common answer without np.dtype()
     dt = np.dtype(dtype)
     if dt.itemsize == 1 or dt.byteorder == "|":
         return False
