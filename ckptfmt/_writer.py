@@ -169,11 +169,20 @@ def _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, win
         builder.add_chunk(file_index, off, fut.result())
 
 
-def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base) -> None:
-    """Hash every chunk (ahead, on the pool); write only those that differ from the parent's."""
+def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base, same=None) -> None:
+    """Hash every chunk (ahead, on the pool); write only those that differ from the parent's.
+
+    ``same[k]`` true means chunk k is already known to be byte-identical to the parent's
+    chunk k (the manager compared it with the snapshot the parent was written from): it
+    is neither hashed nor written, and the parent's location and hash are recorded.
+    """
     pending: deque = deque()
 
-    def settle(k: int, chunk: memoryview, digest: bytes) -> None:
+    def settle(k: int, chunk: memoryview, digest: bytes | None) -> None:
+        if digest is None:
+            builder.add_chunk(*parent_ref.same_chunk(base, k))
+            bar.update(len(chunk))
+            return
         ref = parent_ref.chunk(base, k, digest)
         if ref is not None:
             builder.add_chunk(ref[0], ref[1], digest)
@@ -186,13 +195,14 @@ def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, wind
         bar.update(len(chunk))
 
     for k, chunk in enumerate(_chunks(arr, chunk_size)):
-        pending.append((k, chunk, pool().submit(hasher.digest, chunk)))
+        known = same is not None and k < len(same) and bool(same[k])
+        pending.append((k, chunk, None if known else pool().submit(hasher.digest, chunk)))
         while len(pending) > window:
             kk, c, fut = pending.popleft()
-            settle(kk, c, fut.result())
+            settle(kk, c, None if fut is None else fut.result())
     while pending:
         kk, c, fut = pending.popleft()
-        settle(kk, c, fut.result())
+        settle(kk, c, None if fut is None else fut.result())
 
 
 class _ParentRef:
@@ -230,10 +240,17 @@ class _ParentRef:
 
     def chunk(self, entry, k: int, digest: bytes) -> tuple[int, int] | None:
         """(child file index, offset) of the parent's identical chunk, or None."""
+        if self.manifest.chunk_hash(entry.first_chunk + k) != digest:
+            return None
+        return self._locate(entry, k)
+
+    def same_chunk(self, entry, k: int) -> tuple[int, int, bytes]:
+        """(child file index, offset, hash) of the parent's chunk k, known equal to ours."""
+        return (*self._locate(entry, k), self.manifest.chunk_hash(entry.first_chunk + k))
+
+    def _locate(self, entry, k: int) -> tuple[int, int]:
         m = self.manifest
         c = entry.first_chunk + k
-        if m.chunk_hash(c) != digest:
-            return None
         f = int(m.chunk_file[c])
         idx = self._files.get(f)
         if idx is None:
@@ -293,12 +310,19 @@ def write_checkpoint(
     progress: bool | None = None,
     producer: dict | None = None,
     parent: str | None = None,
+    same_as_parent: Callable[[str, np.ndarray, int], Any] | None = None,
 ) -> str:
     """Write ``state`` as a checkpoint directory at ``path``; returns the manifest hash (hex).
 
     With ``parent`` (a sibling checkpoint directory), chunks whose hash equals the parent's
     chunk at the same place of a tensor of the same name, dtype and shape are not written
     again: the new manifest points at the data the parent already uses.
+
+    ``same_as_parent(name, array, chunk_size)`` (CheckpointManager only) may return, for a
+    tensor matching the parent's, a per-chunk boolean sequence: true where the chunk is
+    known byte-identical to the parent's, because the parent was written from a snapshot
+    the caller still holds and compared. Those chunks are not hashed again. A caller that
+    cannot guarantee this must not pass it: it would record the parent's data.
     """
     manifest_path = storage.join(path, MANIFEST_NAME)
     if storage.exists(path) and not storage.isdir(path):
@@ -370,7 +394,8 @@ def write_checkpoint(
             elif base is None:
                 _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window)
             else:
-                _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base)
+                same = same_as_parent(name, arr, chunk_size) if same_as_parent is not None else None
+                _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base, same)
         if handle is not None:
             builder.set_file_size(file_index, handle.tell())
             handle.close(sync=sync)
