@@ -50,6 +50,18 @@ def test_help_imports_no_framework(tmp_path):
     assert _imported_after(_cli(["convert", "--help"]), str(tmp_path)) == []
 
 
+def test_import_and_help_do_not_even_import_numpy(tmp_path):
+    """The package's functions are imported on first use: --help and --version cost only
+    the interpreter, click and our command table."""
+    for code in ("import ckptfmt; ckptfmt.FORMAT_VERSION; ckptfmt.CkptFmtError", _cli(["--help"]), _cli(["--version"])):
+        probe = code + "\nimport sys\nprint('numpy' in sys.modules)\n"
+        out = subprocess.run([sys.executable, "-c", probe], cwd=str(tmp_path), capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "False", code
+    code = "import ckptfmt\nfrom ckptfmt import save, CheckpointManager\nprint(sorted(n for n in ckptfmt.__all__ if not hasattr(ckptfmt, n)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("kind", ["ckptfmt", "safetensors", "tf"])
 def test_verify_and_inspect_import_no_framework(tmp_path, kind):
     if kind == "ckptfmt":
