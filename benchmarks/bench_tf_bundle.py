@@ -1,6 +1,14 @@
 """Benchmark ckptfmt's TensorBundle reader/writer against TensorFlow's own.
 
     python benchmarks/bench_tf_bundle.py [--gib 1.0] [--runs 3] [--dir /tmp/bench_tf]
+                                         [--variables 6002] [--skip-large] [--skip-many]
+
+Many variables: a checkpoint TensorFlow writes for a tf.Module holding ``--variables``
+small variables (pairs of a 32x32 kernel and a 32-vector bias, a step counter, and the
+object graph TF adds: 6,002 by default) is read completely -- open plus every tensor as
+numpy -- by ``TFCheckpointReader.read_all`` and by ``tf.train.load_checkpoint`` +
+``get_tensor`` for every name, alternating, many rounds. Target: >= 1.0x TF, TF's import
+excluded.
 
 A checkpoint of 200 float32 tensors of mixed sizes (about ``--gib`` GiB) is written and
 read alternately by each tool. Reads cover opening the checkpoint and materialising every
@@ -44,12 +52,71 @@ def tf_import_seconds() -> float:
     return float(res.stdout.strip().splitlines()[-1])
 
 
+def many_variables(args) -> None:
+    import tensorflow as tf
+
+    from ckptfmt.converters.tf import TFCheckpointReader
+
+    root = os.path.join(args.dir, "many")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    rng = np.random.default_rng(0)
+    pairs = (args.variables - 2) // 2
+    module = tf.Module()
+    module.vars = [
+        tf.Variable(rng.standard_normal((32, 32) if i % 2 == 0 else (32,)).astype(np.float32), name=f"v{i}")
+        for i in range(2 * pairs)
+    ]
+    module.step = tf.Variable(0, dtype=tf.int64)
+    prefix = tf.train.Checkpoint(model=module).write(os.path.join(root, "ckpt"))
+
+    def read_ours():
+        return TFCheckpointReader(prefix).read_all()
+
+    def read_tf():
+        r = tf.train.load_checkpoint(prefix)
+        return {k: r.get_tensor(k) for k in r.get_variable_to_shape_map()}
+
+    ours, theirs = read_ours(), read_tf()
+    assert ours.keys() == theirs.keys(), "the readers list different tensors"
+    for k, v in theirs.items():
+        if isinstance(v, np.ndarray) and v.dtype != object:
+            assert np.array_equal(ours[k], v), k
+    n = len(ours)
+    del ours, theirs
+    runs = max(args.runs, 5) * 3
+    times: dict[str, list[float]] = {"read ours": [], "read tf": []}
+    cases = [("read ours", read_ours), ("read tf", read_tf)]
+    for run in range(runs):
+        for label, fn in (cases if run % 2 == 0 else cases[::-1]):
+            t = time.perf_counter()
+            got = fn()
+            times[label].append(time.perf_counter() - t)
+            del got
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired = statistics.median(t / o for t, o in zip(times["read tf"], times["read ours"]))
+    print(f"many variables: {n} tensors ({os.path.getsize(prefix + '.data-00000-of-00001') / (1 << 20):.1f} MiB), {runs} alternating runs")
+    for k, v in times.items():
+        print(f"{k:11s} median {med[k] * 1e3:7.1f} ms  (min {min(v) * 1e3:.1f}, max {max(v) * 1e3:.1f})")
+    verdict = "PASS" if med["read tf"] / med["read ours"] >= 1.0 else "FAIL"
+    print(f"read everything: tf/ours = {med['read tf'] / med['read ours']:.2f}x (paired per-run median {paired:.2f}x) "
+          f"without TF import; target >= 1.0x {verdict}\n")
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--dir", default="/tmp/bench_tf_bundle")
+    ap.add_argument("--variables", type=int, default=6002)
+    ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--skip-many", action="store_true")
     args = ap.parse_args()
+    if not args.skip_many:
+        many_variables(args)
+    if args.skip_large:
+        return 0
 
     from ckptfmt.converters.tf import TFCheckpointReader, write_checkpoint
 

@@ -14,9 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from ckptfmt.api import CheckpointReader, Problem, VerifyReport, load, open, save, verify
-from ckptfmt._gc import GcReport, RunInfo, compact, gc, remove, run_info
-from ckptfmt.manager import CheckpointManager
+from typing import TYPE_CHECKING
+
 from ckptfmt.errors import (
     CheckpointExistsError,
     CheckpointLockedError,
@@ -35,6 +34,34 @@ from ckptfmt.errors import (
     UnsupportedVersionError,
 )
 from ckptfmt.format.spec import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from ckptfmt._gc import GcReport, RunInfo, compact, gc, remove, run_info
+    from ckptfmt.api import CheckpointReader, Problem, VerifyReport, load, open, save, verify
+    from ckptfmt.manager import CheckpointManager
+
+# The functions are imported on first use (PEP 562): `import ckptfmt` and a command's
+# --help then cost no numpy import, only the commands that read or write do.
+_LAZY = {
+    **dict.fromkeys(("save", "load", "open", "verify", "CheckpointReader", "Problem", "VerifyReport"), "ckptfmt.api"),
+    **dict.fromkeys(("gc", "remove", "compact", "run_info", "GcReport", "RunInfo"), "ckptfmt._gc"),
+    "CheckpointManager": "ckptfmt.manager",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptfmt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 

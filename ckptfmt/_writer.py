@@ -87,7 +87,7 @@ class DeferredTensor:
 
 
 def _is_leaf(x: Any) -> bool:
-    return isinstance(x, DeferredTensor) or is_tensor_leaf(x)
+    return type(x) is np.ndarray or isinstance(x, DeferredTensor) or is_tensor_leaf(x)
 
 
 def _producer(extra: dict | None) -> dict:
@@ -180,11 +180,23 @@ def _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, win
         builder.add_chunk(file_index, off, fut.result())
 
 
-def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base) -> None:
-    """Hash every chunk (ahead, on the pool); write only those that differ from the parent's."""
+def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base, same=None) -> None:
+    """Hash every chunk (ahead, on the pool); write only those that differ from the parent's.
+
+    ``same[k]`` true means chunk k is already known to be byte-identical to the parent's
+    chunk k (the manager compared it with the snapshot the parent was written from): it
+    is neither hashed nor written, and the parent's location and hash are recorded.
+    """
     pending: deque = deque()
 
-    def settle(k: int, chunk: memoryview, digest: bytes) -> None:
+    def settle(k: int, chunk: memoryview, digest: bytes | None) -> None:
+        if digest is None:
+            ref = parent_ref.same_chunk(base, k)
+            if ref is not None:
+                builder.add_chunk(*ref)
+                bar.update(len(chunk))
+                return
+            digest = hasher.digest(chunk)  # the parent's chunk is not in the store: written again
         ref = parent_ref.chunk(base, k, digest)
         if ref is not None:
             builder.add_chunk(ref[0], ref[1], digest)
@@ -197,13 +209,14 @@ def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, wind
         bar.update(len(chunk))
 
     for k, chunk in enumerate(_chunks(arr, chunk_size)):
-        pending.append((k, chunk, pool().submit(hasher.digest, chunk)))
+        known = same is not None and k < len(same) and bool(same[k])
+        pending.append((k, chunk, None if known else pool().submit(hasher.digest, chunk)))
         while len(pending) > window:
             kk, c, fut = pending.popleft()
-            settle(kk, c, fut.result())
+            settle(kk, c, None if fut is None else fut.result())
     while pending:
         kk, c, fut = pending.popleft()
-        settle(kk, c, fut.result())
+        settle(kk, c, None if fut is None else fut.result())
 
 
 class _ParentRef:
@@ -250,10 +263,19 @@ class _ParentRef:
 
     def chunk(self, entry, k: int, digest: bytes) -> tuple[int, int] | None:
         """(child file index, offset) of the parent's identical chunk in the store, or None."""
+        if self.manifest.chunk_hash(entry.first_chunk + k) != digest:
+            return None
+        return self._locate(entry, k)
+
+    def same_chunk(self, entry, k: int) -> tuple[int, int, bytes] | None:
+        """(child file index, offset, hash) of the parent's chunk k, known equal to ours; None
+        when that chunk is not in the store (then it is written again)."""
+        loc = self._locate(entry, k)
+        return None if loc is None else (*loc, self.manifest.chunk_hash(entry.first_chunk + k))
+
+    def _locate(self, entry, k: int) -> tuple[int, int] | None:
         m = self.manifest
         c = entry.first_chunk + k
-        if m.chunk_hash(c) != digest:
-            return None
         f = int(m.chunk_file[c])
         idx = self._files.get(f)
         if idx is None:
@@ -284,7 +306,7 @@ def collect_tensors(state: Any) -> tuple[Any, list[tuple[str, np.ndarray | Defer
         idx = by_id.get(id(x))
         if idx is not None:
             return idx  # the same array object twice (tied weights): stored once
-        arr = x if isinstance(x, DeferredTensor) else np.asarray(x)
+        arr = x if type(x) is np.ndarray or isinstance(x, DeferredTensor) else np.asarray(x)
         try:
             dtype_name(arr.dtype)  # refuse unsupported dtypes before anything is written
         except UnsupportedDtypeError as e:
@@ -319,6 +341,7 @@ def write_checkpoint(
     producer: dict | None = None,
     parent: str | None = None,
     shared_store: bool | None = None,
+    same_as_parent: Callable[[str, np.ndarray, int], Any] | None = None,
     lock_held: bool = False,
     lock_timeout: float | None = None,
 ) -> str:
@@ -330,6 +353,12 @@ def write_checkpoint(
     tensor of the same name, dtype and shape are not written again. Such a save holds the
     run's lock shared (unless the caller holds it: ``lock_held``), so no gc or remove can
     delete what it refers to before it commits.
+
+    ``same_as_parent(name, array, chunk_size)`` (CheckpointManager only) may return, for a
+    tensor matching the parent's, a per-chunk boolean sequence: true where the chunk is
+    known byte-identical to the parent's, because the parent was written from a snapshot
+    the caller still holds and compared. Those chunks are not hashed again. A caller that
+    cannot guarantee this must not pass it: it would record the parent's data.
     """
     if shared_store is None:
         shared_store = parent is not None
@@ -345,14 +374,14 @@ def write_checkpoint(
     try:
         return _write(tree, tensors, path, storage, metadata=metadata, overwrite=overwrite, chunk_size=chunk_size,
                       hash_alg=hash_alg, sync=sync, progress=progress, producer=producer, parent=parent,
-                      shared_store=shared_store)
+                      shared_store=shared_store, same_as_parent=same_as_parent)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, chunk_size, hash_alg, sync, progress,
-           producer, parent, shared_store) -> str:
+           producer, parent, shared_store, same_as_parent=None) -> str:
     directory, name = split(path)
     manifest_path = storage.join(path, MANIFEST_NAME)
     if name == STORE_NAME:
@@ -413,26 +442,43 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
         own.append(idx)
         return h, idx
 
+    small_max = min(chunk_size, _INLINE_HASH_BYTES)
+    digest = hasher.function
     try:
         file_index = -1
         for tname, arr in tensors:
-            builder.add_tensor(tname, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
+            builder.add_tensor(tname, dtype_name(arr.dtype), arr.shape if type(arr) is np.ndarray else tuple(int(d) for d in arr.shape))
             nbytes = int(arr.nbytes)
-            if handle is None or (handle.tell() and handle.tell() + nbytes > DATA_FILE_TARGET):
+            pos = handle.tell() if handle is not None else 0
+            if handle is None or (pos and pos + nbytes > DATA_FILE_TARGET):
                 if handle is not None:
                     builder.set_file_size(file_index, handle.tell())
                     handle.close(sync=sync)
                 handle, file_index = open_next()
-            pad = -handle.tell() % ALIGNMENT
+                pos = 0
+            pad = -pos % ALIGNMENT
             if pad:
                 handle.write(_ZEROS[:pad])
+                pos += pad
             if isinstance(arr, DeferredTensor):
                 arr = arr.materialize(tname)  # rebound: dropped once written
             base = parent_ref.match(tname, arr) if parent_ref is not None else None
-            if base is None:
+            if base is None and nbytes <= small_max and arr.flags.c_contiguous and not needs_byteswap(arr.dtype):
+                # One chunk, no copy: hashed and gathered here (a tensor of a model with
+                # thousands of parameters would spend more on the general path's layers).
+                if nbytes:
+                    try:
+                        data = memoryview(arr).cast("B")
+                    except (ValueError, TypeError):  # ml_dtypes types have no buffer format
+                        data = memoryview(arr.reshape(-1).view(np.uint8))
+                    builder.add_chunk(file_index, pos, digest(data))
+                    handle.write(data)
+                    bar.update(nbytes)
+            elif base is None:
                 _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window)
             else:
-                _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base)
+                same = same_as_parent(tname, arr, chunk_size) if same_as_parent is not None else None
+                _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base, same)
         if handle is not None:
             builder.set_file_size(file_index, handle.tell())
             handle.close(sync=sync)
@@ -463,14 +509,9 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
                 storage.delete(storage.join(data_dir, fname))
             except OSError:
                 pass
-        if created:
-            try:
-                storage.rmdir(path)  # only if empty: nothing of anyone else's is touched
-            except OSError:
-                pass
         if created:  # a failed save to a new path leaves no empty directory behind
             try:
-                storage.rmdir(path)
+                storage.rmdir(path)  # only if empty: nothing of anyone else's is touched
             except OSError:
                 pass
         if isinstance(exc, OSError) and not isinstance(exc, CkptFmtError):

@@ -64,42 +64,81 @@ class _Snapshotter:
     Fresh memory is slow to fault in (seconds per GiB on some machines); copying into the
     buffers of the previous snapshot, once its save has committed, avoids paying that on
     every async save.
+
+    A reused buffer still holds the previous snapshot, so the copy first compares each
+    chunk with it (a memory compare, several times faster than hashing) and copies only
+    the chunks that differ. ``same`` then tells, per buffer, which chunks are unchanged
+    since the previous snapshot: an incremental save whose parent was written from that
+    snapshot records them without hashing them again. A buffer is compared only when it
+    sits at the same tree position (the same keys from the root) as before, so the tensor
+    it holds has the same name in both saves.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
         self._buffers: list[np.ndarray] = []
+        self._paths: list[tuple] = []
+        #: id(buffer) -> per-chunk bool (unchanged since the previous snapshot), for the last copy.
+        self.same: dict[int, np.ndarray] = {}
 
     def copy(self, tree: Any) -> Any:
         memo: dict[int, Any] = {}
         fresh: list[np.ndarray] = []
+        paths: list[tuple] = []
+        same: dict[int, np.ndarray] = {}
 
-        def leaf(x: Any) -> np.ndarray:
+        def leaf(x: Any, path: tuple) -> np.ndarray:
             src = np.asarray(x)
             i = len(fresh)
             buf = self._buffers[i] if i < len(self._buffers) else None
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
                 buf = np.empty_like(src, order="C")
-            np.copyto(buf, src)
+                np.copyto(buf, src)
+            elif self._paths[i] == path and src.flags.c_contiguous:
+                same[id(buf)] = _compare_copy(buf, src, self.chunk_size)
+            else:
+                np.copyto(buf, src)
             fresh.append(buf)
+            paths.append(path)
             return buf
 
-        def walk(node: Any) -> Any:
+        def walk(node: Any, path: tuple) -> Any:
             if is_tensor_leaf(node):
                 got = memo.get(id(node))
                 if got is None:
-                    got = memo[id(node)] = leaf(node)
+                    got = memo[id(node)] = leaf(node, path)
                 return got
             if isinstance(node, dict):
-                return {k: walk(v) for k, v in node.items()}
+                return {k: walk(v, (*path, k)) for k, v in node.items()}
             if isinstance(node, list):
-                return [walk(v) for v in node]
+                return [walk(v, (*path, i)) for i, v in enumerate(node)]
             if isinstance(node, tuple):
-                return tuple(walk(v) for v in node)
+                return tuple(walk(v, (*path, i)) for i, v in enumerate(node))
             return node
 
-        out = walk(tree)
-        self._buffers = fresh
+        out = walk(tree, ())
+        self._buffers, self._paths, self.same = fresh, paths, same
         return out
+
+
+def _compare_copy(buf: np.ndarray, src: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Copy ``src`` into ``buf`` chunk by chunk, copying only chunks that differ.
+
+    Returns a bool per chunk: True where the chunk was already equal (byte for byte).
+    """
+    dst = buf.reshape(-1).view(np.uint8)
+    new = src.reshape(-1).view(np.uint8)
+    n = dst.size
+    same = np.zeros(-(-n // chunk_size), bool)
+    for k in range(len(same)):
+        a, b = k * chunk_size, min(n, (k + 1) * chunk_size)
+        x, y = dst[a:b], new[a:b]
+        w = (b - a) // 8 * 8  # chunk starts are multiples of 64: compare 8 bytes at a time
+        if np.array_equal(x[:w].view(np.uint64), y[:w].view(np.uint64)) and np.array_equal(x[w:], y[w:]):
+            same[k] = True
+        else:
+            x[...] = y
+    return same
 
 
 class CheckpointManager:
@@ -185,7 +224,11 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._last_save_time = _clock()
         self._mutex = threading.Lock()
-        self._snapshots = _Snapshotter()
+        self._snapshots = _Snapshotter(chunk_size)
+        # (path, digest) of the checkpoint written from the snapshot buffers' current
+        # contents, set once that save has committed; the next snapshot's comparison is
+        # only used when that checkpoint is the next save's parent.
+        self._snapshot_saved: tuple[str, str] | None = None
         if not self.read_only:
             self.recover()
 
@@ -230,19 +273,36 @@ class CheckpointManager:
         if not self.async_save:
             self._write(step, state, metadata)
             return True
+        previous, self._snapshot_saved = self._snapshot_saved, None
         snapshot = self._snapshots.copy(state)  # the caller may change its arrays as soon as we return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptfmt-save")
-        self._pending = self._executor.submit(self._write, step, snapshot, metadata)
+        self._pending = self._executor.submit(self._write, step, snapshot, metadata, previous, self._snapshots.same)
         return True
 
-    def _write(self, step: int, state: Any, metadata: Any) -> None:
+    def _write(self, step: int, state: Any, metadata: Any, previous: tuple[str, str] | None = None,
+               same: dict[int, np.ndarray] | None = None) -> None:
         with self._mutex:
             path = self.step_path(step)
             parent = self._parent_for(step)
             replaced = step in self.all_steps()
-            write_checkpoint(state, path, self.storage, metadata=metadata, overwrite=True, chunk_size=self.chunk_size,
-                             sync=self.sync, parent=parent, shared_store=self.incremental, lock_held=True)
+            hint = None
+            if same and previous is not None and parent == previous[0]:
+                try:
+                    known = read_manifest(parent, self.storage).hexdigest == previous[1]
+                except CkptFmtError:
+                    known = False
+                if known:
+                    chunk_size = self._snapshots.chunk_size
+
+                    def hint(name: str, arr: np.ndarray, cs: int) -> np.ndarray | None:
+                        return same.get(id(arr)) if cs == chunk_size else None
+
+            digest = write_checkpoint(state, path, self.storage, metadata=metadata, overwrite=True, chunk_size=self.chunk_size,
+                                      sync=self.sync, parent=parent, shared_store=self.incremental, lock_held=True,
+                                      same_as_parent=hint)
+            if same is not None:
+                self._snapshot_saved = (path, digest)
             self._retain(replaced)
 
     def _parent_for(self, step: int) -> str | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 __all__ = ["LazyGroup"]
 
 import importlib
-from importlib.metadata import entry_points
 from typing import Any
 
 import click
@@ -38,6 +37,8 @@ class LazyGroup(click.Group):
     def _lazy(self) -> dict[str, str]:
         found: dict[str, str] = {}
         if self.entry_point_group:
+            from importlib.metadata import entry_points  # scans installed packages: only when listed
+
             found.update({ep.name: ep.value for ep in entry_points(group=self.entry_point_group)})
         found.update(self.lazy_subcommands)
         return found

@@ -37,13 +37,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 import ckptfmt
 from ckptfmt.cli._lazy import LazyGroup
-from ckptfmt.converters import kinds
 from ckptfmt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -55,12 +54,24 @@ from ckptfmt.errors import (
     UnmappedKeyError,
 )
 
+if TYPE_CHECKING:
+    from ckptfmt.converters import kinds
+
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 
 #: Extra ``convert`` subcommands living in other modules, imported only when used:
 #: ``{"tf2torch": "ckptfmt.cli.tf:tf2torch"}``. Other packages can add theirs through the
 #: ``ckptfmt.convert`` entry-point group instead.
 CONVERT_COMMANDS: dict[str, str] = {"tf2torch": "ckptfmt.cli.tfconvert:tf2torch", "torch2tf": "ckptfmt.cli.tfconvert:torch2tf"}
+
+
+
+def _kinds() -> Any:
+    """The converters' kind registry, imported when a command first needs it (not for --help)."""
+    from ckptfmt.converters import kinds
+
+    return kinds
+
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _DEBUG_HINT = "--debug (or CKPTFMT_DEBUG=1) shows the full traceback"
@@ -259,7 +270,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
       ckptfmt inspect runs/ckpt-100
       ckptfmt inspect model.safetensors --json | jq '.tensors[].name'
     """
-    s = kinds.inspect_any(path)
+    s = _kinds().inspect_any(path)
     if as_json:
         d = s.to_dict()
         if s.kind == "ckptfmt":
@@ -317,8 +328,8 @@ def _verify_one(ctx: click.Context, path: str, progress: bool | None, sums: str 
     """One input's result: status ok/corrupt/unreadable, its report or its error."""
     kind = None
     try:
-        kind = kinds.detect_kind(path)
-        report = kinds.verify_any(path, kind=kind, progress=progress)
+        kind = _kinds().detect_kind(path)
+        report = _kinds().verify_any(path, kind=kind, progress=progress)
         if sums is not None and report.ok:  # a damaged structure is reported as such; contents after
             from ckptfmt.converters.sums import verify_sums
 
@@ -454,7 +465,7 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: f
 
         r = diff_converted(a, b, model_factory=model, mapping=mapping, preset=preset, pairs=pairs_option(pairs), atol=atol, rtol=rtol)
     else:
-        r = kinds.diff_any(a, b, atol=atol, rtol=rtol)
+        r = _kinds().diff_any(a, b, atol=atol, rtol=rtol)
     if as_json:
         _echo_json(r.to_dict())
     else:
@@ -652,7 +663,7 @@ def _to_command(target: str, example_src: str, example_dst: str) -> click.Comman
     @_common
     def command(src: str, dst: str, overwrite: bool, skip_unsupported: bool) -> None:
         with _writing(dst):
-            _report(kinds.convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
+            _report(_kinds().convert(src, dst, to=target, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
     return command
 
@@ -677,7 +688,7 @@ def onnx_import(model: str, dst: str, to: str | None, overwrite: bool, skip_unsu
       ckptfmt convert onnx-import model.onnx runs/from-onnx --to ckptfmt
     """
     with _writing(dst):
-        _report(kinds.onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
+        _report(_kinds().onnx_import(model, dst, to=to, overwrite=overwrite, skip_unsupported=skip_unsupported))
 
 
 @convert.command("onnx-export", context_settings=_CONTEXT)
@@ -698,7 +709,7 @@ def onnx_export(src: str, model: str, out: str, allow_missing: bool, allow_unkno
       ckptfmt convert onnx-export finetuned.safetensors model.onnx finetuned.onnx
     """
     with _writing(out):
-        _report(kinds.onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
+        _report(_kinds().onnx_export(src, model, out, allow_missing=allow_missing, allow_unknown=allow_unknown, overwrite=overwrite))
 
 
 def register_convert_command(command: click.Command) -> click.Command:

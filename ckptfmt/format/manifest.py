@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 
 from ckptfmt.errors import FormatError, IntegrityError, LimitExceededError, UnsupportedVersionError
-from ckptfmt.format.dtypes import DTYPE_NAMES, numpy_dtype
+from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_itemsize, numpy_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH, get_hash
 from ckptfmt.format.spec import (
     ALIGNMENT,
@@ -139,6 +139,12 @@ class Manifest:
 
     def tensor(self, i: int) -> TensorEntry:
         """The entry of tensor number ``i``."""
+        cols = self.columns()
+        if cols is not None:
+            nbytes, first, dtypes, ranks, starts, dims = cols
+            nb = nbytes[i]
+            s = starts[i]
+            return TensorEntry(i, self.names[i], self.dtype_table[dtypes[i]], tuple(dims[s : s + ranks[i]]), nb, first[i], -(-nb // self.chunk_size))
         nb = int(self.nbytes[i])
         return TensorEntry(
             index=i,
@@ -150,13 +156,43 @@ class Manifest:
             num_chunks=-(-nb // self.chunk_size),
         )
 
+    def columns(self) -> tuple[list[int], ...] | None:
+        """The tensor columns as Python lists, once ``tensor`` has been asked for often.
+
+        Indexing numpy arrays one element at a time costs more than the rest of a small
+        tensor's read; converting whole columns costs about as much as 64 such lookups, so
+        it is done after that many (a single ``info`` stays cheap on a huge manifest).
+        """
+        cols = self._cache.get("cols")
+        if cols is None:
+            n = self._cache.get("lookups", 0) + 1
+            self._cache["lookups"] = n
+            if n < 64:
+                return None
+            cols = self._cache["cols"] = (
+                self.nbytes.tolist(), self.first_chunk.tolist(), self.dtypes.tolist(),
+                self.ranks.tolist(), self._dim_starts().tolist(), self.dims.tolist(),
+            )
+        return cols
+
+    def chunk_location(self, c: int) -> tuple[int, int]:
+        """(file index, byte offset) of chunk ``c`` of the chunk table."""
+        cols = self._cache.get("chunk_cols")
+        if cols is None:
+            if self._cache.get("cols") is None:
+                return int(self.chunk_file[c]), int(self.chunk_offset[c])
+            cols = self._cache["chunk_cols"] = (self.chunk_file.tolist(), self.chunk_offset.tolist())
+        return cols[0][c], cols[1][c]
+
     def chunk_length(self, entry: TensorEntry, k: int) -> int:
         """Length in bytes of chunk ``k`` (0-based, within the tensor) of ``entry``."""
         return min(self.chunk_size, entry.nbytes - k * self.chunk_size)
 
     def chunk_hash(self, c: int) -> bytes:
         """The recorded hash of chunk ``c`` of the chunk table."""
-        size = get_hash(self.hash_alg).digest_size
+        size = self._cache.get("hash_size")
+        if size is None:
+            size = self._cache["hash_size"] = get_hash(self.hash_alg).digest_size
         return self.chunk_hashes[c * size : (c + 1) * size]
 
     def decode_tree(self, make_leaf, limits: Limits = LIMITS) -> Any:
@@ -207,12 +243,12 @@ class ManifestBuilder:
     def add_tensor(self, name: str, dtype: str, shape: tuple[int, ...]) -> int:
         if len(shape) > LIMITS.max_rank:
             raise LimitExceededError(f"tensor {name!r} has rank {len(shape)} > {LIMITS.max_rank}")
-        if len(name.encode()) > LIMITS.max_name_bytes:
+        if len(name) * 4 > LIMITS.max_name_bytes and len(name.encode()) > LIMITS.max_name_bytes:
             raise LimitExceededError(f"tensor name {name[:80]!r}... is longer than {LIMITS.max_name_bytes} bytes")
         self.names.append(name)
         self.dtypes.append(self._dtype_codes[dtype])
         self.ranks.append(len(shape))
-        self.dims.extend(int(d) for d in shape)
+        self.dims.extend(map(int, shape))
         return len(self.names) - 1
 
     def add_chunk(self, file_index: int, offset: int, digest: bytes) -> None:
@@ -385,7 +421,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
     if len(dtype_table) > 255:
         raise FormatError(f"{where}: dtype table too long")
     for name in dtype_table:
-        numpy_dtype(name)  # raises FormatError for unknown names
+        dtype_itemsize(name)  # raises FormatError for unknown names
     dtypes = _array(_req(tens, "dtype", bytes, where), "u1", n, "dtype", where)
     if n and int(dtypes.max()) >= len(dtype_table):
         raise FormatError(f"{where}: dtype code out of range")
@@ -397,7 +433,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
     if total_dims and int(dims_u.max()) > limits.max_tensor_bytes:
         raise LimitExceededError(f"{where}: a dimension exceeds {limits.max_tensor_bytes}")
     dims = dims_u.astype(np.int64)
-    itemsizes = np.array([numpy_dtype(d).itemsize for d in dtype_table] or [1], np.int64)[dtypes]
+    itemsizes = np.array([dtype_itemsize(d) for d in dtype_table] or [1], np.int64)[dtypes]
     nbytes = _products(ranks, dims, itemsizes, limits, where)
 
     nchunks = -(-nbytes // chunk_size)

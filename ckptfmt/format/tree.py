@@ -91,14 +91,24 @@ def encode_tree(
             return ["t", on_tensor(node, path)]
         if isinstance(node, dict):
             keys = list(node)
+            leaf_ok = depth + 1 <= limits.max_tree_depth
             for k in keys:
+                if type(k) is str:
+                    continue
                 if isinstance(k, bool) or not isinstance(k, (str, int)):
                     raise UnsupportedDtypeError(
                         f"dict key {k!r} at {path or '<root>'!r} is a {type(k).__name__}; only str and int keys can be saved"
                     )
                 if isinstance(k, int) and not _INT_MIN <= k <= _UINT_MAX:
                     raise UnsupportedDtypeError(f"dict key {k} at {path or '<root>'!r} does not fit in 64 bits")
-            return ["d", keys, [enc(node[k], join_path(path, k), depth + 1) for k in keys]]
+            values = []
+            for k in keys:
+                v = node[k]
+                part = k.replace("~", "~0").replace("/", "~1") if type(k) is str else escape_key(k)
+                child = f"{path}/{part}" if path else part
+                # The common child, a tensor, without a call (enc's own first step).
+                values.append(["t", on_tensor(v, child)] if leaf_ok and is_tensor(v) else enc(v, child, depth + 1))
+            return ["d", keys, values]
         if isinstance(node, list):
             return ["l", [enc(v, join_path(path, i), depth + 1) for i, v in enumerate(node)]]
         if isinstance(node, tuple):
@@ -138,15 +148,29 @@ def decode_tree(
     Raises:
         FormatError: a node is malformed, or the tree is too deep or too large.
     """
-    count = [0]
+    count = 0
+    max_depth, max_nodes = limits.max_tree_depth, limits.max_tree_nodes
 
-    def bad(msg: str, path: str) -> FormatError:
-        return FormatError(f"{where}: invalid tree node at {path or '<root>'!r}: {msg}")
+    # A node's path is kept as a linked pair (parent_path, key) and rendered only for an
+    # error message: joining strings at every node costs more than the rest of decoding.
+    def render(path: Any) -> str:
+        keys = []
+        while path is not None:
+            path, k = path
+            keys.append(escape_key(k))
+        return "/".join(reversed(keys))
 
-    def dec(n: Any, path: str, depth: int) -> Any:
-        count[0] += 1
-        if depth > limits.max_tree_depth or count[0] > limits.max_tree_nodes:
-            raise LimitExceededError(f"{where}: tree exceeds depth {limits.max_tree_depth} or {limits.max_tree_nodes} nodes")
+    def bad(msg: str, path: Any) -> FormatError:
+        return FormatError(f"{where}: invalid tree node at {render(path) or '<root>'!r}: {msg}")
+
+    def too_big() -> LimitExceededError:
+        return LimitExceededError(f"{where}: tree exceeds depth {max_depth} or {max_nodes} nodes")
+
+    def dec(n: Any, path: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if depth > max_depth or count > max_nodes:
+            raise too_big()
         if not isinstance(n, (list, tuple)) or not n or not isinstance(n[0], str):
             raise bad("expected [tag, ...]", path)
         tag = n[0]
@@ -162,18 +186,27 @@ def decode_tree(
             if len(n) != 3 or not isinstance(n[1], (list, tuple)) or not isinstance(n[2], (list, tuple)) or len(n[1]) != len(n[2]):
                 raise bad("dict node must be ['d', keys, values] of equal length", path)
             out = {}
+            leaf_ok = depth + 1 <= max_depth
             for k, v in zip(n[1], n[2]):
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                tk = type(k)
+                if tk is not str and (tk is bool or not isinstance(k, (str, int))):
                     raise bad(f"dict key {k!r} is not str or int", path)
                 if k in out:
                     raise bad(f"duplicate dict key {k!r}", path)
-                out[k] = dec(v, join_path(path, k), depth + 1)
+                # The common child, a valid tensor leaf, without a call (same checks as dec).
+                if leaf_ok and type(v) is list and len(v) == 2 and v[0] == "t" and type(v[1]) is int and 0 <= v[1] < n_tensors:
+                    count += 1
+                    if count > max_nodes:
+                        raise too_big()
+                    out[k] = make_leaf(v[1])
+                else:
+                    out[k] = dec(v, (path, k), depth + 1)
             return out
         if tag in ("l", "u"):
             if len(n) != 2 or not isinstance(n[1], (list, tuple)):
                 raise bad("list/tuple node must be [tag, items]", path)
-            items = [dec(v, join_path(path, i), depth + 1) for i, v in enumerate(n[1])]
+            items = [dec(v, (path, i), depth + 1) for i, v in enumerate(n[1])]
             return items if tag == "l" else tuple(items)
         raise bad(f"unknown tag {tag!r}", path)
 
-    return dec(node, "", 0)
+    return dec(node, None, 0)

@@ -66,6 +66,13 @@ class _LocalRead(ReadHandle):
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         total, n = 0, len(buf)
+        if n:
+            try:  # one call is the usual case; loop only after a short read
+                total = os.preadv(self._fd, [buf], offset)
+            except OSError as e:
+                raise _wrap(e, self.path, "reading") from None
+            if total in (0, n):
+                return total
         while total < n:
             try:
                 got = os.preadv(self._fd, [buf[total:]], offset + total)

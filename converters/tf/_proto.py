@@ -277,6 +277,10 @@ class BundleEntry:
 
     @classmethod
     def decode(cls, buf: bytes | memoryview, where: str) -> BundleEntry:
+        if isinstance(buf, bytes):
+            fast = _decode_entry_fast(buf)
+            if fast is not None:
+                return cls(*fast)
         dtype = shard_id = offset = size = crc = 0
         shape: tuple[int, ...] = ()
         slices: list[tuple[Extent, ...]] = []
@@ -324,6 +328,101 @@ class BundleEntry:
                 ext += f_bytes(1, body)
             out += f_bytes(7, ext)
         return out
+
+
+def _uvarint(b: bytes, pos: int, n: int) -> tuple[int, int]:
+    """A varint of at most 9 bytes (< 2^63) or (-1, pos) for anything the fast path leaves alone."""
+    result = shift = 0
+    while pos < n and shift < 63:
+        x = b[pos]
+        pos += 1
+        result |= (x & 0x7F) << shift
+        if x < 0x80:
+            return result, pos
+        shift += 7
+    return -1, pos
+
+
+def _decode_entry_fast(b: bytes) -> tuple | None:
+    """``BundleEntry.decode`` for the entries TensorFlow writes for plain tensors.
+
+    A checkpoint of thousands of small variables spends most of its read time decoding
+    entries, so the usual shape (fields 1-6 with their wire types, non-negative values, a
+    shape of ``dim { size }`` only) is parsed inline here. Anything else -- slices, unknown
+    fields, negative or huge values, any malformation -- returns None and the general
+    decoder, which names what is wrong, handles it. Both give the same result when both apply.
+    """
+    n = len(b)
+    pos = 0
+    dtype = shard_id = offset = size = crc = 0
+    shape: tuple[int, ...] = ()
+    while pos < n:
+        key = b[pos]
+        pos += 1
+        if key == 0x12:  # field 2, LEN: the shape
+            if pos < n and b[pos] < 0x80:
+                ln = b[pos]
+                pos += 1
+            else:
+                ln, pos = _uvarint(b, pos, n)
+            end = pos + ln
+            if ln < 0 or end > n:
+                return None
+            dims = []
+            while pos < end:
+                if b[pos] != 0x12:  # only `dim` fields
+                    return None
+                pos += 1
+                if pos < end and b[pos] < 0x80:
+                    dl = b[pos]
+                    pos += 1
+                else:
+                    dl, pos = _uvarint(b, pos, end)
+                dend = pos + dl
+                if dl < 0 or dend > end:
+                    return None
+                d = 0
+                while pos < dend:
+                    if b[pos] != 0x08:  # only `size`
+                        return None
+                    pos += 1
+                    if pos < dend and b[pos] < 0x80:
+                        d = b[pos]
+                        pos += 1
+                    else:
+                        d, pos = _uvarint(b, pos, dend)
+                        if d < 0:
+                            return None
+                if pos != dend:
+                    return None
+                dims.append(d)
+            if pos != end:
+                return None
+            shape = tuple(dims)
+        elif key == 0x35:  # field 6, FIXED32: the masked crc
+            if pos + 4 > n:
+                return None
+            crc = int.from_bytes(b[pos : pos + 4], "little")
+            pos += 4
+        elif key in (0x08, 0x18, 0x20, 0x28):  # fields 1, 3, 4, 5: varints
+            if pos < n and b[pos] < 0x80:
+                v = b[pos]
+                pos += 1
+            else:
+                v, pos = _uvarint(b, pos, n)
+                if v < 0:
+                    return None
+            if key == 0x08:
+                dtype = v
+            elif key == 0x18:
+                shard_id = v
+            elif key == 0x20:
+                offset = v
+            else:
+                size = v
+        else:
+            return None
+    return dtype, shape, shard_id, offset, size, crc, ()
 
 
 # ------------------------------------------------------------------ TrackableObjectGraph

@@ -126,12 +126,22 @@ def _block_entries(block: memoryview, where: str) -> list[tuple[bytes, memoryvie
     key = b""
     pos = 0
     while pos < limit:
-        here = f"{where} (entry at block byte offset {pos})"
-        shared, pos = read_varint(block, pos, here, limit)
-        non_shared, pos = read_varint(block, pos, here, limit)
-        vlen, pos = read_varint(block, pos, here, limit)
+        start = pos
+        # Three one-byte varints is the usual case (a TensorBundle index has thousands of
+        # entries); anything longer takes the checked decoder.
+        if pos + 3 <= limit and block[pos] < 0x80 and block[pos + 1] < 0x80 and block[pos + 2] < 0x80:
+            shared, non_shared, vlen = block[pos], block[pos + 1], block[pos + 2]
+            pos += 3
+        else:
+            here = f"{where} (entry at block byte offset {start})"
+            shared, pos = read_varint(block, pos, here, limit)
+            non_shared, pos = read_varint(block, pos, here, limit)
+            vlen, pos = read_varint(block, pos, here, limit)
         if shared > len(key) or non_shared > limit - pos or vlen > limit - pos - non_shared:
-            raise FormatError(f"{here}: key or value lengths run past the block; the index is corrupt")
+            raise FormatError(
+                f"{where} (entry at block byte offset {start}): key or value lengths run past "
+                "the block; the index is corrupt"
+            )
         key = key[:shared] + bytes(block[pos : pos + non_shared])
         pos += non_shared
         out.append((key, block[pos : pos + vlen]))

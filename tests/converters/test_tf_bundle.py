@@ -399,6 +399,7 @@ def _exercise(prefix: str) -> None:
     r = TFCheckpointReader(prefix)
     for k in r.keys():
         r.get(k)
+    TFCheckpointReader(prefix).read_all()  # the batched path meets the same bytes
 
 
 _ALLOWED = (FormatError, UnsupportedDtypeError, CheckpointNotFoundError)
@@ -489,3 +490,92 @@ def test_fifo_index_or_shard_is_refused_not_waited_on(tmp_path):
 
     with pytest.raises(CkptFmtError):  # refused at once (as "no checkpoint here"), never blocks
         TFCheckpointReader(prefix)
+
+
+# ------------------------------------------------------------------ many small tensors
+
+
+def _many(prefix: str, n: int = 300) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    tensors = {f"layer_{i:04d}/{'kernel' if i % 2 else 'bias'}": rng.standard_normal((i % 7 + 1, 3)).astype(np.float32) for i in range(n)}
+    tensors["big"] = rng.standard_normal((600, 1000)).astype(np.float32)  # 2.4 MB: the one-by-one path
+    tensors["names"] = np.array([b"a", b"bc"], dtype=object)
+    tensors["step"] = np.int64(7)
+    write_checkpoint(prefix, tensors)
+    return tensors
+
+
+def test_read_all_batches_small_tensors(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "many")
+    tensors = _many(prefix)
+    calls = []
+    real = os.preadv
+
+    def spy(fd, buffers, offset):
+        calls.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", spy)
+    got = TFCheckpointReader(prefix).read_all()
+    assert list(got) == TFCheckpointReader(prefix).keys()
+    for k, v in tensors.items():
+        assert got[k].dtype == np.asarray(v).dtype and np.array_equal(got[k], v), k
+        assert got[k].flags.writeable and got[k].flags.owndata or got[k].base is not None
+    assert len(calls) <= 5, calls  # 300 small tensors in one run, not 300 reads
+
+
+def test_read_all_names_the_corrupt_small_tensor(tmp_path):
+    prefix = str(tmp_path / "many")
+    _many(prefix)
+    r = TFCheckpointReader(prefix)
+    e = r.entry("layer_0101/kernel")
+    _mutate(r.shard_path(0), e.offset + 1)
+    with pytest.raises(IntegrityError, match=rf"layer_0101/kernel.*offset {e.offset}"):
+        TFCheckpointReader(prefix).read_all()
+
+
+def test_read_all_on_a_truncated_shard_names_a_tensor(tmp_path):
+    prefix = str(tmp_path / "many")
+    _many(prefix)
+    r = TFCheckpointReader(prefix)
+    e = r.entry("layer_0200/bias")
+    with open(r.shard_path(0), "r+b") as f:
+        f.truncate(e.offset + 2)
+    with pytest.raises(FormatError, match=r"truncated") as info:
+        TFCheckpointReader(prefix).read_all()
+    assert "layer_0" in str(info.value) or "big" in str(info.value)
+
+
+_entry_values = st.builds(
+    lambda dtype, shape, shard, offset, size, crc: (dtype, tuple(shape), shard, offset, size, crc),
+    st.integers(0, 30), st.lists(st.integers(0, 1 << 40), max_size=5), st.integers(0, 3),
+    st.integers(0, 1 << 62), st.integers(0, 1 << 62), st.integers(0, (1 << 32) - 1),
+)
+
+
+@settings(max_examples=300)
+@given(values=_entry_values, data=st.data())
+def test_fast_entry_decoder_agrees_with_the_general_one(values, data):
+    """The inline decoder of plain entries returns what the general one returns, and
+    leaves everything it does not fully understand (a malformed byte included) to it."""
+    from ckptfmt.converters.tf._proto import BundleEntry, _decode_entry_fast
+
+    buf = bytearray(BundleEntry(*values).encode())
+    mutated = data.draw(st.booleans()) and bool(buf)
+    if mutated:
+        pos = data.draw(st.integers(0, len(buf) - 1))
+        buf[pos] = data.draw(st.integers(0, 255))
+        if data.draw(st.booleans()):
+            del buf[data.draw(st.integers(0, len(buf))):]
+    fast = _decode_entry_fast(bytes(buf))
+    if not mutated:
+        assert fast is not None and BundleEntry(*fast) == BundleEntry(*values)
+    try:
+        general = BundleEntry.decode(memoryview(bytes(buf)), "test")  # a memoryview skips the fast path
+    except FormatError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert BundleEntry(*fast) == general
+    else:
+        assert BundleEntry.decode(bytes(buf), "test") == general
