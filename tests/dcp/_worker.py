@@ -3,15 +3,19 @@
 Usage: python _worker.py RANK WORLD PORT MODE WORKDIR
 
 Modes:
-  save4   FSDP2-shard torchvision's SqueezeNet 1.1, take one Adam step, save it with
+  save4   FSDP2-shard a SqueezeNet 1.1, take one Adam step, save it with
           ckptfmt.dcp.Writer to WORKDIR/ck4 and with DCP's FileSystemWriter to
-          WORKDIR/dcp4; rank 0 writes the full (unsharded) state to WORKDIR/ref4.npz.
+          WORKDIR/dcp4; rank 0 writes the full (unsharded) state to WORKDIR/ref4.npz and
+          the digest to ck4.digest. Then a step is saved over ck4 and rank 0 (the
+          coordinator) SIGKILLs itself mid-save.
   load2   load WORKDIR/ck4 into a freshly initialised sharded model on this world size,
           compare the full state with ref4.npz bit for bit; then save WORKDIR/inc-a, change
           rows only rank 0 holds, save WORKDIR/inc-b incrementally (parent inc-a) and write
-          WORKDIR/ref-b.npz.
-  kill    save over WORKDIR/inc-a (overwrite=True); rank KILL_RANK SIGKILLs itself after
-          writing its first data chunk (env CKPTFMT_KILL_RANK).
+          WORKDIR/ref-b.npz. Then a step is saved over inc-a and rank 1 SIGKILLs itself
+          mid-save.
+
+Killed ranks die right after writing their first tensor's data (a bounded, repeatable
+"mid-save"); the surviving ranks fail when their peer's connection closes.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def build(seed: int):
 
 def step(model, opt, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 64, 64, generator=g)
+    x = torch.randn(1, 3, 32, 32, generator=g)
     model(x).square().mean().backward()
     opt.step()
     opt.zero_grad()
@@ -126,20 +130,49 @@ def compare(state: dict, ref_path: str) -> None:
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), f"{k} differs"
 
 
+def die_mid_save(rank: int, victim: int) -> None:
+    """Make rank ``victim`` SIGKILL itself right after it wrote its first tensor's data."""
+    if rank != victim:
+        return
+    import ckptfmt.dcp as d
+
+    real = d._write_tensor
+
+    def write_then_die(arr, chunk_size, hasher, handle, *args):
+        real(arr, chunk_size, hasher, handle, *args)
+        if handle.tell():  # some of this rank's new data is on disk
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    d._write_tensor = write_then_die
+
+
+def write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main() -> None:
     rank, world, port, mode, work = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=120))
     try:
         if mode == "save4":
             model, opt = build(seed=1)
             step(model, opt, seed=2)
             state = sharded_state(model, opt)
-            dcp.save(state, storage_writer=ckptfmt.dcp.Writer(os.path.join(work, "ck4"), chunk_size=64 * 1024))
+            ck4 = os.path.join(work, "ck4")
+            writer = ckptfmt.dcp.Writer(ck4, chunk_size=64 * 1024)
+            dcp.save(state, storage_writer=writer)
             dcp.save(state, storage_writer=dcp.FileSystemWriter(os.path.join(work, "dcp4")))
             full = full_state(model, opt)
             if rank == 0:
                 save_ref(full, os.path.join(work, "ref4.npz"))
+                write(os.path.join(work, "ck4.digest"), writer.digest)
+            dist.barrier()
+            # Then the coordinator dies while the next step is saved over ck4.
+            step(model, opt, seed=3)
+            die_mid_save(rank, 0)
+            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(ck4, overwrite=True, chunk_size=64 * 1024))
         elif mode == "load2":
             model, opt = build(seed=99)
             step(model, opt, seed=98)  # different values everywhere, and an optimizer state to load into
@@ -149,35 +182,25 @@ def main() -> None:
             full = full_state(model, opt)
             if rank == 0:
                 compare(full, os.path.join(work, "ref4.npz"))
+                write(os.path.join(work, "load2.ok"), "bit-exact")
             # Incremental: change rows of one weight that only rank 0 holds.
-            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(os.path.join(work, "inc-a"), chunk_size=4096))
+            inc_a = os.path.join(work, "inc-a")
+            wa = ckptfmt.dcp.Writer(inc_a, chunk_size=4096)
+            dcp.save(sharded_state(model, opt), storage_writer=wa)
             w = model.classifier[1].weight  # a DTensor sharded on dim 0
             with torch.no_grad():
                 if rank == 0:
                     w.to_local()[0].add_(1.0)
-            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(
-                os.path.join(work, "inc-b"), parent=os.path.join(work, "inc-a")))
+            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(os.path.join(work, "inc-b"), parent=inc_a))
             full = full_state(model, opt)
             if rank == 0:
                 save_ref(full, os.path.join(work, "ref-b.npz"))
-        elif mode == "kill":
-            kill_rank = int(os.environ["CKPTFMT_KILL_RANK"])
-            if rank == kill_rank:
-                import ckptfmt._writer as w
-                import ckptfmt.dcp as d
-
-                real = w._write_tensor
-
-                def write_then_die(arr, chunk_size, hasher, handle, *args):
-                    real(arr, chunk_size, hasher, handle, *args)
-                    if handle.tell():
-                        os.kill(os.getpid(), signal.SIGKILL)
-
-                d._write_tensor = write_then_die
-            model, opt = build(seed=5)
-            step(model, opt, seed=6)
-            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(
-                os.path.join(work, "inc-a"), overwrite=True, chunk_size=4096))
+                write(os.path.join(work, "inc-a.digest"), wa.digest)
+            dist.barrier()
+            # Then rank 1 dies while a new step is saved over inc-a (the parent of inc-b).
+            step(model, opt, seed=97)
+            die_mid_save(rank, 1)
+            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(inc_a, overwrite=True, chunk_size=4096))
         else:
             raise SystemExit(f"unknown mode {mode}")
         dist.barrier()
