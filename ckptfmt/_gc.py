@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ckptfmt._lock import DirectoryLock
 from ckptfmt._reader import read_manifest
-from ckptfmt.errors import CkptFmtError
+from ckptfmt.errors import CkptFmtError, FormatError
 from ckptfmt.format.spec import DATA_SUFFIX, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 from ckptfmt.storage.local import LocalStorage
 
@@ -178,6 +178,11 @@ def compact(path: str | os.PathLike) -> str:
 
     path = os.fspath(path)
     with open_checkpoint(path) as reader:
-        state = reader.load()
         m = reader.manifest
+        if m.shards is not None:
+            # load() would assemble the shards and save() an unsharded 1.1 checkpoint that
+            # torch.distributed.checkpoint could no longer load.
+            raise FormatError(f"{path}: compacting a sharded checkpoint (written through torch.distributed.checkpoint) "
+                              "is not supported; save it again without parent= to make it self-contained")
+        state = reader.load()
         return save(state, path, metadata=m.metadata, overwrite=True, chunk_size=m.chunk_size, hash_alg=m.hash_alg)

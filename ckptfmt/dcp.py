@@ -95,6 +95,7 @@ class _LazyFile:
     def __init__(self, storage: Storage, path: str, sync: bool) -> None:
         self.storage, self.path, self.sync = storage, path, sync
         self.handle = None
+        self.size = 0
 
     def write(self, data) -> None:
         if self.handle is None:
@@ -106,6 +107,7 @@ class _LazyFile:
 
     def close(self, *, sync: bool = True) -> None:
         if self.handle is not None:
+            self.size = self.handle.tell()
             self.handle.close(sync=sync)
 
 
@@ -255,7 +257,7 @@ class Writer(StorageWriter):
                 del arr, data
             if handles:
                 handles[-1].close(sync=self.sync)
-            sizes = {i: h.tell() for h in handles for i in [self._file_index(builder, h)]}
+            sizes = {self._file_index(builder, h): h.size for h in handles}
         except BaseException as exc:
             for h in handles:
                 try:

@@ -228,6 +228,10 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     if s.kind == "ckptfmt":
         with ckptfmt.open(path) as reader:
             share = reader.sharing()
+            shards = reader.manifest.shards
+        if shards is not None:  # 1.3: written by many processes through torch.distributed.checkpoint
+            pieces = sum(len(g.pieces) for g in shards.tensors)
+            click.echo(f"{'sharded:':<10}{len(shards.tensors)} tensors in {pieces} pieces (listed below as NAME@[offsets])")
         if share["parent"]:
             pct = 100.0 * share["shared_bytes"] / max(1, share["total_bytes"])
             click.echo(f"{'parent:':<10}{share['parent']} (chain depth {share['depth']}; "

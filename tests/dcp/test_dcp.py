@@ -268,12 +268,39 @@ def test_dcp_import_refuses_a_malicious_global_and_runs_nothing(runs, tmp_path):
 def test_dcp_import_refuses_a_tampered_payload(runs, tmp_path):
     src = str(tmp_path / "bad")
     shutil.copytree(os.path.join(runs["main"], "dcp4"), src)
-    with open(os.path.join(src, "__1_0.distcp"), "r+b") as f:
-        f.seek(4096)
-        b = f.read(1)
-        f.seek(4096)
-        f.write(bytes([b[0] ^ 1]))
-    from ckptfmt.converters._dcp_import import dcp_import
+    from ckptfmt.converters._dcp_import import dcp_import, read_dcp_metadata
 
-    with pytest.raises(FormatError, match="__1_0.distcp"):
+    # The middle of rank 1's largest payload: tensor bytes inside a torch.save archive.
+    chunks = [c for t in read_dcp_metadata(src).tensors.values() for c in t.chunks if c.file == "__1_0.distcp"]
+    big = max(chunks, key=lambda c: c.length)
+    with open(os.path.join(src, "__1_0.distcp"), "r+b") as f:
+        f.seek(big.offset + big.length // 2)
+        b = f.read(1)
+        f.seek(big.offset + big.length // 2)
+        f.write(bytes([b[0] ^ 1]))
+
+    with pytest.raises(FormatError, match="__1_0.distcp.*CRC-32 mismatch"):
         dcp_import(src, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "MANIFEST").exists()  # no checkpoint was made
+
+
+def test_compact_refuses_a_sharded_checkpoint(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    dcp.save({"w": torch.arange(4.0)}, storage_writer=ckptfmt.dcp.Writer(a))
+    dcp.save({"w": torch.arange(4.0)}, storage_writer=ckptfmt.dcp.Writer(b, parent=a))
+    with pytest.raises(FormatError, match="sharded"):
+        ckptfmt.compact(b)
+    assert ckptfmt.verify(b).ok and ckptfmt.open(b).manifest.shards is not None
+
+
+@pytest.mark.parametrize("name", ["ckptfmt.dcp", "ckptfmt.format.shards"])
+def test_docstring_examples(name, tmp_path, monkeypatch):
+    import doctest
+    import importlib
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it saves in a single process
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted and result.failed == 0
