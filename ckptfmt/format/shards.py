@@ -187,15 +187,42 @@ def decode_shards(
         if covered != total:
             raise FormatError(f"{where}: the pieces of sharded tensor {name!r} cover {covered} of its {total} elements")
         nonempty = np.nonzero((hi > lo).all(axis=1) if r else np.ones(n, bool))[0]
-        for a in nonempty:
-            # Two boxes overlap when they overlap on every axis.
-            others = nonempty[nonempty > a]
-            if len(others) and r == 0:
-                raise FormatError(f"{where}: pieces of scalar sharded tensor {name!r} overlap")
-            if len(others):
-                hit = ((lo[others] < hi[a]) & (lo[a] < hi[others])).all(axis=1)
-                if hit.any():
-                    b = int(others[int(np.argmax(hit))])
-                    raise FormatError(f"{where}: pieces {names[pieces[a]]!r} and {names[pieces[b]]!r} of sharded tensor {name!r} overlap")
+        if r == 0 and len(nonempty) > 1:
+            raise FormatError(f"{where}: pieces of scalar sharded tensor {name!r} overlap")
+        if r and len(nonempty) > 1:
+            _check_disjoint(lo[nonempty], hi[nonempty], nonempty, pieces, names, name, where)
         out.append(GlobalTensor(name, int(gdtype[j]), shape, pieces, tuple(offsets)))
     return ShardTable(tuple(out))
+
+
+def _check_disjoint(lo: np.ndarray, hi: np.ndarray, idx: np.ndarray, pieces, names, name: str, where: str) -> None:
+    """Refuse two non-empty boxes [lo, hi) that overlap (they do when they overlap on every axis).
+
+    Sweep along the axis that leaves the fewest candidate pairs (boxes sorted by their start
+    on it; a box can only overlap the later ones starting before it ends), then test those
+    pairs on every axis at once. A DCP layout (pieces split along some axes) leaves about
+    one candidate per piece; a layout needing more than 2**26 candidates is refused.
+    """
+    n = len(lo)
+    best = None
+    for ax in range(lo.shape[1]):
+        order = np.argsort(lo[:, ax], kind="stable")
+        ends = np.searchsorted(lo[order, ax], hi[order, ax], side="left")
+        counts = np.maximum(ends - np.arange(n) - 1, 0)
+        total = int(counts.sum())
+        if best is None or total < best[0]:
+            best = (total, order, counts)
+    total, order, counts = best
+    if total == 0:
+        return
+    if total > 1 << 26:
+        raise LimitExceededError(f"{where}: the pieces of sharded tensor {name!r} are laid out too irregularly to check")
+    a = np.repeat(np.arange(n), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    b = a + 1 + (np.arange(total) - first)
+    pa, pb = order[a], order[b]
+    hit = ((lo[pa] < hi[pb]) & (lo[pb] < hi[pa])).all(axis=1)
+    if hit.any():
+        k = int(np.argmax(hit))
+        x, y = pieces[int(idx[pa[k]])], pieces[int(idx[pb[k]])]
+        raise FormatError(f"{where}: pieces {names[x]!r} and {names[y]!r} of sharded tensor {name!r} overlap")

@@ -102,3 +102,22 @@ def test_flipped_bytes_in_shards_raise_only_format_error(pos, flip, column):
         decode_manifest(_rehash(_ENV, body))
     except ckptfmt.FormatError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 3).flatmap(lambda r: st.lists(
+    st.tuples(st.lists(st.integers(0, 6), min_size=r, max_size=r), st.lists(st.integers(1, 4), min_size=r, max_size=r)),
+    min_size=2, max_size=7)))
+def test_overlap_check_agrees_with_brute_force(boxes):
+    from ckptfmt.format.shards import _check_disjoint
+
+    lo = np.array([b[0] for b in boxes], np.int64)
+    hi = lo + np.array([b[1] for b in boxes], np.int64)
+    m = len(boxes)
+    brute = any(((lo[i] < hi[j]) & (lo[j] < hi[i])).all() for i in range(m) for j in range(i + 1, m))
+    try:
+        _check_disjoint(lo, hi, np.arange(m), list(range(m)), [str(i) for i in range(m)], "w", "m")
+        found = False
+    except ckptfmt.FormatError:
+        found = True
+    assert found == brute
