@@ -235,7 +235,7 @@ class Writer(StorageWriter):
                 else:
                     arr = _adapter.tensor_to_numpy(data, item.index.fqn)
                     name = _piece_name(item.index.fqn, item.index.offset)
-                t = builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
+                builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
                 h = handles[-1] if handles else None
                 if h is None or (h.tell() and h.tell() + arr.nbytes > DATA_FILE_TARGET):
                     if h is not None:
