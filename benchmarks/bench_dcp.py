@@ -18,8 +18,10 @@ Rounds: one warm-up, then ``--rounds`` (default 3) with the order of writers rot
 reversed every other round; medians and min..max are printed, and the ratio
 dcp-fs time / ckptfmt time (above 1.0: ckptfmt is faster).
 
-Not measured here: async_save blocking time (left for a follow-up), 4 ranks (a 2-core
-machine cannot give 4 ranks their own core; the tests cover 4-rank correctness).
+Also measured: ``dcp.async_save`` with ckptfmt.dcp.Writer and FileSystemWriter, the time
+the call blocks the caller (DCP's staging copy) and the time until the checkpoint is
+written. Not measured: 4 ranks (a 2-core machine cannot give 4 ranks their own core; the
+tests cover 4-rank correctness).
 
 Usage: python benchmarks/bench_dcp.py [--quick] [--rounds N] [--size-mib M] [--ranks 1,2]
 """
@@ -37,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 WRITERS = ("ckptfmt", "ckptfmt-nohash", "dcp-fs")
+ASYNC_WRITERS = ("ckptfmt", "dcp-fs")
 
 
 def rank_main(rank: int, world: int, port: int, size_mib: int, rounds: int, work: str, out: str) -> None:
@@ -81,7 +84,20 @@ def rank_main(rank: int, world: int, port: int, size_mib: int, rounds: int, work
         writer = dcp.FileSystemWriter(path) if kind == "dcp-fs" else ckptfmt.dcp.Writer(path)
         dcp.save(state, storage_writer=writer)
 
+    def save_async(kind: str, path: str) -> tuple[float, float]:
+        """(time async_save blocked the caller, time until the checkpoint was written)."""
+        ckptfmt.dcp._write_tensor = real_write
+        writer = dcp.FileSystemWriter(path) if kind == "dcp-fs" else ckptfmt.dcp.Writer(path)
+        t0 = time.perf_counter()
+        fut = dcp.async_save(state, storage_writer=writer)
+        t1 = time.perf_counter()
+        fut.result()
+        return t1 - t0, time.perf_counter() - t0
+
     times: dict[str, list[float]] = {k: [] for k in WRITERS}
+    for k in ASYNC_WRITERS:
+        times[f"async-block:{k}"] = []
+        times[f"async-total:{k}"] = []
     for r in range(1 + rounds):
         order = [WRITERS[(i + r) % len(WRITERS)] for i in range(len(WRITERS))]
         if r % 2:
@@ -96,6 +112,17 @@ def rank_main(rank: int, world: int, port: int, size_mib: int, rounds: int, work
             if r:
                 times[kind].append(dt)
             dist.barrier()
+            if rank == 0:
+                C.remove(path)
+        order = [ASYNC_WRITERS[(i + r) % len(ASYNC_WRITERS)] for i in range(len(ASYNC_WRITERS))]
+        for kind in order if r % 2 == 0 else order[::-1]:
+            path = os.path.join(work, f"async-{kind}-{r}")
+            dist.barrier()
+            blocked, written = save_async(kind, path)
+            dist.barrier()
+            if r:
+                times[f"async-block:{kind}"].append(blocked)
+                times[f"async-total:{kind}"].append(written)
             if rank == 0:
                 C.remove(path)
         if rank == 0:
@@ -116,7 +143,7 @@ def main() -> int:
     size = args.size_mib or (64 if args.quick else 256)
     worlds = [int(x) for x in args.ranks.split(",")]
     C.header("bench_dcp: DCP save throughput, ckptfmt.dcp.Writer vs FileSystemWriter", size=f"{size} MiB", rounds=rounds)
-    rows = []
+    rows, arows = [], []
     with C.scratch_dir(size * C.MiB * 3, args.dir) as scratch:
         for world in worlds:
             with socket.socket() as s:
@@ -136,6 +163,15 @@ def main() -> int:
                 med = C.median(t[kind])
                 rows.append([f"{world} rank(s)", kind, C.fmt_s(med), C.spread(t[kind]),
                              f"{nbytes / C.MiB / med:.0f} MiB/s", f"{med / base:.2f}x"])
+            for what in ("block", "total"):
+                base_a = C.median(t[f"async-{what}:ckptfmt"])
+                for kind in ASYNC_WRITERS:
+                    xs = t[f"async-{what}:{kind}"]
+                    arows.append([f"{world} rank(s)", f"async_save {what}", kind, C.fmt_s(C.median(xs)), C.spread(xs),
+                                  f"{C.median(xs) / base_a:.2f}x"])
+    C.table(["ranks", "measure", "writer", "median", "min..max (s)", "time / ckptfmt"], arows,
+            title="dcp.async_save: time the call blocked (staging to CPU) and time until written; both writers "
+                  "use DCP's staging (DefaultStager for ckptfmt, FileSystemWriter's own BlockingAsyncStager)")
     C.table(["ranks", "writer", "median", "min..max (s)", "throughput", "time / ckptfmt"], rows,
             title="Save (fsync'ed), whole state; time / ckptfmt above 1.0 means ckptfmt is faster")
     return 0
