@@ -17,7 +17,7 @@ from ckptfmt._layout import Sweep, free_unpublished, read_marker, split, sweep_d
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._reader import open_reader
 from ckptfmt._writer import DeferredTensor, write_checkpoint
-from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, UnsafePathError
+from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, FormatError, UnsafePathError
 from ckptfmt.format.spec import MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
 from ckptfmt.format.tree import TensorRef
 from ckptfmt.storage.base import Storage
@@ -252,6 +252,11 @@ def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, sto
     directory, _ = split(path)
     with open_reader(path, storage) as reader:
         m = reader.manifest
+        if m.shards is not None:
+            # loading would assemble the shards and the rewrite an unsharded checkpoint that
+            # torch.distributed.checkpoint could no longer load
+            raise FormatError(f"{path}: compacting a sharded checkpoint (written through torch.distributed.checkpoint) "
+                              "is not supported; save it again without parent= to make it self-contained")
         shared = any(f.path.startswith("../") for f in m.files)
         # Reading shared data: hold the run's lock shared, so nobody deletes it meanwhile.
         lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared else None

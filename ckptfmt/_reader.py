@@ -173,6 +173,56 @@ class CheckpointReader:
         except KeyError:
             raise TensorNotFoundError(f"no tensor {name!r} in checkpoint {self.path}") from None
 
+    # -- sharded tensors (1.3) ---------------------------------------------------------
+    def sharded_keys(self) -> list[str]:
+        """Names of the sharded (global) tensors of a checkpoint saved by many processes.
+
+        Their pieces are ordinary tensors (:meth:`keys`); :meth:`get` with a sharded name
+        returns the assembled global tensor.
+        """
+        shards = self.manifest.shards
+        return [t.name for t in shards.tensors] if shards is not None else []
+
+    def _global_tasks(self, j: int) -> tuple[np.ndarray, list[_Task], list[tuple[TensorEntry, tuple]]]:
+        """Allocate sharded tensor ``j``; tasks that read pieces straight into it, and the
+        pieces (with their destination slices) that have to be read and copied in."""
+        m = self.manifest
+        g = m.shards.tensors[j]
+        out = np.empty(g.shape, numpy_dtype(m.dtype_table[g.dtype]))
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        tasks: list[_Task] = []
+        copies: list[tuple[TensorEntry, tuple]] = []
+        cs = m.chunk_size
+        for p, off in zip(g.pieces, g.offsets):
+            entry = m.tensor(p)
+            if entry.nbytes == 0:
+                continue
+            dest = tuple(slice(o, o + n) for o, n in zip(off, entry.shape))
+            if all(o == 0 and n == s for o, n, s in zip(off[1:], entry.shape[1:], g.shape[1:])):
+                # Split along the first axis only: the piece is one contiguous run of out.
+                start = (off[0] * (out.nbytes // g.shape[0])) if g.shape else 0
+                view = flat[start : start + entry.nbytes]
+                tasks.extend(_Task(entry, k, view[k * cs : k * cs + m.chunk_length(entry, k)]) for k in range(entry.num_chunks))
+            else:
+                copies.append((entry, dest))
+        return out, tasks, copies
+
+    def _assemble(self, j: int, verify: bool) -> np.ndarray:
+        out, tasks, copies = self._global_tasks(j)
+        self._run(tasks, verify)
+        for entry, dest in copies:
+            flat, t = self._alloc(entry)
+            self._run(t, verify)
+            out[dest] = self._shape(entry, flat)
+        return out
+
+    def _opaque(self, i: int, path: str):
+        raise FormatError(
+            f"{self.path}: {path!r} is a Python object that torch.distributed.checkpoint serialized with "
+            f"torch.save (stored as tensor {self.manifest.names[i]!r}); ckptfmt does not unpickle it. "
+            "Load this checkpoint with torch.distributed.checkpoint.load(..., storage_reader=ckptfmt.dcp.Reader(path))"
+        )
+
     @property
     def tree(self) -> Any:
         """The saved tree with :class:`~ckptfmt.format.tree.TensorRef` at tensor leaves."""
@@ -305,6 +355,13 @@ class CheckpointReader:
             TensorNotFoundError: no such tensor. IntegrityError: the data is corrupted.
         """
         verify = self.verify_default if verify is None else verify
+        if self.manifest.shards is not None and name not in self:
+            try:
+                j = self.manifest.shards.index_of(name)
+            except KeyError:
+                pass
+            else:
+                return self._assemble(j, verify)
         if not mmap:
             arr = self._get_small(name, verify)
             if arr is not None:
@@ -415,8 +472,18 @@ class CheckpointReader:
         if not mmap:
             self._load_small(arrays, verify)
         tasks: list[_Task] = []
+        globals_: list[np.ndarray] = []
+        copies: list[tuple[np.ndarray, TensorEntry, tuple]] = []
+        is_piece = np.zeros(m.num_tensors, bool)
+        if m.shards is not None:
+            for j, g in enumerate(m.shards.tensors):
+                is_piece[list(g.pieces)] = True
+                out, t, c = self._global_tasks(j)
+                globals_.append(out)
+                tasks.extend(t)
+                copies.extend((out, e, d) for e, d in c)
         for i in range(m.num_tensors):
-            if arrays[i] is not None:
+            if is_piece[i] or arrays[i] is not None:
                 continue
             entry = m.tensor(i)
             if mmap:
@@ -427,7 +494,19 @@ class CheckpointReader:
             arrays[i] = self._shape(entry, flat)
             tasks.extend(t)
         self._run(tasks, verify)
-        return m.decode_tree(lambda i: arrays[i])
+        for out, entry, dest in copies:
+            flat, t = self._alloc(entry)
+            self._run(t, verify)
+            out[dest] = self._shape(entry, flat)
+        if m.shards is None:
+            return m.decode_tree(lambda i: arrays[i])
+
+        def leaf(i: int) -> np.ndarray:
+            if arrays[i] is None:  # a piece named directly by the tree: read it on its own
+                arrays[i] = self.get(m.names[i], verify=verify)
+            return arrays[i]
+
+        return m.decode_tree(leaf, make_shard=lambda j: globals_[j], make_opaque=self._opaque)
 
     def _load_small(self, arrays: list[np.ndarray | None], verify: bool) -> None:
         """Read every small one-chunk tensor, neighbours in a file with one read per run.

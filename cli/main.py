@@ -62,7 +62,8 @@ EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 #: Extra ``convert`` subcommands living in other modules, imported only when used:
 #: ``{"tf2torch": "ckptfmt.cli.tf:tf2torch"}``. Other packages can add theirs through the
 #: ``ckptfmt.convert`` entry-point group instead.
-CONVERT_COMMANDS: dict[str, str] = {"tf2torch": "ckptfmt.cli.tfconvert:tf2torch", "torch2tf": "ckptfmt.cli.tfconvert:torch2tf"}
+CONVERT_COMMANDS: dict[str, str] = {"tf2torch": "ckptfmt.cli.tfconvert:tf2torch", "torch2tf": "ckptfmt.cli.tfconvert:torch2tf",
+                                     "dcp-import": "ckptfmt.cli.dcpimport:dcp_import"}
 
 
 
@@ -288,6 +289,10 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     if s.kind == "ckptfmt":
         with ckptfmt.open(path) as reader:
             share = reader.sharing()
+            shards = reader.manifest.shards
+        if shards is not None:  # 1.3: written by many processes through torch.distributed.checkpoint
+            pieces = sum(len(g.pieces) for g in shards.tensors)
+            click.echo(f"{'sharded:':<10}{len(shards.tensors)} tensors in {pieces} pieces (listed below as NAME@[offsets])")
         if share["parent"]:
             pct = 100.0 * share["shared_bytes"] / max(1, share["total_bytes"])
             click.echo(f"{'parent:':<10}{share['parent']} (chain depth {share['depth']}; "

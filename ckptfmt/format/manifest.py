@@ -31,6 +31,7 @@ import numpy as np
 from ckptfmt.errors import FormatError, IntegrityError, LimitExceededError, UnsupportedVersionError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_itemsize, numpy_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH, get_hash
+from ckptfmt.format.shards import decode_shards
 from ckptfmt.format.spec import (
     ALIGNMENT,
     FORMAT_NAME,
@@ -38,6 +39,7 @@ from ckptfmt.format.spec import (
     LIMITS,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    SHARDED_VERSION,
     Limits,
 )
 from ckptfmt.format.tree import decode_tree
@@ -96,6 +98,10 @@ class Manifest:
     parent: Any = None
     #: 1.2: indices of the files this save wrote itself (``None``: those not starting ``../``).
     wrote: tuple[int, ...] | None = None
+    #: 1.3: the pieces of sharded tensors (a ShardTable), or None for an unsharded checkpoint.
+    shards: Any = None
+    #: 1.3: torch.distributed.checkpoint's metadata for this checkpoint, as plain data.
+    dcp: Any = None
     where: str = "manifest"
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -195,13 +201,20 @@ class Manifest:
             size = self._cache["hash_size"] = get_hash(self.hash_alg).digest_size
         return self.chunk_hashes[c * size : (c + 1) * size]
 
-    def decode_tree(self, make_leaf, limits: Limits = LIMITS) -> Any:
-        """Decode the saved tree, calling ``make_leaf(i)`` for tensor leaves."""
+    def decode_tree(self, make_leaf, limits: Limits = LIMITS, *, make_shard=None, make_opaque=None) -> Any:
+        """Decode the saved tree, calling ``make_leaf(i)`` for tensor leaves.
+
+        In a sharded checkpoint (1.3) ``make_shard(j)`` builds sharded tensor ``j`` and
+        ``make_opaque(i, path)`` an object only its framework can restore (tensor ``i``
+        holds its serialized bytes).
+        """
         try:
             node = msgpack.unpackb(self.tree_blob, raw=False, strict_map_key=False, use_list=True)
         except Exception as e:
             raise FormatError(f"{self.where}: the tree is not valid msgpack ({e})") from None
-        return decode_tree(node, self.num_tensors, make_leaf, limits, where=self.where)
+        n_shards = len(self.shards.tensors) if self.shards is not None else 0
+        return decode_tree(node, self.num_tensors, make_leaf, limits, where=self.where,
+                           n_shards=n_shards, make_shard=make_shard, make_opaque=make_opaque)
 
 
 def _u(arr: np.ndarray, dt: str) -> bytes:
@@ -289,6 +302,8 @@ class ManifestBuilder:
             }
             for k, v in (extra or {}).items():
                 body.setdefault(k, v)
+            # A sharded checkpoint's tree uses nodes older readers refuse, so it says 1.3.
+            version = SHARDED_VERSION if "shards" in body else FORMAT_VERSION
             body_bytes = msgpack.packb(body, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"cannot encode the manifest: {e} (is the metadata a msgpack-able value?)") from None
@@ -296,7 +311,7 @@ class ManifestBuilder:
         self.digest = digest
         envelope = {
             "format": FORMAT_NAME,
-            "version": list(FORMAT_VERSION),
+            "version": list(version),
             "hash_alg": self.hash.name,
             "hash": digest,
             "body": body_bytes,
@@ -477,6 +492,24 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
         if not isinstance(wrote, list) or not all(type(i) is int and 0 <= i < len(files) for i in wrote):
             raise FormatError(f"{where}: field 'wrote' must list indices into 'files'")
         wrote = tuple(wrote)
+    shards = None
+    if body.get("shards") is not None:
+        dtype_items = [numpy_dtype(d).itemsize for d in dtype_table]
+
+        def itemsize_of(code: int) -> int:
+            if code >= len(dtype_items):
+                raise FormatError(f"{where}: a sharded tensor's dtype code {code} is out of range")
+            return dtype_items[code]
+
+        def shape_of(i: int) -> tuple[int, ...]:
+            start = int(dim_starts[i])
+            return tuple(int(d) for d in dims[start : start + int(ranks[i])])
+
+        dim_starts = np.zeros(n, np.int64)
+        if n:
+            np.cumsum(ranks[:-1], out=dim_starts[1:])
+        shards = decode_shards(body["shards"], n_tensors=n, dtypes=dtypes, ranks=ranks, shape_of=shape_of,
+                               itemsize_of=itemsize_of, names=names, limits=limits, where=where)
     return Manifest(
         version=(version[0], version[1]),
         digest=digest,
@@ -501,6 +534,8 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
         tree_blob=tree_blob,
         parent=_check_parent(body.get("parent"), where),
         wrote=wrote,
+        shards=shards,
+        dcp=body.get("dcp"),
         where=where,
     )
 

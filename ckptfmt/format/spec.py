@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "SHARDED_VERSION",
     "MANIFEST_NAME",
     "MANIFEST_TMP_PREFIX",
     "DATA_SUFFIX",
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 FORMAT_NAME = "ckptfmt"
 #: (major, minor). Readers refuse an unknown major and ignore unknown fields of a known one.
 FORMAT_VERSION = (1, 2)
+#: The version a checkpoint with sharded tensors (the body field ``shards``) is written as.
+SHARDED_VERSION = (1, 3)
 
 #: The manifest's file name inside a checkpoint directory. Its presence marks a complete
 #: checkpoint: it is written last and made visible by an atomic rename.

@@ -135,13 +135,23 @@ def decode_tree(
     make_leaf: Callable[[int], Any],
     limits: Limits = LIMITS,
     where: str = "manifest",
+    *,
+    n_shards: int = 0,
+    make_shard: Callable[[int], Any] | None = None,
+    make_opaque: Callable[[int, str], Any] | None = None,
 ) -> Any:
     """Rebuild a state tree from manifest nodes, validating every node.
+
+    Sharded checkpoints (1.3) add ``["s", j]``, sharded tensor ``j``, and ``["o", i]``, an
+    object serialized by its framework into tensor ``i`` (bytes only it can restore).
 
     Args:
         node: the encoded root.
         n_tensors: size of the tensor table (every ``["t", i]`` must index it).
         make_leaf: builds the value of tensor leaf ``i``.
+        n_shards: size of the sharded-tensor table (every ``["s", j]`` must index it).
+        make_shard: builds sharded tensor ``j``.
+        make_opaque: builds (or refuses) the object stored in tensor ``i`` at ``path``.
         limits: the depth and node-count limits to enforce.
         where: names the file in error messages.
 
@@ -178,6 +188,14 @@ def decode_tree(
             if len(n) != 2 or type(n[1]) is not int or not 0 <= n[1] < n_tensors:
                 raise bad(f"tensor index out of range 0..{n_tensors - 1}", path)
             return make_leaf(n[1])
+        if tag == "s":
+            if len(n) != 2 or type(n[1]) is not int or not 0 <= n[1] < n_shards or make_shard is None:
+                raise bad(f"sharded tensor index out of range 0..{n_shards - 1}", path)
+            return make_shard(n[1])
+        if tag == "o":
+            if len(n) != 2 or type(n[1]) is not int or not 0 <= n[1] < n_tensors or make_opaque is None:
+                raise bad(f"opaque object index out of range 0..{n_tensors - 1}", path)
+            return make_opaque(n[1], path)
         if tag == "v":
             if len(n) != 2 or not isinstance(n[1], PLAIN_TYPES):
                 raise bad("plain leaf must be int, float, bool, str, bytes or None", path)

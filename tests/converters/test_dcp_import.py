@@ -1,0 +1,102 @@
+"""The DCP ``.metadata`` reader: an allow-list of inert records. Any bytes raise FormatError
+(never run anything, never another exception); real metadata from DCP itself reads back."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ckptfmt
+from ckptfmt.errors import FormatError
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+import torch.distributed.checkpoint as dcp  # noqa: E402
+
+from ckptfmt.converters._dcp_import import ALLOWED_GLOBALS, dcp_import, read_dcp_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A checkpoint written by DCP's own FileSystemWriter in one process."""
+    path = str(tmp_path_factory.mktemp("dcpfs") / "ck")
+    state = {"m": {"w": torch.arange(12.0).reshape(3, 4), "h": torch.ones(5, dtype=torch.float16)},
+             "step": 4, "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        return path, f.read()
+
+
+def test_real_metadata_reads_back_as_plain_data(written):
+    md = read_dcp_metadata(written[0])
+    assert md.tensors["m.w"].shape == (3, 4) and md.tensors["m.h"].dtype == "float16"
+    assert set(md.bytes_items) == {"step", "groups.0.lr", "groups.0.betas"}
+    assert md.mappings["groups.0.betas"] == ("groups", 0, "betas")
+
+
+def test_import_keeps_nesting_and_plain_values(written, tmp_path):
+    dst = str(tmp_path / "out")
+    dcp_import(written[0], dst)
+    got = ckptfmt.load(dst)
+    assert got["m"]["w"].tolist() == np.arange(12.0).reshape(3, 4).tolist()
+    assert got["step"] == 4 and got["groups"] == [{"lr": 0.1, "betas": (0.9, 0.99)}]
+
+
+def test_a_pickled_object_item_is_refused(tmp_path):
+    from fractions import Fraction
+
+    path = str(tmp_path / "ck")
+    dcp.save({"w": torch.ones(2), "f": Fraction(1, 3)}, storage_writer=dcp.FileSystemWriter(path))
+    with pytest.raises(FormatError, match="weights_only"):
+        dcp_import(path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("glob", ["os.system", "builtins.eval", "torch.load", "torch.distributed.checkpoint.metadata.Metadata.__init__"])
+def test_globals_outside_the_allow_list_are_refused(tmp_path, glob):
+    module, _, name = glob.rpartition(".")
+    payload = b"\x80\x04" + b"c" + module.encode() + b"\n" + name.encode() + b"\n" + b"X\x01\x00\x00\x00x\x85R."
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / ".metadata").write_bytes(payload)
+    with pytest.raises(FormatError, match="refused"):
+        read_dcp_metadata(str(d))
+
+
+def test_the_allow_list_is_small_and_holds_no_callable_from_torch():
+    assert len({k for k in ALLOWED_GLOBALS if not (k[0] == "torch" and k[1] not in ("Size",))}) <= 20
+    for value in ALLOWED_GLOBALS.values():
+        assert getattr(value, "__module__", "").split(".")[0] != "torch"
+
+
+def _check(data: bytes, tmp_dir: str) -> None:
+    os.makedirs(tmp_dir, exist_ok=True)
+    with open(os.path.join(tmp_dir, ".metadata"), "wb") as f:
+        f.write(data)
+    try:
+        read_dcp_metadata(tmp_dir)
+    except FormatError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=500))
+def test_any_bytes_raise_only_format_error(tmp_path_factory, data):
+    _check(data, str(tmp_path_factory.mktemp("r")))
+
+
+@settings(max_examples=100, deadline=None)
+@given(pos=st.integers(0, 1 << 20), flip=st.integers(1, 255), cut=st.booleans())
+def test_damaged_real_metadata_raises_only_format_error(written, tmp_path_factory, pos, flip, cut):
+    data = bytearray(written[1])
+    pos %= len(data)
+    if cut:
+        data = data[:pos]
+    else:
+        data[pos] ^= flip
+    _check(bytes(data), str(tmp_path_factory.mktemp("d")))
