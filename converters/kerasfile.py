@@ -150,7 +150,7 @@ class KerasFileReader:
         ['layers/conv2d/vars/0', 'layers/conv2d/vars/1']
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, check_in_subprocess: bool = True) -> None:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointNotFoundError(f"no Keras file at {self.path}")
@@ -162,9 +162,12 @@ class KerasFileReader:
         self.metadata: dict[str, Any] = {}
         self.training_config: Any = None
         self._zip: zipfile.ZipFile | None = None
-        self._member: Any = None
+        self._raw: Any = None  # the HDF5 bytes: the file, or a stored zip member's range
+        self._tmp: str | None = None
+        self._base, self._length = 0, os.path.getsize(self.path)
         self.member_info: zipfile.ZipInfo | None = None
         try:
+            h5_path = self.path
             if self.kind == "keras":
                 self._zip = zipfile.ZipFile(self.path)
                 names = set(self._zip.namelist())
@@ -175,19 +178,30 @@ class KerasFileReader:
                         raise FormatError(f"{self.path}: the weights are stored as {_WEIGHTS_NPZ}, which ckptfmt does not read; "
                                           "re-save the model as .keras with the default (HDF5) weights")
                     raise FormatError(f"{self.path}: a .keras archive without {_WEIGHTS_H5}")
-                self.member_info = self._zip.getinfo(_WEIGHTS_H5)
-                self._member = self._zip.open(_WEIGHTS_H5)
-                self._h5 = h5py.File(self._member, "r")
+                self.member_info = info = self._zip.getinfo(_WEIGHTS_H5)
+                if info.compress_type == zipfile.ZIP_STORED:
+                    self._base, self._length = _member_range(self.path, info)
+                else:  # Keras stores it uncompressed; a recompressed archive is unpacked beside
+                    self._tmp = _extract(self._zip, info, self.path)
+                    h5_path, self._base, self._length = self._tmp, 0, os.path.getsize(self._tmp)
             else:
-                self._h5 = h5py.File(self.path, "r")
+                self._base, self._length = 0, os.path.getsize(self.path)
+            # libhdf5 is not hardened against damaged or malicious files (it can crash the
+            # process): the structure is walked first in a child process, exactly as below.
+            if check_in_subprocess:
+                _check_in_child(self.path, h5_path, self._base, self._length)
+            self._raw = _Range(h5_path, self._base, self._length)
+            self._h5 = h5py.File(self._raw, "r")
         except (FormatError, TensorNotFoundError):
             self.close()
             raise
         except Exception as e:  # zipfile, h5py and OSError variants of "damaged"
             self.close()
             raise FormatError(f"{self.path}: not a readable Keras file: {_one_line(e)}") from None
+        self._data_path = h5_path
         try:
             self._datasets: dict[str, Any] = {}
+            self._offsets: dict[str, int] = {}
             self._bf16: set[str] = set()
             self._groups: dict[str, dict[str, Any]] = {}
             self._scan()
@@ -219,8 +233,13 @@ class KerasFileReader:
         h5py = _h5py()
         stack: list[tuple[str, Any]] = [("", self._h5)]
         seen = 0
+        visited: set[int] = set()
         while stack:
             path, group = stack.pop()
+            addr = h5py.h5o.get_info(group.id).addr
+            if addr in visited:
+                raise FormatError(f"{self.path}: group {path} is linked twice (a cycle); Keras files are trees")
+            visited.add(addr)
             self._groups[path] = dict(group.attrs.items())
             for name in group:
                 link = group.get(name, getlink=True)
@@ -237,7 +256,15 @@ class KerasFileReader:
                 if not isinstance(obj, h5py.Dataset):
                     raise FormatError(f"{self.path}: {full} is neither a group nor a dataset")
                 self._check_dataset(full, obj)
+                dict(obj.attrs.items())  # read here as in the child process (the writer copies them)
                 self._datasets[full] = obj
+                offset = obj.id.get_offset()
+                if obj.chunks is None and offset is not None:
+                    nbytes = math.prod(obj.shape) * obj.dtype.itemsize
+                    if offset < 0 or offset + nbytes > self._length:
+                        raise FormatError(f"{self.path}: dataset {full} lies at bytes {offset}..{offset + nbytes}, "
+                                          f"beyond the {self._length}-byte HDF5 file (truncated?)")
+                    self._offsets[full] = offset
 
     def _check_dataset(self, name: str, ds: Any) -> None:
         if ds.external:
@@ -294,9 +321,25 @@ class KerasFileReader:
         """
         ds = self._ds(key)
         try:
-            value = np.asarray(ds[()])
+            if key in self._offsets:  # contiguous: the bytes themselves, no HDF5 code involved
+                n = math.prod(ds.shape)
+                dt = ds.dtype
+                with open(self._data_path, "rb") as f:
+                    f.seek(self._base + self._offsets[key])
+                    buf = f.read(n * dt.itemsize)
+                if len(buf) != n * dt.itemsize:
+                    raise FormatError(f"{self.path}: dataset {key} is truncated ({len(buf)} of {n * dt.itemsize} bytes)")
+                value = np.frombuffer(buf, dt).reshape(ds.shape).copy() if n else np.zeros(ds.shape, dt)
+            elif ds.id.get_storage_size() == 0:  # never written: HDF5's fill value
+                value = np.asarray(ds[()])
+            else:
+                value = np.asarray(ds[()])
+        except FormatError:
+            raise
         except Exception as e:
             raise FormatError(f"{self.path}: dataset {key} cannot be read: {_one_line(e)}") from None
+        if value.dtype.byteorder not in ("=", "|") and value.dtype.byteorder != np.dtype(value.dtype.newbyteorder("=")).byteorder:
+            value = value.astype(value.dtype.newbyteorder("="))
         if value.shape != tuple(ds.shape):
             raise FormatError(f"{self.path}: dataset {key} read as shape {value.shape}, declared {ds.shape}")
         if key in self._bf16:
@@ -308,7 +351,7 @@ class KerasFileReader:
         return int(math.prod(ds.shape) * ds.dtype.itemsize)
 
     def close(self) -> None:
-        for obj in ("_h5", "_member", "_zip"):
+        for obj in ("_h5", "_raw", "_zip"):
             handle = getattr(self, obj, None)
             if handle is not None:
                 try:
@@ -316,12 +359,148 @@ class KerasFileReader:
                 except Exception:
                     pass
                 setattr(self, obj, None)
+        tmp = getattr(self, "_tmp", None)
+        if tmp:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            self._tmp = None
 
     def __enter__(self) -> KerasFileReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Range(io.RawIOBase):
+    """A byte range of a file as a read-only file (a stored zip member, or the whole file)."""
+
+    def __init__(self, path: str, base: int, length: int) -> None:
+        self._f = open(path, "rb")
+        self._base, self._len, self._pos = base, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else (self._pos + pos if whence == 1 else self._len + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self._len - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._base + self._pos)
+        data = self._f.read(n)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _member_range(path: str, info: zipfile.ZipInfo) -> tuple[int, int]:
+    """Where a stored zip member's bytes are: after its local header (whose extra field may
+    differ from the central directory's)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) != 30 or header[:4] != ZIP_MAGIC:
+        raise FormatError(f"{path}: the local header of {info.filename} is damaged")
+    name_len = int.from_bytes(header[26:28], "little")
+    extra_len = int.from_bytes(header[28:30], "little")
+    base = info.header_offset + 30 + name_len + extra_len
+    if base + info.file_size > os.path.getsize(path):
+        raise FormatError(f"{path}: {info.filename} runs past the end of the archive (truncated?)")
+    return base, info.file_size
+
+
+def _extract(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> str:
+    if info.file_size > _MAX_EXPANSION * max(info.compress_size, 1) and info.file_size > _BOMB_FLOOR:
+        raise FormatError(f"{path}: {info.filename} expands {info.compress_size} bytes to {info.file_size}; refused")
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", prefix="ckptfmt-")
+    with os.fdopen(fd, "wb") as out, z.open(info) as src:
+        while chunk := src.read(1 << 22):
+            out.write(chunk)
+    return tmp
+
+
+# The child process walks the HDF5 structure with the calls KerasFileReader makes, and reads
+# chunked datasets (contiguous ones are read without libhdf5).
+_CHILD = r"""
+import math, sys
+import h5py
+path, base, length = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+class R:
+    def __init__(s): s.f = open(path, "rb"); s.p = 0
+    def seek(s, p, w=0): s.p = p if w == 0 else (s.p + p if w == 1 else length + p); return s.p
+    def tell(s): return s.p
+    def read(s, n=-1):
+        n = length - s.p if n is None or n < 0 else max(0, min(n, length - s.p))
+        s.f.seek(base + s.p); d = s.f.read(n); s.p += len(d); return d
+    def readinto(s, b):
+        d = s.read(len(b)); b[:len(d)] = d; return len(d)
+raw = R()
+f = h5py.File(raw, "r")
+stack, seen = [f], set()
+while stack:
+    g = stack.pop()
+    a = h5py.h5o.get_info(g.id).addr
+    if a in seen:
+        continue
+    seen.add(a)
+    dict(g.attrs.items())
+    for name in g:
+        if not isinstance(g.get(name, getlink=True), h5py.HardLink):
+            continue
+        o = g[name]
+        if isinstance(o, h5py.Group):
+            stack.append(o)
+            continue
+        if not isinstance(o, h5py.Dataset):
+            continue
+        o.external, o.is_virtual, o.dtype, o.shape, o.compression, o.chunks
+        dict(o.attrs.items())
+        stored = o.id.get_storage_size()
+        o.id.get_offset()
+        if o.chunks is not None and o.shape is not None:
+            declared = math.prod(o.shape) * o.dtype.itemsize
+            if declared <= 1 << 20 or declared <= 1000 * max(stored, 1):
+                o[()]
+
+f.close()
+sys.stdout.flush()
+import os
+os._exit(0)  # no teardown of h5py's Python file driver
+"""
+
+
+def _check_in_child(shown: str, path: str, base: int, length: int) -> None:
+    import subprocess
+    import sys
+
+    timeout = 60 + length / (50 << 20)
+    try:
+        r = subprocess.run([sys.executable, "-I", "-c", _CHILD, path, str(base), str(length)],
+                           capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FormatError(f"{shown}: parsing its HDF5 structure did not finish in {timeout:.0f} s (damaged or malicious)") from None
+    if r.returncode < 0:
+        raise FormatError(f"{shown}: the HDF5 library crashed (signal {-r.returncode}) parsing the file's structure: "
+                          "it is damaged or malicious")
+    # a Python error in the child is raised again, as a FormatError, by the same calls here
 
 
 def _one_line(e: BaseException) -> str:
@@ -1139,18 +1318,15 @@ def _copy_h5(template: KerasFileReader, out: Any, get: Callable[[str], Any]) -> 
     for key in template.keys():
         value = get(key)
         ds = template._datasets[key]
-        if value is None:
-            data = ds[()]
-        else:
-            data = np.asarray(value)
-            if tuple(data.shape) != tuple(ds.shape):
-                raise ConversionError(f"{key}: the new value has shape {tuple(data.shape)}, the template {tuple(ds.shape)}")
-            if key in template._bf16:
-                import ml_dtypes
+        data = np.asarray(template.get(key) if value is None else value)
+        if tuple(data.shape) != tuple(ds.shape):
+            raise ConversionError(f"{key}: the new value has shape {tuple(data.shape)}, the template {tuple(ds.shape)}")
+        if key in template._bf16:
+            import ml_dtypes
 
-                data = data.astype(ml_dtypes.bfloat16, copy=False).view(ds.dtype)
-            else:
-                data = data.astype(ds.dtype, copy=False)
+            data = data.astype(ml_dtypes.bfloat16, copy=False).view(ds.dtype)
+        else:
+            data = data.astype(ds.dtype, copy=False)
         new = out.create_dataset(key, data=data)
         for k, v in ds.attrs.items():
             new.attrs[k] = v
@@ -1160,3 +1336,142 @@ def iter_datasets(reader: KerasFileReader) -> Iterator[tuple[str, tuple[int, ...
     """``(path, shape, dtype)`` of every dataset, without reading data."""
     for k in reader.keys():
         yield k, reader.shape(k), reader.dtype(k)
+
+
+# --------------------------------------------------------------------------------------------
+# As a checkpoint kind (inspect, verify, diff)
+
+
+def _source_base() -> Any:
+    from .kinds import Source
+
+    return Source
+
+
+def _names(reader: KerasFileReader) -> dict[str, str]:
+    """``{tensor name: h5 key}``: Keras variable paths and ``optimizer/...`` where the layout is
+    understood, the raw HDF5 paths otherwise (nothing is hidden either way)."""
+    try:
+        kc = read_keras_file(reader, infer_layers=False)
+    except (FormatError, ConversionError):
+        return {k: k for k in reader.keys()}
+    out = dict(kc.keys)
+    for var, d in kc.slots.items():
+        for slot, key in d.items():
+            out[f"optimizer/{var}/{slot}"] = key
+    if kc.iterations_key:
+        out["optimizer/iterations"] = kc.iterations_key
+    if kc.learning_rate_key:
+        out["optimizer/learning_rate"] = kc.learning_rate_key
+    named = set(out.values())
+    out.update({k: k for k in reader.keys() if k not in named and k not in out})
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KerasSource":
+        return _make_source_class()
+    raise AttributeError(name)
+
+
+_SOURCE_CLASS: Any = None
+
+
+def _make_source_class() -> Any:
+    """The :class:`~ckptfmt.converters.kinds.Source` of Keras files (built on first use: kinds
+    imports this module lazily, and this module must not import kinds at import time)."""
+    global _SOURCE_CLASS
+    if _SOURCE_CLASS is not None:
+        return _SOURCE_CLASS
+    from ckptfmt.api import Problem
+
+    from . import kinds
+
+    class KerasSource(kinds.Source):
+        """A ``.keras``, Keras 3 ``.weights.h5`` or tf.keras ``.h5`` file (needs h5py: the ``keras`` extra).
+
+        Tensor names are Keras variable paths (``conv/kernel``) and ``optimizer/<variable>/<slot>``
+        where the layout is understood; other datasets keep their HDF5 paths.
+        """
+
+        kind = "keras"
+
+        def __init__(self, path: str) -> None:
+            super().__init__(path)
+            self._reader = KerasFileReader(path)
+            self._names = _names(self._reader)
+
+        def keys(self) -> list[str]:
+            return list(self._names)
+
+        def _key(self, name: str) -> str:
+            if name not in self._names:
+                raise TensorNotFoundError(f"{self.path}: no tensor {name!r}")
+            return self._names[name]
+
+        def info(self, name: str) -> Any:
+            k = self._key(name)
+            return kinds.TensorInfo(name, kinds._dtype_str(self._reader.dtype(k)), self._reader.shape(k), self._reader.nbytes(k))
+
+        def get(self, name: str) -> np.ndarray:
+            return self._reader.get(self._key(name))
+
+        @property
+        def metadata(self) -> Any:
+            return self._reader.metadata or None
+
+        @property
+        def version(self) -> str:
+            what = {"keras": ".keras"}.get(self._reader.kind or "", "HDF5")
+            v = self._reader.metadata.get("keras_version")
+            return f"{what} (keras {v})" if v else what
+
+        def close(self) -> None:
+            self._reader.close()
+
+        @classmethod
+        def verify(cls, path: str, *, progress: bool | None = None) -> Any:
+            import time
+
+            t0 = time.perf_counter()
+            problems: list[Any] = []
+            kind = is_keras_file(path)
+            if kind == "keras":
+                try:
+                    with zipfile.ZipFile(path) as z:
+                        bad = z.testzip()  # reads every member, checking its CRC-32
+                    if bad is not None:
+                        problems.append(Problem("hash_mismatch", f"zip member {bad} fails its CRC-32", file=path))
+                except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    problems.append(Problem("header", f"not a readable zip archive: {_one_line(e)}", file=path))
+                    return kinds._make_report(path, problems, t0)
+            try:
+                src = cls(path)
+            except (FormatError, ConversionError, OSError) as e:
+                if isinstance(e, CheckpointNotFoundError):
+                    raise
+                problems.append(Problem("header", _one_line(e), file=path))
+                return kinds._make_report(path, problems, t0)
+            checked = nbytes = 0
+            try:
+                for name in src.keys():
+                    try:
+                        src.get(name)
+                    except (FormatError, OSError) as e:
+                        problems.append(Problem("unreadable", _one_line(e), file=path, tensor=name))
+                    checked += 1
+                    nbytes += src._reader.nbytes(src._names[name])
+                version = src.version
+            finally:
+                src.close()
+            problems.append(Problem(
+                "no_checksums",
+                ("the zip's CRC-32 covers the archive's members; the HDF5 weights inside carry no checksums of their own"
+                 if kind == "keras" else
+                 "HDF5 weights files carry no checksums: the structure was checked and every tensor read, but a flipped "
+                 "bit inside tensor data cannot be detected"),
+                severity="warning", file=path))
+            return kinds._make_report(path, problems, t0, tensors=checked, checked=checked, nbytes=nbytes, version=version)
+
+    _SOURCE_CLASS = KerasSource
+    return KerasSource

@@ -87,7 +87,10 @@ from ckptfmt.format.dtypes import dtype_name
 from ckptfmt.format.spec import DATA_SUFFIX, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 
 #: Every kind, in detection order.
-KINDS: tuple[str, ...] = ("ckptfmt", "tf", "torch", "safetensors", "onnx")
+KINDS: tuple[str, ...] = ("ckptfmt", "tf", "torch", "safetensors", "onnx", "keras")
+
+#: File suffixes of Keras's own files (.keras zip, .weights.h5 and tf.keras .h5).
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 #: File suffixes of torch.save files.
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -100,6 +103,7 @@ _SOURCES: dict[str, str] = {
     "torch": "ckptfmt.converters._torchfile:TorchSource",
     "safetensors": "ckptfmt.converters._safetensors:SafetensorsSource",
     "onnx": "ckptfmt.converters._onnx:OnnxSource",
+    "keras": "ckptfmt.converters.kerasfile:KerasSource",
 }
 
 # Where a converted checkpoint goes, by the destination's suffix (anything else: ckptfmt).
@@ -288,19 +292,30 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
             return "onnx"
         if low.endswith(TORCH_SUFFIXES):
             return "torch"
+        if low.endswith(KERAS_SUFFIXES):
+            return "keras"
         with open(p, "rb") as f:
             head = f.read(9)
+        # a .keras zip (config.json, metadata.json) or an HDF5 file, before the torch zip sniff
+        if head[:8] == b"\x89HDF\r\n\x1a\n" or (head[:4] == b"PK\x03\x04" and _is_keras_zip(p)):
+            return "keras"
         if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / legacy pickle
             return "torch"
         if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then JSON
             return "safetensors"
         raise FormatError(
             f"{p}: not a checkpoint kind ckptfmt knows (by suffix or content); supported: "
-            "ckptfmt directories, TensorFlow prefixes, .safetensors, .pt/.pth/.bin, .onnx"
+            "ckptfmt directories, TensorFlow prefixes, .safetensors, .pt/.pth/.bin, .onnx, .keras/.weights.h5/.h5"
         )
     if os.path.isfile(p + ".index"):
         return "tf"
     raise CheckpointNotFoundError(f"no checkpoint at {p}: the path does not exist")
+
+
+def _is_keras_zip(path: str) -> bool:
+    from ckptfmt.converters.kerasfile import is_keras_file
+
+    return is_keras_file(path) == "keras"
 
 
 def _source_class(kind: str) -> type[Source]:
