@@ -487,9 +487,19 @@ os._exit(0)  # no teardown of h5py's Python file driver
 """
 
 
+# Files already walked by a child unharmed, by identity and modification time: opening one
+# file several times (detect, inspect, convert) costs one child process.
+_CHECKED: set[tuple[Any, ...]] = set()
+
+
 def _check_in_child(shown: str, path: str, base: int, length: int) -> None:
     import subprocess
     import sys
+
+    st = os.stat(path)
+    ident = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, base, length)
+    if ident in _CHECKED:
+        return
 
     timeout = 60 + length / (50 << 20)
     try:
@@ -501,6 +511,8 @@ def _check_in_child(shown: str, path: str, base: int, length: int) -> None:
         raise FormatError(f"{shown}: the HDF5 library crashed (signal {-r.returncode}) parsing the file's structure: "
                           "it is damaged or malicious")
     # a Python error in the child is raised again, as a FormatError, by the same calls here
+    if r.returncode == 0:
+        _CHECKED.add(ident)
 
 
 def _one_line(e: BaseException) -> str:
