@@ -19,7 +19,7 @@ pytest.importorskip("h5py")  # the keras extra; CI installs it
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from ckptfmt.converters import kinds  # noqa: E402
-from ckptfmt.converters.kerasfile import KerasFileReader, is_keras_file, read_keras_file, write_keras_file  # noqa: E402
+from ckptfmt.converters.keras.kerasfile import KerasFileReader, is_keras_file, read_keras_file, write_keras_file  # noqa: E402
 from ckptfmt.errors import CheckpointExistsError, ConversionError, FormatError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -34,11 +34,11 @@ external and virtual datasets, unsupported dtypes, and datasets declaring far mo
 than the file holds are refused with :class:`~ckptfmt.errors.FormatError`.
 
 Example:
-    >>> from ckptfmt.converters.kerasfile import KerasFileReader, read_keras_file  # doctest: +SKIP
-    >>> with KerasFileReader("fixtures/keras/k3_cnn_adam.keras") as r:  # doctest: +SKIP
+    >>> from ckptfmt.converters.keras.kerasfile import KerasFileReader, read_keras_file
+    >>> with KerasFileReader("fixtures/keras/k3_cnn_adam.keras") as r:
     ...     kc = read_keras_file(r)
-    ...     [(l.name, l.class_name) for l in kc.layers if l.weights]
-    [('conv', 'Conv2D'), ('bn', 'BatchNormalization'), ('head', 'Dense')]
+    ...     [(l.name, l.class_name) for l in kc.layers]
+    [('conv', 'Conv2D'), ('bn', 'BatchNormalization'), ('flatten', 'Flatten'), ('head', 'Dense')]
 """
 
 from __future__ import annotations
@@ -66,8 +66,11 @@ import numpy as np
 
 from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, FrameworkNotAvailableError, TensorNotFoundError
 
-from .convert import KerasCheckpoint, _conv_kind, _infer_kind, _insert_flattens, _rnn_kind
-from .mapping.layers import KerasLayer, KerasWeight
+from ..mapping.layers import KerasLayer, KerasWeight
+from .checkpoint import KerasCheckpoint
+from .infer import _rnn_kind
+from .infer import infer_kind as _infer_kind
+from .infer import insert_flattens as _insert_flattens
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -771,8 +774,8 @@ def _read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
     return KerasFileCheckpoint(
         keys=keys, shapes={k: reader.shape(v) for k, v in keys.items()}, dtypes={k: reader.dtype(v) for k, v in keys.items()},
         layers=tuple(kl), slots=slots, iterations_key=iterations_key, learning_rate_key=lr_key,
-        optimizer_name=(objs["optimizer"].name if "optimizer" in objs else None), other=tuple(other), graph=None,  # type: ignore[arg-type]
-        problems=tuple(problems), file_kind="keras" if reader.kind == "keras" else "keras3-h5",
+        optimizer_name=(objs["optimizer"].name if "optimizer" in objs else None), other=tuple(other),
+        problems=tuple(problems), path=reader.path, reader=reader, file_kind="keras" if reader.kind == "keras" else "keras3-h5",
         optimizer_config={k: v for k, v in opt_cfg.items() if v is not None}, order_known=order_known, notes=tuple(notes),
     )
 
@@ -1237,7 +1240,7 @@ def _read_tfkeras(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheck
         keys=keys, shapes={k: reader.shape(v) for k, v in keys.items()}, dtypes={k: reader.dtype(v) for k, v in keys.items()},
         layers=tuple(layers), slots=slots, iterations_key=iterations_key, learning_rate_key=lr_key, optimizer_name=opt_name,
         other=tuple(k for k in reader.keys() if k not in set(keys.values()) and not k.startswith("optimizer_weights/")),
-        graph=None, problems=tuple(problems), hyperparameter_keys=hyper,  # type: ignore[arg-type]
+        problems=tuple(problems), hyperparameter_keys=hyper, path=reader.path, reader=reader,
         file_kind="tfkeras-h5", optimizer_config=opt_cfg, order_known=True,
     )
 
@@ -1348,142 +1351,3 @@ def iter_datasets(reader: KerasFileReader) -> Iterator[tuple[str, tuple[int, ...
     """``(path, shape, dtype)`` of every dataset, without reading data."""
     for k in reader.keys():
         yield k, reader.shape(k), reader.dtype(k)
-
-
-# --------------------------------------------------------------------------------------------
-# As a checkpoint kind (inspect, verify, diff)
-
-
-def _source_base() -> Any:
-    from .kinds import Source
-
-    return Source
-
-
-def _names(reader: KerasFileReader) -> dict[str, str]:
-    """``{tensor name: h5 key}``: Keras variable paths and ``optimizer/...`` where the layout is
-    understood, the raw HDF5 paths otherwise (nothing is hidden either way)."""
-    try:
-        kc = read_keras_file(reader, infer_layers=False)
-    except (FormatError, ConversionError):
-        return {k: k for k in reader.keys()}
-    out = dict(kc.keys)
-    for var, d in kc.slots.items():
-        for slot, key in d.items():
-            out[f"optimizer/{var}/{slot}"] = key
-    if kc.iterations_key:
-        out["optimizer/iterations"] = kc.iterations_key
-    if kc.learning_rate_key:
-        out["optimizer/learning_rate"] = kc.learning_rate_key
-    named = set(out.values())
-    out.update({k: k for k in reader.keys() if k not in named and k not in out})
-    return out
-
-
-def __getattr__(name: str) -> Any:
-    if name == "KerasSource":
-        return _make_source_class()
-    raise AttributeError(name)
-
-
-_SOURCE_CLASS: Any = None
-
-
-def _make_source_class() -> Any:
-    """The :class:`~ckptfmt.converters.kinds.Source` of Keras files (built on first use: kinds
-    imports this module lazily, and this module must not import kinds at import time)."""
-    global _SOURCE_CLASS
-    if _SOURCE_CLASS is not None:
-        return _SOURCE_CLASS
-    from ckptfmt.api import Problem
-
-    from . import kinds
-
-    class KerasSource(kinds.Source):
-        """A ``.keras``, Keras 3 ``.weights.h5`` or tf.keras ``.h5`` file (needs h5py: the ``keras`` extra).
-
-        Tensor names are Keras variable paths (``conv/kernel``) and ``optimizer/<variable>/<slot>``
-        where the layout is understood; other datasets keep their HDF5 paths.
-        """
-
-        kind = "keras"
-
-        def __init__(self, path: str) -> None:
-            super().__init__(path)
-            self._reader = KerasFileReader(path)
-            self._names = _names(self._reader)
-
-        def keys(self) -> list[str]:
-            return list(self._names)
-
-        def _key(self, name: str) -> str:
-            if name not in self._names:
-                raise TensorNotFoundError(f"{self.path}: no tensor {name!r}")
-            return self._names[name]
-
-        def info(self, name: str) -> Any:
-            k = self._key(name)
-            return kinds.TensorInfo(name, kinds._dtype_str(self._reader.dtype(k)), self._reader.shape(k), self._reader.nbytes(k))
-
-        def get(self, name: str) -> np.ndarray:
-            return self._reader.get(self._key(name))
-
-        @property
-        def metadata(self) -> Any:
-            return self._reader.metadata or None
-
-        @property
-        def version(self) -> str:
-            what = {"keras": ".keras"}.get(self._reader.kind or "", "HDF5")
-            v = self._reader.metadata.get("keras_version")
-            return f"{what} (keras {v})" if v else what
-
-        def close(self) -> None:
-            self._reader.close()
-
-        @classmethod
-        def verify(cls, path: str, *, progress: bool | None = None) -> Any:
-            import time
-
-            t0 = time.perf_counter()
-            problems: list[Any] = []
-            kind = is_keras_file(path)
-            if kind == "keras":
-                try:
-                    with zipfile.ZipFile(path) as z:
-                        bad = z.testzip()  # reads every member, checking its CRC-32
-                    if bad is not None:
-                        problems.append(Problem("hash_mismatch", f"zip member {bad} fails its CRC-32", file=path))
-                except (zipfile.BadZipFile, OSError, EOFError) as e:
-                    problems.append(Problem("header", f"not a readable zip archive: {_one_line(e)}", file=path))
-                    return kinds._make_report(path, problems, t0)
-            try:
-                src = cls(path)
-            except (FormatError, ConversionError, OSError) as e:
-                if isinstance(e, CheckpointNotFoundError):
-                    raise
-                problems.append(Problem("header", _one_line(e), file=path))
-                return kinds._make_report(path, problems, t0)
-            checked = nbytes = 0
-            try:
-                for name in src.keys():
-                    try:
-                        src.get(name)
-                    except (FormatError, OSError) as e:
-                        problems.append(Problem("unreadable", _one_line(e), file=path, tensor=name))
-                    checked += 1
-                    nbytes += src._reader.nbytes(src._names[name])
-                version = src.version
-            finally:
-                src.close()
-            problems.append(Problem(
-                "no_checksums",
-                ("the zip's CRC-32 covers the archive's members; the HDF5 weights inside carry no checksums of their own"
-                 if kind == "keras" else
-                 "HDF5 weights files carry no checksums: the structure was checked and every tensor read, but a flipped "
-                 "bit inside tensor data cannot be detected"),
-                severity="warning", file=path))
-            return kinds._make_report(path, problems, t0, tensors=checked, checked=checked, nbytes=nbytes, version=version)
-
-    _SOURCE_CLASS = KerasSource
-    return KerasSource
