@@ -55,7 +55,8 @@ EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 #: Extra ``convert`` subcommands living in other modules, imported only when used:
 #: ``{"tf2torch": "ckptfmt.cli.tf:tf2torch"}``. Other packages can add theirs through the
 #: ``ckptfmt.convert`` entry-point group instead.
-CONVERT_COMMANDS: dict[str, str] = {"tf2torch": "ckptfmt.cli.tfconvert:tf2torch", "torch2tf": "ckptfmt.cli.tfconvert:torch2tf"}
+CONVERT_COMMANDS: dict[str, str] = {"tf2torch": "ckptfmt.cli.tfconvert:tf2torch", "torch2tf": "ckptfmt.cli.tfconvert:torch2tf",
+                                    "tf2keras": "ckptfmt.cli.tfconvert:tf2keras", "keras2tf": "ckptfmt.cli.tfconvert:keras2tf"}
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _DEBUG_HINT = "--debug (or CKPTFMT_DEBUG=1) shows the full traceback"

@@ -50,15 +50,22 @@ __all__ = [
     "read_keras_file",
     "is_keras_file",
     "write_keras_file",
+    "is_keras_path",
+    "open_keras_checkpoint",
+    "file_optimizer_config",
+    "check_config_mismatches",
+    "write_keras_like_template",
 ]
 
+import contextlib
 import io
 import json
 import math
 import os
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Mapping as AbcMapping
+from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1351,3 +1358,97 @@ def iter_datasets(reader: KerasFileReader) -> Iterator[tuple[str, tuple[int, ...
     """``(path, shape, dtype)`` of every dataset, without reading data."""
     for k in reader.keys():
         yield k, reader.shape(k), reader.dtype(k)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipelines' entry points: either reader, one writer per template kind
+
+
+def is_keras_path(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a Keras file (by suffix or content), not a TF checkpoint.
+
+    Example:
+        >>> is_keras_path("fixtures/keras/k3_cnn_adam.weights.h5"), is_keras_path("fixtures/tf/keras3_conv_adam")
+        (True, False)
+    """
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        return False
+    return p.lower().endswith((".keras", ".h5", ".hdf5")) or is_keras_file(p) is not None
+
+
+@contextlib.contextmanager
+def open_keras_checkpoint(path: str | os.PathLike[str], *, infer_layers: bool = True) -> Iterator[KerasCheckpoint]:
+    """The :class:`KerasCheckpoint` of a TF checkpoint or of a Keras file, its reader open inside ``with``.
+
+    Example:
+        >>> with open_keras_checkpoint("fixtures/keras/k3_cnn_adam.keras") as kc:
+        ...     kc.slots["head/bias"]
+        {'momentum': 'optimizer/vars/12', 'velocity': 'optimizer/vars/13'}
+    """
+    p = os.fspath(path)
+    if is_keras_path(p):
+        with KerasFileReader(p) as reader:
+            yield read_keras_file(reader, infer_layers=infer_layers)
+        return
+    import dataclasses
+
+    from ..tf.bundle import TFCheckpointReader
+    from .tfcheckpoint import read_keras_checkpoint
+
+    with TFCheckpointReader(p) as reader:
+        yield dataclasses.replace(read_keras_checkpoint(reader, infer_layers=infer_layers), path=p)
+
+
+# Optimizer settings the converters read from a Keras file's config.
+_OPTIMIZER_KEYS = ("class_name", "learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "momentum", "nesterov", "rho",
+                   "centered", "weight_decay", "use_ema", "gradient_accumulation_steps", "clipnorm", "clipvalue",
+                   "global_clipnorm")
+
+
+def file_optimizer_config(kc: KerasCheckpoint, given: AbcMapping[str, Any] | None) -> dict[str, Any] | None:
+    """The optimizer settings a Keras file's config states, overridden by ``given`` (``--optimizer-config``).
+
+    The learning rate comes from the config only when the file stores no variable for it
+    (tf.keras ``.h5``); a schedule (a dict) is never taken for a value.
+
+    Example:
+        >>> with open_keras_checkpoint("fixtures/keras/k3_cnn_adam.keras") as kc:
+        ...     sorted(file_optimizer_config(kc, {"epsilon": 1e-8}).items())[:3]
+        [('amsgrad', False), ('beta_1', 0.9), ('beta_2', 0.999)]
+    """
+    if not isinstance(kc, KerasFileCheckpoint) or not kc.optimizer_config:
+        return dict(given) if given is not None else None
+    out = {k: v for k, v in kc.optimizer_config.items() if k in _OPTIMIZER_KEYS and v is not None}
+    if kc.learning_rate_key is not None or not isinstance(out.get("learning_rate"), (int, float)):
+        out.pop("learning_rate", None)
+    return {**out, **(given or {})}
+
+
+def check_config_mismatches(kc: KerasCheckpoint, notes: Iterable[str]) -> None:
+    """Refuse a torch model whose normalization eps or momentum differs from what the Keras config states.
+
+    A TF checkpoint or a bare ``.weights.h5`` stores no config: their notes stay notes.
+
+    Raises:
+        ConversionError: every mismatch, listed.
+    """
+    if not isinstance(kc, KerasFileCheckpoint) or kc.file_kind == "keras3-h5":
+        return
+    bad = [n[len("MISMATCH "):] for n in notes if n.startswith("MISMATCH ")]
+    if bad:
+        raise ConversionError(f"{kc.path}: the torch model does not match the Keras config:\n  " + "\n  ".join(bad)
+                              + "\nbuild the torch layers with the Keras layers' eps and momentum (torch momentum = 1 - Keras momentum)")
+
+
+def write_keras_like_template(dst: str, template: KerasCheckpoint, value: Callable[[str], np.ndarray], keys: Iterable[str],
+                              *, overwrite: bool = False) -> None:
+    """Write a Keras file shaped like ``template`` (a :class:`KerasFileCheckpoint`), ``keys`` from ``value``.
+
+    Every other dataset is copied from the template. The file appears atomically.
+
+    Example:
+        >>> write_keras_like_template("new.keras", kc, values.__getitem__, values)  # doctest: +SKIP
+    """
+    wanted = set(keys)
+    write_keras_file(template.reader, dst, lambda k: value(k) if k in wanted else None, overwrite=overwrite)
