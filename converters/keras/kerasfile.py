@@ -790,6 +790,9 @@ def _read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
 def _keras_layer(layer: _Layer, ws: tuple[KerasWeight, ...]) -> KerasLayer:
     """The converter's view of a layer: its class (config or group name) checked against its weights."""
     cls, cfg = layer.class_name, _useful(layer.config)
+    if cls == "Flatten" and cfg.get("data_format") == "channels_first":
+        raise ConversionError(f"Flatten {layer.name!r} takes channels-first maps, whose row order ckptfmt does not "
+                              "convert yet; write the Dense's rules in a mapping file (--map)")
     if cls == "Flatten" or not ws:
         return KerasLayer(layer.name, cls, cfg, ws, input_shape=layer.input_shape)
     kind, extra = _infer_kind(layer.name, ws)
