@@ -18,6 +18,7 @@ MODULES = [
     "ckptfmt.converters.sources.torch",
     "ckptfmt.converters.sources.safetensors",
     "ckptfmt.converters.sources.onnx",
+    "ckptfmt.converters.sources.keras",
     "ckptfmt.converters.diff",
     "ckptfmt.converters.kinds",
     "ckptfmt.converters.convert",
@@ -31,6 +32,7 @@ MODULES = [
     "ckptfmt.converters.keras.outputs",
     "ckptfmt.converters.keras.torch_state",
     "ckptfmt.converters.keras.diff",
+    "ckptfmt.converters.keras.kerasfile",
 ]
 
 
