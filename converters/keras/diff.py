@@ -106,8 +106,9 @@ def diff_converted(
     src, other = os.fspath(src), os.fspath(other)
     mapping = as_mapping(mapping)
     model, example = make_model(model_factory)
-    with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=mapping is None and check_preset(preset, model) == "keras")
+    from .kerasfile import open_keras_checkpoint  # a TF checkpoint or a .keras / .weights.h5 / .h5
+
+    with open_keras_checkpoint(src, infer_layers=mapping is None and check_preset(preset, model) == "keras") as kc:
         return diff_keras(dataclasses.replace(kc, path=src), other, model=model, example=example, mapping=mapping,
                           preset=preset, pairs=pairs, atol=atol, rtol=rtol)
 

@@ -261,3 +261,65 @@ def test_weights_h5_and_tf_keras_h5_back_from_torch_load_in_keras_and_continue(t
     np.testing.assert_allclose(model(want["xs"][0], training=False).numpy(), want["logits"], atol=1e-5, rtol=0)
     loss = float(model.train_on_batch(want["xs"][3], want["ys"][3]))
     np.testing.assert_allclose(loss, want["losses"][0], rtol=1e-5)
+
+
+@pytest.mark.torch
+def test_diff_tf2torch_compares_a_keras_file_through_the_conversion(torch, tmp_path):
+    from ckptfmt.converters.convert import diff_converted
+
+    tf_to_torch(FIX / "k3_cnn_adam.keras", tmp_path / "t.pt", model_factory=MODELS + ":cnn")
+    assert diff_converted(FIX / "k3_cnn_adam.keras", tmp_path / "t.pt", model_factory=MODELS + ":cnn").identical
+    r = diff_converted(FIX / "k3_cnn_adam.weights.h5", tmp_path / "t.pt", model_factory=MODELS + ":cnn")
+    assert r.identical  # the same state, saved by save_weights
+
+
+TORCH_BACKEND_RUN = r'''
+import os, sys
+os.environ["KERAS_BACKEND"] = "torch"
+import numpy as np, keras
+out = sys.argv[1]
+keras.utils.set_random_seed(5)
+L = keras.layers
+inp = keras.Input((8, 8, 3))
+h = L.Conv2D(4, 3, strides=2, padding="same", name="conv")(inp)
+h = L.ReLU()(L.BatchNormalization(name="bn")(h))
+model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(h)))
+model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+rng = np.random.default_rng(5)
+x = rng.standard_normal((24, 8, 8, 3)).astype("float32")
+y = rng.integers(0, 3, 24)
+model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+          callbacks=[keras.callbacks.ModelCheckpoint(os.path.join(out, "m.keras"))])
+logits = keras.ops.convert_to_numpy(model(x[:8], training=False))
+loss = float(model.train_on_batch(x[8:16], y[8:16]))
+np.savez(os.path.join(out, "want.npz"), x=x[:8], x2=x[8:16], y2=y[8:16], logits=logits, loss=loss)
+'''
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_a_keras_file_written_under_the_torch_backend_converts_the_same(torch, tmp_path):
+    """.keras files are backend-agnostic: one trained by Keras on the torch backend converts as well."""
+    import subprocess
+    import sys
+
+    from ckptfmt.converters import optim
+
+    pytest.importorskip("keras")
+    env = {**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", TORCH_BACKEND_RUN, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = np.load(tmp_path / "want.npz")
+    tf_to_torch(tmp_path / "m.keras", tmp_path / "t.pt", model_factory=MODELS + ":cnn", exact_optimizer=True)
+    ck = _load(torch, tmp_path / "t.pt")
+    model = load_factory(MODELS + ":cnn")()[0]
+    model.load_state_dict(ck["model"])
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(model(torch.from_numpy(_nchw(want["x"]))).numpy(), want["logits"], atol=1e-5, rtol=0)
+    opt = optim.KerasAdam(model.parameters(), **ck["optimizer_hyperparameters"])
+    opt.load_state_dict(ck["optimizer"])
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(_nchw(want["x2"]))), torch.from_numpy(want["y2"]))
+    np.testing.assert_allclose(loss.item(), float(want["loss"]), rtol=1e-5)
