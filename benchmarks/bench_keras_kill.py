@@ -67,13 +67,25 @@ CHECK_KERAS = textwrap.dedent('''
 
 def kill_once(script: Path, run: Path, tool: str, width: int, rng: random.Random) -> None:
     p = subprocess.Popen([sys.executable, str(script), str(run), tool, str(width)], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True)
+                         stderr=open(run / "stderr.log", "a"), text=True)
     p.stdout.readline()
-    # wait for the first save of this process, then kill somewhere in the saves that follow
-    marker = (lambda: (run / "m.keras").exists()) if tool == "keras" else (lambda: any(run.glob("step-*")))
+    # wait until this process has completed a save, then kill somewhere in the saves that follow:
+    # ckptfmt, a new committed step (its MANIFEST); Keras, its file rewritten twice (so the
+    # first rewrite finished)
+    done_before = {q.name for q in run.glob("step-*") if (q / "MANIFEST").is_file()}
+    mtimes: set[int] = set()
+
+    def marker() -> bool:
+        if tool == "keras":
+            f = run / "m.keras"
+            if f.exists():
+                mtimes.add(f.stat().st_mtime_ns)
+            return len(mtimes) >= 2
+        return bool({q.name for q in run.glob("step-*") if (q / "MANIFEST").is_file()} - done_before)
+
     deadline = time.monotonic() + 300
     while not marker() and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.02)
+        time.sleep(0.01)
     time.sleep(rng.uniform(0.0, 2.0))
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -112,7 +124,7 @@ def main() -> int:
         script.write_text(CHILD)
         for i in range(args.kills):
             for tool in ("keras", "ckptfmt") if i % 2 == 0 else ("ckptfmt", "keras"):  # alternate the order
-                run = Path(tmp) / tool
+                run = Path(tmp) / f"run-{tool}"  # not "ckptfmt": the script's directory is on sys.path
                 run.mkdir(exist_ok=True)
                 kill_once(script, run, tool, args.width, rng)
                 state = (state_keras if tool == "keras" else state_ckptfmt)(run)

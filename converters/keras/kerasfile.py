@@ -987,12 +987,15 @@ def _subsets(items: list[str]) -> list[list[str]]:
 
 
 def _guess_roles(reader: KerasFileReader, o: _Obj) -> list[str]:
-    """Roles of a layer whose class the file does not name (a subclassed model's attribute)."""
+    """Roles of a layer whose class the file does not name (a subclassed model's attribute),
+    where its shapes allow one layout only; else ``var_N`` (refused when converted)."""
     shapes = [reader.shape(f"{o.path}/vars/{i}") for i in range(o.n)]
-    if o.n in (1, 2) and 2 <= len(shapes[0]) <= 5 and (o.n == 1 or len(shapes[1]) == 1):
-        return ["kernel", "bias"][: o.n]
-    if o.n == 3 and len(shapes[0]) == 2 and len(shapes[1]) == 2 and shapes[1][0] * 3 in (shapes[0][1], shapes[1][1]) or \
-            (o.n == 3 and len(shapes[0]) == 2 and len(shapes[1]) == 2 and shapes[0][1] == shapes[1][1]):
+    if o.n == 2 and 2 <= len(shapes[0]) <= 5 and len(shapes[1]) == 1 and shapes[1][0] in shapes[0][-2:]:
+        return ["kernel", "bias"]
+    if o.n == 1 and 3 <= len(shapes[0]) <= 5:  # a convolution without bias (a rank-2 one may be an Embedding)
+        return ["kernel"]
+    if o.n == 3 and len(shapes[0]) == 2 and len(shapes[1]) == 2 and shapes[0][1] == shapes[1][1] \
+            and shapes[1][1] % shapes[1][0] == 0 and len(shapes[2]) in (1, 2):
         return ["kernel", "recurrent_kernel", "bias"]
     if o.n == 4 and all(len(s) == 1 and s == shapes[0] for s in shapes):
         return ["gamma", "beta", "moving_mean", "moving_variance"]

@@ -218,3 +218,32 @@ def test_any_bytes_after_an_hdf5_signature_raise_only_our_errors(tmp_path, data)
     p = tmp_path / "x.h5"
     p.write_bytes(b"\x89HDF\r\n\x1a\n" + data)
     _open_everything(p)
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_keras_applications_mobilenet_slots_tie_as_keras_names_them(tmp_path):
+    """A published architecture nobody here wrote (nested in a Sequential, one layer frozen):
+    every slot the reader ties by position is the one Keras itself names for that variable."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    keras = pytest.importorskip("keras")
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False)
+    model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4)])
+    base.layers[5].trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    model.save(tmp_path / "m.keras")
+    names = [v.path for v in model.optimizer.variables]
+    with KerasFileReader(tmp_path / "m.keras") as r:
+        kc = read_keras_file(r)
+        assert len(kc.slots) == len(model.trainable_variables) and not kc.problems
+        assert len(kc.keys) == len(model.weights)
+        for var, slots in kc.slots.items():
+            for slot, key in slots.items():
+                # Keras names a slot {optimizer}/{variable path, "/" -> "_"}_{slot}; a layer built inside
+                # the Sequential has the Sequential's name in front of its path, which the file does not record
+                assert names[int(key.rsplit("/", 1)[1])].endswith(f"{var.replace('/', '_')}_{slot}"), (var, slot)
+        classes = {l.class_name for l in kc.layers}
+        assert {"Conv2D", "DepthwiseConv2D", "BatchNormalization", "Dense"} <= classes
+        frozen = base.layers[5]
+        assert all(w.path not in kc.slots for w in frozen.weights)
