@@ -75,7 +75,6 @@ from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError
 
 from ..mapping.layers import KerasLayer, KerasWeight
 from .checkpoint import KerasCheckpoint
-from .infer import _rnn_kind
 from .infer import infer_kind as _infer_kind
 from .infer import insert_flattens as _insert_flattens
 
@@ -740,18 +739,19 @@ def _read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
     iterations_key = lr_key = None
     problems: list[str] = []
     other: list[str] = []
-    inner = opt
     if opt is not None and opt_cfg.get("class_name") == "LossScaleOptimizer":
-        problems.append("a LossScaleOptimizer's Keras file layout is not read yet; pass --no-optimizer")
-        opt = None
-    if opt is not None:
+        # held, not placed: the optimizer counts as present, so converting it is refused, not skipped
+        problems.append(f"{reader.path}: a LossScaleOptimizer's state in a Keras file is not read yet; pass --no-optimizer")
+        iterations_key = "optimizer/vars/0" if opt.n else None
+        other += [f"optimizer/vars/{i}" for i in range(1, opt.n)]
+    elif opt is not None:
         iterations_key, lr_key, slots, order, problems2, note2 = _optimizer(reader, opt, layers, opt_cfg, order_known)
         problems += problems2
         notes += note2
         if order is not None:
             layers, order_known = order, True
-    elif inner is not None:
-        other += [f"optimizer/vars/{i}" for i in range(inner.n)]
+        if problems2 and iterations_key is None and opt.n:
+            iterations_key = "optimizer/vars/0"  # present but not placed: converting it is refused, not skipped
     # keys
     keys: dict[str, str] = {}
     kl: list[KerasLayer] = []
@@ -885,9 +885,8 @@ def _layer_from_group(reader: KerasFileReader, objs: dict[str, _Obj], path: str,
         got = set()
         for sub, sub_cls, prefix, sub_cfg in parts:
             sp = f"{path}/{sub}"
-            if sp not in objs:
-                if objs.get(sp) is None and not any(p.startswith(sp + "/") for p in below):
-                    continue
+            if sp not in objs and not any(p.startswith(sp + "/") for p in below):
+                continue  # an unbuilt direction or sub-layer: nothing saved
             if sp not in objs or not objs[sp].n:
                 raise FormatError(f"{reader.path}: {cls} {o.name!r}: {sp} holds no variables")
             so = objs[sp]
@@ -1133,7 +1132,7 @@ def _solve_order(reader: KerasFileReader, layers: list[_Layer], var_shapes: list
         for j, (c, k) in enumerate(zip(names, state)):
             if k < len(chains[c]):
                 b = blocks[id(chains[c][k])]
-                if var_shapes[off:off + len(b)] == b and (b or True):
+                if var_shapes[off:off + len(b)] == b:
                     total += count(state[:j] + (k + 1,) + state[j + 1:])
                     if total > 1:
                         break
@@ -1188,7 +1187,7 @@ def _read_tfkeras(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheck
             h5key = f"{g}/{wn}"
             if h5key not in reader._datasets:
                 raise FormatError(f"{reader.path}: layer {lname!r} names weight {wn!r}, which is not in the file")
-            vpath = wn[:-2] if wn.endswith(":0") else wn
+            vpath = wn.removesuffix(":0")
             if vpath in keys:
                 raise FormatError(f"{reader.path}: two weights named {wn!r}")
             keys[vpath] = h5key
