@@ -323,3 +323,13 @@ def test_a_keras_file_written_under_the_torch_backend_converts_the_same(torch, t
     model.train()
     loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(_nchw(want["x2"]))), torch.from_numpy(want["y2"]))
     np.testing.assert_allclose(loss.item(), float(want["loss"]), rtol=1e-5)
+
+
+def test_an_optimizer_the_file_cannot_place_is_refused_not_dropped(tmp_path):
+    from ckptfmt.errors import UnmappedKeyError
+
+    with pytest.raises(UnmappedKeyError, match="do not tell which layer"):
+        tf_to_torch(FIX / "k3_sub_adam.weights.h5", tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors").exists()
+    r = tf_to_torch(FIX / "k3_sub_adam.weights.h5", tmp_path / "w.safetensors", optimizer=False)
+    assert sorted(r.plan.target_specs) == ["aa.bias", "aa.weight", "zz.bias", "zz.weight"]
