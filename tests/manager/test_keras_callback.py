@@ -126,3 +126,24 @@ def test_callback_saves_by_steps_keeps_the_newest_and_exports_a_loadable_keras_f
     assert again.initial_epoch(fresh) == 2 and again.restored_step == 8
     np.testing.assert_array_equal(fresh.predict(x, verbose=0), model.predict(x, verbose=0))
     again.close()
+
+
+def test_callback_time_trigger_saves_when_the_interval_has_passed(tmp_path, monkeypatch):
+    keras = pytest.importorskip("keras")
+    import ckptfmt.manager as manager
+    from ckptfmt.keras import CheckpointCallback
+
+    now = [0.0]
+    monkeypatch.setattr(manager, "_clock", lambda: now[0])
+
+    class Tick(keras.callbacks.Callback):  # 10 s pass per step
+        def on_train_batch_end(self, batch, logs=None):
+            now[0] += 10.0
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x = np.ones((40, 2), np.float32)
+    cb = CheckpointCallback(tmp_path / "run", save_every_seconds=25, max_to_keep=None, async_save=False)
+    model.fit(x, x[:, :1], batch_size=4, epochs=1, callbacks=[Tick(), cb], verbose=0)  # 10 steps, 100 s
+    assert cb.manager.all_steps() == [3, 6, 9, 10]  # every 30 s (the first step past 25 s), and the end of fit
+    cb.close()
