@@ -63,8 +63,8 @@ EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 #: ``{"tf2torch": "ckptfmt.cli.tf:tf2torch"}``. Other packages can add theirs through the
 #: ``ckptfmt.convert`` entry-point group instead.
 CONVERT_COMMANDS: dict[str, str] = {"tf2torch": "ckptfmt.cli.tfconvert:tf2torch", "torch2tf": "ckptfmt.cli.tfconvert:torch2tf",
-                                     "dcp-import": "ckptfmt.cli.dcpimport:dcp_import"}
-
+                                     "dcp-import": "ckptfmt.cli.dcpimport:dcp_import",
+                                     "tf2keras": "ckptfmt.cli.tfconvert:tf2keras", "keras2tf": "ckptfmt.cli.tfconvert:keras2tf"}
 
 
 def _kinds() -> Any:

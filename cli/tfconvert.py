@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["tf2torch", "torch2tf"]
+__all__ = ["tf2torch", "torch2tf", "tf2keras", "keras2tf"]
 
 import json
 from typing import Any
@@ -101,7 +101,14 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset: str, keras_model: str | None, pairs: tuple[str, ...],
              no_optimizer: bool, dry_run: bool, overwrite: bool, exact_optimizer: bool, optimizer_config: str | None,
              progress: bool | None, check: bool, check_tolerance: float, fold_conv_bias: bool, root: str | None) -> None:
-    """Convert a Keras (3 or tf.keras 2) TF checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
+    """Convert a Keras training checkpoint SRC (weights + optimizer) to DST, a torch checkpoint.
+
+    \b
+    SRC is a TF checkpoint (Keras 3 or tf.keras 2) or one of Keras's own files:
+      *.keras              model.save / ModelCheckpoint("....keras"): layer configs and
+                           optimizer hyperparameters are read from its config
+      *.weights.h5         Keras 3 model.save_weights (optimizer included)
+      *.h5                 tf.keras 2 model.save / save_weights
 
     \b
     DST is chosen by its name:
@@ -137,14 +144,19 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--template", required=True, type=click.Path(),
-              help="A TF checkpoint of the target Keras model (and optimizer): its object graph, keys and shapes are reused.")
+              help="A TF checkpoint or Keras file (.keras/.weights.h5/.h5) of the target model (and optimizer): its layout is reused.")
 @_shared
 @click.option("--optimizer-class", default=None, help="The torch optimizer class when SRC does not record it (SGD, Adam, KerasAdam...).")
 @click.option("--iterations", type=int, default=None, help="Keras iteration count when torch keeps none (stock SGD).")
 def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str | None, preset: str, keras_model: str | None,
              pairs: tuple[str, ...], no_optimizer: bool, dry_run: bool, overwrite: bool, optimizer_class: str | None,
              iterations: int | None) -> None:
-    """Convert a torch checkpoint SRC (model + optimizer) to a Keras TF checkpoint prefix DST.
+    """Convert a torch checkpoint SRC (model + optimizer) to Keras: DST is written like --template.
+
+    \b
+    --template is a TF checkpoint (DST is then a prefix) or a Keras file of the target model
+    (.keras, .weights.h5, tf.keras .h5; DST is then the same kind of file, which Keras loads
+    with keras.saving.load_model / model.load_weights).
 
     \b
     SRC is one of:
@@ -163,3 +175,37 @@ def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str 
                                       dry_run=dry_run, optimizer_class=optimizer_class, iterations=iterations, overwrite=overwrite,
                                       preset=preset, pairs=pairs_option(pairs), keras_model=keras_model)
     _done(report, dry_run)
+
+
+def _keras_command(name: str, summary: str, example: str) -> click.Command:
+    @click.command(name, context_settings=_CONTEXT, help=f"""{summary}
+
+    \b
+    SRC and --template are each a TF checkpoint or a Keras file (.keras, .weights.h5, tf.keras
+    .h5); DST is written in the template's layout. Variables pair by Keras path (conv/kernel),
+    else layer by layer; optimizer slots, iterations and learning rate follow. No values are
+    transformed; neither TensorFlow nor torch is needed.
+
+    \b
+    Example:
+      {example}
+    """)
+    @click.argument("src", type=click.Path(exists=True))
+    @click.argument("dst", type=click.Path())
+    @click.option("--template", required=True, type=click.Path(exists=True),
+                  help="The layout to write: e.g. model.save_weights('t.weights.h5') or a TF checkpoint of the model.")
+    @click.option("--no-optimizer", is_flag=True, help="Keep the template's optimizer variables.")
+    @click.option("--dry-run", is_flag=True, help="Print the pairing; write nothing.")
+    @click.option("--overwrite", "-f", is_flag=True, help="Replace DST if it exists.")
+    def command(src: str, dst: str, template: str, no_optimizer: bool, dry_run: bool, overwrite: bool) -> None:
+        report = _convert.keras_to_keras(src, dst, template=template, optimizer=not no_optimizer, dry_run=dry_run,
+                                         overwrite=overwrite)
+        _done(report, dry_run)
+
+    return command
+
+
+tf2keras = _keras_command("tf2keras", "Write a TF checkpoint SRC as a Keras file DST (model.load_weights / load_model read it).",
+                          "ckptfmt convert tf2keras runs/ckpt-3 model.weights.h5 --template template.weights.h5")
+keras2tf = _keras_command("keras2tf", "Write a Keras file SRC (.keras, .weights.h5, .h5) as a TF checkpoint DST (or another Keras file).",
+                          "ckptfmt convert keras2tf model.keras tf/ckpt-1 --template runs/ckpt-3")

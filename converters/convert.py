@@ -45,6 +45,7 @@ __all__ = [
     "torch_to_tf",
     "keras_to_torch",
     "torch_to_keras",
+    "keras_to_keras",
     "diff_converted",
 ]
 
@@ -62,6 +63,13 @@ from .files import check_destination
 from .keras import outputs
 from .keras.checkpoint import KerasCheckpoint
 from .keras.diff import diff_converted
+from .keras.kerasfile import (
+    KerasFileCheckpoint,
+    check_config_mismatches,
+    file_optimizer_config,
+    open_keras_checkpoint,
+    write_keras_like_template,
+)
 from .keras.optimizer import keras_optimizer_settings, optimizer_keys, torch_optimizer_for_template
 from .keras.planner import (
     PRESETS,
@@ -80,7 +88,6 @@ from .keras.torch_state import read_torch_side
 from .mapping.rules import Mapping, Plan
 from .optim.convert import KerasOptimizerState, OptimizerConversion, keras_to_torch_optimizer
 from .optional import require
-from .tf.bundle import TFCheckpointReader
 
 # --------------------------------------------------------------------------------------------
 # TF -> torch
@@ -180,13 +187,12 @@ def tf_to_torch(
                               "(--keras-model FILE.py:factory) and a written output (no --dry-run)")
     if not dry_run:  # an existing DST is refused before anything is read
         outputs.check_output(dst, outputs.output_kind(dst), overwrite, optimizer=False)
-    with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, root=root, infer_layers=(mapping is None or model is not None)
-                                   and check_preset(preset, model) == "keras", unknown="keep")
+    with open_keras_checkpoint(src, root=root, infer_layers=(mapping is None or model is not None)
+                               and check_preset(preset, model) == "keras", unknown="keep") as kc:
         report = keras_to_torch(
-            dataclasses.replace(kc, path=src), dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
-            dry_run=dry_run, exact_optimizer=exact_optimizer, optimizer_config=optimizer_config, strict=strict,
-            overwrite=overwrite, preset=preset, pairs=pairs, progress=progress, keras_model=kmodel,
+            kc, dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
+            dry_run=dry_run, exact_optimizer=exact_optimizer, optimizer_config=file_optimizer_config(kc, optimizer_config),
+            strict=strict, overwrite=overwrite, preset=preset, pairs=pairs, progress=progress, keras_model=kmodel,
             fold_conv_bias=fold_conv_bias,
         )
         if check:
@@ -243,6 +249,7 @@ def keras_to_torch(
     if folds and optimizer and kc.has_optimizer and not dry_run:
         raise ConversionError(f"{len(folds)} conv bias(es) are folded into BatchNorm running means ({folds[0].sources[1]}...): "
                               "their optimizer state has no torch parameter to go to; convert the weights only (--no-optimizer)")
+    check_config_mismatches(kc, notes)
     if not plan.entries:  # never "wrote ... (0 tensors)"
         raise ConversionError(
             f"{kc.path}: nothing to convert: no variable of {kc.root!r} maps to a torch tensor "
@@ -355,11 +362,10 @@ def torch_to_tf(
     mapping = as_mapping(mapping)
     model, example = make_model(model_factory)
     ckpt = read_torch_side(src)  # numpy only; our errors name the file
-    with TFCheckpointReader(template) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None)
-                                   and check_preset(preset, model) == "keras", unknown="keep")
+    with open_keras_checkpoint(template, infer_layers=(mapping is None or model is not None)
+                               and check_preset(preset, model) == "keras", unknown="keep") as kc:
         return torch_to_keras(
-            ckpt, dataclasses.replace(kc, path=os.fspath(template)), dst, source=src, model=model, example=example,
+            ckpt, kc, dst, source=src, model=model, example=example,
             mapping=mapping, optimizer=optimizer, dry_run=dry_run, optimizer_class=optimizer_class,
             iterations=iterations, overwrite=overwrite, preset=preset, pairs=pairs, keras_model=make_keras_model(keras_model),
         )
@@ -420,7 +426,10 @@ def torch_to_keras(
         return report
     check_destination(dst, "tf", overwrite)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    write_like_template(dst, kc, _KerasValues(kc, back, weights, ks, out_keys), out_keys, leftover)
+    if isinstance(kc, KerasFileCheckpoint):  # a .keras / .weights.h5 / .h5 template: the same kind of file
+        write_keras_like_template(dst, kc, _KerasValues(kc, back, weights, ks, out_keys), out_keys, overwrite=overwrite)
+    else:
+        write_like_template(dst, kc, _KerasValues(kc, back, weights, ks, out_keys), out_keys, leftover)
     return report
 
 
@@ -490,3 +499,129 @@ class _KerasValues:
         if kind == "iterations":
             return np.array(self._ks.iterations)
         return np.array(self._ks.config["learning_rate"])
+
+
+# --------------------------------------------------------------------------------------------
+# Keras <-> Keras: TF checkpoints and Keras's own files, without torch
+
+
+def keras_to_keras(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    template: str | os.PathLike[str],
+    optimizer: bool = True,
+    dry_run: bool = False,
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Move a Keras model's weights and optimizer state between a TF checkpoint and Keras's files.
+
+    ``src`` and ``template`` are each a TF checkpoint, a ``.keras``, a Keras 3 ``.weights.h5``
+    or a tf.keras ``.h5``; ``dst`` is written in the template's layout (its other datasets and,
+    for a ``.keras``, its config copied). Variables are paired by their Keras path
+    (``conv/kernel``), or else layer by layer in model order when both have the same layer
+    classes and shapes; optimizer slots follow their variables, with iterations and the
+    learning rate. Nothing is transformed: both sides are Keras layouts. TensorFlow and
+    torch are not needed.
+
+    Args:
+        src: the checkpoint or file whose values are written.
+        dst: the output (a TF prefix for a TF template, else a file like the template).
+        template: the layout to write (e.g. ``model.save_weights("t.weights.h5")`` once).
+        optimizer: carry the optimizer state (else the template's is copied unchanged).
+        dry_run: report the pairing only.
+        overwrite: replace ``dst``.
+
+    Raises:
+        ConversionError / UnmappedKeyError: variables or slots that do not pair (all listed),
+            shapes that differ.
+
+    Example:
+        >>> r = keras_to_keras("fixtures/keras/k3_cnn_adam.weights.h5", "/tmp/x.keras",
+        ...                    template="fixtures/keras/k3_cnn_adam.keras", dry_run=True)
+        >>> r.plan.entry_for("conv/kernel").targets
+        ('conv/kernel',)
+    """
+    from .keras.kerasfile import open_keras_checkpoint as _open
+    from .mapping.rules import Rename
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    with _open(src, infer_layers=False) as a, _open(template, infer_layers=False) as t:
+        pairs = _pair_variables(a, t)
+        plan = Mapping(tuple(Rename(s, d) for s, d in pairs.items())).plan(a.specs(), t.specs(), strict=True)
+        values: dict[str, tuple[str, str]] = {t.keys[d]: ("src", a.keys[s]) for s, d in pairs.items()}
+        notes: list[str] = []
+        if optimizer and t.has_optimizer:
+            if not a.has_optimizer:
+                raise ConversionError(f"{src} holds no optimizer state but the template {template} does: pass --no-optimizer "
+                                      "to keep the template's optimizer variables")
+            for problems in (a.problems, t.problems):
+                if problems:
+                    raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(problems))
+            back = {d: s for s, d in pairs.items()}
+            missing = []
+            for d, slots in t.slots.items():
+                for slot, ckey in slots.items():
+                    have = a.slots.get(back.get(d, ""), {}).get(slot)
+                    if have is None:
+                        missing.append(f"template slot {slot!r} of {d}")
+                    else:
+                        values[ckey] = ("src", have)
+            extra = [f"{s} slot {slot!r}" for s, d in pairs.items() for slot in a.slots.get(s, {})
+                     if slot not in t.slots.get(d, {})]
+            if missing or extra:
+                raise UnmappedKeyError("the optimizer slots do not pair (is it the same optimizer class and options?):\n  "
+                                       + "\n  ".join(missing + [f"{e}: not in the template" for e in extra]))
+            if t.iterations_key:
+                if not a.iterations_key:
+                    raise ConversionError(f"{src} stores no iteration count for the template's {t.iterations_key}")
+                values[t.iterations_key] = ("src", a.iterations_key)
+                values.update({k: ("src", a.iterations_key) for k in t.also_iterations})
+            if t.learning_rate_key:
+                if a.learning_rate_key:
+                    values[t.learning_rate_key] = ("src", a.learning_rate_key)
+                else:
+                    notes.append(f"{src} stores no learning rate: the template's is kept")
+        elif a.has_optimizer and optimizer:
+            notes.append(f"the template {template} holds no optimizer: {src}'s optimizer state is not written")
+        leftover = [k for k in t.stored_keys() if k not in values]
+        carried = optimizer and t.has_optimizer
+        report = ConversionReport("keras2keras", src, dst, plan, dict(a.keys),
+                                  tuple(k for k in a.stored_keys() if k not in {v for _, v in values.values()}),
+                                  f"Keras optimizer {t.optimizer_name or ''}".rstrip() if carried else None, {}, "", tuple(notes) + tuple(f"{k}: copied from the template" for k in leftover[:20]),
+                                  not dry_run)
+        if dry_run:
+            return report
+
+        def value(ckey: str) -> np.ndarray:
+            arr = a.get(values[ckey][1])
+            if tuple(np.shape(arr)) != tuple(t.reader.shape(ckey)):
+                raise ConversionError(f"{ckey}: {src} has shape {np.shape(arr)}, the template {t.reader.shape(ckey)}")
+            return arr
+
+        if isinstance(t, KerasFileCheckpoint):
+            write_keras_like_template(dst, t, value, values, overwrite=overwrite)
+        else:
+            if not overwrite and (os.path.exists(dst) or os.path.exists(dst + ".index")):
+                raise CheckpointExistsError(f"{dst} exists")
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            write_like_template(dst, t, value, values, leftover)
+        return report
+
+
+def _pair_variables(a: KerasCheckpoint, t: KerasCheckpoint) -> dict[str, str]:
+    """``{source key of a: source key of t}``: by Keras path, else layer by layer in order."""
+    if set(a.keys) == set(t.keys):
+        return {k: k for k in a.keys}
+    la = [l for l in a.layers if l.weights]
+    lt = [l for l in t.layers if l.weights]
+    sig = lambda l: [tuple(w.shape) for w in l.weights]  # noqa: E731
+    if len(la) == len(lt) and all(sig(x) == sig(y) for x, y in zip(la, lt)):
+        return {wa.key: wt.key for x, y in zip(la, lt) for wa, wt in zip(x.weights, y.weights)}
+    only_a = sorted(set(a.keys) - set(t.keys))
+    only_t = sorted(set(t.keys) - set(a.keys))
+    raise UnmappedKeyError(
+        "the variables do not pair by name, nor layer by layer in order (different layers or shapes):\n"
+        + "".join(f"  only in the source: {k} {a.shapes[k]}\n" for k in only_a[:20])
+        + "".join(f"  only in the template: {k} {t.shapes[k]}\n" for k in only_t[:20])
+        + "save the template from the same model (model.save_weights / tf.train.Checkpoint after building it)")

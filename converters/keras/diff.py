@@ -25,11 +25,9 @@ from ..diff import DiffReport, diff_sources
 from ..mapping.rules import Mapping, Plan
 from ..sources import open_any
 from ..sources.base import Source, TensorInfo
-from ..tf.bundle import TFCheckpointReader
 from .checkpoint import KerasCheckpoint
 from .outputs import target_info
 from .planner import as_mapping, check_preset, make_keras_model, make_model, plan_conversion
-from .tfcheckpoint import read_keras_checkpoint
 
 
 class ConvertedSource(Source):
@@ -108,9 +106,10 @@ def diff_converted(
     src, other = os.fspath(src), os.fspath(other)
     mapping = as_mapping(mapping)
     model, example = make_model(model_factory)
-    with TFCheckpointReader(src) as reader:
-        kc = read_keras_checkpoint(reader, infer_layers=(mapping is None or model is not None)
-                                   and check_preset(preset, model) == "keras", unknown="keep")
+    from .kerasfile import open_keras_checkpoint  # a TF checkpoint or a .keras / .weights.h5 / .h5
+
+    with open_keras_checkpoint(src, infer_layers=(mapping is None or model is not None)
+                               and check_preset(preset, model) == "keras", unknown="keep") as kc:
         return diff_keras(dataclasses.replace(kc, path=src), other, model=model, example=example, mapping=mapping,
                           preset=preset, pairs=pairs, atol=atol, rtol=rtol, keras_model=make_keras_model(keras_model))
 

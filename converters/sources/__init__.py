@@ -12,6 +12,8 @@ kind             what a path looks like                                         
 ``onnx``         a ``.onnx`` model (its initializers are the tensors)            ``onnx``
 ``safetensors-   a Hugging Face ``*.safetensors.index.json`` and its shards, or   ``hfsharded``
 sharded``        the directory holding them: one checkpoint
+``keras``        a ``.keras`` archive, a Keras 3 ``.weights.h5`` or a tf.keras     ``keras``
+                 ``.h5`` (needs h5py, the ``keras`` extra)
 ===============  ==============================================================  ============
 
 Each module's :class:`~.base.Source` says which paths are its own (``claims``: layout or
@@ -44,6 +46,8 @@ from .base import Source, TensorInfo
 SOURCES: dict[str, str] = {
     "ckptfmt": "ckptfmt.converters.sources.ckptfmt:CkptfmtSource",
     "tf": "ckptfmt.converters.sources.tf:TFSource",
+    # before torch: a .keras archive is a zip too
+    "keras": "ckptfmt.converters.sources.keras:KerasSource",
     "torch": "ckptfmt.converters.sources.torch:TorchSource",
     "safetensors": "ckptfmt.converters.sources.safetensors:SafetensorsSource",
     "onnx": "ckptfmt.converters.sources.onnx:OnnxSource",
@@ -128,7 +132,7 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
                 return kind
         raise FormatError(
             f"{p}: not a checkpoint kind ckptfmt knows (by suffix or content); supported: "
-            "ckptfmt directories, TensorFlow prefixes, .safetensors, .pt/.pth/.bin, .onnx"
+            "ckptfmt directories, TensorFlow prefixes, .safetensors, .pt/.pth/.bin, .onnx, .keras/.weights.h5/.h5"
         )
     raise CheckpointNotFoundError(f"no checkpoint at {p}: the path does not exist")
 

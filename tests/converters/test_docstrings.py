@@ -18,6 +18,7 @@ MODULES = [
     "ckptfmt.converters.sources.torch",
     "ckptfmt.converters.sources.safetensors",
     "ckptfmt.converters.sources.onnx",
+    "ckptfmt.converters.sources.keras",
     "ckptfmt.converters.diff",
     "ckptfmt.converters.kinds",
     "ckptfmt.converters.convert",
@@ -38,6 +39,7 @@ MODULES = [
     "ckptfmt.converters.files",
     "ckptfmt.converters.optional",
     "ckptfmt.converters.check",
+    "ckptfmt.converters.keras.kerasfile",
 ]
 
 
