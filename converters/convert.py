@@ -602,8 +602,7 @@ def keras_to_keras(
         if isinstance(t, KerasFileCheckpoint):
             write_keras_like_template(dst, t, value, values, overwrite=overwrite)
         else:
-            if not overwrite and (os.path.exists(dst) or os.path.exists(dst + ".index")):
-                raise CheckpointExistsError(f"{dst} exists")
+            check_destination(dst, "tf", overwrite)
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
             write_like_template(dst, t, value, values, leftover)
         return report

@@ -73,7 +73,7 @@ import numpy as np
 
 from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, FrameworkNotAvailableError, TensorNotFoundError
 
-from ..mapping.layers import KerasLayer, KerasWeight
+from ..mapping.registry import KerasLayer, KerasWeight
 from .checkpoint import KerasCheckpoint
 from .infer import infer_kind as _infer_kind
 from .infer import insert_flattens as _insert_flattens

@@ -756,7 +756,7 @@ class TFCheckpointReader(Mapping[str, np.ndarray]):
                 hi = max(hi, end)
                 j += 1
             if hi > fsize:  # a truncated shard: the per-tensor path names the first tensor past its end
-                for key, bkey, e in items[i:j]:
+                for _key, bkey, e in items[i:j]:
                     self._check_span(e, bkey)
             buf = bytearray(hi - lo)
             mv = memoryview(buf)
