@@ -28,7 +28,6 @@ from __future__ import annotations
 
 __all__ = ["main", "convert", "register_convert_command", "CONVERT_COMMANDS", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE", "EXIT_ERROR"]
 
-import contextlib
 import dataclasses
 import datetime
 import errno
@@ -36,13 +35,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
 import ckptfmt
 from ckptfmt.cli._lazy import LazyGroup
+from ckptfmt.cli._writing import writing as _writing
 from ckptfmt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -640,17 +640,6 @@ def convert() -> None:
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--overwrite", "-f", is_flag=True, help="Replace DST if it exists.")(fn)
     return click.option("--skip-unsupported", is_flag=True, help="Leave out tensors whose dtype the target cannot hold.")(fn)
-
-
-@contextlib.contextmanager
-def _writing(path: str) -> Iterator[None]:
-    """Name ``path`` in a disk-full message when the failing library does not."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not getattr(e, "filename", None):
-            e.filename = path
-        raise
 
 
 def _report(result: kinds.ConvertResult) -> None:

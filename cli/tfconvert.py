@@ -128,7 +128,7 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
     \b
     With --model, --map FILE adds rules (unknown layers, overrides); the rest is matched.
     """
-    from ckptfmt.cli.main import _writing
+    from ckptfmt.cli._writing import writing as _writing
     from ckptfmt.converters._temps import remove_stale_temporaries
 
     remove_stale_temporaries(dst)
@@ -168,7 +168,7 @@ def torch2tf(src: str, dst: str, template: str, model: str | None, mapping: str 
     Example:
       ckptfmt convert torch2tf resumed.pt out/ckpt-1 --template runs/ckpt-3 --model models.py:make_torch_model
     """
-    from ckptfmt.cli.main import _writing
+    from ckptfmt.cli._writing import writing as _writing
 
     with _writing(dst):
         report = _convert.torch_to_tf(src, dst, template=template, model_factory=model, mapping=mapping, optimizer=not no_optimizer,

@@ -13,7 +13,7 @@ kind             what a path looks like                                         
 ``safetensors-   a Hugging Face ``*.safetensors.index.json`` and its shards, or   ``hfsharded``
 sharded``        the directory holding them: one checkpoint
 ``keras``        a ``.keras`` archive, a Keras 3 ``.weights.h5`` or a tf.keras     ``keras``
-                 ``.h5`` (needs h5py, the ``keras`` extra)
+                 ``.h5`` (needs h5py, the ``keras`` extra; ``converters/keras/source.py``)
 ===============  ==============================================================  ============
 
 Each module's :class:`~.base.Source` says which paths are its own (``claims``: layout or
@@ -47,7 +47,7 @@ SOURCES: dict[str, str] = {
     "ckptfmt": "ckptfmt.converters.sources.ckptfmt:CkptfmtSource",
     "tf": "ckptfmt.converters.sources.tf:TFSource",
     # before torch: a .keras archive is a zip too
-    "keras": "ckptfmt.converters.sources.keras:KerasSource",
+    "keras": "ckptfmt.converters.keras.source:KerasSource",  # lives with the Keras readers (above the sources)
     "torch": "ckptfmt.converters.sources.torch:TorchSource",
     "safetensors": "ckptfmt.converters.sources.safetensors:SafetensorsSource",
     "onnx": "ckptfmt.converters.sources.onnx:OnnxSource",

@@ -30,7 +30,7 @@ import numpy as np
 from ckptfmt.api import Problem, VerifyReport
 from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, TensorNotFoundError
 
-from .base import Source, TensorInfo, dtype_str, first_line, make_report
+from ..sources.base import Source, TensorInfo, dtype_str, first_line, make_report
 
 #: File suffixes of Keras's files.
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -38,7 +38,7 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def _kerasfile() -> Any:
-    from ..keras import kerasfile
+    from . import kerasfile
 
     return kerasfile
 
