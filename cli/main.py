@@ -109,6 +109,8 @@ def _hint(e: BaseException, command: str | None = None) -> str:
             "directories with a 'checkpoint' file, .safetensors, .pt/.pth/.bin and .onnx files"
         )
     if isinstance(e, CheckpointExistsError):
+        if "overwrite" not in str(e):  # a destination --overwrite would not replace (a foreign directory)
+            return "choose another destination"
         return "pass --overwrite to replace it, or choose another destination"
     if isinstance(e, UnmappedKeyError):
         return "names must match exactly; compare them with `ckptfmt inspect`"

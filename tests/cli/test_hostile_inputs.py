@@ -320,7 +320,8 @@ def test_partial_ckptfmt_output_does_not_block_a_rerun(make, tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     r = run("convert", "to-ckptfmt", src, other)
-    assert r.exit_code == EXIT_ERROR and str(other) in r.output and "--overwrite" in r.output and (other / "notes.txt").exists()
+    assert r.exit_code == EXIT_ERROR and str(other) in r.output and (other / "notes.txt").exists()
+    assert "--overwrite" not in r.output  # it would not help: the directory is not a ckptfmt checkpoint
 
 
 _SLOW_CONVERT = """
