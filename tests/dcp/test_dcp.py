@@ -171,7 +171,7 @@ def test_flipped_byte_is_named_by_verify_and_refused_on_load(runs, tmp_path):
     ck = str(tmp_path / "ck4")
     shutil.copytree(os.path.join(runs["main"], "ck4"), ck)
     with ckptfmt.open(ck) as r:
-        victim = next(f.path for f in r.manifest.files if "-r00002-" in f.path)
+        victim = max(r.manifest.files[1:], key=lambda f: f.size).path  # one rank's file
     with open(os.path.join(ck, victim), "r+b") as f:
         f.seek(1000)
         b = f.read(1)
@@ -233,8 +233,7 @@ def test_verify_gc_rm_and_remove_on_the_run_of_dcp_checkpoints(runs, tmp_path):
 
     shutil.rmtree(os.path.join(run, "inc-a"))  # rm -r of the parent never breaks its child
     assert ckptfmt.verify(os.path.join(run, "inc-b")).ok
-    freed = ckptfmt.gc(run, grace_seconds=0).deleted
-    assert freed and all(os.path.basename(p).startswith("pack-") for p in freed)  # what only inc-a used
+    assert ckptfmt.gc(run, grace_seconds=0).deleted == ()  # inc-b shares a chunk of every pack of inc-a
     assert ckptfmt.verify(os.path.join(run, "inc-b")).ok
     _same(_flat(ckptfmt.load(os.path.join(run, "inc-b"))), np.load(os.path.join(run, "ref-b.npz")))
 
