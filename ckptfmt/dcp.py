@@ -9,8 +9,9 @@ fails or dies before that leaves no checkpoint, and any earlier one untouched.
 
 The result is an ordinary ckptfmt checkpoint: ``ckptfmt verify`` checks it,
 ``ckptfmt.load(path)`` assembles the full tensors in one process without torch, and
-``Writer(path, parent=earlier)`` saves incrementally (a rank whose pieces did not change
-writes nothing new).
+``Writer(path, parent=earlier)`` saves incrementally into the run's shared store (a rank
+whose pieces did not change writes nothing new), so that ``rm -r`` of any checkpoint, or
+``ckptfmt.remove`` and ``ckptfmt.gc``, never break another (spec sections 11-12).
 
 Example:
     >>> import torch, tempfile, os
