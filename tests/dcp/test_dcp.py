@@ -28,8 +28,8 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402  (a BaseException)
 from click.testing import CliRunner  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402  (a BaseException)
 
 import ckptfmt  # noqa: E402
 import ckptfmt.dcp  # noqa: E402
@@ -79,7 +79,7 @@ def _wait(procs: list[subprocess.Popen], deadline: float) -> list[int]:
             for q in procs:
                 if q.poll() is None:
                     q.kill()
-            raise AssertionError("a rank did not finish in time")
+            raise AssertionError("a rank did not finish in time") from None
     return codes
 
 
