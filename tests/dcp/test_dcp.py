@@ -464,3 +464,18 @@ def test_store_saves_refuse_the_store_itself_and_parent_without_store(tmp_path):
     os.symlink(a, str(tmp_path / "link"))
     with pytest.raises(CheckpointException, match="symbolic link"):
         _dcp_save({"w": torch.ones(2)}, ckptfmt.dcp.Writer(str(tmp_path / "link"), overwrite=True))
+
+
+def test_a_parent_replaced_after_the_plan_fails_the_save(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _dcp_save({"w": torch.arange(8.0)}, ckptfmt.dcp.Writer(a, shared_store=True))
+
+    class Racy(ckptfmt.dcp.Writer):
+        def write_data(self, plan, planner):
+            ckptfmt.save({"w": np.zeros(8, np.float32)}, a, overwrite=True)  # another job replaces the parent
+            return super().write_data(plan, planner)
+
+    with pytest.raises(CheckpointException, match="was replaced while this save was being planned"):
+        _dcp_save({"w": torch.arange(8.0)}, Racy(b, parent=a))
+    assert not os.path.exists(b)
+    ckptfmt.gc(str(tmp_path), timeout=0)  # the lock was released
