@@ -9,8 +9,9 @@ fails or dies before that leaves no checkpoint, and any earlier one untouched.
 
 The result is an ordinary ckptfmt checkpoint: ``ckptfmt verify`` checks it,
 ``ckptfmt.load(path)`` assembles the full tensors in one process without torch, and
-``Writer(path, parent=earlier)`` saves incrementally (a rank whose pieces did not change
-writes nothing new).
+``Writer(path, parent=earlier)`` saves incrementally into the run's shared store (a rank
+whose pieces did not change writes nothing new), so that ``rm -r`` of any checkpoint, or
+``ckptfmt.remove`` and ``ckptfmt.gc``, never break another (spec sections 11-12).
 
 Example:
     >>> import torch, tempfile, os
@@ -54,19 +55,30 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, split
+from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._pool import workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import CheckpointReader
 from ckptfmt._writer import _ZEROS, DATA_FILE_TARGET, _ParentRef, _producer, _write_delta, _write_tensor
 from ckptfmt.adapters import torch as _adapter  # raises FrameworkNotAvailableError without torch
-from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, UnsupportedDtypeError
+from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, IntegrityError, UnsafePathError, UnsupportedDtypeError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH
 from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
 from ckptfmt.format.shards import GlobalTensor, encode_shards
-from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME
+from ckptfmt.format.spec import (
+    ALIGNMENT,
+    DATA_FILE_RE,
+    DATA_SUFFIX,
+    DEFAULT_CHUNK_SIZE,
+    LIMITS,
+    MANIFEST_NAME,
+    STORE_FILE_RE,
+    STORE_NAME,
+)
 from ckptfmt.format.tree import encode_tree
-from ckptfmt.storage.base import Storage, storage_error
+from ckptfmt.storage.base import Storage, StorageLock, storage_error
 from ckptfmt.storage.local import LocalStorage
 
 try:  # the version string DCP's own writer records
@@ -90,8 +102,8 @@ def _piece_name(fqn: str, offsets: Any) -> str:
 class _LazyFile:
     """A data file opened on its first write, so a rank with nothing new creates no file."""
 
-    def __init__(self, storage: Storage, path: str, sync: bool) -> None:
-        self.storage, self.path, self.sync = storage, path, sync
+    def __init__(self, storage: Storage, path: str, ref: str, sync: bool) -> None:
+        self.storage, self.path, self.ref, self.sync = storage, path, ref, sync
         self.handle = None
         self.size = 0
 
@@ -121,6 +133,11 @@ def _plain_node(obj: Any) -> list | None:
         return None
 
 
+def _file_name(store: bool, token: str, n: int) -> str:
+    """The name of a rank's n-th data file: in the run's store, or in the checkpoint's directory."""
+    return f"pack-{token}-{n:05d}{DATA_SUFFIX}" if store else f"data-{n:05d}-{token}{DATA_SUFFIX}"
+
+
 class Writer(StorageWriter):
     """A DCP ``StorageWriter`` that writes a ckptfmt checkpoint directory.
 
@@ -130,15 +147,27 @@ class Writer(StorageWriter):
     ranks), ``prepare_local_plan`` (all), ``prepare_global_plan`` (coordinator),
     ``write_data`` (all), ``finish`` (coordinator: the commit).
 
+    A full save writes each rank's data files into ``path``. A save with ``parent`` (or
+    ``shared_store=True``) writes them into the run's shared store ``ckptfmt-store/``
+    beside ``path`` (spec sections 11-12), so ``rm -r`` of any checkpoint never breaks
+    another; the coordinator then holds the run's lock shared from before it reads the
+    parent until the commit (if the save fails on another rank, until this Writer is reused
+    or released: :meth:`close`, or garbage collection).
+
     Args:
         path: the checkpoint directory (a ``checkpoint_id`` passed to ``dcp.save`` overrides it).
         overwrite: replace an existing checkpoint at ``path`` (atomically, at the commit).
         parent: an earlier checkpoint beside ``path``: chunks equal to the parent's (same
-            tensor piece, same place) are not written again (an incremental save).
+            tensor piece, same place) that lie in the run's store are not written again (an
+            incremental save). Save the first checkpoint of a chain with ``shared_store=True``
+            so that its data can be shared.
+        shared_store: write the data into the run's shared store (default: when ``parent``).
         chunk_size: bytes per hashed chunk (ignored with ``parent``: the parent's is used).
         hash_alg: ``"blake3"`` (default) or ``"sha256"``.
         sync: fsync data files and the manifest.
         storage: a storage backend (default: the local filesystem).
+        lock_timeout: seconds to wait for the run's lock (a gc, remove or CheckpointManager
+            using the run) before failing with CheckpointLockedError.
 
     Example:
         >>> import torch, tempfile, os, torch.distributed.checkpoint as dcp, ckptfmt.dcp
@@ -152,30 +181,55 @@ class Writer(StorageWriter):
         *,
         overwrite: bool = False,
         parent: str | os.PathLike | None = None,
+        shared_store: bool | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         hash_alg: str = DEFAULT_HASH,
         sync: bool = True,
         storage: Storage | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         super().__init__()
+        if shared_store is None:
+            shared_store = parent is not None
+        if parent is not None and not shared_store:
+            raise ValueError("an incremental save (parent=...) keeps its data in the run's shared store; do not pass shared_store=False")
         self.path = os.fspath(path)
         self.overwrite = overwrite
         self.parent = None if parent is None else os.fspath(parent)
+        self.shared_store = bool(shared_store)
         self.chunk_size = chunk_size
         self.hash_alg = hash_alg
         self.sync = sync
         self.storage = storage if storage is not None else LocalStorage()
+        self.lock_timeout = lock_timeout
         self.is_coordinator = True
         self.rank = 0
         self.save_id = uuid.uuid4().hex
         self.digest: str | None = None
+        self._lock: StorageLock | None = None
+        self._plan: dict | None = None  # coordinator: what prepare_global_plan decided
+
+    # -- the run's lock (coordinator of a save into the store) ---------------------------
+    def close(self) -> None:
+        """Release the run's lock if a failed save left this Writer holding it (idempotent)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort, see close()
+        try:
+            self.close()
+        except Exception:
+            pass
 
     # -- DCP protocol ------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        self.close()  # a previous save through this Writer that failed on another rank
         if checkpoint_id:
             self.path = os.fspath(checkpoint_id)
         self.save_id = uuid.uuid4().hex
         self.digest = None
+        self._plan = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -186,36 +240,87 @@ class Writer(StorageWriter):
                 "writes the manifest that commits the checkpoint"
             )
 
-    def _settings(self) -> tuple[int, str]:
-        if self.parent is None:
-            return self.chunk_size, self.hash_alg
-        from ckptfmt._reader import read_manifest
-
-        pm = read_manifest(self.parent, self.storage)
-        return pm.chunk_size, pm.hash_alg
-
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         s = self.storage
-        if s.exists(self.path) and not s.isdir(self.path):
+        directory, name = split(self.path)
+        if name == STORE_NAME:
+            raise UnsafePathError(f"{self.path}: {STORE_NAME} is the name of a run's shared store; save the checkpoint under another name")
+        e = {x.name: x for x in s.scan(directory)}.get(name)
+        if e is not None and e.kind == "link":
+            raise UnsafePathError(f"{self.path} is a symbolic link; save to the directory it points to, or to another path")
+        if e is not None and e.kind != "dir":
             raise CheckpointExistsError(f"{self.path} exists and is not a directory; choose another path")
-        if s.exists(s.join(self.path, MANIFEST_NAME)) and not self.overwrite:
+        if e is not None and s.exists(s.join(self.path, MANIFEST_NAME)) and not self.overwrite:
             raise CheckpointExistsError(f"a checkpoint already exists at {self.path}; pass overwrite=True to replace it")
-        self._settings()  # a missing or broken parent fails here, before anything is written
-        s.makedirs(self.path)
+        if self.parent is not None:
+            _ParentRef(self.parent, self.path, s)  # a missing, broken or misplaced parent fails here
+        if self.shared_store:
+            if not s.isdir(directory):
+                s.makedirs(directory)
+        else:
+            s.makedirs(self.path)  # a save into the store creates its directory at the commit
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        token = secrets.token_hex(4)  # one per save: new files never replace a committed checkpoint's
-        return [dataclasses.replace(p, storage_data={"prefix": f"data-r{i:05d}-{token}"}) for i, p in enumerate(plans)]
+        s = self.storage
+        self.close()
+        directory = split(self.path)[0]
+        chunk_size, hash_alg, parent_field, parent_digest = self.chunk_size, self.hash_alg, None, None
+        if self.shared_store:
+            if len(plans) > 1 << 24:
+                raise CkptFmtError(f"{len(plans)} ranks: a save into the store names each rank's files with 6 hex digits")
+            # Held until the commit: no gc or remove deletes what the ranks write or share.
+            self._lock = run_lock(s, directory, shared=True, timeout=self.lock_timeout)
+            try:
+                ensure_store(s, directory)
+                if self.parent is not None:  # read under the lock; every rank checks it read the same
+                    ref = _ParentRef(self.parent, self.path, s)
+                    chunk_size, hash_alg = ref.manifest.chunk_size, ref.manifest.hash_alg
+                    parent_field, parent_digest = ref.describe(), ref.manifest.hexdigest
+                taken = {x.name[5:15] for x in s.scan(s.join(directory, STORE_NAME)) if STORE_FILE_RE.match(x.name)}
+                save = secrets.token_hex(5)
+                while save in taken:  # pragma: no cover - 40 random bits
+                    save = secrets.token_hex(5)
+                tokens = [f"{save}{i:06x}" for i in range(len(plans))]  # the rank is in the name
+            except BaseException:
+                self.close()
+                raise
+        else:
+            # One token per rank and save, none already in the directory: a new file never
+            # replaces a committed checkpoint's (writes truncate).
+            taken = {x.name[11:19] for x in s.scan(self.path) if DATA_FILE_RE.match(x.name)}
+            tokens = []
+            while len(tokens) < len(plans):
+                t = secrets.token_hex(4)
+                if t not in taken:
+                    taken.add(t)
+                    tokens.append(t)
+        self._plan = {"tokens": tokens, "parent": parent_field, "chunk_size": chunk_size, "hash_alg": hash_alg}
+        return [
+            dataclasses.replace(p, storage_data={"token": t, "store": self.shared_store, "chunk_size": chunk_size,
+                                                 "hash_alg": hash_alg, "parent_digest": parent_digest})
+            for p, t in zip(plans, tokens)
+        ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        chunk_size, hash_alg = self._settings()
+        try:
+            return self._write_data(plan, planner)
+        except BaseException:
+            if self.is_coordinator:
+                self.close()  # DCP calls no finish() after a failed write
+            raise
+
+    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        sd = plan.storage_data
+        chunk_size, hash_alg, store, token = sd["chunk_size"], sd["hash_alg"], sd["store"], sd["token"]
         s = self.storage
-        prefix = plan.storage_data["prefix"]
+        data_dir = s.join(split(self.path)[0], STORE_NAME) if store else self.path
         builder = ManifestBuilder(chunk_size=chunk_size, hash_alg=hash_alg)
         parent_ref = None
         if self.parent is not None:
             parent_ref = _ParentRef(self.parent, self.path, s)
+            if parent_ref.manifest.hexdigest != sd["parent_digest"]:
+                raise CkptFmtError(f"the parent {self.parent} was replaced while this save was being planned; nothing was saved: save again")
             parent_ref.builder = builder
         handles: list[_LazyFile] = []
         records: list[tuple[Any, tuple]] = []
@@ -238,9 +343,10 @@ class Writer(StorageWriter):
                 if h is None or (h.tell() and h.tell() + arr.nbytes > DATA_FILE_TARGET):
                     if h is not None:
                         h.close(sync=self.sync)
-                    h = _LazyFile(s, s.join(self.path, f"{prefix}-{len(handles):05d}{DATA_SUFFIX}"), self.sync)
+                    fname = _file_name(store, token, len(handles))
+                    h = _LazyFile(s, s.join(data_dir, fname), STORE_PREFIX + fname if store else fname, self.sync)
                     handles.append(h)
-                    builder.add_file(os.path.basename(h.path))
+                    builder.add_file(h.ref)
                 file_index = self._file_index(builder, h)
                 pad = -h.tell() % ALIGNMENT
                 if pad:
@@ -283,15 +389,24 @@ class Writer(StorageWriter):
 
     @staticmethod
     def _file_index(builder: ManifestBuilder, h: _LazyFile) -> int:
-        name = os.path.basename(h.path)
         for i in range(len(builder.files) - 1, -1, -1):
-            if builder.files[i][0] == name:
+            if builder.files[i][0] == h.ref:
                 return i
-        raise AssertionError(name)  # pragma: no cover
+        raise AssertionError(h.ref)  # pragma: no cover
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        chunk_size, hash_alg = self._settings()
+        try:
+            self._finish(metadata, results)
+        finally:
+            self.close()
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        plan = self._plan
+        if plan is None:
+            raise CkptFmtError("ckptfmt.dcp.Writer.finish without prepare_global_plan: DCP did not call the coordinator's steps")
+        chunk_size, hash_alg, store = plan["chunk_size"], plan["hash_alg"], self.shared_store
         s = self.storage
+        directory, ck_name = split(self.path)
         builder = ManifestBuilder(chunk_size=chunk_size, hash_alg=hash_alg)
         files: dict[str, int] = {}
         pieces: dict[tuple, tuple[int, Any]] = {}
@@ -350,9 +465,13 @@ class Writer(StorageWriter):
             "bytes": bytes_md,
         }
         extra: dict = {"shards": encode_shards(shards), "dcp": dcp_field}
-        if self.parent is not None:
-            pr = _ParentRef(self.parent, self.path, s)
-            extra["parent"] = pr.describe()
+        if plan["parent"] is not None:
+            extra["parent"] = plan["parent"]
+        tokens = set(plan["tokens"])
+        if store:
+            # the files this save wrote (the rest are the parent's, shared)
+            extra["wrote"] = [fi for path, fi in files.items() if path.startswith(STORE_PREFIX + "pack-") and path[len(STORE_PREFIX) + 5:len(STORE_PREFIX) + 21] in tokens]
+        self._check_files(files, builder)
         data = builder.encode(tree=_nest(leaves, mappings), metadata=None,
                               producer=_producer({"torch": torch.__version__, "writer": "ckptfmt.dcp"}), extra=extra)
         mpath = s.join(self.path, MANIFEST_NAME)
@@ -361,20 +480,47 @@ class Writer(StorageWriter):
         if s.exists(mpath):
             try:
                 old = decode_manifest(s.read_file(mpath, max_size=LIMITS.max_manifest_bytes), where=mpath, check_hash=False)
-                old_files = [f.path for f in old.files if not f.path.startswith("../")]
+                old_files = [f.path for f in old.files if "/" not in f.path]
             except CkptFmtError:
-                old_files = []
+                old_files = []  # an unreadable old manifest: leave its files for `verify` to report
+        created = not s.isdir(self.path)
         try:
+            if created:
+                s.makedirs(self.path)  # a save into the store: its directory holds only the MANIFEST
             s.write_atomic(mpath, data, sync=self.sync)
         except OSError as e:
+            if created:
+                try:
+                    s.rmdir(self.path)
+                except OSError:
+                    pass
             raise storage_error(e, self.path, "committing checkpoint") from e
         self.digest = builder.digest.hex()
         stale = set(old_files) - set(files)
         if stale:
-            from ckptfmt._layout import free_stale, split
+            free_stale(s, directory, ck_name, stale)  # the replaced checkpoint's own files nobody else lists
 
-            directory, name = split(self.path)
-            free_stale(s, directory, name, stale)
+    def _check_files(self, files: dict[str, int], builder: ManifestBuilder) -> None:
+        """Every file the manifest will list exists with the size recorded (checked under the lock
+        for the store): a gc or remove that ran anyway, or a rank's lost write, fails the commit."""
+        s = self.storage
+        store_dir = s.join(split(self.path)[0], STORE_NAME)
+        listings: dict[str, dict[str, int]] = {}
+        for path, fi in files.items():
+            if path.startswith(STORE_PREFIX) and "/" not in path[len(STORE_PREFIX):]:
+                where, fname = store_dir, path[len(STORE_PREFIX):]
+            elif "/" not in path:
+                where, fname = self.path, path
+            else:  # pragma: no cover - ranks only name these two kinds
+                raise FormatError(f"a rank reported the data file {path!r}, outside the checkpoint and the run's store")
+            there = listings.get(where)
+            if there is None:
+                there = listings[where] = {e.name: e.size for e in s.scan(where) if e.kind == "file"}
+            if there.get(fname) != builder.files[fi][1]:
+                raise IntegrityError(
+                    f"{s.join(where, fname)} is missing or not {builder.files[fi][1]} bytes (deleted or changed while "
+                    "this save ran, or a rank's write was lost); nothing was saved: save again"
+                )
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)

@@ -9,10 +9,10 @@ Modes:
           the digest to ck4.digest. Then a step is saved over ck4 and rank 0 (the
           coordinator) SIGKILLs itself mid-save.
   load2   load WORKDIR/ck4 into a freshly initialised sharded model on this world size,
-          compare the full state with ref4.npz bit for bit; then save WORKDIR/inc-a, change
-          rows only rank 0 holds, save WORKDIR/inc-b incrementally (parent inc-a) and write
-          WORKDIR/ref-b.npz. Then a step is saved over inc-a and rank 1 SIGKILLs itself
-          mid-save.
+          compare the full state with ref4.npz bit for bit; then save WORKDIR/inc-a into the
+          run's shared store, change rows only rank 0 holds, save WORKDIR/inc-b incrementally
+          (parent inc-a) and write WORKDIR/ref-b.npz. Then a step is saved over inc-a (into
+          the store) and rank 1 SIGKILLs itself mid-save.
 
 Killed ranks die right after writing their first tensor's data (a bounded, repeatable
 "mid-save"); the surviving ranks fail when their peer's connection closes.
@@ -185,7 +185,7 @@ def main() -> None:
                 write(os.path.join(work, "load2.ok"), "bit-exact")
             # Incremental: change rows of one weight that only rank 0 holds.
             inc_a = os.path.join(work, "inc-a")
-            wa = ckptfmt.dcp.Writer(inc_a, chunk_size=4096)
+            wa = ckptfmt.dcp.Writer(inc_a, chunk_size=4096, shared_store=True)
             dcp.save(sharded_state(model, opt), storage_writer=wa)
             w = model.classifier[1].weight  # a DTensor sharded on dim 0
             with torch.no_grad():
@@ -200,7 +200,7 @@ def main() -> None:
             # Then rank 1 dies while a new step is saved over inc-a (the parent of inc-b).
             step(model, opt, seed=97)
             die_mid_save(rank, 1)
-            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(inc_a, overwrite=True, chunk_size=4096))
+            dcp.save(sharded_state(model, opt), storage_writer=ckptfmt.dcp.Writer(inc_a, overwrite=True, chunk_size=4096, shared_store=True))
         else:
             raise SystemExit(f"unknown mode {mode}")
         dist.barrier()

@@ -28,13 +28,14 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402  (a BaseException)
 from click.testing import CliRunner  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402  (a BaseException)
 
 import ckptfmt  # noqa: E402
 import ckptfmt.dcp  # noqa: E402
 from ckptfmt.cli.main import main as cli  # noqa: E402
-from ckptfmt.errors import CheckpointExistsError, FormatError, IntegrityError  # noqa: E402
+from ckptfmt.errors import CheckpointExistsError, CheckpointLockedError, FormatError, IntegrityError  # noqa: E402
+from ckptfmt.format.spec import DATA_FILE_RE, STORE_FILE_RE  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_worker.py")
@@ -78,7 +79,7 @@ def _wait(procs: list[subprocess.Popen], deadline: float) -> list[int]:
             for q in procs:
                 if q.poll() is None:
                     q.kill()
-            raise AssertionError("a rank did not finish in time")
+            raise AssertionError("a rank did not finish in time") from None
     return codes
 
 
@@ -114,7 +115,9 @@ def _same(got: dict, ref) -> None:
 def test_four_ranks_write_one_committed_checkpoint(runs):
     ck = os.path.join(runs["main"], "ck4")
     with ckptfmt.open(ck) as r:
-        assert sorted(f.path.split("-")[1] for f in r.manifest.files) == ["r00000", "r00001", "r00002", "r00003"]
+        files = [f.path for f in r.manifest.files]
+        assert all(DATA_FILE_RE.match(f) for f in files)  # in its own directory, named as gc knows them
+        assert len({f.split("-")[2] for f in files}) == 4  # one file per rank, a token per rank
         assert r.version == (1, 3)
         assert len(r.sharded_keys()) == 208  # 52 parameters x (weight, exp_avg, exp_avg_sq, step)
         weights = [k for k in r.keys() if k.startswith("model.features.3.squeeze.weight@")]
@@ -146,10 +149,18 @@ def test_dcp_load_in_one_process_into_an_unsharded_model(runs):
 
 def test_incremental_save_across_ranks_writes_only_what_changed(runs):
     inc_b = os.path.join(runs["main"], "inc-b")
-    own = [f for f in os.listdir(inc_b) if f != "MANIFEST"]
-    assert [f.split("-")[1] for f in own] == ["r00000"]  # rank 1's pieces did not change: no file
+    assert os.listdir(inc_b) == ["MANIFEST"]  # 1.2: its data lies in the run's store
     with ckptfmt.open(inc_b) as r:
         share = r.sharing()
+        m = r.manifest
+        assert all(f.path.startswith("../ckptfmt-store/pack-") for f in m.files)
+        new = [m.files[i].path for i in m.wrote]
+        # rank 1's pieces did not change: only rank 0 (the rank in the name) wrote a file
+        assert len(new) == 1 and new[0].split("-")[2].endswith("000000"), new
+        touched = {m.names[t] for t in range(m.num_tensors)
+                   for c in range(m.tensor(t).first_chunk, m.tensor(t).first_chunk + m.tensor(t).num_chunks)
+                   if int(m.chunk_file[c]) in m.wrote}
+        assert touched == {"model.classifier.1.weight@[0,0,0,0]"}
     assert share["parent"] == "inc-a" and share["own_bytes"] == 4096  # one chunk of one row
     assert ckptfmt.verify(inc_b).ok
     _same(_flat(ckptfmt.load(inc_b)), np.load(os.path.join(runs["main"], "ref-b.npz")))
@@ -160,7 +171,7 @@ def test_flipped_byte_is_named_by_verify_and_refused_on_load(runs, tmp_path):
     ck = str(tmp_path / "ck4")
     shutil.copytree(os.path.join(runs["main"], "ck4"), ck)
     with ckptfmt.open(ck) as r:
-        victim = next(f.path for f in r.manifest.files if "-r00002-" in f.path)
+        victim = max(r.manifest.files[1:], key=lambda f: f.size).path  # one rank's file
     with open(os.path.join(ck, victim), "r+b") as f:
         f.seek(1000)
         b = f.read(1)
@@ -188,8 +199,49 @@ def test_killed_rank_never_commits_and_the_previous_checkpoint_stays(runs, run, 
         assert r.digest == prev
     report = ckptfmt.verify(path)
     assert report.ok
-    assert any(p.kind == "extra_file" for p in report.problems)  # the dead save's data, uncommitted
+    if ck == "ck4":  # a full save: the dead save's data, uncommitted, in the checkpoint's directory
+        assert any(p.kind == "extra_file" for p in report.problems)
+    else:  # a save into the store: there, used by no manifest
+        assert ckptfmt.run_info(runs["main"]).unreferenced_bytes > 0
+        assert ckptfmt.verify(os.path.join(runs["main"], "inc-b")).ok  # its child is untouched
     ckptfmt.load(path)
+
+
+# ------------------------------------------------------------------ the run directory (1.2 rules)
+def test_verify_gc_rm_and_remove_on_the_run_of_dcp_checkpoints(runs, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(runs["main"], run, symlinks=True)
+    store = os.path.join(run, "ckptfmt-store")
+    dcp4 = sorted(os.listdir(os.path.join(run, "dcp4")))  # DCP's own FileSystemWriter: not ours
+    res = CliRunner().invoke(cli, ["verify", run])
+    assert res.exit_code == 0, res.output
+    assert "3 checkpoint(s)" in res.output and "used by no checkpoint" in res.output  # the killed save's packs
+    assert "extra_file" in res.output  # ck4: the killed full save's files
+    leftovers = [f for f in os.listdir(os.path.join(run, "ck4")) if f != "MANIFEST" and f not in
+                 {x.path for x in ckptfmt.open(os.path.join(run, "ck4")).manifest.files}]
+    assert leftovers and all(DATA_FILE_RE.match(f) for f in leftovers)
+
+    rep = ckptfmt.gc(run, grace_seconds=0)
+    deleted = {os.path.relpath(p, run) for p in rep.deleted}
+    assert {os.path.join("ck4", f) for f in leftovers} <= deleted
+    assert all(d.startswith(("ck4/", "ckptfmt-store/pack-")) for d in deleted), deleted
+    assert ckptfmt.run_info(run).unreferenced_bytes == 0
+    assert sorted(os.listdir(os.path.join(run, "dcp4"))) == dcp4
+    for ck in ("ck4", "inc-a", "inc-b"):
+        rep = ckptfmt.verify(os.path.join(run, ck))
+        assert rep.ok and not rep.problems, (ck, rep.problems)
+
+    shutil.rmtree(os.path.join(run, "inc-a"))  # rm -r of the parent never breaks its child
+    assert ckptfmt.verify(os.path.join(run, "inc-b")).ok
+    assert ckptfmt.gc(run, grace_seconds=0).deleted == ()  # inc-b shares a chunk of every pack of inc-a
+    assert ckptfmt.verify(os.path.join(run, "inc-b")).ok
+    _same(_flat(ckptfmt.load(os.path.join(run, "inc-b"))), np.load(os.path.join(run, "ref-b.npz")))
+
+    ckptfmt.remove(os.path.join(run, "inc-b"))
+    assert [f for f in os.listdir(store) if STORE_FILE_RE.match(f)] == []
+    ckptfmt.remove(os.path.join(run, "ck4"))
+    assert not os.path.exists(os.path.join(run, "ck4"))
+    assert sorted(os.listdir(os.path.join(run, "dcp4"))) == dcp4 and os.path.exists(os.path.join(run, "ref4.npz"))
 
 
 # ------------------------------------------------------------------ single process
@@ -304,3 +356,126 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
         warnings.simplefilter("ignore")  # DCP warns that it saves in a single process
         result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
+
+
+# ------------------------------------------------------------------ the store, the lock, overwrite
+def _dcp_save(state, writer):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it saves in a single process
+        return dcp.save(state, storage_writer=writer)
+
+
+def test_incremental_save_shares_only_the_store_and_survives_rm_r_of_its_parent(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in ("a", "b", "c"))
+    state = {"w": torch.arange(6000.0), "v": torch.ones(2000), "n": 3}
+    _dcp_save(state, ckptfmt.dcp.Writer(a, chunk_size=4096))  # full: its own directory, nothing to share
+    state["w"][0] = -1.0
+    _dcp_save(state, ckptfmt.dcp.Writer(b, parent=a))
+    assert os.listdir(b) == ["MANIFEST"]
+    with ckptfmt.open(b) as r:
+        assert r.sharing()["shared_bytes"] == 0  # a's data is in a's directory: written again
+        assert r.manifest.parent["name"] == "a" and r.manifest.chunk_size == 4096
+    state["v"][-1] = 5.0
+    _dcp_save(state, ckptfmt.dcp.Writer(c, parent=b))
+    with ckptfmt.open(c) as r:
+        own = r.sharing()["own_bytes"]
+    assert own == 8000 - 4096  # the last chunk of v, the only one that changed
+    shutil.rmtree(a)
+    shutil.rmtree(b)
+    assert ckptfmt.verify(c).ok
+    got = ckptfmt.load(c)
+    assert got["w"][0] == -1.0 and got["v"][-1] == 5.0 and got["n"] == 3
+
+
+def test_the_run_lock_is_held_shared_from_plan_to_commit_and_released_after(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _dcp_save({"w": torch.arange(8.0)}, ckptfmt.dcp.Writer(a, shared_store=True))
+    seen = []
+
+    class Probe(ckptfmt.dcp.Writer):
+        def write_data(self, plan, planner):
+            with pytest.raises(CheckpointLockedError):
+                ckptfmt.gc(str(tmp_path), timeout=0)  # a deleter waits while ranks write
+            seen.append("write")
+            return super().write_data(plan, planner)
+
+        def finish(self, metadata, results):
+            with pytest.raises(CheckpointLockedError):
+                ckptfmt.remove(a, timeout=0)
+            seen.append("finish")
+            return super().finish(metadata, results)
+
+    _dcp_save({"w": torch.arange(8.0)}, Probe(b, parent=a))
+    assert seen == ["write", "finish"]
+    assert ckptfmt.gc(str(tmp_path), timeout=0).deleted == ()  # released after the commit
+    assert ckptfmt.open(b).sharing()["own_bytes"] == 0
+
+
+def test_a_store_file_deleted_before_the_commit_fails_the_save_and_frees_the_lock(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _dcp_save({"w": torch.arange(8.0), "x": torch.ones(4)}, ckptfmt.dcp.Writer(a, shared_store=True))
+    shared = ckptfmt.open(a).manifest.files[0].path
+
+    class Lost(ckptfmt.dcp.Writer):
+        def finish(self, metadata, results):
+            os.remove(os.path.join(str(tmp_path), shared[3:]))  # what a gc ignoring the lock, or a lost write, does
+            return super().finish(metadata, results)
+
+    with pytest.raises(CheckpointException, match=r"IntegrityError.*pack-.*nothing was saved"):
+        _dcp_save({"w": torch.arange(8.0), "x": torch.zeros(4)}, Lost(b, parent=a))
+    assert not os.path.exists(b)  # no manifest, no directory
+    ckptfmt.gc(str(tmp_path), timeout=0)  # the lock was released
+
+    class Broken(ckptfmt.dcp.Writer):  # a failed write: DCP calls no finish()
+        def _write_data(self, plan, planner):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointException, match="No space left"):
+        _dcp_save({"w": torch.arange(8.0)}, Broken(str(tmp_path / "c"), shared_store=True))
+    ckptfmt.gc(str(tmp_path), timeout=0)
+
+
+def test_overwrite_of_a_dcp_checkpoint_follows_the_deletion_rules(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _dcp_save({"w": torch.arange(5000.0)}, ckptfmt.dcp.Writer(a, chunk_size=4096))
+    own_a = [f for f in os.listdir(a) if f != "MANIFEST"]
+    assert own_a and all(DATA_FILE_RE.match(f) for f in own_a)
+    # overwrite with a save into the store: a's own files are freed at once
+    _dcp_save({"w": torch.arange(5000.0)}, ckptfmt.dcp.Writer(a, overwrite=True, shared_store=True, chunk_size=4096))
+    assert os.listdir(a) == ["MANIFEST"]
+    _dcp_save({"w": torch.arange(5000.0) + 1}, ckptfmt.dcp.Writer(b, parent=a))
+    # overwrite the parent with a full save: the child, whose data is in the store, is untouched
+    _dcp_save({"w": torch.zeros(3)}, ckptfmt.dcp.Writer(a, overwrite=True))
+    assert ckptfmt.verify(b).ok and ckptfmt.load(b)["w"][0] == 1.0
+    assert ckptfmt.load(a)["w"].tolist() == [0.0, 0.0, 0.0]
+    ckptfmt.gc(str(tmp_path), grace_seconds=0)
+    assert ckptfmt.verify(b).ok and ckptfmt.verify(a).ok
+
+
+def test_store_saves_refuse_the_store_itself_and_parent_without_store(tmp_path):
+    a = str(tmp_path / "a")
+    _dcp_save({"w": torch.ones(2)}, ckptfmt.dcp.Writer(a, shared_store=True))
+    with pytest.raises(CheckpointException, match="UnsafePathError"):
+        _dcp_save({"w": torch.ones(2)}, ckptfmt.dcp.Writer(str(tmp_path / "ckptfmt-store"), shared_store=True))
+    with pytest.raises(ValueError, match="shared store"):
+        ckptfmt.dcp.Writer(str(tmp_path / "b"), parent=a, shared_store=False)
+    os.symlink(a, str(tmp_path / "link"))
+    with pytest.raises(CheckpointException, match="symbolic link"):
+        _dcp_save({"w": torch.ones(2)}, ckptfmt.dcp.Writer(str(tmp_path / "link"), overwrite=True))
+
+
+def test_a_parent_replaced_after_the_plan_fails_the_save(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _dcp_save({"w": torch.arange(8.0)}, ckptfmt.dcp.Writer(a, shared_store=True))
+
+    class Racy(ckptfmt.dcp.Writer):
+        def write_data(self, plan, planner):
+            ckptfmt.save({"w": np.zeros(8, np.float32)}, a, overwrite=True)  # another job replaces the parent
+            return super().write_data(plan, planner)
+
+    with pytest.raises(CheckpointException, match="was replaced while this save was being planned"):
+        _dcp_save({"w": torch.arange(8.0)}, Racy(b, parent=a))
+    assert not os.path.exists(b)
+    ckptfmt.gc(str(tmp_path), timeout=0)  # the lock was released
