@@ -26,7 +26,6 @@ import signal
 import sys
 
 import numpy as np
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
