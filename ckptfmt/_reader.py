@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ckptfmt._pool import pool
+from ckptfmt._pool import io_pool, pool
 from ckptfmt.errors import CheckpointNotFoundError, IntegrityError, TensorNotFoundError
 from ckptfmt.format.hashing import get_hash
 from ckptfmt.format.manifest import Manifest, TensorEntry, decode_manifest
@@ -186,6 +186,17 @@ class CheckpointReader:
     def _run(self, tasks: list[_Task], verify: bool) -> None:
         """Read (and verify) chunks, in parallel when there is enough to share."""
         if not tasks:
+            return
+        if self.storage.io_concurrency and len(tasks) > 1:
+            # Object stores: one ranged GET per chunk, many in flight; each chunk is hashed
+            # by the thread that fetched it, as soon as it arrives.
+            futures = [io_pool().submit(self._read_chunk, t, verify) for t in tasks]
+            try:
+                for fut in futures:
+                    fut.result()
+            finally:
+                for fut in futures:
+                    fut.cancel()
             return
         total = sum(len(t.dest) for t in tasks)
         if total < 2 * _BATCH_BYTES or len(tasks) == 1:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._pool import pool, workers
+from ckptfmt._pool import io_pool, pool, workers
 from ckptfmt._progress import progress_bar
 from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, UnsupportedDtypeError
 from ckptfmt.format.dtypes import dtype_name, needs_byteswap, storage_dtype
@@ -22,6 +22,7 @@ from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
 from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 from ckptfmt.format.tree import encode_tree
 from ckptfmt.storage.base import Storage, storage_error
+from ckptfmt.storage.local import LocalStorage
 
 #: A new data file is started before a tensor that would push the current one past this.
 DATA_FILE_TARGET = 8 << 30
@@ -148,28 +149,109 @@ def _chunks(arr: np.ndarray, chunk_size: int) -> Iterator[memoryview]:
         yield memoryview(buf)[:fill]
 
 
-def _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window) -> None:
+class _DataFiles:
+    """The data files of one save: which one is being written, rolling over, closing.
+
+    Object stores close (upload) files in the background, a few at once; the manifest is
+    written only after :meth:`drain` has seen every upload succeed.
+    """
+
+    def __init__(self, storage: Storage, path: str, builder: ManifestBuilder, sync: bool, total: int) -> None:
+        self.storage, self.path, self.builder, self.sync = storage, path, builder, sync
+        self.token = secrets.token_hex(4)
+        self.handle = None
+        self.index = -1
+        self.written: list[str] = []
+        self._pending: deque = deque()
+        self._parallel = max(0, int(storage.max_file_size and storage.write_concurrency or 0))
+        split = storage.max_file_size
+        if split:
+            # Stay within the format's limit on data files however large the state is.
+            split = max(int(split), -(-total // (LIMITS.max_files // 2)))
+        self.split = split
+        self.target = split or DATA_FILE_TARGET
+
+    def start(self) -> None:
+        self.finish()
+        fname = f"data-{len(self.written):05d}-{self.token}{DATA_SUFFIX}"
+        self.handle = self.storage.open_write(self.storage.join(self.path, fname), durable=self.sync)
+        self.written.append(fname)
+        self.index = self.builder.add_file(fname)
+
+    def before_tensor(self, nbytes: int) -> None:
+        h = self.handle
+        if h is None or (h.tell() and h.tell() + nbytes > self.target and (self.split is None or nbytes <= self.split)):
+            self.start()
+        pad = -self.handle.tell() % ALIGNMENT
+        if pad:
+            self.handle.write(_ZEROS[:pad])
+
+    def before_chunk(self, nbytes: int) -> None:
+        """Start a new file if this chunk would push the current one past the split size."""
+        if self.split is not None and self.handle.tell() and self.handle.tell() + nbytes > self.split:
+            self.start()
+
+    def finish(self) -> None:
+        h, self.handle = self.handle, None
+        if h is None:
+            return
+        self.builder.set_file_size(self.index, h.tell())
+        if not self._parallel:
+            h.close(sync=self.sync)
+            return
+        self._pending.append(io_pool().submit(h.close, sync=self.sync))
+        while len(self._pending) > self._parallel:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        self.finish()
+        while self._pending:
+            self._pending.popleft().result()
+
+    def abort(self) -> None:
+        """After a failure: stop, wait for uploads in flight, delete every file of this save."""
+        if self.handle is not None:
+            try:
+                self.handle.close(sync=False)
+            except OSError:
+                pass
+            self.handle = None
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except BaseException:  # noqa: BLE001 - the first error is already being raised
+                pass
+        paths = [self.storage.join(self.path, f) for f in self.written]
+        try:
+            self.storage.delete_many(paths)
+        except OSError:
+            pass
+
+
+def _write_tensor(arr, chunk_size, hasher, files, builder, bar, window) -> None:
     """Write every chunk; hash on the pool while this thread writes (both release the GIL)."""
     pending: deque = deque()
     for chunk in _chunks(arr, chunk_size):
+        files.before_chunk(len(chunk))
+        handle = files.handle
         offset = handle.tell()
         if len(chunk) < _INLINE_HASH_BYTES and not pending:
-            builder.add_chunk(file_index, offset, hasher.digest(chunk))
+            builder.add_chunk(files.index, offset, hasher.digest(chunk))
             handle.write(chunk)
             bar.update(len(chunk))
             continue
-        pending.append((pool().submit(hasher.digest, chunk), offset))
+        pending.append((pool().submit(hasher.digest, chunk), files.index, offset))
         handle.write(chunk)
         bar.update(len(chunk))
         while len(pending) > window:
-            fut, off = pending.popleft()
-            builder.add_chunk(file_index, off, fut.result())
+            fut, f, off = pending.popleft()
+            builder.add_chunk(f, off, fut.result())
     while pending:
-        fut, off = pending.popleft()
-        builder.add_chunk(file_index, off, fut.result())
+        fut, f, off = pending.popleft()
+        builder.add_chunk(f, off, fut.result())
 
 
-def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base) -> None:
+def _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_ref, base) -> None:
     """Hash every chunk (ahead, on the pool); write only those that differ from the parent's."""
     pending: deque = deque()
 
@@ -178,10 +260,13 @@ def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, wind
         if ref is not None:
             builder.add_chunk(ref[0], ref[1], digest)
         else:
+            pad = -files.handle.tell() % ALIGNMENT
+            files.before_chunk(pad + len(chunk))
+            handle = files.handle
             pad = -handle.tell() % ALIGNMENT
             if pad:
                 handle.write(_ZEROS[:pad])
-            builder.add_chunk(file_index, handle.tell(), digest)
+            builder.add_chunk(files.index, handle.tell(), digest)
             handle.write(chunk)
         bar.update(len(chunk))
 
@@ -201,13 +286,13 @@ class _ParentRef:
     def __init__(self, parent: str, child: str, storage: Storage) -> None:
         from ckptfmt._reader import read_manifest
 
-        p_abs, c_abs = os.path.abspath(parent), os.path.abspath(child)
-        if os.path.dirname(p_abs) != os.path.dirname(c_abs) or p_abs == c_abs:
+        p_abs, c_abs = storage.normpath(parent), storage.normpath(child)
+        if storage.dirname(p_abs) != storage.dirname(c_abs) or p_abs == c_abs:
             raise ValueError(
                 f"the parent of an incremental save must be a sibling checkpoint directory: "
                 f"{parent} is not beside {child}"
             )
-        self.name = os.path.basename(p_abs)
+        self.name = storage.basename(p_abs)
         self.manifest = read_manifest(parent, storage)
         self.builder: ManifestBuilder | None = None
         self._files: dict[int, int] = {}
@@ -326,61 +411,46 @@ def write_checkpoint(
         parent_ref.builder = builder
     hasher = builder.hash
     storage.makedirs(path)
-    token = secrets.token_hex(4)
-    written: list[str] = []
     total = sum(int(a.nbytes) for _, a in tensors)
-    bar = progress_bar(total, f"saving {os.path.basename(path)}", progress)
-    handle = None
+    files = _DataFiles(storage, path, builder, sync, total)
+    bar = progress_bar(total, f"saving {storage.basename(path)}", progress)
     window = 2 * workers()
     try:
-        file_index = -1
         for name, arr in tensors:
             builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
-            nbytes = int(arr.nbytes)
-            if handle is None or (handle.tell() and handle.tell() + nbytes > DATA_FILE_TARGET):
-                if handle is not None:
-                    builder.set_file_size(file_index, handle.tell())
-                    handle.close(sync=sync)
-                fname = f"data-{len(written):05d}-{token}{DATA_SUFFIX}"
-                handle = storage.open_write(storage.join(path, fname), durable=sync)
-                written.append(fname)
-                file_index = builder.add_file(fname)
-            pad = -handle.tell() % ALIGNMENT
-            if pad:
-                handle.write(_ZEROS[:pad])
+            files.before_tensor(int(arr.nbytes))
             if isinstance(arr, DeferredTensor):
                 arr = arr.materialize(name)  # rebound: dropped once written
             base = parent_ref.match(name, arr) if parent_ref is not None else None
             if base is None:
-                _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window)
+                _write_tensor(arr, chunk_size, hasher, files, builder, bar, window)
             else:
-                _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base)
-        if handle is not None:
-            builder.set_file_size(file_index, handle.tell())
-            handle.close(sync=sync)
-            handle = None
+                _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_ref, base)
+        files.drain()  # every data file durable (uploaded) before the manifest names it
         data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time(), extra=extra)
-        storage.write_atomic(manifest_path, data, sync=sync, tmp_prefix=MANIFEST_TMP_PREFIX)
+        try:
+            # Without overwrite the manifest must not exist: the backend decides atomically,
+            # so of two writers racing for one path exactly one commits.
+            storage.write_atomic(manifest_path, data, sync=sync, tmp_prefix=MANIFEST_TMP_PREFIX, exclusive=not overwrite)
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"a checkpoint already exists at {path} (another writer committed it first); "
+                "pass overwrite=True to replace it"
+            ) from None
     except BaseException as exc:
         bar.close()
-        if handle is not None:
-            try:
-                handle.close(sync=False)
-            except OSError:
-                pass
-        for fname in written:
-            try:
-                storage.delete(storage.join(path, fname))
-            except OSError:
-                pass
+        files.abort()
         if isinstance(exc, OSError) and not isinstance(exc, CkptFmtError):
             raise storage_error(exc, path, "saving checkpoint") from exc
         raise
     bar.close()
+    written = files.written
     stale = set(old_files) - set(written)
     if stale:
         # Other checkpoints beside this one may share the old files (incremental saves).
-        from ckptfmt._gc import free_files
+        if isinstance(storage, LocalStorage):
+            from ckptfmt._gc import free_files
 
-        free_files(os.path.dirname(os.path.abspath(path)), {os.path.join(path, f) for f in stale})
+            free_files(os.path.dirname(os.path.abspath(path)), {os.path.join(path, f) for f in stale})
+        # On object stores the replaced files stay until gc (the Storage seam of gc is pending).
     return builder.digest.hex()

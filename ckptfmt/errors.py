@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointLockedError",
     "TensorNotFoundError",
     "StorageError",
+    "UnsupportedURLError",
     "FrameworkNotAvailableError",
     "ConversionError",
     "UnmappedKeyError",
@@ -81,6 +82,10 @@ class TensorNotFoundError(CkptFmtError, KeyError):
 
 class StorageError(CkptFmtError, OSError):
     """Reading or writing bytes failed (disk full, permission denied, I/O error)."""
+
+
+class UnsupportedURLError(CkptFmtError, ValueError):
+    """A URL whose scheme no storage backend handles (or a verb that does not take URLs)."""
 
 
 class FrameworkNotAvailableError(CkptFmtError, ImportError):
