@@ -325,4 +325,15 @@ class FsspecStorage(Storage):
             raise _fail(e, keys[0], "deleting") from e
 
     def rmdir(self, path: str) -> None:
-        pass  # a prefix disappears with its last object
+        # On most stores a prefix disappears with its last object. Stores backed by a real
+        # file tree (SeaweedFS) keep the empty directory, listed as a common prefix, until
+        # its marker object "dir/" is deleted.
+        if self.protocol == "memory" or self.listdir(path):
+            return
+        try:
+            self.fs.rm_file(self._key(path).rstrip("/") + "/")
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise _fail(e, path, "removing directory") from e
+        self.fs.invalidate_cache(self._key(path))
