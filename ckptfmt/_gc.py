@@ -16,6 +16,7 @@ from ckptfmt._reader import read_manifest
 from ckptfmt.errors import CkptFmtError
 from ckptfmt.format.spec import DATA_SUFFIX, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 from ckptfmt.storage.local import LocalStorage
+from ckptfmt.storage.urls import check_local
 
 #: Files younger than this may belong to a save still in progress elsewhere.
 DEFAULT_GRACE_SECONDS = 600.0
@@ -121,7 +122,7 @@ def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: fl
         >>> ckptfmt.gc(tempfile.mkdtemp()).deleted
         ()
     """
-    directory = os.fspath(directory)
+    directory = check_local(directory, "ckptfmt.gc")
     with DirectoryLock(directory):
         return collect(directory, dry_run=dry_run, grace_seconds=grace_seconds)
 
@@ -148,7 +149,7 @@ def remove(path: str | os.PathLike, *, grace_seconds: float = 0.0) -> GcReport:
     """
     from ckptfmt.errors import CheckpointNotFoundError
 
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(check_local(path, "ckptfmt.remove"))
     directory = os.path.dirname(path)
     with DirectoryLock(directory):
         mpath = os.path.join(path, MANIFEST_NAME)

@@ -17,7 +17,7 @@ from ckptfmt._writer import write_checkpoint
 from ckptfmt.format.hashing import DEFAULT_HASH
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE
 from ckptfmt.storage.base import Storage
-from ckptfmt.storage.urls import resolve
+from ckptfmt.storage.urls import is_url, resolve
 
 PathLike = str | os.PathLike
 
@@ -83,9 +83,16 @@ def save(
         >>> p = os.path.join(tempfile.mkdtemp(), "ck")
         >>> _ = ckptfmt.save({"w": np.zeros((4, 4), np.float32), "step": 3}, p, metadata={"run": "a"})
     """
+    explicit = storage is not None
     storage, path = _resolve(path, storage, storage_options)
     if parent is not None:
-        parent = _resolve(parent, storage, None)[1]
+        if explicit:
+            parent = os.fspath(parent)
+        else:
+            # Resolved on its own, so an unsupported URL is refused as such.
+            p_storage, parent = _resolve(parent, None, storage_options if is_url(path) else None)
+            if type(p_storage) is not type(storage) or getattr(p_storage, "protocol", None) != getattr(storage, "protocol", None):
+                raise ValueError(f"the parent {parent} and the new checkpoint {path} must be on the same storage")
     return write_checkpoint(
         state,
         path,

@@ -33,6 +33,7 @@ from ckptfmt.api import load, save
 from ckptfmt.errors import CheckpointNotFoundError, CkptFmtError, FormatError
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE, MANIFEST_NAME, MANIFEST_TMP_PREFIX
 from ckptfmt.storage.local import LocalStorage
+from ckptfmt.storage.urls import check_local
 
 #: The clock the time trigger reads (tests replace it).
 _clock = time.monotonic
@@ -141,7 +142,7 @@ class CheckpointManager:
     ) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError("max_to_keep must be at least 1 (or None to keep everything)")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = os.path.abspath(check_local(directory, "CheckpointManager"))
         self.max_to_keep = max_to_keep
         self.keep_every_n_steps = keep_every_n_steps
         self.save_interval_steps = save_interval_steps
@@ -348,7 +349,7 @@ def history(directory: str | os.PathLike) -> list[HistoryEntry]:
     """
     storage = LocalStorage()
     out = []
-    for step, path in _step_dirs(os.fspath(directory)).items():
+    for step, path in _step_dirs(check_local(directory, "ckptfmt log")).items():
         m = read_manifest(path, storage)
         own = sum(f.size for f in m.files if not f.path.startswith("../"))
         p = m.parent if isinstance(m.parent, dict) else {}
