@@ -101,6 +101,61 @@ def _http_up(port: int) -> bool:
 _S3_KEYS = {"key": "ckptfmt-test", "secret": "ckptfmt-test-secret"}
 
 
+def start_seaweedfs(weed: str, data, bucket: str = "ckpt"):
+    """Start `weed mini` on 127.0.0.1 (free ports, data in ``data``); returns (process, store).
+
+    Also used by benchmarks/bench_s3.py. Stop it with :func:`stop_process`.
+    """
+    from pathlib import Path
+
+    data = Path(data)
+    for attempt in range(3):
+        p = _free_ports(12)
+        log = open(data / f"weed-{attempt}.log", "wb")
+        cmd = [
+            weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
+            f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}", f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}",
+            f"-admin.port={p[8]}", f"-admin.port.grpc={p[9]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-bucket={bucket}",
+        ]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None and not _http_up(p[6]):
+            time.sleep(0.25)
+        if proc.poll() is None and _http_up(p[6]):
+            break
+        stop_process(proc)
+    else:
+        raise RuntimeError(f"SeaweedFS did not start; see {data}/weed-*.log")
+    store = ObjectStore("seaweedfs", f"s3://{bucket}", {**_S3_KEYS, "endpoint_url": f"http://127.0.0.1:{p[6]}"})
+    # The bucket is created at start-up, asynchronously: wait until it answers.
+    fs = store.fs()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fs.ls(bucket)
+            break
+        except Exception:  # noqa: BLE001
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                raise
+            time.sleep(0.25)
+    return proc, store
+
+
+def stop_process(proc) -> None:
+    """SIGTERM (SeaweedFS shuts down in a few seconds), SIGKILL if it does not."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
     """SeaweedFS `weed mini` on 127.0.0.1, free ports, a temporary data directory."""
@@ -113,48 +168,9 @@ def seaweedfs(tmp_path_factory):
         subprocess.run([weed, "version"], capture_output=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"the `weed` binary at {weed} cannot run on this machine: {e}")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    for attempt in range(3):
-        p = _free_ports(12)
-        log = open(data / f"weed-{attempt}.log", "wb")
-        cmd = [
-            weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
-            f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}", f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}",
-            f"-admin.port={p[8]}", f"-admin.port.grpc={p[9]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-webdav=false", "-admin.ui=false", "-master.telemetry=false", "-bucket=ckpt",
-        ]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None and not _http_up(p[6]):
-            time.sleep(0.25)
-        if proc.poll() is None and _http_up(p[6]):
-            break
-        proc.kill()
-        proc.wait()
-        log.close()
-    else:
-        raise RuntimeError(f"SeaweedFS did not start; see {data}/weed-*.log")
-    store = ObjectStore("seaweedfs", "s3://ckpt", {**_S3_KEYS, "endpoint_url": f"http://127.0.0.1:{p[6]}"})
-    # The bucket is created at start-up, asynchronously: wait until it answers.
-    fs = store.fs()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            fs.ls("ckpt")
-            break
-        except Exception:  # noqa: BLE001
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
+    proc, store = start_seaweedfs(weed, tmp_path_factory.mktemp("seaweedfs"))
     yield store
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    stop_process(proc)
 
 
 @pytest.fixture(scope="session")
