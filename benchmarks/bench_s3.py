@@ -182,7 +182,7 @@ def _run(args, rounds: int, size: int, opts: dict, bucket: str) -> int:
     ckptfmt.save(state, base, storage_options=opts)
     changed = {k: v.copy() for k, v in state.items()}
     per_chunk = DEFAULT_CHUNK_SIZE // 4
-    changed_bytes = 0
+    changed_bytes = changed_chunks = 0
     counter = 0  # every 10th chunk of the whole state, counted across tensors
     for v in changed.values():
         flat = v.reshape(-1)
@@ -190,6 +190,7 @@ def _run(args, rounds: int, size: int, opts: dict, bucket: str) -> int:
             counter += 1
             if counter % 10 == 0:
                 flat[c * per_chunk] += 1.0
+                changed_chunks += 1
                 changed_bytes += min(per_chunk, flat.size - c * per_chunk) * 4
 
     def own_bytes(path: str) -> int:
@@ -210,7 +211,7 @@ def _run(args, rounds: int, size: int, opts: dict, bucket: str) -> int:
         ["save", "median", "uploaded", "of the state"],
         [["incremental (parent=)", f"{ti:.2f} s", f"{bi / MiB:.1f} MiB", f"{bi / nbytes:.1%}"],
          ["full", f"{tf:.2f} s", f"{bf / MiB:.1f} MiB", f"{bf / nbytes:.1%}"]],
-        title=f"incremental save, {changed_bytes / nbytes:.1%} of the bytes in changed chunks",
+        title=f"incremental save: {changed_chunks} of {counter} chunks changed ({changed_bytes / nbytes:.1%} of the bytes)",
     )
     print(f"   incremental / full: time {median(paired_ratios(inc_times, 'incremental', 'full')):.2f}, bytes {bi / bf:.3f}")
     assert ckptfmt.verify(inc, storage_options=opts).ok
