@@ -272,3 +272,50 @@ def test_storage_errors_name_the_url():
     opts = {"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
     with pytest.raises(ckptfmt.StorageError, match=r"s3://nobucket/ck/MANIFEST"):
         ckptfmt.load("s3://nobucket/ck", storage_options=opts)
+
+
+class _Concurrency:
+    """Wraps a filesystem method: counts calls and the most running at once (each sleeps a bit)."""
+
+    def __init__(self, fn, delay: float = 0.02) -> None:
+        self.fn, self.delay = fn, delay
+        self.running = self.peak = self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *a, **kw):
+        import time
+
+        with self.lock:
+            self.running += 1
+            self.calls += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(self.delay)  # a network round trip
+            return self.fn(*a, **kw)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_save_uploads_load_and_verify_fetch_in_parallel():
+    storage, url = resolve("memory://ckpt/parallel/ck")
+    storage = type(storage)(storage.fs, "memory", max_file_size=1 << 20)
+    st = {f"t{i}": np.full((1 << 18,), i, np.float32) for i in range(8)}  # 8 MiB, 8 objects
+    put = _Concurrency(storage.fs.pipe_file)
+    storage.fs.pipe_file = put
+    try:
+        ckptfmt.save(st, url, storage=storage, chunk_size=256 << 10)
+    finally:
+        del storage.fs.pipe_file
+    assert put.calls == 9 and put.peak > 1  # 8 data objects (uploaded together) + the manifest
+    get = _Concurrency(storage.fs.cat_file)
+    storage.fs.cat_file = get
+    try:
+        out = ckptfmt.load(url, storage=storage)
+        assert get.peak > 1 and get.calls == 1 + 32  # the manifest, then every 256 KiB chunk
+        get.peak = 0
+        assert ckptfmt.verify(url, storage=storage).chunks_checked == 32
+        assert get.peak > 1
+    finally:
+        del storage.fs.cat_file
+    assert all(np.array_equal(out[k], st[k]) for k in st)
