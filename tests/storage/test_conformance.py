@@ -44,6 +44,14 @@ class StorageConformance:
         with pytest.raises(OSError):
             s.read_file(p, max_size=10)
 
+    def test_empty_file(self, storage):
+        s, root = storage
+        p = s.join(root, "empty")
+        s.write_atomic(p, b"")
+        assert s.read_file(p, max_size=100) == b"" and s.read_file(p) == b"" and s.size(p) == 0
+        with s.open_read(p) as r:
+            assert r.size() == 0 and r.read(0, 10) == b""
+
     def test_missing(self, storage):
         s, root = storage
         with pytest.raises(FileNotFoundError):
