@@ -11,7 +11,9 @@ Measures, in one run (medians of alternating rounds, page-cached reads, fsync on
    save.  Target: <= 20% (steady state: the snapshot buffers are reused from save to save).
 4. Restore from the end of a 10-deep incremental chain vs from a full checkpoint of the same
    state.  Target: <= 1.3x.
-5. Compression of changed chunks (XOR with the parent chunk, optional byte shuffle, zstd) on
+5. A 40-step run with max_to_keep=3 (10% of chunks changed per step): bytes on disk right
+   after retention, after `rm -r` of a step, and after gc, next to the same run with full saves.
+6. Compression of changed chunks (XOR with the parent chunk, optional byte shuffle, zstd) on
    realistic updates (weights ~ N(0, 0.02) after an Adam-sized step; Adam moments): ratio and
    speed, to decide whether it belongs in the format.
 
@@ -38,8 +40,9 @@ CS = DEFAULT_CHUNK_SIZE
 
 
 def own_bytes(path: str) -> int:
+    """Bytes the save of ``path`` wrote itself (the rest of its data is shared)."""
     m = ckptfmt.open(path).manifest
-    return sum(f.size for f in m.files if not f.path.startswith("../"))
+    return sum(m.files[i].size for i in m.own_files())
 
 
 def perturb_chunks(state: dict, fraction: float, rng: np.random.Generator) -> dict:
@@ -62,7 +65,7 @@ def bench_delta_vs_full(root, size: int, rounds: int) -> list[str]:
     base = mixed_state(size, n_big=max(1, size // (256 * MiB)))
     changed = perturb_chunks(base, 0.10, np.random.default_rng(1))
     parent = str(root / "parent")
-    ckptfmt.save(base, parent)
+    ckptfmt.save(base, parent, shared_store=True)
     ballast = Ballast(min(2 * GiB, 2 * size))
     ballast.hold()
     counter = [0]
@@ -86,7 +89,7 @@ def bench_delta_vs_full(root, size: int, rounds: int) -> list[str]:
     def after(name):
         def f(_):
             sizes[name] = own_bytes(paths[name])
-            shutil.rmtree(paths[name])
+            ckptfmt.remove(paths[name])
         return f
 
     times = run_rounds([[Case("full save", full, after=after("full"))], [Case("incremental save", delta, after=after("delta"))]], rounds, ballast=ballast)
@@ -148,6 +151,61 @@ def bench_finetune(root, n_params: int, saves: int) -> list[str]:
     return [f"fine-tune: 20 full saves use {d_full / d_inc:.2f}x the disk of incremental saves"]
 
 
+def bench_retention(root, n_params: int, steps: int = 40, keep: int = 3) -> list[str]:
+    """A 40-step run keeping 3: bytes on disk before and after gc, incremental vs full saves.
+
+    Each step changes 10% of the chunks (a fine-tune's head and its Adam moments). The
+    incremental run's data sits in the shared store; `rm -r` of one step (a user's habit)
+    leaves data that gc frees, so both the size right after retention and after an extra
+    `rm -r` + gc are reported.
+    """
+    rng = np.random.default_rng(4)
+    state = {f"p{i}": rng.standard_normal(n_params // 10, dtype=np.float32) for i in range(10)}
+    sizes = {}
+    for name, incremental in (("incremental", True), ("full", False)):
+        d = root / f"ret-{name}"
+        st = dict(state)
+        t = time.perf_counter()
+        with CheckpointManager(d, max_to_keep=keep, incremental=incremental, max_chain=8) as mgr:
+            for step in range(1, steps + 1):
+                st = perturb_chunks(st, 0.10, np.random.default_rng(step))
+                mgr.save(step, st)
+            before = du(d)
+            shutil.rmtree(mgr.step_path(mgr.all_steps()[0]))  # the habit: rm -r of the oldest kept step
+            after_rm = du(d)
+        gc_rep = ckptfmt.gc(d, grace_seconds=0)
+        sizes[name] = (before, after_rm, du(d), time.perf_counter() - t, gc_rep.freed_bytes)
+        assert all(ckptfmt.verify(p).ok for p in (d / f"step-{s}" for s in range(steps - keep + 2, steps + 1)))
+    # The same with the verbs alone: save(parent=...) and remove() of the oldest (issue 10, case 7).
+    d = root / "ret-verbs"
+    d.mkdir()
+    st, kept = dict(state), []
+    t = time.perf_counter()
+    for step in range(1, steps + 1):
+        st = perturb_chunks(st, 0.10, np.random.default_rng(step))
+        path = str(d / f"step-{step}")
+        depth = len(kept) and ckptfmt.open(kept[-1]).sharing()["depth"]
+        ckptfmt.save(st, path, shared_store=True, parent=kept[-1] if kept and depth + 1 < 8 else None)
+        kept.append(path)
+        while len(kept) > keep:
+            ckptfmt.remove(kept.pop(0))
+    before = du(d)
+    shutil.rmtree(kept[0])
+    after_rm = du(d)
+    ckptfmt.gc(d, grace_seconds=0)
+    sizes["save(parent=) + remove()"] = (before, after_rm, du(d), time.perf_counter() - t, 0)
+    state_bytes = sum(a.nbytes for a in state.values())
+    rows = [[name if "(" in name else f"CheckpointManager({name})", fmt_bytes(b), fmt_bytes(r), fmt_bytes(a), f"{a / sizes['full'][2]:.2f}", fmt_s(t)]
+            for name, (b, r, a, t, _) in sizes.items()]
+    table(["run", "on disk", "after rm -r oldest", "after gc", "x full", "total time"], rows,
+          title=f"\n5. {steps}-step run, max_to_keep={keep}, {fmt_bytes(state_bytes)} state, 10% of chunks change per step")
+    inc, full = sizes["incremental"], sizes["full"]
+    return [f"{steps}-step run keeping {keep}: incremental on disk {fmt_bytes(inc[0])} "
+            f"({inc[0] / full[0]:.2f}x the full-save run's {fmt_bytes(full[0])}); "
+            f"after rm -r of a step + gc {fmt_bytes(inc[2])} ({inc[2] / full[2]:.2f}x); "
+            f"save(parent=)+remove() {fmt_bytes(sizes['save(parent=) + remove()'][0])} (no gc needed)"]
+
+
 def bench_async(root, size: int, rounds: int) -> list[str]:
     state = mixed_state(size, n_big=max(1, size // (256 * MiB)))
     blocked, sync_t = [], []
@@ -179,7 +237,7 @@ def bench_chain_restore(root, size: int, rounds: int) -> list[str]:
     rng = np.random.default_rng(3)
     state = mixed_state(size, n_big=max(1, size // (256 * MiB)))
     prev = str(root / "chain-0")
-    ckptfmt.save(state, prev)
+    ckptfmt.save(state, prev, shared_store=True)
     for i in range(1, 11):
         state = perturb_chunks(state, 0.10, rng)
         cur = str(root / f"chain-{i}")
@@ -224,7 +282,7 @@ def bench_compression(n: int) -> list[str]:
         t = time.perf_counter()
         comp = cctx.compress(new.tobytes())
         rows.append([label, "zstd alone", f"{new.nbytes / len(comp):.2f}x", f"{new.nbytes / (time.perf_counter() - t) / MiB:.0f} MiB/s"])
-    table(["data", "codec", "size ratio", "compress speed"], rows, title=f"\n5. compressing changed chunks ({fmt_bytes(n * 4)} per case)")
+    table(["data", "codec", "size ratio", "compress speed"], rows, title=f"\n6. compressing changed chunks ({fmt_bytes(n * 4)} per case)")
     return [f"compression of changed chunks: best ratio {best:.2f}x"]
 
 
@@ -239,6 +297,7 @@ def main() -> None:
         verdicts += bench_finetune(root, (8 if args.quick else 32) * (1 << 20), 20)
         verdicts += bench_async(root, size, rounds)
         verdicts += bench_chain_restore(root, size, rounds)
+        verdicts += bench_retention(root, (4 if args.quick else 16) * (1 << 20))
     verdicts += bench_compression(16 * (1 << 20) if not args.quick else 4 * (1 << 20))
     print("\nsummary")
     for v in verdicts:

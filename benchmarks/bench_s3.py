@@ -179,7 +179,7 @@ def _run(args, rounds: int, size: int, opts: dict, bucket: str) -> int:
 
     # -- incremental: 10% of the chunks change ---------------------------------------
     base = f"{run}/inc-base"
-    ckptfmt.save(state, base, storage_options=opts)
+    ckptfmt.save(state, base, shared_store=True, storage_options=opts)
     changed = {k: v.copy() for k, v in state.items()}
     per_chunk = DEFAULT_CHUNK_SIZE // 4
     changed_bytes = changed_chunks = 0
@@ -195,7 +195,8 @@ def _run(args, rounds: int, size: int, opts: dict, bucket: str) -> int:
 
     def own_bytes(path: str) -> int:
         with ckptfmt.open(path, storage_options=opts) as r:
-            return sum(f.size for f in r.manifest.files if not f.path.startswith("../"))
+            m = r.manifest
+            return sum(m.files[i].size for i in m.own_files())
 
     inc, full = f"{run}/inc-child", f"{run}/inc-full"
     inc_times = run_rounds(

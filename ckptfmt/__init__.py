@@ -14,8 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from ckptfmt._gc import GcReport, compact, gc, remove
 from ckptfmt.api import CheckpointReader, Problem, VerifyReport, load, open, save, verify
+from ckptfmt._gc import GcReport, RunInfo, compact, gc, remove, run_info
 from ckptfmt.manager import CheckpointManager
 from ckptfmt.errors import (
     CheckpointExistsError,
@@ -30,6 +30,7 @@ from ckptfmt.errors import (
     StorageError,
     TensorNotFoundError,
     UnmappedKeyError,
+    UnsafePathError,
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
@@ -45,7 +46,9 @@ __all__ = [
     "gc",
     "remove",
     "compact",
+    "run_info",
     "GcReport",
+    "RunInfo",
     "CheckpointManager",
     "CheckpointLockedError",
     "CheckpointReader",
@@ -61,6 +64,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointExistsError",
     "TensorNotFoundError",
+    "UnsafePathError",
     "StorageError",
     "FrameworkNotAvailableError",
     "ConversionError",

@@ -1,25 +1,32 @@
-"""Deleting checkpoints safely when incremental saves share data between them.
+"""Deleting checkpoints safely: ``gc``, ``remove`` and ``compact``, all through Storage.
 
-A checkpoint directory's data files may be referenced by other checkpoints in the same
-parent directory (``../NAME/file`` paths). Nothing is deleted while any complete checkpoint
-refers to it.
+Incremental checkpoints (1.2) keep their data in the run's shared store, referenced by the
+manifests that use it; older runs (1.1) may refer to sibling checkpoint directories. Nothing
+is deleted while any complete checkpoint refers to it, and nothing is deleted that the
+format does not positively identify as its own (see ``_layout``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import time
+import re
 from dataclasses import dataclass, field
 
-from ckptfmt._lock import DirectoryLock
-from ckptfmt._reader import read_manifest
-from ckptfmt.errors import CkptFmtError
-from ckptfmt.format.spec import DATA_SUFFIX, MANIFEST_NAME, MANIFEST_TMP_PREFIX
-from ckptfmt.storage.local import LocalStorage
-from ckptfmt.storage.urls import check_local
+from ckptfmt._layout import Sweep, free_unpublished, read_marker, split, sweep_dirs, sweep_store, unpublish, view
+from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
+from ckptfmt._reader import open_reader
+from ckptfmt._writer import DeferredTensor, write_checkpoint
+from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, UnsafePathError
+from ckptfmt.format.spec import MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
+from ckptfmt.format.tree import TensorRef
+from ckptfmt.storage.base import Storage
+from ckptfmt.storage.urls import is_url, resolve
 
-#: Files younger than this may belong to a save still in progress elsewhere.
+#: Files outside the store younger than this may belong to a save still in progress elsewhere
+#: (saves of self-contained checkpoints take no lock).
 DEFAULT_GRACE_SECONDS = 600.0
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,114 +39,151 @@ class GcReport:
     kept_young: tuple[str, ...] = ()
     unreadable: tuple[str, ...] = field(default_factory=tuple)
     dry_run: bool = False
+    #: why nothing was deleted (e.g. a manifest refers to data through a symbolic link)
+    refused: tuple[str, ...] = ()
 
 
-def _references(directory: str) -> tuple[set[str], list[str]]:
-    """Absolute paths of every data file some complete checkpoint in ``directory`` uses."""
-    storage = LocalStorage()
-    refs: set[str] = set()
-    unreadable: list[str] = []
-    for name in sorted(os.listdir(directory)):
-        ck = os.path.join(directory, name)
-        if not os.path.isfile(os.path.join(ck, MANIFEST_NAME)):
-            continue
-        try:
-            m = read_manifest(ck, storage)
-        except CkptFmtError:
-            unreadable.append(ck)
-            continue
-        for fe in m.files:
-            refs.add(os.path.normpath(os.path.join(ck, fe.path)))
-    return refs, unreadable
+def _report(directory: str, out: Sweep, v, dry_run: bool) -> GcReport:
+    return GcReport(directory, tuple(out.deleted), out.freed, tuple(out.young), tuple(v.unreadable), dry_run, tuple(v.problems))
 
 
-def collect(directory: str, *, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS,
-            only: set[str] | None = None) -> GcReport:
-    """Delete unreferenced data files and leftovers in the checkpoints under ``directory``.
-
-    The caller must hold the directory lock (or accept the grace period as protection).
-    ``only`` restricts deletion to these absolute paths.
-    """
-    directory = os.path.abspath(directory)
-    refs, unreadable = _references(directory)
-    if unreadable:
-        # A manifest we cannot read may refer to anything: delete nothing.
-        return GcReport(directory, unreadable=tuple(unreadable), dry_run=dry_run)
-    now = time.time()
-    deleted: list[str] = []
-    young: list[str] = []
-    freed = 0
-    for name in sorted(os.listdir(directory)):
-        ck = os.path.join(directory, name)
-        if not os.path.isdir(ck):
-            continue
-        for fname in sorted(os.listdir(ck)):
-            fpath = os.path.join(ck, fname)
-            if not (fname.endswith(DATA_SUFFIX) or fname.startswith(MANIFEST_TMP_PREFIX)) or fpath in refs:
-                continue
-            if only is not None and fpath not in only:
-                continue
-            try:
-                st = os.stat(fpath)
-            except FileNotFoundError:
-                continue
-            if now - st.st_mtime < grace_seconds:
-                young.append(fpath)
-                continue
-            if not dry_run:
-                try:
-                    os.unlink(fpath)
-                except FileNotFoundError:
-                    continue
-            deleted.append(fpath)
-            freed += st.st_size
-        if not dry_run and not os.path.exists(os.path.join(ck, MANIFEST_NAME)):
-            try:
-                os.rmdir(ck)  # only succeeds once nothing (still referenced) is left
-            except OSError:
-                pass
-    return GcReport(directory, tuple(deleted), freed, tuple(young), (), dry_run)
+def collect(storage: Storage, directory: str, *, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+            locked: bool = True) -> GcReport:
+    """Delete what no complete checkpoint of ``directory`` uses. The caller holds the lock
+    exclusively when ``locked`` (then the store needs no grace: its writers hold it shared)."""
+    v = view(storage, directory)
+    out = Sweep()
+    sweep_store(storage, v, grace=0.0 if locked else grace_seconds, dry_run=dry_run, out=out)
+    sweep_dirs(storage, v, grace=grace_seconds, dry_run=dry_run, out=out)
+    return _report(directory, out, v, dry_run)
 
 
-def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> GcReport:
+def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+       storage: Storage | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT,
+       storage_options: dict | None = None) -> GcReport:
     """Free the data no complete checkpoint in ``directory`` refers to.
 
-    Incremental checkpoints share data files; deleting a checkpoint (:func:`remove`) only
-    unpublishes its manifest, and ``gc`` then frees what nobody needs any more, plus the
-    leftovers of interrupted saves. Files younger than ``grace_seconds`` are kept, since a
-    save may still be writing them.
+    Deletes unreferenced files of the run's shared store, unreferenced data files in
+    checkpoint directories and the leftovers of interrupted saves, and nothing else: no
+    file the format did not name, nothing behind a symbolic link, nothing outside
+    ``directory``. If any manifest cannot be read, nothing is deleted.
 
     Args:
-        directory: the directory holding checkpoint directories (e.g. a manager's).
-        dry_run: report what would be deleted, delete nothing.
-        grace_seconds: keep unreferenced files modified more recently than this.
+        directory: the run directory holding checkpoint directories (e.g. a manager's).
+        dry_run: report what would be deleted, delete nothing (works without write access).
+        grace_seconds: keep unreferenced files outside the store modified more recently than
+            this (a save of a self-contained checkpoint may still be writing them).
+        storage: a storage backend (default: the local filesystem).
+        timeout: seconds to wait for a CheckpointManager or save using the directory.
 
     Raises:
-        CheckpointLockedError: a CheckpointManager is using the directory.
+        CheckpointNotFoundError: ``directory`` does not exist.
+        CheckpointLockedError: the directory stayed in use for ``timeout`` seconds.
 
     Example:
         >>> import ckptfmt, tempfile
         >>> ckptfmt.gc(tempfile.mkdtemp()).deleted
         ()
     """
-    directory = check_local(directory, "ckptfmt.gc")
-    with DirectoryLock(directory):
-        return collect(directory, dry_run=dry_run, grace_seconds=grace_seconds)
+    storage, directory = resolve(directory, storage, storage_options)
+    if not storage.isdir(directory):
+        raise CheckpointNotFoundError(f"no directory {directory}")
+    try:
+        lock = run_lock(storage, directory, timeout=timeout)
+    except CheckpointLockedError:
+        raise
+    except OSError as e:
+        if not dry_run or e.errno not in _READ_ONLY:
+            raise
+        return collect(storage, directory, dry_run=True, grace_seconds=grace_seconds, locked=False)
+    with lock:
+        return collect(storage, directory, dry_run=dry_run, grace_seconds=grace_seconds)
 
 
-def free_files(directory: str, candidates: set[str]) -> None:
-    """Delete the given files of ``directory``'s checkpoints unless some checkpoint uses them."""
-    collect(directory, grace_seconds=0.0, only={os.path.normpath(os.path.abspath(c)) for c in candidates})
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run directory at a glance: its checkpoints and its shared store (see :func:`run_info`)."""
+
+    directory: str
+    checkpoints: tuple[str, ...]
+    store_files: int = 0
+    store_bytes: int = 0
+    unreferenced_bytes: int = 0
+    is_store: bool = False
 
 
-def remove(path: str | os.PathLike, *, grace_seconds: float = 0.0) -> GcReport:
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def run_info(directory: str | os.PathLike, *, storage: Storage | None = None, storage_options: dict | None = None) -> RunInfo:
+    """The checkpoints of a run directory and what its shared store holds (read-only).
+
+    ``is_store`` is true when ``directory`` is itself a run's ``ckptfmt-store``.
+
+    Example:
+        >>> import numpy as np, ckptfmt, tempfile, os
+        >>> d = tempfile.mkdtemp(); _ = ckptfmt.save({"a": np.ones(2)}, os.path.join(d, "s1"), shared_store=True)
+        >>> info = ckptfmt.run_info(d); [os.path.basename(c) for c in info.checkpoints], info.store_files
+        (['s1'], 1)
+    """
+    storage, directory = resolve(directory, storage, storage_options)
+    parent, name = split(directory)
+    if name == STORE_NAME and read_marker(storage, parent):
+        return RunInfo(directory, (), is_store=True)
+    v = view(storage, directory)
+    names = sorted(v.manifests, key=_natural)
+    files = [e for e in storage.scan(storage.join(directory, STORE_NAME)) if e.kind == "file" and STORE_FILE_RE.match(e.name)] if v.store else []
+    unref = sum(e.size for e in files if (STORE_NAME, e.name) not in v.refs)
+    return RunInfo(directory, tuple(storage.join(directory, n) for n in names), len(files), sum(e.size for e in files), unref)
+
+
+def _checkpoint_entry(storage: Storage, path: str) -> tuple[str, str]:
+    directory, name = split(path)
+    e = {x.name: x for x in storage.scan(directory)}.get(name)
+    if e is None:
+        raise CheckpointNotFoundError(f"no checkpoint at {path}")
+    if e.kind == "link":
+        raise UnsafePathError(
+            f"{path} is a symbolic link; ckptfmt never deletes through links: delete the link itself "
+            f"(rm {path}) or remove the checkpoint it points to by its real path"
+        )
+    if e.kind != "dir" or name == STORE_NAME:
+        raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
+    return directory, name
+
+
+def remove_locked(storage: Storage, directory: str, names: list[str]) -> GcReport:
+    """Delete the checkpoints ``names`` of ``directory`` (lock held exclusively) and free their data."""
+    used: set[tuple[str, str]] = set()
+    for name in names:
+        used |= unpublish(storage, directory, name)
+    v, out = free_unpublished(storage, directory, used)
+    for name in names:
+        ck = storage.join(directory, name)
+        if not storage.scan(ck):
+            storage.rmdir(ck)
+    sweep_store(storage, v, grace=0.0, dry_run=False, out=out)
+    return _report(directory, out, v, False)
+
+
+def remove(path: str | os.PathLike, *, storage: Storage | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT,
+           storage_options: dict | None = None) -> GcReport:
     """Delete a checkpoint without breaking others that share its data.
 
-    The manifest goes first (atomically: the checkpoint stops existing), then every data
-    file that no other checkpoint beside it refers to.
+    The manifest goes first (durably: the checkpoint stops existing), then every file of
+    its own and every shared data file that no other checkpoint beside it refers to. A
+    symbolic link is refused (delete the link itself, or name the real directory).
+
+    Args:
+        path: the checkpoint directory.
+        storage: a storage backend (default: the local filesystem).
+        timeout: seconds to wait while a gc, manager or save uses the run directory.
 
     Raises:
         CheckpointNotFoundError: there is no checkpoint at ``path``.
+        UnsafePathError: ``path`` is a symbolic link.
+        CheckpointLockedError: the run directory stayed in use for ``timeout`` seconds.
 
     Example:
         >>> import numpy as np, ckptfmt, tempfile, os
@@ -147,38 +191,83 @@ def remove(path: str | os.PathLike, *, grace_seconds: float = 0.0) -> GcReport:
         >>> _ = ckptfmt.remove(p); os.path.exists(p)
         False
     """
-    from ckptfmt.errors import CheckpointNotFoundError
-
-    path = os.path.abspath(check_local(path, "ckptfmt.remove"))
-    directory = os.path.dirname(path)
-    with DirectoryLock(directory):
-        mpath = os.path.join(path, MANIFEST_NAME)
-        if not os.path.isfile(mpath):
-            raise CheckpointNotFoundError(f"no checkpoint at {path}")
-        os.unlink(mpath)
-        LocalStorage().sync_dir(path)
-        own = {os.path.join(path, f) for f in os.listdir(path)}
-        return collect(directory, grace_seconds=grace_seconds, only=own)
+    storage, path = resolve(path, storage, storage_options)
+    directory, name = _checkpoint_entry(storage, path)
+    with run_lock(storage, directory, timeout=timeout):
+        if not any(e.name == MANIFEST_NAME and e.kind == "file" for e in storage.scan(path)):
+            raise CheckpointNotFoundError(f"no complete checkpoint at {path} (it has no {MANIFEST_NAME})")
+        return remove_locked(storage, directory, [name])
 
 
-def compact(path: str | os.PathLike) -> str:
-    """Rewrite an incremental checkpoint as a self-contained one, atomically.
+def _deferred_state(reader):
+    """The checkpoint's tree with each tensor read only when the writer reaches it."""
+    memo: dict[int, DeferredTensor] = {}
 
-    Returns the new digest. Data it no longer needs from its ancestors is freed by
-    :func:`gc` (their other dependants keep it alive).
+    def leaf(ref: TensorRef) -> DeferredTensor:
+        d = memo.get(ref.index)
+        if d is None:
+            e = reader.info(ref.name)
+            d = memo[ref.index] = DeferredTensor(e.shape, e.numpy_dtype, lambda n=ref.name: reader.get(n))
+        return d
+
+    def walk(node):
+        if isinstance(node, TensorRef):
+            return leaf(node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, tuple):
+            return tuple(walk(v) for v in node)
+        return node
+
+    return walk(reader.tree)
+
+
+def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, storage: Storage | None = None,
+            storage_options: dict | None = None) -> str:
+    """Rewrite a checkpoint as a self-contained one: all its data in its own directory.
+
+    In place (atomically) by default, or as a new checkpoint at ``to`` (a portable copy:
+    ``cp -r``/``rsync -a`` of the result is complete). Tensors are streamed one at a time.
+    Returns the new digest. Data the original shared becomes free for :func:`gc`. While it
+    reads shared data it holds the run's lock shared (so it waits for, or is refused by, a
+    CheckpointManager using the run).
+
+    Args:
+        path: the checkpoint.
+        to: write the self-contained copy there instead of replacing ``path`` (it may be on
+            another storage: ``compact("s3://b/run/step-9", to="/tmp/step-9")``).
+        storage: a storage backend (default: chosen from ``path``).
+        storage_options: options for an object store's filesystem (see :func:`ckptfmt.save`).
 
     Example:
         >>> import numpy as np, ckptfmt, tempfile, os
         >>> d = tempfile.mkdtemp(); a, b = os.path.join(d, "a"), os.path.join(d, "b")
-        >>> _ = ckptfmt.save({"w": np.ones(4)}, a); _ = ckptfmt.save({"w": np.ones(4)}, b, parent=a)
+        >>> _ = ckptfmt.save({"w": np.ones(4)}, a, shared_store=True)
+        >>> _ = ckptfmt.save({"w": np.ones(4)}, b, parent=a)
         >>> _ = ckptfmt.compact(b); ckptfmt.open(b).manifest.parent is None
         True
     """
-    from ckptfmt.api import open as open_checkpoint
-    from ckptfmt.api import save
-
-    path = os.fspath(path)
-    with open_checkpoint(path) as reader:
-        state = reader.load()
+    explicit = storage is not None
+    storage, path = resolve(path, storage, storage_options)
+    if to is None:
+        to_storage, dest = storage, path
+    elif explicit:
+        to_storage, dest = storage, os.fspath(to)
+    else:
+        to_storage, dest = resolve(to, None, storage_options if is_url(os.fspath(to)) else None)
+    directory, _ = split(path)
+    with open_reader(path, storage) as reader:
         m = reader.manifest
-        return save(state, path, metadata=m.metadata, overwrite=True, chunk_size=m.chunk_size, hash_alg=m.hash_alg)
+        shared = any(f.path.startswith("../") for f in m.files)
+        # Reading shared data: hold the run's lock shared, so nobody deletes it meanwhile.
+        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared else None
+        try:
+            reader = open_reader(path, storage)  # re-read under the lock
+            return write_checkpoint(_deferred_state(reader), dest, to_storage, metadata=m.metadata, overwrite=to is None,
+                                    chunk_size=m.chunk_size, hash_alg=m.hash_alg, shared_store=False, lock_held=True)
+        finally:
+            reader.close()
+            if lock is not None:
+                lock.release()

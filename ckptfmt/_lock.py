@@ -1,67 +1,28 @@
-"""An exclusive lock on a checkpoint directory, so two writers never interleave."""
+"""The lock of a run directory (``RUN/.ckptfmt.lock``), taken through the Storage interface.
+
+Who holds it how (spec section 11):
+
+* a save that writes into the run's shared store: **shared**, for the whole save;
+* gc, remove, retention and a :class:`~ckptfmt.manager.CheckpointManager`: **exclusive**
+  (the manager for its whole life, so a second manager, in this process or another, is
+  refused);
+* readers: never.
+
+So nothing is deleted from the store while a save may still refer to it, and gc never
+needs a grace period for the store.
+"""
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
+__all__ = ["LOCK_NAME", "DEFAULT_LOCK_TIMEOUT", "run_lock"]
 
-from ckptfmt.errors import CheckpointLockedError
+from ckptfmt.format.spec import LOCK_NAME
+from ckptfmt.storage.base import Storage, StorageLock
 
-LOCK_NAME = ".ckptfmt.lock"
+#: How long gc, remove and a save wait for a run's lock before raising CheckpointLockedError.
+DEFAULT_LOCK_TIMEOUT = 10.0
 
 
-class DirectoryLock:
-    """``flock`` on ``DIR/.ckptfmt.lock``; released when closed or when the process dies.
-
-    Re-entrant within one process: nested acquisitions of the same directory share it.
-    """
-
-    _held: dict[str, list] = {}
-
-    def __init__(self, directory: str) -> None:
-        self.directory = os.path.abspath(directory)
-        self.path = os.path.join(self.directory, LOCK_NAME)
-        self._fd = -1
-
-    def acquire(self) -> "DirectoryLock":
-        held = DirectoryLock._held.get(self.path)
-        if held is not None:
-            held[1] += 1
-            return self
-        os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            try:
-                owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            except OSError:
-                owner = "unknown"
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CheckpointLockedError(
-                    f"{self.directory} is in use by another writer (pid {owner}); "
-                    "wait for it to finish, or use a different directory"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        DirectoryLock._held[self.path] = [fd, 1]
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        held = DirectoryLock._held.get(self.path)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            del DirectoryLock._held[self.path]
-            os.close(held[0])  # closing drops the flock
-
-    def __enter__(self) -> "DirectoryLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+def run_lock(storage: Storage, directory: str, *, shared: bool = False, timeout: float = 0.0) -> StorageLock:
+    """Take the lock of the run directory ``directory`` (see the module docstring)."""
+    return storage.lock(storage.join(directory, LOCK_NAME), shared=shared, timeout=timeout)

@@ -97,7 +97,8 @@ class CheckpointReader:
             nch = -(-m.nbytes // m.chunk_size)
             has = nch > 0
             lengths[m.first_chunk[has] + nch[has] - 1] = m.nbytes[has] - (nch[has] - 1) * m.chunk_size
-        foreign = np.array([f.path.startswith("../") for f in m.files] or [False], bool)
+        own = set(m.own_files())
+        foreign = np.array([i not in own for i in range(len(m.files))] or [False], bool)
         shared = int(lengths[foreign[m.chunk_file]].sum()) if m.num_chunks else 0
         total = int(m.nbytes.sum())
         return {"parent": parent.get("name"), "depth": int(parent.get("depth", 0) or 0),

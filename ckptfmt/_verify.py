@@ -13,7 +13,7 @@ from ckptfmt._progress import progress_bar
 from ckptfmt._reader import read_manifest
 from ckptfmt.errors import CheckpointNotFoundError, FormatError
 from ckptfmt.format.hashing import get_hash
-from ckptfmt.format.spec import MANIFEST_NAME, MANIFEST_TMP_PREFIX
+from ckptfmt.format.spec import MANIFEST_NAME, MANIFEST_TMP_PREFIX, STORE_NAME
 from ckptfmt.storage.base import Storage
 
 #: Problem kinds. "error" problems make a checkpoint fail verification; "warning" ones do not.
@@ -66,6 +66,17 @@ class VerifyReport:
         return d
 
 
+def _missing_hint(rel: str) -> str:
+    if rel.startswith(f"../{STORE_NAME}/"):
+        return (f" (this checkpoint keeps its data in its run's shared store {STORE_NAME}/, which a copy of the "
+                "checkpoint directory alone (cp -r, rsync -a) does not include: make a portable copy with "
+                "`ckptfmt compact SRC --to DST`, or copy the whole run directory)")
+    if rel.startswith("../"):
+        return (" (it lay in another checkpoint directory of the run, which was deleted or not copied: make portable "
+                "copies with `ckptfmt compact SRC --to DST`)")
+    return ""
+
+
 def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = None) -> VerifyReport:
     """Check a checkpoint completely; see :func:`ckptfmt.verify`."""
     t0 = time.perf_counter()
@@ -91,7 +102,7 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
         try:
             size = storage.size(fpath)
         except FileNotFoundError:
-            problems.append(Problem("missing_file", f"data file {fpath} is missing", file=fe.path))
+            problems.append(Problem("missing_file", f"data file {fpath} is missing{_missing_hint(fe.path)}", file=fe.path))
             usable[i] = False
             continue
         if size < fe.size:

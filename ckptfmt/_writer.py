@@ -13,16 +13,26 @@ from typing import Any
 
 import numpy as np
 
+from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, read_checkpoint, split
+from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._pool import io_pool, pool, workers
 from ckptfmt._progress import progress_bar
-from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, UnsupportedDtypeError
+from ckptfmt._reader import read_manifest
+from ckptfmt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptFmtError,
+    FormatError,
+    IntegrityError,
+    UnsafePathError,
+    UnsupportedDtypeError,
+)
 from ckptfmt.format.dtypes import dtype_name, needs_byteswap, storage_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH
 from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
-from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME, MANIFEST_TMP_PREFIX
+from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME, STORE_NAME
 from ckptfmt.format.tree import encode_tree
 from ckptfmt.storage.base import Storage, storage_error
-from ckptfmt.storage.local import LocalStorage
 
 #: A new data file is started before a tensor that would push the current one past this.
 DATA_FILE_TARGET = 8 << 30
@@ -156,27 +166,36 @@ class _DataFiles:
     written only after :meth:`drain` has seen every upload succeed.
     """
 
-    def __init__(self, storage: Storage, path: str, builder: ManifestBuilder, sync: bool, total: int) -> None:
-        self.storage, self.path, self.builder, self.sync = storage, path, builder, sync
-        self.token = secrets.token_hex(4)
+    def __init__(self, storage: Storage, data_dir: str, builder: ManifestBuilder, sync: bool, total: int,
+                 *, shared_store: bool, token: str) -> None:
+        self.storage, self.data_dir, self.builder, self.sync = storage, data_dir, builder, sync
+        self.shared_store, self.token = shared_store, token
         self.handle = None
         self.index = -1
         self.written: list[str] = []
+        self.own: list[int] = []  # manifest file indices of the files this save wrote
         self._pending: deque = deque()
         self._parallel = max(0, int(storage.max_file_size and storage.write_concurrency or 0))
-        split = storage.max_file_size
-        if split:
+        split_at = storage.max_file_size
+        if split_at:
             # Stay within the format's limit on data files however large the state is.
-            split = max(int(split), -(-total // (LIMITS.max_files // 2)))
-        self.split = split
-        self.target = split or DATA_FILE_TARGET
+            split_at = max(int(split_at), -(-total // (LIMITS.max_files // 2)))
+        self.split = split_at
+        self.target = split_at or DATA_FILE_TARGET
 
     def start(self) -> None:
         self.finish()
-        fname = f"data-{len(self.written):05d}-{self.token}{DATA_SUFFIX}"
-        self.handle = self.storage.open_write(self.storage.join(self.path, fname), durable=self.sync)
+        n = len(self.written)
+        fname = f"pack-{self.token}-{n:05d}{DATA_SUFFIX}" if self.shared_store else f"data-{n:05d}-{self.token}{DATA_SUFFIX}"
+        target = self.storage.join(self.data_dir, fname)
+        try:
+            self.handle = self.storage.open_write(target, durable=self.sync)
+        except FileNotFoundError:
+            self.storage.makedirs(self.data_dir)  # a gc emptied and removed a directory we just made
+            self.handle = self.storage.open_write(target, durable=self.sync)
         self.written.append(fname)
-        self.index = self.builder.add_file(fname)
+        self.index = self.builder.add_file(STORE_PREFIX + fname if self.shared_store else fname)
+        self.own.append(self.index)
 
     def before_tensor(self, nbytes: int) -> None:
         h = self.handle
@@ -221,7 +240,7 @@ class _DataFiles:
                 self._pending.popleft().result()
             except BaseException:  # noqa: BLE001 - the first error is already being raised
                 pass
-        paths = [self.storage.join(self.path, f) for f in self.written]
+        paths = [self.storage.join(self.data_dir, f) for f in self.written]
         try:
             self.storage.delete_many(paths)
         except OSError:
@@ -281,22 +300,32 @@ def _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_re
 
 
 class _ParentRef:
-    """The parent of an incremental save: which of its chunks can be shared, and how to name them."""
+    """The parent of an incremental save: which of its chunks can be shared, and how to name them.
+
+    Only chunks that lie in the run's shared store are shared (1.2): a chunk in the parent's
+    own directory would make the new checkpoint depend on a directory users delete.
+    """
 
     def __init__(self, parent: str, child: str, storage: Storage) -> None:
-        from ckptfmt._reader import read_manifest
-
-        p_abs, c_abs = storage.normpath(parent), storage.normpath(child)
-        if storage.dirname(p_abs) != storage.dirname(c_abs) or p_abs == c_abs:
+        (p_dir, p_name), (c_dir, c_name) = split(parent), split(child)
+        if storage.normpath(p_dir) != storage.normpath(c_dir) or p_name == c_name:
             raise ValueError(
                 f"the parent of an incremental save must be a sibling checkpoint directory: "
                 f"{parent} is not beside {child}"
             )
-        self.name = storage.basename(p_abs)
-        self.manifest = read_manifest(parent, storage)
+        e = {x.name: x for x in storage.scan(p_dir)}.get(p_name)
+        if e is not None and e.kind == "link":
+            raise UnsafePathError(f"the parent {parent} is a symbolic link; name the checkpoint directory it points to")
+        m = read_checkpoint(storage, p_dir, p_name) if e is not None and e.kind == "dir" else None
+        if m is None:
+            read_manifest(parent, storage)  # raises the usual CheckpointNotFoundError
+            raise CheckpointNotFoundError(f"no checkpoint at {parent}")
+        self.name = p_name
+        self.manifest = m
         self.builder: ManifestBuilder | None = None
         self._files: dict[int, int] = {}
         self.shared_bytes = 0
+        self.store_files: dict[str, int] = {}  # store file name -> recorded size, for the final check
 
     def describe(self) -> dict:
         p = self.manifest.parent
@@ -314,7 +343,7 @@ class _ParentRef:
         return entry
 
     def chunk(self, entry, k: int, digest: bytes) -> tuple[int, int] | None:
-        """(child file index, offset) of the parent's identical chunk, or None."""
+        """(child file index, offset) of the parent's identical chunk in the store, or None."""
         m = self.manifest
         c = entry.first_chunk + k
         if m.chunk_hash(c) != digest:
@@ -323,10 +352,15 @@ class _ParentRef:
         idx = self._files.get(f)
         if idx is None:
             fe = m.files[f]
-            path = fe.path if fe.path.startswith("../") else f"../{self.name}/{fe.path}"
-            idx = self.builder.add_file(path)
+            if not fe.path.startswith(STORE_PREFIX) or "/" in fe.path[len(STORE_PREFIX):]:
+                self._files[f] = -1
+                return None
+            idx = self.builder.add_file(fe.path)
             self.builder.set_file_size(idx, fe.size)
             self._files[f] = idx
+            self.store_files[fe.path[len(STORE_PREFIX):]] = fe.size
+        if idx < 0:
+            return None
         self.shared_bytes += m.chunk_length(entry, k)
         return idx, int(m.chunk_offset[c])
 
@@ -378,27 +412,60 @@ def write_checkpoint(
     progress: bool | None = None,
     producer: dict | None = None,
     parent: str | None = None,
+    shared_store: bool | None = None,
+    lock_held: bool = False,
+    lock_timeout: float | None = None,
 ) -> str:
     """Write ``state`` as a checkpoint directory at ``path``; returns the manifest hash (hex).
 
-    With ``parent`` (a sibling checkpoint directory), chunks whose hash equals the parent's
-    chunk at the same place of a tensor of the same name, dtype and shape are not written
-    again: the new manifest points at the data the parent already uses.
+    With ``shared_store`` (implied by ``parent``) the data goes into the run's shared store
+    ``ckptfmt-store/`` beside ``path`` and the checkpoint directory holds only its manifest;
+    with ``parent`` too, chunks whose hash equals the parent's chunk at the same place of a
+    tensor of the same name, dtype and shape are not written again. Such a save holds the
+    run's lock shared (unless the caller holds it: ``lock_held``), so no gc or remove can
+    delete what it refers to before it commits.
     """
+    if shared_store is None:
+        shared_store = parent is not None
+    if parent is not None and not shared_store:
+        raise ValueError("an incremental save (parent=...) keeps its data in the run's shared store; do not pass shared_store=False")
+    tree, tensors = collect_tensors(state)  # refuse bad input before anything touches storage
+    lock = None
+    if shared_store and not lock_held:
+        directory = split(path)[0]
+        if not storage.isdir(directory):
+            storage.makedirs(directory)
+        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout)
+    try:
+        return _write(tree, tensors, path, storage, metadata=metadata, overwrite=overwrite, chunk_size=chunk_size,
+                      hash_alg=hash_alg, sync=sync, progress=progress, producer=producer, parent=parent,
+                      shared_store=shared_store)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, chunk_size, hash_alg, sync, progress,
+           producer, parent, shared_store) -> str:
+    directory, name = split(path)
     manifest_path = storage.join(path, MANIFEST_NAME)
-    if storage.exists(path) and not storage.isdir(path):
+    if name == STORE_NAME:
+        raise UnsafePathError(f"{path}: {STORE_NAME} is the name of a run's shared store; save the checkpoint under another name")
+    entry = {e.name: e for e in storage.scan(directory)}.get(name)
+    if entry is not None and entry.kind == "link":
+        raise UnsafePathError(f"{path} is a symbolic link; save to the directory it points to, or to another path")
+    if entry is not None and entry.kind != "dir":
         raise CheckpointExistsError(f"{path} exists and is not a directory; choose another path")
     old_files: list[str] = []
-    if storage.exists(manifest_path):
+    if entry is not None and storage.exists(manifest_path):
         if not overwrite:
             raise CheckpointExistsError(f"a checkpoint already exists at {path}; pass overwrite=True to replace it")
         try:
             old = decode_manifest(storage.read_file(manifest_path, max_size=LIMITS.max_manifest_bytes), where=manifest_path, check_hash=False)
-            old_files = [f.path for f in old.files if not f.path.startswith("../")]
+            old_files = [f.path for f in old.files if "/" not in f.path]
         except CkptFmtError:
             old_files = []  # an unreadable old manifest: leave its files for `verify` to report
 
-    tree, tensors = collect_tensors(state)
     parent_ref = None
     extra: dict = {}
     if parent is not None:
@@ -410,28 +477,48 @@ def write_checkpoint(
     if parent_ref is not None:
         parent_ref.builder = builder
     hasher = builder.hash
-    storage.makedirs(path)
+    created = entry is None
+    if shared_store:
+        ensure_store(storage, directory)
+        data_dir = storage.join(directory, STORE_NAME)
+        token = secrets.token_hex(8)
+    else:
+        storage.makedirs(path)
+        data_dir = path
+        token = secrets.token_hex(4)
     total = sum(int(a.nbytes) for _, a in tensors)
-    files = _DataFiles(storage, path, builder, sync, total)
-    bar = progress_bar(total, f"saving {storage.basename(path)}", progress)
+    files = _DataFiles(storage, data_dir, builder, sync, total, shared_store=shared_store, token=token)
+    bar = progress_bar(total, f"saving {split(path)[1]}", progress)
     window = 2 * workers()
     try:
-        for name, arr in tensors:
-            builder.add_tensor(name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
+        for tname, arr in tensors:
+            builder.add_tensor(tname, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape))
             files.before_tensor(int(arr.nbytes))
             if isinstance(arr, DeferredTensor):
-                arr = arr.materialize(name)  # rebound: dropped once written
-            base = parent_ref.match(name, arr) if parent_ref is not None else None
+                arr = arr.materialize(tname)  # rebound: dropped once written
+            base = parent_ref.match(tname, arr) if parent_ref is not None else None
             if base is None:
                 _write_tensor(arr, chunk_size, hasher, files, builder, bar, window)
             else:
                 _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_ref, base)
         files.drain()  # every data file durable (uploaded) before the manifest names it
+        if shared_store:
+            extra["wrote"] = files.own
+            if parent_ref is not None and parent_ref.store_files:
+                # Belt and braces under the lock: everything shared is still there, at its size.
+                there = {e.name: e.size for e in storage.scan(data_dir) if e.kind == "file"}
+                for fname, size in parent_ref.store_files.items():
+                    if there.get(fname) != size:
+                        raise IntegrityError(
+                            f"{storage.join(data_dir, fname)}, shared with the parent {parent}, was deleted or changed "
+                            "while this save ran; nothing was saved: save again"
+                        )
+            storage.makedirs(path)
         data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time(), extra=extra)
         try:
             # Without overwrite the manifest must not exist: the backend decides atomically,
             # so of two writers racing for one path exactly one commits.
-            storage.write_atomic(manifest_path, data, sync=sync, tmp_prefix=MANIFEST_TMP_PREFIX, exclusive=not overwrite)
+            storage.write_atomic(manifest_path, data, sync=sync, exclusive=not overwrite)
         except FileExistsError:
             raise CheckpointExistsError(
                 f"a checkpoint already exists at {path} (another writer committed it first); "
@@ -440,17 +527,16 @@ def write_checkpoint(
     except BaseException as exc:
         bar.close()
         files.abort()
+        if created:
+            try:
+                storage.rmdir(path)  # only if empty: nothing of anyone else's is touched
+            except OSError:
+                pass
         if isinstance(exc, OSError) and not isinstance(exc, CkptFmtError):
             raise storage_error(exc, path, "saving checkpoint") from exc
         raise
     bar.close()
-    written = files.written
-    stale = set(old_files) - set(written)
+    stale = set(old_files) - (set() if shared_store else set(files.written))
     if stale:
-        # Other checkpoints beside this one may share the old files (incremental saves).
-        if isinstance(storage, LocalStorage):
-            from ckptfmt._gc import free_files
-
-            free_files(os.path.dirname(os.path.abspath(path)), {os.path.join(path, f) for f in stale})
-        # On object stores the replaced files stay until gc (the Storage seam of gc is pending).
+        free_stale(storage, directory, name, stale)
     return builder.digest.hex()

@@ -38,6 +38,7 @@ def save(
     progress: bool | None = None,
     producer: dict | None = None,
     parent: PathLike | None = None,
+    shared_store: bool | None = None,
     storage: Storage | None = None,
     storage_options: dict | None = None,
 ) -> str:
@@ -62,11 +63,14 @@ def save(
         sync: fsync data and manifest before returning (turn off only for scratch data).
         progress: show a progress bar (default: on a terminal, for large states).
         producer: extra producer information (e.g. framework versions) for the manifest.
-        parent: an earlier checkpoint in the same directory as ``path``. Chunks equal to the
-            parent's are not written again; the new checkpoint refers to the parent's data
-            (an *incremental* save). It is still complete to every reader. Use
-            :func:`ckptfmt.remove` and :func:`ckptfmt.gc`, not ``rm -r``, to delete checkpoints
-            that others may depend on.
+        parent: an earlier checkpoint in the same directory as ``path`` (an *incremental*
+            save). Chunks equal to those the parent keeps in the run's shared store are not
+            written again. The result is still complete to every reader, and ``rm -r`` of
+            any checkpoint directory never breaks another one.
+        shared_store: keep the data in the run's shared store ``ckptfmt-store/`` beside
+            ``path`` (default: when ``parent`` is given), so that later incremental saves can
+            share it. The checkpoint directory then holds only its manifest: copy it with
+            ``ckptfmt compact SRC --to DST``, not ``cp -r``.
         storage: a storage backend (default: chosen from ``path``).
         storage_options: options for an object store's fsspec filesystem (credentials,
             ``endpoint_url``); by default the usual environment (``AWS_ENDPOINT_URL``...).
@@ -76,6 +80,7 @@ def save(
 
     Raises:
         CheckpointExistsError: a checkpoint exists at ``path`` and ``overwrite`` is false.
+        CheckpointLockedError: a shared-store save waited 10 s for a gc or manager.
         UnsupportedDtypeError: a leaf cannot be stored. StorageError: an I/O error.
 
     Example:
@@ -105,6 +110,7 @@ def save(
         progress=progress,
         producer=producer,
         parent=parent,
+        shared_store=shared_store,
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointLockedError",
     "TensorNotFoundError",
+    "UnsafePathError",
     "StorageError",
     "UnsupportedURLError",
     "FrameworkNotAvailableError",
@@ -70,6 +71,10 @@ class CheckpointExistsError(CkptFmtError, FileExistsError):
 
 class CheckpointLockedError(CkptFmtError, BlockingIOError):
     """Another process (or manager) is writing to the same checkpoint directory."""
+
+
+class UnsafePathError(CkptFmtError, ValueError):
+    """ckptfmt refuses to delete or write through this path (a symbolic link, a foreign directory)."""
 
 
 class TensorNotFoundError(CkptFmtError, KeyError):

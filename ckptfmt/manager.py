@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = ["CheckpointManager", "HistoryEntry", "history"]
 
+import errno
 import os
 import re
 import threading
@@ -25,32 +26,36 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._gc import collect
-from ckptfmt._lock import DirectoryLock
+from ckptfmt._gc import DEFAULT_GRACE_SECONDS, collect, remove_locked
+from ckptfmt._lock import run_lock
 from ckptfmt._reader import read_manifest
-from ckptfmt._writer import is_tensor_leaf
-from ckptfmt.api import load, save
-from ckptfmt.errors import CheckpointNotFoundError, CkptFmtError, FormatError
-from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE, MANIFEST_NAME, MANIFEST_TMP_PREFIX
+from ckptfmt._writer import is_tensor_leaf, write_checkpoint
+from ckptfmt.api import load
+from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, CkptFmtError, FormatError, StorageError
+from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE, MANIFEST_NAME
+from ckptfmt.storage.base import Storage
 from ckptfmt.storage.local import LocalStorage
-from ckptfmt.storage.urls import check_local
+from ckptfmt.storage.urls import resolve
 
 #: The clock the time trigger reads (tests replace it).
 _clock = time.monotonic
-_STEP_RE = re.compile(r"^step-(\d+)$")
+#: A manager's checkpoints are ``step-N`` with N in canonical decimal (``step-007`` is not one).
+_STEP_RE = re.compile(r"^step-(0|[1-9][0-9]*)$")
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def _step_dirs(directory: str) -> dict[int, str]:
-    """Complete checkpoints (those with a MANIFEST) under ``directory``, by step."""
+def _step_dirs(directory: str, storage: Storage) -> dict[int, str]:
+    """Complete checkpoints (real directories with a MANIFEST file) under ``directory``, by step.
+
+    Symbolic links are not the manager's: never listed, so never deleted by retention.
+    """
     out: dict[int, str] = {}
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return out
-    for name in names:
-        m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(directory, name, MANIFEST_NAME)):
-            out[int(m.group(1))] = os.path.join(directory, name)
+    for e in storage.scan(directory):
+        m = _STEP_RE.match(e.name)
+        if m and e.kind == "dir":
+            inside = storage.scan(storage.join(directory, e.name))
+            if any(x.name == MANIFEST_NAME and x.kind == "file" for x in inside):
+                out[int(m.group(1))] = storage.join(directory, e.name)
     return dict(sorted(out.items()))
 
 
@@ -118,12 +123,22 @@ class CheckpointManager:
             call to :meth:`save`, :meth:`wait`, :meth:`restore` or :meth:`close`.
         chunk_size: chunk size for full saves.
         sync: fsync each save before it counts as done.
+        storage: a storage backend (default: chosen from ``directory``, which may be a URL:
+            ``CheckpointManager("s3://bucket/runs/a")``).
+        storage_options: options for an object store's filesystem (see :func:`ckptfmt.save`).
 
     Raises:
-        CheckpointLockedError: another process (or manager) is using ``directory``.
+        CheckpointLockedError: another manager (in this process or another), a gc or a
+            save into the shared store is using ``directory``.
 
-    On start, leftovers of a save that was killed (data without a manifest, temporary
-    manifests) are removed; :meth:`latest_step` only ever names complete checkpoints.
+    With ``incremental`` (the default) every save keeps its data in the run's shared store
+    ``DIR/ckptfmt-store/`` and its ``step-N`` directory holds only the manifest, so deleting
+    any ``step-N`` with ``rm -r`` never breaks another checkpoint (spec section 11).
+
+    On start, leftovers of a save that was killed are removed (those in the store at once,
+    others once older than the gc grace period); :meth:`latest_step` only ever names
+    complete checkpoints. A directory the process may not write is opened read-only:
+    restore and the listing work, :meth:`save` raises StorageError.
     """
 
     def __init__(
@@ -139,10 +154,15 @@ class CheckpointManager:
         async_save: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         sync: bool = True,
+        storage: Storage | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError("max_to_keep must be at least 1 (or None to keep everything)")
-        self.directory = os.path.abspath(check_local(directory, "CheckpointManager"))
+        explicit = storage is not None
+        self.storage, self.directory = resolve(directory, storage, storage_options)
+        if not explicit and isinstance(self.storage, LocalStorage):
+            self.directory = os.path.abspath(self.directory)
         self.max_to_keep = max_to_keep
         self.keep_every_n_steps = keep_every_n_steps
         self.save_interval_steps = save_interval_steps
@@ -152,19 +172,31 @@ class CheckpointManager:
         self.async_save = async_save
         self.chunk_size = chunk_size
         self.sync = sync
-        self._lock = DirectoryLock(self.directory).acquire()
+        self._lock = None
+        self.read_only = False
+        try:
+            if not self.storage.isdir(self.directory):
+                self.storage.makedirs(self.directory)
+            self._lock = run_lock(self.storage, self.directory)
+        except CheckpointLockedError:
+            raise
+        except OSError as e:
+            if e.errno not in _READ_ONLY or not self.storage.isdir(self.directory):
+                raise
+            self.read_only = True  # restore and listing only
         self._closed = False
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._last_save_time = _clock()
         self._mutex = threading.Lock()
         self._snapshots = _Snapshotter()
-        self.recover()
+        if not self.read_only:
+            self.recover()
 
     # -- introspection --------------------------------------------------------------
     def all_steps(self) -> list[int]:
         """Steps of all complete checkpoints, oldest first."""
-        return list(_step_dirs(self.directory))
+        return list(_step_dirs(self.directory, self.storage))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -172,7 +204,7 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def step_path(self, step: int) -> str:
-        return os.path.join(self.directory, f"step-{int(step)}")
+        return self.storage.join(self.directory, f"step-{int(step)}")
 
     def should_save(self, step: int) -> bool:
         """Whether :meth:`save` at ``step`` would save (without ``force``)."""
@@ -194,6 +226,8 @@ class CheckpointManager:
         """
         self._check_open()
         self._raise_pending()
+        if self.read_only:
+            raise StorageError(errno.EROFS, f"{self.directory} was opened read-only (no write access); cannot save")
         if not force and not self.should_save(step):
             return False
         self._last_save_time = _clock()
@@ -210,8 +244,10 @@ class CheckpointManager:
         with self._mutex:
             path = self.step_path(step)
             parent = self._parent_for(step)
-            save(state, path, metadata=metadata, overwrite=True, chunk_size=self.chunk_size, sync=self.sync, parent=parent)
-            self._retain()
+            replaced = step in self.all_steps()
+            write_checkpoint(state, path, self.storage, metadata=metadata, overwrite=True, chunk_size=self.chunk_size,
+                             sync=self.sync, parent=parent, shared_store=self.incremental, lock_held=True)
+            self._retain(replaced)
 
     def _parent_for(self, step: int) -> str | None:
         if not self.incremental:
@@ -221,33 +257,30 @@ class CheckpointManager:
             return None
         parent = self.step_path(earlier[-1])
         try:
-            p = read_manifest(parent, LocalStorage()).parent
+            p = read_manifest(parent, self.storage).parent
         except CkptFmtError:
             return None  # a damaged parent is never built upon
         depth = p.get("depth", 0) if isinstance(p, dict) and isinstance(p.get("depth"), int) else 0
         return parent if depth + 1 < self.max_chain else None
 
-    def _retain(self) -> None:
+    def _retain(self, replaced: bool = False) -> None:
         steps = self.all_steps()
         keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
         if self.keep_every_n_steps:
             keep |= {s for s in steps if s % self.keep_every_n_steps == 0}
         dropped = [s for s in steps if s not in keep]
-        for s in dropped:
-            os.unlink(os.path.join(self.step_path(s), MANIFEST_NAME))
         if dropped:
-            LocalStorage().sync_dir(self.directory)
-            collect(self.directory, grace_seconds=0.0)
+            remove_locked(self.storage, self.directory, [f"step-{s}" for s in dropped])
+        elif replaced:  # a step saved again (force=True): the data only its old manifest used is free
+            collect(self.storage, self.directory)
 
-    def recover(self) -> None:
-        """Remove what interrupted saves left behind (called on start)."""
-        for name in os.listdir(self.directory):
-            ck = os.path.join(self.directory, name)
-            if os.path.isdir(ck):
-                for f in os.listdir(ck):
-                    if f.startswith(MANIFEST_TMP_PREFIX):
-                        os.unlink(os.path.join(ck, f))
-        collect(self.directory, grace_seconds=0.0)
+    def recover(self, *, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
+        """Remove what interrupted saves left behind (called on start).
+
+        Store files no manifest uses go at once (every writer of the store holds the lock
+        this manager holds); other leftovers once older than ``grace_seconds``.
+        """
+        collect(self.storage, self.directory, grace_seconds=grace_seconds)
 
     # -- restoring ------------------------------------------------------------------
     def restore(self, step: int | None = None, *, verify: bool = True, mmap: bool = False) -> Any:
@@ -261,11 +294,11 @@ class CheckpointManager:
         """
         self.wait()
         if step is not None:
-            return load(self.step_path(step), verify=verify, mmap=mmap)
+            return load(self.step_path(step), verify=verify, mmap=mmap, storage=self.storage)
         first_error: Exception | None = None
         for s in reversed(self.all_steps()):
             try:
-                return load(self.step_path(s), verify=verify, mmap=mmap)
+                return load(self.step_path(s), verify=verify, mmap=mmap, storage=self.storage)
             except FormatError as e:
                 first_error = first_error or e
                 warnings.warn(f"checkpoint step {s} is damaged ({e}); trying the one before", stacklevel=2)
@@ -275,7 +308,7 @@ class CheckpointManager:
 
     def metadata(self, step: int) -> Any:
         """The metadata saved with ``step``."""
-        return read_manifest(self.step_path(step), LocalStorage()).metadata
+        return read_manifest(self.step_path(step), self.storage).metadata
 
     # -- lifecycle ------------------------------------------------------------------
     def wait(self) -> None:
@@ -305,7 +338,8 @@ class CheckpointManager:
             self._closed = True
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -316,7 +350,8 @@ class CheckpointManager:
     def __del__(self) -> None:  # pragma: no cover - best effort
         if not getattr(self, "_closed", True):
             try:
-                self._lock.release()
+                if self._lock is not None:
+                    self._lock.release()
             except Exception:
                 pass
 
@@ -336,7 +371,7 @@ class HistoryEntry:
     depth: int
 
 
-def history(directory: str | os.PathLike) -> list[HistoryEntry]:
+def history(directory: str | os.PathLike, *, storage: Storage | None = None, storage_options: dict | None = None) -> list[HistoryEntry]:
     """The checkpoints of a manager directory, oldest first.
 
     ``written_bytes`` is what that save actually wrote (its own data files); the rest of its
@@ -347,11 +382,11 @@ def history(directory: str | os.PathLike) -> list[HistoryEntry]:
         >>> history(tempfile.mkdtemp())
         []
     """
-    storage = LocalStorage()
+    storage, directory = resolve(directory, storage, storage_options)
     out = []
-    for step, path in _step_dirs(check_local(directory, "ckptfmt log")).items():
+    for step, path in _step_dirs(directory, storage).items():
         m = read_manifest(path, storage)
-        own = sum(f.size for f in m.files if not f.path.startswith("../"))
+        own = sum(m.files[i].size for i in m.own_files())
         p = m.parent if isinstance(m.parent, dict) else {}
         out.append(
             HistoryEntry(step, path, m.created, m.hexdigest, m.num_tensors, int(m.nbytes.sum()), own,

@@ -238,6 +238,31 @@ def inspect_cmd(path: str, as_json: bool) -> None:
             click.echo(line)
 
 
+def _expand_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Replace a run directory by its checkpoints, and a run's shared store by a note."""
+    out: list[str] = []
+    notes: list[str] = []
+    for p in paths:
+        if not os.path.isdir(p) or os.path.exists(os.path.join(p, "MANIFEST")):
+            out.append(p)
+            continue
+        info = ckptfmt.run_info(p)
+        if info.is_store:
+            notes.append(f"note: {p} is the shared data store of the run {os.path.dirname(os.path.abspath(p))}; "
+                         "it is verified through the checkpoints that use it")
+        elif info.checkpoints:
+            extra = ""
+            if info.store_files:
+                extra = (f"; its shared store holds {info.store_files} data file(s), {_size(info.store_bytes)}"
+                         + (f", {_size(info.unreferenced_bytes)} of it used by no checkpoint (`ckptfmt gc {p}` frees it)"
+                            if info.unreferenced_bytes else ""))
+            notes.append(f"note: {p} is a run directory with {len(info.checkpoints)} checkpoint(s){extra}")
+            out.extend(info.checkpoints)
+        else:
+            out.append(p)
+    return out, notes
+
+
 def _verify_one(ctx: click.Context, path: str, progress: bool | None) -> dict[str, Any]:
     """One input's result: status ok/corrupt/unreadable, its report or its error."""
     kind = None
@@ -281,7 +306,12 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
       ckptfmt verify runs/ckpt-100 export/model.safetensors
       ckptfmt verify --quiet --json ckpts/* > verify.json
     """
-    results = [_verify_one(ctx, p, progress) for p in paths]
+    expanded, notes = _expand_runs(paths)
+    for n in notes:
+        click.echo(n, err=True)
+    if not expanded:
+        ctx.exit(EXIT_OK)
+    results = [_verify_one(ctx, p, progress) for p in expanded]
     code = max(r["code"] for r in results)
     if as_json:
         out = [{**(r["report"].to_dict() if "report" in r else {}), **{k: v for k, v in r.items() if k != "report"}} for r in results]
@@ -408,14 +438,16 @@ def log(directory: str, as_json: bool) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
 @click.option("--grace", "grace", type=click.FloatRange(min=0), default=600.0, show_default=True,
-              help="Keep unreferenced files younger than this many seconds (a save may still be writing them).")
+              help="Outside the shared store, keep unreferenced files younger than this many seconds "
+                   "(a save of a self-contained checkpoint may still be writing them).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
     """Free data that no checkpoint in DIRECTORY refers to, and leftovers of interrupted saves.
 
-    Incremental checkpoints share data files, so deleting one (ckptfmt.remove or a
-    CheckpointManager's retention) frees only what nobody else uses. Nothing is deleted
-    if any manifest in DIRECTORY cannot be read.
+    Incremental checkpoints share data in the run's store (DIRECTORY/ckptfmt-store), so
+    deleting one with `rm -r` leaves data that only gc frees. Only files ckptfmt names as
+    its own are deleted, never through a symbolic link, never outside DIRECTORY; nothing is
+    deleted if any manifest in DIRECTORY cannot be read. --dry-run needs no write access.
 
     \b
     Example:
@@ -432,6 +464,8 @@ def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
         click.echo(f"{verb} {f}")
     for f in r.unreadable:
         click.echo(f"warning: {f} has an unreadable manifest; nothing was deleted", err=True)
+    for why in r.refused:
+        click.echo(f"warning: {why}; nothing was deleted", err=True)
     if r.kept_young:
         click.echo(f"kept {len(r.kept_young)} unreferenced file(s) younger than {grace:g} s", err=True)
     click.echo(f"{verb} {len(r.deleted)} file(s), {_size(r.freed_bytes)}")
@@ -439,19 +473,30 @@ def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
 
 @main.command(context_settings=_CONTEXT)
 @click.argument("path", type=click.Path(file_okay=False))
+@click.option("--to", "dest", type=click.Path(file_okay=False), default=None,
+              help="Write a self-contained copy there instead of rewriting PATH (a portable copy: cp -r of it is complete).")
 @click.option("--dry-run", is_flag=True, help="Only say how much data would be copied in.")
-def compact(path: str, dry_run: bool) -> None:
-    """Rewrite an incremental checkpoint as a self-contained one (atomically).
+def compact(path: str, dest: str | None, dry_run: bool) -> None:
+    """Rewrite a checkpoint as a self-contained one: all its data in its own directory.
 
-    Afterwards it no longer depends on earlier checkpoints; run `ckptfmt gc` on its
-    directory to free data that only it was keeping alive.
+    In place (atomically), or as a new checkpoint with --to. Afterwards it no longer
+    depends on the run's shared store or earlier checkpoints, so `cp -r`/`rsync -a` of it is
+    complete; run `ckptfmt gc` on the run directory to free data only it was keeping alive.
 
     \b
     Example:
       ckptfmt compact runs/exp1/step-900
+      ckptfmt compact runs/exp1/step-900 --to /mnt/share/step-900
     """
     with ckptfmt.open(path) as reader:
         share = reader.sharing()
+    if dest is not None:
+        if dry_run:
+            click.echo(f"would write a self-contained copy of {path} ({_size(share['total_bytes'])}) to {dest}")
+            return
+        digest = ckptfmt.compact(path, to=dest)
+        click.echo(f"wrote a self-contained copy of {path} to {dest}; digest {digest[:16]}")
+        return
     if share["shared_bytes"] == 0:
         click.echo(f"{path} is already self-contained")
         return

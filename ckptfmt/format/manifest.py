@@ -94,6 +94,8 @@ class Manifest:
     chunk_hashes: bytes
     tree_blob: bytes
     parent: Any = None
+    #: 1.2: indices of the files this save wrote itself (``None``: those not starting ``../``).
+    wrote: tuple[int, ...] | None = None
     where: str = "manifest"
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -104,6 +106,12 @@ class Manifest:
     @property
     def num_chunks(self) -> int:
         return len(self.chunk_offset)
+
+    def own_files(self) -> list[int]:
+        """Indices of the data files this checkpoint's own save wrote (the rest are shared)."""
+        if self.wrote is not None:
+            return list(self.wrote)
+        return [i for i, f in enumerate(self.files) if not f.path.startswith("../")]
 
     @property
     def hexdigest(self) -> str:
@@ -426,6 +434,11 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
     else:
         chunk_offset = np.zeros(0, np.int64)
     tree_blob = _req(body, "tree", bytes, where)
+    wrote = body.get("wrote")
+    if wrote is not None:
+        if not isinstance(wrote, list) or not all(type(i) is int and 0 <= i < len(files) for i in wrote):
+            raise FormatError(f"{where}: field 'wrote' must list indices into 'files'")
+        wrote = tuple(wrote)
     return Manifest(
         version=(version[0], version[1]),
         digest=digest,
@@ -449,6 +462,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
         chunk_hashes=hashes,
         tree_blob=tree_blob,
         parent=body.get("parent"),
+        wrote=wrote,
         where=where,
     )
 

@@ -11,6 +11,11 @@ __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_TMP_PREFIX",
     "DATA_SUFFIX",
+    "DATA_FILE_RE",
+    "STORE_NAME",
+    "STORE_MARKER",
+    "STORE_FILE_RE",
+    "LOCK_NAME",
     "ALIGNMENT",
     "DEFAULT_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
@@ -19,11 +24,12 @@ __all__ = [
     "LIMITS",
 ]
 
+import re
 from dataclasses import dataclass
 
 FORMAT_NAME = "ckptfmt"
 #: (major, minor). Readers refuse an unknown major and ignore unknown fields of a known one.
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (1, 2)
 
 #: The manifest's file name inside a checkpoint directory. Its presence marks a complete
 #: checkpoint: it is written last and made visible by an atomic rename.
@@ -31,6 +37,20 @@ MANIFEST_NAME = "MANIFEST"
 #: Temporary manifests are written under this prefix, then renamed to MANIFEST_NAME.
 MANIFEST_TMP_PREFIX = ".MANIFEST.tmp-"
 DATA_SUFFIX = ".data"
+#: The names a writer gives data files inside a checkpoint directory. Deletion (gc, remove,
+#: retention) only ever deletes files whose names match this or STORE_FILE_RE: a name is
+#: the format's positive identification of its own files.
+DATA_FILE_RE = re.compile(r"^data-[0-9]{5}-[0-9a-f]{8}\.data$")
+
+#: 1.2: the run-level shared store, a sibling of the checkpoint directories of a run
+#: (``RUN/ckptfmt-store/``). Manifests refer to its files as ``../ckptfmt-store/NAME``.
+STORE_NAME = "ckptfmt-store"
+#: The file that makes a directory demonstrably a ckptfmt store (section 11 of the spec).
+STORE_MARKER = "STORE"
+#: Names of data files in the store: a 64-bit random token per save and a sequence number.
+STORE_FILE_RE = re.compile(r"^pack-[0-9a-f]{16}-[0-9]{5}\.data$")
+#: The advisory lock of a run directory (``RUN/.ckptfmt.lock``).
+LOCK_NAME = ".ckptfmt.lock"
 
 #: Every tensor starts at a multiple of this many bytes in its data file. 64 covers the
 #: alignment of every dtype (at most 16) and of a cache line / AVX-512 load, so a mapped

@@ -1,19 +1,26 @@
 """The storage ABC: bytes at paths. Knows nothing of tensors.
 
-Paths are strings; a backend decides what they mean. The call order a writer follows is:
-``makedirs(dir)`` → ``open_write(file)`` → ``write``... → ``close(sync=True)`` for every
-data file → ``write_atomic(manifest)`` (write a temporary, sync it, rename it into place,
-sync the directory). A reader calls ``read_file`` for the manifest and ``open_read`` +
-``readinto`` for data. ``mmap`` is optional and returns None where a backend cannot map.
+Paths are ``/``-separated strings; a backend decides what they mean. The call order a writer
+follows is: ``lock(RUN/.ckptfmt.lock, shared=True)`` when it writes into a run's shared
+store → ``open_write(file)`` → ``write``... → ``close(sync=True)`` for every data file →
+``makedirs(dir)`` → ``write_atomic(manifest)`` (the commit: readers see the whole new
+manifest or none) → release the lock. A reader calls ``read_file`` for the manifest and
+``open_read`` + ``readinto`` for data; it never locks. ``mmap`` is optional and returns None
+where a backend cannot map. Deletion (gc, remove, retention) lists with ``scan``, which never
+follows symbolic links, and holds ``lock(..., shared=False)``.
+
+Nothing here needs a rename or a hard link: ``write_atomic`` may be a single PUT on an
+object store, and directories may be implicit (``makedirs`` a no-op, ``rmdir`` a no-op).
 """
 
 from __future__ import annotations
 
-__all__ = ["Storage", "ReadHandle", "WriteHandle", "storage_error"]
+__all__ = ["Storage", "ReadHandle", "WriteHandle", "Entry", "StorageLock", "storage_error"]
 
 import abc
 import errno
 import posixpath
+from dataclasses import dataclass
 from typing import Iterable
 
 from ckptfmt.errors import CkptFmtError, StorageError
@@ -29,6 +36,38 @@ def storage_error(e: OSError, path: str, doing: str) -> OSError:
     err = StorageError(e.errno, f"{doing} {path} failed: {e.strerror or e}{hint}")
     err.filename = path
     return err
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One name in a directory, as :meth:`Storage.scan` sees it, without following links.
+
+    Attributes:
+        name: the name inside the directory.
+        kind: ``"file"``, ``"dir"``, ``"link"`` (a symbolic link, whatever it points to) or
+            ``"other"`` (a FIFO, a device...).
+        size: bytes for a file, 0 otherwise.
+        mtime: last modification, Unix seconds.
+    """
+
+    name: str
+    kind: str
+    size: int = 0
+    mtime: float = 0.0
+
+
+class StorageLock(abc.ABC):
+    """A held lock (see :meth:`Storage.lock`); released by :meth:`release` or process death."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Release the lock; a second call does nothing."""
+
+    def __enter__(self) -> "StorageLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class ReadHandle(abc.ABC):
@@ -116,10 +155,12 @@ class Storage(abc.ABC):
         """Join path components."""
 
     @abc.abstractmethod
-    def exists(self, path: str) -> bool: ...
+    def exists(self, path: str) -> bool:
+        """Whether a file or directory is at ``path`` (following links)."""
 
     @abc.abstractmethod
-    def isdir(self, path: str) -> bool: ...
+    def isdir(self, path: str) -> bool:
+        """Whether ``path`` is a directory (following links)."""
 
     @abc.abstractmethod
     def size(self, path: str) -> int:
@@ -127,7 +168,32 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def listdir(self, path: str) -> list[str]:
-        """Names in a directory (not recursive)."""
+        """Sorted names in a directory (not recursive); ``[]`` when it does not exist."""
+
+    @abc.abstractmethod
+    def scan(self, path: str) -> list[Entry]:
+        """The entries of a directory, sorted by name, **never following symbolic links**.
+
+        A link is reported as ``kind="link"`` whatever it points to, so a caller that only
+        descends into ``"dir"`` entries never leaves the tree it was given. ``[]`` when the
+        directory does not exist. Backends without links never report ``"link"``.
+        """
+
+    @abc.abstractmethod
+    def lock(self, path: str, *, shared: bool = False, timeout: float = 0.0) -> StorageLock:
+        """Take an advisory lock named by the file ``path`` (created if needed).
+
+        An exclusive lock excludes every other lock on ``path``; a shared one excludes only
+        exclusive ones. Acquisitions are **not re-entrant**: a second exclusive lock on the
+        same path conflicts even in the same process. The lock ends with
+        :meth:`StorageLock.release` or when the holding process dies. Waits up to ``timeout``
+        seconds, then raises ``CheckpointLockedError`` naming the holder if known.
+
+        Raises:
+            CheckpointLockedError: held by someone else after ``timeout``.
+            OSError: the lock cannot be created (e.g. ``EROFS`` on read-only storage); a
+                caller that only reads may go on without it.
+        """
 
     @abc.abstractmethod
     def makedirs(self, path: str) -> None:
@@ -138,7 +204,8 @@ class Storage(abc.ABC):
         """Read a whole file, refusing one larger than ``max_size`` before reading it."""
 
     @abc.abstractmethod
-    def open_read(self, path: str) -> ReadHandle: ...
+    def open_read(self, path: str) -> ReadHandle:
+        """Open a regular file for positional reads; FileNotFoundError when absent."""
 
     @abc.abstractmethod
     def open_write(self, path: str, *, durable: bool = True) -> WriteHandle:
@@ -152,18 +219,27 @@ class Storage(abc.ABC):
     def write_atomic(self, path: str, data: bytes, *, sync: bool = True, exclusive: bool = False) -> None:
         """Make ``path`` hold exactly ``data``, all at once: readers see old or new, never a mix.
 
+        With ``sync`` the new content is durable when this returns. A temporary, if the
+        backend needs one, is named ``.NAME.tmp-*`` beside ``path`` (so ``.MANIFEST.tmp-*``
+        for a manifest, which ``verify`` and recovery recognise as leftovers).
+
         With ``exclusive`` the write fails with FileExistsError if ``path`` exists, decided
         atomically by the backend (two writers racing: exactly one succeeds).
         """
 
     @abc.abstractmethod
-    def delete(self, path: str) -> None:
-        """Delete a file; no error if it is already gone."""
+    def delete(self, path: str, *, sync: bool = False) -> None:
+        """Delete a file (never a directory, never through a link); no error if it is gone.
+
+        With ``sync`` the deletion is durable when this returns (a manifest's deletion must
+        be, before the data it listed is deleted).
+        """
 
     @abc.abstractmethod
     def rmdir(self, path: str) -> None:
-        """Remove an empty directory; no error if it is gone."""
+        """Remove an empty directory; no error if it is gone; an error if it is not empty."""
 
     def delete_many(self, paths: Iterable[str]) -> None:
+        """Delete several files (a backend may batch them)."""
         for p in paths:
             self.delete(p)

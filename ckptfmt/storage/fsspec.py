@@ -23,12 +23,17 @@ from __future__ import annotations
 __all__ = ["FsspecStorage"]
 
 import errno
+import json
+import os
 import posixpath
+import secrets
+import socket
 import threading
+import time
 from typing import Any, Callable, Iterable
 
-from ckptfmt.errors import CkptFmtError, StorageError
-from ckptfmt.storage.base import ReadHandle, Storage, WriteHandle, storage_error
+from ckptfmt.errors import CheckpointLockedError, CkptFmtError, StorageError
+from ckptfmt.storage.base import Entry, ReadHandle, Storage, StorageLock, WriteHandle, storage_error
 
 #: Above this many bytes a data file is closed and uploaded, and the next chunk starts a new one.
 DEFAULT_MAX_FILE_SIZE = 32 << 20
@@ -112,6 +117,91 @@ class _FsspecWrite(WriteHandle):
         # is used to abandon a file after a failed save, so nothing is uploaded then.
         if sync:
             self._storage._put(self.path, buf, exclusive=False)
+
+
+def _mtime_of(info: dict) -> float | None:
+    for k in ("LastModified", "mtime", "updated", "last_modified", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+class _ObjectLock(StorageLock):
+    """An advisory lock on an object store: an object created with a conditional write.
+
+    Exclusive: create ``PATH`` only if absent, then make sure no ``PATH.shared-*`` exists.
+    Shared: create ``PATH.shared-TOKEN``, then make sure ``PATH`` does not exist. Each side
+    announces itself before looking for the other, so of two racing lockers at least one
+    sees the other and backs off. Unlike ``flock`` the lock does **not** end when its holder
+    dies: the error names the object to delete once no process holds it.
+    """
+
+    def __init__(self, storage: "FsspecStorage", obj: str) -> None:
+        self._storage = storage
+        self._obj: str | None = obj
+
+    @classmethod
+    def acquire(cls, storage: "FsspecStorage", path: str, *, shared: bool, timeout: float) -> "_ObjectLock":
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                return cls._try(storage, path, shared)
+            except CheckpointLockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    @staticmethod
+    def _owner() -> bytes:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
+
+    @staticmethod
+    def _holder(storage: "FsspecStorage", obj: str) -> str:
+        try:
+            info = json.loads(storage.read_file(obj, max_size=4096))
+            return f"pid {info.get('pid')} on {info.get('host')} since {time.ctime(info.get('time', 0))}"
+        except Exception:  # noqa: BLE001 - the holder is only named when we can
+            return "unknown"
+
+    @classmethod
+    def _locked(cls, storage: "FsspecStorage", path: str, obj: str) -> CheckpointLockedError:
+        return CheckpointLockedError(
+            f"{storage.dirname(path)} is in use by another writer ({cls._holder(storage, obj)}; lock object {obj}). "
+            "Wait for it to finish. An object store cannot tell that a holder died: if no process "
+            f"holds it any more, delete {obj}"
+        )
+
+    @classmethod
+    def _try(cls, storage: "FsspecStorage", path: str, shared: bool) -> "_ObjectLock":
+        prefix = storage.basename(path) + ".shared-"
+        if shared:
+            mine = f"{path}.shared-{secrets.token_hex(8)}"
+            storage._put(mine, cls._owner(), exclusive=True)
+            if storage.exists(path):
+                storage.delete(mine)
+                raise cls._locked(storage, path, path)
+            return cls(storage, mine)
+        try:
+            storage._put(path, cls._owner(), exclusive=True)
+        except FileExistsError:
+            raise cls._locked(storage, path, path) from None
+        others = [n for n in storage.listdir(storage.dirname(path)) if n.startswith(prefix)]
+        if others:
+            storage.delete(path)
+            raise cls._locked(storage, path, storage.join(storage.dirname(path), others[0]))
+        return cls(storage, path)
+
+    def release(self) -> None:
+        obj, self._obj = self._obj, None
+        if obj is not None:
+            self._storage.delete(obj)
 
 
 class FsspecStorage(Storage):
@@ -242,23 +332,8 @@ class FsspecStorage(Storage):
 
     def mtime(self, path: str) -> float | None:
         """When the object was written (seconds since the epoch), or None if unknown."""
-        try:
-            info = self.fs.info(self._key(path))
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise _fail(e, path, "looking up") from e
-        for k in ("LastModified", "mtime", "updated", "last_modified", "created"):
-            v = info.get(k)
-            if v is None:
-                continue
-            if hasattr(v, "timestamp"):
-                return float(v.timestamp())
-            try:
-                return float(v)
-            except (TypeError, ValueError):
-                continue
-        return None
+        info = self._call("looking up", path, self.fs.info, self._key(path))
+        return _mtime_of(info)
 
     def listdir(self, path: str) -> list[str]:
         key = self._key(path).rstrip("/")
@@ -275,6 +350,30 @@ class FsspecStorage(Storage):
                 continue  # s3fs lists a file as itself
             names.add(posixpath.basename(e))
         return sorted(names)
+
+    # -- listing without links, locks (the Storage seam of gc, remove and the manager) ----
+    def scan(self, path: str) -> list[Entry]:
+        key = self._key(path).rstrip("/")
+        try:
+            entries = self.fs.ls(key, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as e:  # noqa: BLE001
+            raise _fail(e, path, "listing") from e
+        out: dict[str, Entry] = {}
+        for info in entries:
+            name = str(info.get("name", "")).rstrip("/")
+            if name == key or not name:
+                continue
+            base = posixpath.basename(name)
+            if info.get("type") == "directory":
+                out.setdefault(base, Entry(base, "dir"))
+            else:
+                out[base] = Entry(base, "file", int(info.get("size") or 0), _mtime_of(info) or 0.0)
+        return [out[n] for n in sorted(out)]
+
+    def lock(self, path: str, *, shared: bool = False, timeout: float = 0.0) -> StorageLock:
+        return _ObjectLock.acquire(self, path, shared=shared, timeout=timeout)
 
     # -- reading ---------------------------------------------------------------------
     def read_file(self, path: str, *, max_size: int | None = None) -> bytes:
@@ -305,7 +404,8 @@ class FsspecStorage(Storage):
     def write_atomic(self, path: str, data: bytes, *, sync: bool = True, tmp_prefix: str = "", exclusive: bool = False) -> None:
         self._put(path, data, exclusive=exclusive)
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str, *, sync: bool = False) -> None:
+        # A DELETE that returned is durable: there is nothing to sync.
         try:
             self.fs.rm_file(self._key(path))
         except FileNotFoundError:

@@ -5,13 +5,15 @@ from __future__ import annotations
 __all__ = ["LocalStorage", "open_regular_file"]
 
 import errno
+import fcntl
 import mmap
 import os
 import stat
 import secrets
+import time
 
-from ckptfmt.errors import StorageError
-from ckptfmt.storage.base import ReadHandle, Storage, WriteHandle, storage_error as _wrap
+from ckptfmt.errors import CheckpointLockedError, StorageError
+from ckptfmt.storage.base import Entry, ReadHandle, Storage, StorageLock, WriteHandle, storage_error as _wrap
 
 
 #: Writes smaller than this are gathered in memory and issued together.
@@ -148,6 +150,27 @@ class _LocalWrite(WriteHandle):
             self._fd = -1
 
 
+class _FlockLock(StorageLock):
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        self.release()
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
 class LocalStorage(Storage):
     """Storage on the local filesystem.
 
@@ -175,6 +198,63 @@ class LocalStorage(Storage):
             return sorted(os.listdir(path))
         except FileNotFoundError:
             return []
+
+    def scan(self, path: str) -> list[Entry]:
+        out = []
+        try:
+            it = os.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise _wrap(e, path, "listing") from None
+        with it:
+            for de in it:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                kind = _kind(st.st_mode)
+                out.append(Entry(de.name, kind, st.st_size if kind == "file" else 0, st.st_mtime))
+        return sorted(out, key=lambda e: e.name)
+
+    def lock(self, path: str, *, shared: bool = False, timeout: float = 0.0) -> StorageLock:
+        flags = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+        except OSError as e:
+            if not shared or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise _wrap(e, path, "creating lock file") from None
+            try:  # a read-only directory with a lock file: a shared lock still works
+                fd = os.open(path, os.O_RDONLY | flags)
+            except OSError:
+                raise _wrap(e, path, "creating lock file") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise _wrap(e, path, "locking") from None
+                if time.monotonic() >= deadline:
+                    try:
+                        owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    except OSError:
+                        owner = "unknown"
+                    os.close(fd)
+                    raise CheckpointLockedError(
+                        f"{os.path.dirname(path) or '.'} is in use by another writer (pid {owner}); "
+                        "wait for it to finish, or use a different directory"
+                    ) from None
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        if not shared:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
+        return _FlockLock(fd)
 
     def makedirs(self, path: str) -> None:
         try:
@@ -212,9 +292,9 @@ class LocalStorage(Storage):
     def mtime(self, path: str) -> float | None:
         return os.stat(path).st_mtime
 
-    def write_atomic(self, path: str, data: bytes, *, sync: bool = True, tmp_prefix: str = ".tmp-", exclusive: bool = False) -> None:
+    def write_atomic(self, path: str, data: bytes, *, sync: bool = True, exclusive: bool = False) -> None:
         directory, name = os.path.split(path)
-        tmp = os.path.join(directory, f"{tmp_prefix}{name}-{secrets.token_hex(4)}")
+        tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(4)}")
         try:
             w = _LocalWrite(tmp)
             try:
@@ -260,13 +340,15 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str, *, sync: bool = False) -> None:
         try:
             os.unlink(path)
         except FileNotFoundError:
-            pass
+            return
         except OSError as e:
             raise _wrap(e, path, "deleting") from None
+        if sync:
+            self.sync_dir(os.path.dirname(path) or ".")
 
     def rmdir(self, path: str) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 from click.testing import CliRunner
@@ -58,15 +59,14 @@ def test_compact_then_gc(tmp_path):
     r = _run("compact", d / "step-3")
     assert r.exit_code == 0 and "compacted" in r.output
     assert "already self-contained" in _run("compact", d / "step-3").output
-    ckptfmt.remove(d / "step-1")
-    ckptfmt.remove(d / "step-2")
+    ckptfmt.remove(d / "step-1")  # its data is still used by step-2: kept in the store
+    shutil.rmtree(d / "step-2")  # the habit: now step-1's and step-2's data are garbage
     r = _run("gc", d, "--grace", "0", "--dry-run")
     assert r.exit_code == 0 and "would delete" in r.output
-    assert os.path.isdir(d / "step-1")
+    assert len(os.listdir(d / "ckptfmt-store")) == 3  # STORE + two packs
     r = _run("gc", d, "--grace", "0")
-    # remove(step-2) already freed step-2's own data (step-3 no longer needs it after compact);
-    # step-1's data was still used by step-2 when step-1 was removed, so gc frees it now.
-    assert r.exit_code == 0 and "deleted 1 file(s)" in r.output
+    assert r.exit_code == 0 and "deleted 2 file(s)" in r.output, r.output
+    assert os.listdir(d / "ckptfmt-store") == ["STORE"]
     assert not os.path.exists(d / "step-1") and _run("verify", d / "step-3").exit_code == 0
     assert json.loads(_run("gc", d, "--json").output)["deleted"] == []
 
@@ -76,3 +76,45 @@ def test_verify_accepts_a_manifest_file_path(tmp_path):
     ckptfmt.save({"a": np.ones(3)}, tmp_path / "ck")
     r = _run("verify", tmp_path / "ck" / "MANIFEST")
     assert r.exit_code == 0, r.output
+
+
+def test_verify_a_run_directory_and_its_store(tmp_path):
+    d = _make_run(tmp_path)
+    r = _run("verify", d)
+    assert r.exit_code == 0 and "run directory with 3 checkpoint(s)" in r.output and "shared store holds" in r.output
+    assert r.output.count("ok      ") == 3
+    r = _run("verify", *sorted(p for p in d.iterdir() if not p.name.startswith(".")))  # `verify runs/*`: the store is explained, not failed
+    assert r.exit_code == 0 and "shared data store of the run" in r.output
+    shutil.copytree(d / "step-3", tmp_path.parent / (tmp_path.name + "-copy"))
+    r = _run("verify", tmp_path.parent / (tmp_path.name + "-copy"))
+    assert r.exit_code == 1 and "ckptfmt compact SRC --to DST" in r.output
+    dest = tmp_path.parent / (tmp_path.name + "-portable")
+    r = _run("compact", d / "step-3", "--to", dest)
+    assert r.exit_code == 0 and "self-contained copy" in r.output
+    shutil.copytree(dest, tmp_path.parent / (tmp_path.name + "-copy2"))
+    assert _run("verify", tmp_path.parent / (tmp_path.name + "-copy2")).exit_code == 0
+
+
+def test_read_only_run_directory(tmp_path, monkeypatch):
+    """As root, permission bits do not stop writes: the local backend is made read-only instead."""
+    import errno
+
+    from ckptfmt.storage.local import LocalStorage
+
+    d = _make_run(tmp_path)
+    before = sorted(os.listdir(d))
+
+    def refuse(self, path, *a, **k):
+        raise ckptfmt.StorageError(errno.EROFS, f"{path}: read-only file system")
+
+    for name in ("lock", "makedirs", "open_write", "write_atomic", "delete", "rmdir"):
+        monkeypatch.setattr(LocalStorage, name, refuse)
+    assert _run("verify", d / "step-3").exit_code == 0
+    assert _run("inspect", d / "step-3").exit_code == 0
+    assert _run("log", d).exit_code == 0
+    r = _run("gc", d, "--dry-run", "--grace", "0")
+    assert r.exit_code == 0 and "would delete 0 file(s)" in r.output
+    assert _run("gc", d, "--grace", "0").exit_code != 0  # a real gc needs write access, and says so
+    with CheckpointManager(d) as m:
+        assert m.read_only and m.restore()["step"] == 3
+    assert sorted(os.listdir(d)) == before

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckptfmt.converters import _convert_io
+from ckptfmt.converters.keras import outputs
 from ckptfmt.converters.convert import tf_to_torch, torch_to_tf
 from ckptfmt.converters.mapping import Cast, Convert, Discard, Mapping, Rename, Split, Transpose
 from ckptfmt.converters.tf import (
@@ -87,7 +87,7 @@ def test_streamed_safetensors_loads_in_torch(keras_ckpt, tmp_path):
 
 def test_stream_writer_entry_by_entry_with_split_cast_and_bfloat16(tmp_path):
     import ml_dtypes
-    from ckptfmt.converters._safetensors import SafetensorsSource
+    from ckptfmt.converters.sources.safetensors import SafetensorsSource
 
     src = {"k": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.arange(3, dtype=np.float32).astype(ml_dtypes.bfloat16),
            "d": np.ones(2, np.float32), "s": np.array(3, np.int64)}
@@ -101,7 +101,7 @@ def test_stream_writer_entry_by_entry_with_split_cast_and_bfloat16(tmp_path):
         return src[key]
 
     out = str(tmp_path / "o.safetensors")
-    size = _convert_io.write_safetensors_stream(out, plan, read)
+    size = outputs.write_safetensors_stream(out, plan, read)
     assert size == os.path.getsize(out)
     assert reads == ["k", "b", "d", "s"]  # each source once, entry by entry
     with SafetensorsSource(out) as s:
@@ -125,7 +125,7 @@ def test_stream_writer_failure_leaves_nothing(tmp_path):
         return src[key]
 
     with pytest.raises(OSError):
-        _convert_io.write_safetensors_stream(str(out), plan, read)
+        outputs.write_safetensors_stream(str(out), plan, read)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -156,19 +156,19 @@ def test_ckptfmt_directory_output_reads_back_with_ckptfmt_load(keras_ckpt, tmp_p
 
 
 def test_output_kind_rule(tmp_path):
-    assert _convert_io.output_kind("a/b.safetensors") == "safetensors"
-    assert [_convert_io.output_kind(f"x{s}") for s in (".pt", ".PTH", ".bin")] == ["torch"] * 3
-    assert _convert_io.output_kind("runs/step-3") == "ckptfmt"
+    assert outputs.output_kind("a/b.safetensors") == "safetensors"
+    assert [outputs.output_kind(f"x{s}") for s in (".pt", ".PTH", ".bin")] == ["torch"] * 3
+    assert outputs.output_kind("runs/step-3") == "ckptfmt"
     with pytest.raises(ConversionError):
-        _convert_io.output_kind("m.onnx")
+        outputs.output_kind("m.onnx")
     f = tmp_path / "file"
     f.write_bytes(b"x")
     with pytest.raises(CheckpointExistsError, match="not a directory"):
-        _convert_io.check_output(str(f), "ckptfmt", True)
+        outputs.check_output(str(f), "ckptfmt", True)
     with pytest.raises(CheckpointExistsError, match="is a directory"):
-        _convert_io.check_output(str(tmp_path), "safetensors", True)
+        outputs.check_output(str(tmp_path), "safetensors", True)
     with pytest.raises(ConversionError, match="weights only"):
-        _convert_io.check_output(str(tmp_path / "w.safetensors"), "safetensors", False, optimizer=True)
+        outputs.check_output(str(tmp_path / "w.safetensors"), "safetensors", False, optimizer=True)
 
 
 def test_progress_bar_counts_every_byte(keras_ckpt, tmp_path, monkeypatch):
@@ -184,7 +184,7 @@ def test_progress_bar_counts_every_byte(keras_ckpt, tmp_path, monkeypatch):
         def close(self):
             seen.append((self.total, self.n))
 
-    monkeypatch.setattr(_convert_io, "progress_bar", lambda total, desc, enabled: Bar(total))
+    monkeypatch.setattr(outputs, "progress_bar", lambda total, desc, enabled: Bar(total))
     report = tf_to_torch(keras_ckpt, tmp_path / "w.safetensors", optimizer=False, progress=True)
     total = sum(4 * int(np.prod(s.shape)) for s in report.plan.target_specs.values())
     assert seen == [(total, total)]
@@ -269,15 +269,15 @@ def test_torch_layout_version_matches_the_adapter():
     pytest.importorskip("torch")
     from ckptfmt.adapters.torch import LAYOUT_VERSION
 
-    assert _convert_io.TORCH_LAYOUT == LAYOUT_VERSION
+    assert outputs.TORCH_LAYOUT == LAYOUT_VERSION
 
 
 def test_docstring_examples(tmp_path, monkeypatch):
     import doctest
 
-    from ckptfmt.converters import _safetensors
+    from ckptfmt.converters.sources import safetensors
 
     monkeypatch.chdir(tmp_path)
-    for mod in (_convert_io, _safetensors):
+    for mod in (outputs, safetensors):
         result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, mod.__name__

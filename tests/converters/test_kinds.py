@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import ckptfmt
 from ckptfmt.converters import kinds
-from ckptfmt.converters._safetensors import write_safetensors
+from ckptfmt.converters.sources.safetensors import write_safetensors
 from ckptfmt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,

@@ -16,13 +16,13 @@ CS = 4096
 
 def _own_bytes(path):
     m = ckptfmt.open(path).manifest
-    return sum(f.size for f in m.files if not f.path.startswith("../"))
+    return sum(m.files[i].size for i in m.own_files())
 
 
 def test_delta_writes_only_changed_chunks(tmp_path):
     a = np.random.default_rng(0).standard_normal((100, 1024)).astype(np.float32)  # 100 chunks
     p1, p2 = str(tmp_path / "s1"), str(tmp_path / "s2")
-    ckptfmt.save({"a": a, "frozen": a.copy()}, p1, chunk_size=CS)
+    ckptfmt.save({"a": a, "frozen": a.copy()}, p1, chunk_size=CS, shared_store=True)
     b = a.copy()
     b[10:20] += 1  # 10 of 100 chunks of "a"
     ckptfmt.save({"a": b, "frozen": a, "new": np.ones(3)}, p2, parent=p1)
@@ -46,28 +46,30 @@ def test_delta_needs_a_sibling(tmp_path):
 def test_verify_catches_damage_in_the_parent_data(tmp_path):
     p1, p2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     a = np.arange(4096, dtype=np.float64)
-    ckptfmt.save({"a": a}, p1, chunk_size=CS)
+    ckptfmt.save({"a": a}, p1, chunk_size=CS, shared_store=True)
     ckptfmt.save({"a": a}, p2, parent=p1)
     data = os.path.join(p1, ckptfmt.open(p1).manifest.files[0].path)
     with open(data, "r+b") as f:
         f.seek(5000)
         f.write(b"\xff")
     rep = ckptfmt.verify(p2)
-    assert not rep.ok and rep.errors[0].kind == "hash_mismatch" and rep.errors[0].file.startswith("../s1/")
+    assert not rep.ok and rep.errors[0].kind == "hash_mismatch" and rep.errors[0].file.startswith("../ckptfmt-store/")
 
 
 def test_remove_keeps_shared_data_and_gc_frees_it_later(tmp_path):
     p1, p2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     a = np.arange(8192, dtype=np.float64)
-    ckptfmt.save({"a": a}, p1, chunk_size=CS)
+    ckptfmt.save({"a": a}, p1, chunk_size=CS, shared_store=True)
     ckptfmt.save({"a": a, "b": np.ones(2)}, p2, parent=p1)
+    store = tmp_path / "ckptfmt-store"
+    packs = sorted(f for f in os.listdir(store) if f.endswith(".data"))
     ckptfmt.remove(p1)
-    assert not os.path.exists(os.path.join(p1, "MANIFEST")) and os.path.isdir(p1)  # data still used
+    assert not os.path.exists(p1) and sorted(f for f in os.listdir(store) if f.endswith(".data")) == packs  # still used
     np.testing.assert_array_equal(ckptfmt.load(p2)["a"], a)
     ckptfmt.compact(p2)
     assert ckptfmt.open(p2).manifest.parent is None
     rep = ckptfmt.gc(tmp_path, grace_seconds=0)
-    assert rep.freed_bytes == a.nbytes and not os.path.exists(p1)
+    assert rep.freed_bytes >= a.nbytes and not [f for f in os.listdir(store) if f.endswith(".data")]
     np.testing.assert_array_equal(ckptfmt.load(p2)["a"], a)
     assert ckptfmt.verify(p2).ok
 
@@ -75,7 +77,7 @@ def test_remove_keeps_shared_data_and_gc_frees_it_later(tmp_path):
 def test_overwrite_of_a_parent_keeps_its_children_loadable(tmp_path):
     p1, p2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     a = np.arange(8192, dtype=np.float64)
-    ckptfmt.save({"a": a}, p1, chunk_size=CS)
+    ckptfmt.save({"a": a}, p1, chunk_size=CS, shared_store=True)
     ckptfmt.save({"a": a}, p2, parent=p1)
     ckptfmt.save({"a": -a}, p1, overwrite=True, chunk_size=CS)
     np.testing.assert_array_equal(ckptfmt.load(p2)["a"], a)
@@ -85,10 +87,10 @@ def test_overwrite_of_a_parent_keeps_its_children_loadable(tmp_path):
 def test_gc_dry_run_and_grace(tmp_path):
     p = tmp_path / "half"
     p.mkdir()
-    (p / "data-00000-dead.data").write_bytes(b"x" * 100)
+    (p / "data-00000-deadbeef.data").write_bytes(b"x" * 100)
     assert ckptfmt.gc(tmp_path).kept_young  # too young: a save may be writing it
     rep = ckptfmt.gc(tmp_path, grace_seconds=0, dry_run=True)
-    assert rep.freed_bytes == 100 and (p / "data-00000-dead.data").exists()
+    assert rep.freed_bytes == 100 and (p / "data-00000-deadbeef.data").exists()
     ckptfmt.gc(tmp_path, grace_seconds=0)
     assert not p.exists()
 
@@ -124,7 +126,8 @@ def test_any_sequence_keeps_every_checkpoint_bit_exact(tmp_path_factory, ops):
                 w[c * 1024 : (c + 1) * 1024] += 1.0
             state = {"w": w, "b": np.full(3, seed, np.int64)}
             path = str(root / f"c{i}")
-            ckptfmt.save(state, path, chunk_size=CS, sync=False, parent=last if op == "save" and last in expected else None)
+            ckptfmt.save(state, path, chunk_size=CS, sync=False, shared_store=op == "save",
+                         parent=last if op == "save" and last in expected else None)
             expected[path] = state
             last = path
         elif expected:

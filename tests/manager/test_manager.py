@@ -103,7 +103,7 @@ def test_two_writers_get_a_clear_error(tmp_path):
     m = CheckpointManager(tmp_path)
     err = _in_other_process(f"from ckptfmt.manager import CheckpointManager; CheckpointManager({str(tmp_path)!r})")
     assert "CheckpointLockedError" in err and f"pid {os.getpid()}" in err
-    assert "CheckpointLockedError" in _in_other_process(f"import ckptfmt; ckptfmt.gc({str(tmp_path)!r})")
+    assert "CheckpointLockedError" in _in_other_process(f"import ckptfmt; ckptfmt.gc({str(tmp_path)!r}, timeout=0)")
     m.close()
     assert "Error" not in _in_other_process(f"from ckptfmt.manager import CheckpointManager; CheckpointManager({str(tmp_path)!r}).close()")
 
@@ -126,10 +126,19 @@ def test_recovery_cleans_leftovers(tmp_path):
         m.save(1, _state(1))
     dead = tmp_path / "step-2"
     dead.mkdir()
-    (dead / "data-00000-dead.data").write_bytes(b"x" * 1000)
-    (tmp_path / "step-1" / ".MANIFEST.tmp-MANIFEST-1").write_bytes(b"junk")
+    (dead / "data-00000-deadbeef.data").write_bytes(b"x" * 1000)
+    (tmp_path / "step-1" / ".MANIFEST.tmp-1").write_bytes(b"junk")
+    old = time.time() - 3600  # outside the store only old leftovers go: a save may be writing young ones
+    for p in (dead / "data-00000-deadbeef.data", tmp_path / "step-1" / ".MANIFEST.tmp-1"):
+        os.utime(p, (old, old))
+    live = tmp_path / "step-3"
+    live.mkdir()
+    (live / "data-00000-0123abcd.data").write_bytes(b"y" * 10)
+    pack = tmp_path / "ckptfmt-store" / "pack-0123456789abcdef-00000.data"
+    pack.write_bytes(b"z" * 100)  # a killed manager's save: the store goes at once
     with CheckpointManager(tmp_path) as m:
-        assert m.all_steps() == [1] and not dead.exists()
+        assert m.all_steps() == [1] and not dead.exists() and not pack.exists()
+        assert (live / "data-00000-0123abcd.data").exists()
         assert ckptfmt.verify(m.step_path(1)).problems == ()
 
 

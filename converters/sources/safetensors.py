@@ -12,7 +12,7 @@ We parse and write the format ourselves so that bfloat16 and float8 work through
 (``ml_dtypes``) and so that verify can report *every* problem with its tensor and offset.
 
 Example:
-    >>> from ckptfmt.converters._safetensors import SafetensorsSource
+    >>> from ckptfmt.converters.sources.safetensors import SafetensorsSource
     >>> src = SafetensorsSource("model.safetensors")  # doctest: +SKIP
     >>> src.info("w")  # doctest: +SKIP
     TensorInfo(name='w', dtype='float32', shape=(2, 3), nbytes=24)
@@ -32,9 +32,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.converters.kinds import Source, TensorInfo, _make_report
 from ckptfmt.errors import ConversionError, FormatError, TensorNotFoundError
 from ckptfmt.format.dtypes import numpy_dtype
+
+from .base import Source, TensorInfo, jsonable, make_report
 
 #: ckptfmt dtype name -> safetensors dtype string.
 ST_DTYPES: dict[str, str] = {
@@ -189,6 +190,16 @@ class SafetensorsSource(Source):
             raise FormatError(f"{self._scan.problems[0].message} (run `ckptfmt verify {path}` for every problem)")
         self._file: Any = None
 
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        """A file named ``.safetensors``."""
+        return os.path.isfile(path) and path.lower().endswith(".safetensors")
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        """An 8-byte header length, then the JSON header's ``{``."""
+        return len(head) == 9 and head[8:9] == b"{"
+
     def keys(self) -> list[str]:
         return list(self._scan.entries)
 
@@ -227,7 +238,7 @@ class SafetensorsSource(Source):
         t0 = time.perf_counter()
         sc = _scan(path)
         nbytes = sum(e.end - e.begin for e in sc.entries.values())
-        return _make_report(path, sc.problems, t0, tensors=sc.count, checked=len(sc.entries), nbytes=nbytes)
+        return make_report(path, sc.problems, t0, tensors=sc.count, checked=len(sc.entries), nbytes=nbytes)
 
 
 def encode_metadata(metadata: Any) -> dict[str, str] | None:
@@ -236,9 +247,7 @@ def encode_metadata(metadata: Any) -> dict[str, str] | None:
         return None
     if isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         return dict(metadata)
-    from ckptfmt.converters.kinds import _jsonable
-
-    return {WRAPPED_METADATA_KEY: json.dumps(_jsonable(metadata))}
+    return {WRAPPED_METADATA_KEY: json.dumps(jsonable(metadata))}
 
 
 def decode_metadata(metadata: Any) -> Any:

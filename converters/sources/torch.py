@@ -11,14 +11,14 @@ flipped bit inside tensor data loads silently; :meth:`TorchSource.verify` checks
 CRCs itself and traces a corrupted member back to the tensors stored in it.
 
 Example:
-    >>> from ckptfmt.converters._torchfile import TorchSource
+    >>> from ckptfmt.converters.sources.torch import TorchSource
     >>> with TorchSource("pytorch_model.bin") as src:  # doctest: +SKIP
     ...     src.info("embed.weight")
 """
 
 from __future__ import annotations
 
-__all__ = ["TorchSource", "write_torch"]
+__all__ = ["TORCH_SUFFIXES", "TorchSource", "write_torch"]
 
 import os
 import pickle
@@ -29,9 +29,13 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.converters.kinds import Source, TensorInfo, _first_line, _make_report
 from ckptfmt.errors import CheckpointNotFoundError, FormatError, FrameworkNotAvailableError, TensorNotFoundError
 from ckptfmt.format.tree import PLAIN_TYPES
+
+from .base import Source, TensorInfo, first_line, make_report
+
+#: File suffixes of torch.save files.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _READ_BLOCK = 4 << 20
@@ -80,9 +84,9 @@ def _load_error(path: str, e: BaseException) -> FormatError:
     if isinstance(e, pickle.UnpicklingError):
         return FormatError(
             f"{path}: refused by weights-only loading: the file holds objects other than tensors and "
-            f"plain containers, and ckptfmt never unpickles arbitrary objects ({_first_line(e)})"
+            f"plain containers, and ckptfmt never unpickles arbitrary objects ({first_line(e)})"
         )
-    return FormatError(f"{path}: not a readable torch file: {_first_line(e)}")
+    return FormatError(f"{path}: not a readable torch file: {first_line(e)}")
 
 
 class TorchSource(Source):
@@ -106,6 +110,16 @@ class TorchSource(Source):
             raise _load_error(path, e) from e
         self._tensors, self._plain = _flatten(obj, torch)
         self._version = _archive_version(path)
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        """A file named ``.pt``, ``.pth`` or ``.bin``."""
+        return os.path.isfile(path) and path.lower().endswith(TORCH_SUFFIXES)
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        """A zip archive (torch >= 1.6) or a legacy pickle."""
+        return head[:4] == _ZIP_MAGIC or head[:1] == b"\x80"
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -153,8 +167,8 @@ class TorchSource(Source):
             try:
                 zf = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError, EOFError) as e:
-                problems.append(Problem("truncated_file", f"{path}: the zip archive cannot be opened ({_first_line(e)}); the file is truncated or damaged", file=path))
-                return _make_report(path, problems, t0)
+                problems.append(Problem("truncated_file", f"{path}: the zip archive cannot be opened ({first_line(e)}); the file is truncated or damaged", file=path))
+                return make_report(path, problems, t0)
             with zf, open(path, "rb") as raw:
                 infos = zf.infolist()
                 bar = progress_bar(sum(i.file_size for i in infos), f"verifying {path}", progress)
@@ -169,24 +183,24 @@ class TorchSource(Source):
                         bad_members.append((info, off))
                         problems.append(Problem(kind, f"{path}: archive member {info.filename} (bytes {off}..{off + info.compress_size}) fails its CRC-32 check; the file is corrupted", file=path, offset=off))
                     except (OSError, EOFError, ValueError) as e:
-                        problems.append(Problem("truncated_file", f"{path}: archive member {info.filename} at byte {off} cannot be read ({_first_line(e)})", file=path, offset=off))
+                        problems.append(Problem("truncated_file", f"{path}: archive member {info.filename} at byte {off} cannot be read ({first_line(e)})", file=path, offset=off))
                     checked += 1
                     nbytes += info.file_size
                     bar.update(info.file_size)
                 bar.close()
             if any(p.kind != "hash_mismatch" for p in problems):
-                return _make_report(path, problems, t0, checked=checked, nbytes=nbytes)
+                return make_report(path, problems, t0, checked=checked, nbytes=nbytes)
         try:
             obj = _load(path, mmap=False)
         except Exception as e:
             problems.append(Problem("unreadable", str(_load_error(path, e)), file=path))
-            return _make_report(path, problems, t0, checked=checked, nbytes=nbytes)
+            return make_report(path, problems, t0, checked=checked, nbytes=nbytes)
         tensors, _ = _flatten(obj, torch)
         if bad_members:
             problems = _name_tensors(path, problems, bad_members, tensors, torch)
         if not is_zip:
             checked, nbytes = len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
-        return _make_report(path, problems, t0, tensors=len(tensors), checked=checked, nbytes=nbytes, version=_archive_version(path))
+        return make_report(path, problems, t0, tensors=len(tensors), checked=checked, nbytes=nbytes, version=_archive_version(path))
 
 
 def _data_offset(raw: Any, info: zipfile.ZipInfo) -> int:

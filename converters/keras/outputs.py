@@ -1,7 +1,7 @@
-"""Where tf2torch writes and torch2tf reads: streamed outputs and every torch-side input kind.
+"""Where tf2torch writes: streamed outputs of every destination kind.
 
-:func:`ckptfmt.converters.convert.tf_to_torch` plans the conversion; this module moves the
-data. The kind of a destination follows from its name (:func:`output_kind`):
+:func:`ckptfmt.converters.convert.keras_to_torch` plans the conversion; this module moves
+the data. The kind of a destination follows from its name (:func:`output_kind`):
 
 =====================  ======================================================  ==========
 destination            what is written                                         memory
@@ -16,10 +16,6 @@ anything else          a ckptfmt checkpoint directory in the layout of          
                        writer; :func:`write_ckptfmt_stream`)                    state)
 =====================  ======================================================  ==========
 
-The way back reads a ``.pt``/``.bin`` torch file, a ``.safetensors`` file (weights only) or a
-ckptfmt checkpoint directory (:func:`read_torch_side`), detected as
-:func:`ckptfmt.converters.kinds.detect_kind` does.
-
 Example:
     >>> output_kind("out/weights.safetensors"), output_kind("out/run.pt"), output_kind("out/step-3")
     ('safetensors', 'torch', 'ckptfmt')
@@ -31,11 +27,13 @@ __all__ = [
     "SAFETENSORS_METADATA",
     "TORCH_LAYOUT",
     "check_output",
+    "target_info",
     "output_kind",
-    "read_torch_side",
     "run_plan",
+    "write_ckptfmt",
     "write_ckptfmt_stream",
     "write_safetensors_stream",
+    "write_torch_checkpoint",
 ]
 
 import os
@@ -52,8 +50,9 @@ from ckptfmt.errors import CheckpointExistsError, ConversionError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
 from ckptfmt.format.spec import MANIFEST_NAME
 
-from .kinds import TensorInfo, _target_kind, detect_kind
-from .mapping.rules import Entry, Plan, TensorSpec
+from ..kinds import target_kind
+from ..mapping.rules import Entry, Plan, TensorSpec
+from ..sources.base import TensorInfo, require
 
 #: ``framework.layout`` of :mod:`ckptfmt.adapters.torch` (``LAYOUT_VERSION``), repeated here
 #: because that module imports torch, which writing weights does not need.
@@ -80,7 +79,7 @@ def output_kind(dst: str | os.PathLike[str]) -> str:
     Raises:
         ConversionError: an ``.onnx`` name (tf2torch does not write ONNX).
     """
-    return _target_kind(os.fspath(dst))
+    return target_kind(os.fspath(dst))
 
 
 def check_output(dst: str, kind: str, overwrite: bool, *, optimizer: bool = False) -> None:
@@ -132,7 +131,8 @@ def _spec_dtype(key: str, spec: TensorSpec) -> np.dtype:
     return np.dtype(numpy_dtype(spec.dtype) if spec.dtype in DTYPE_NAMES else spec.dtype)
 
 
-def _info(key: str, spec: TensorSpec) -> TensorInfo:
+def target_info(key: str, spec: TensorSpec) -> TensorInfo:
+    """A plan target's dtype, shape and size as a :class:`TensorInfo` (its dtype must be known)."""
     dt = _spec_dtype(key, spec)
     return TensorInfo(key, dtype_name(dt), tuple(spec.shape), dt.itemsize * int(np.prod(spec.shape, dtype=np.int64)))
 
@@ -145,7 +145,7 @@ def _checked(key: str, arr: np.ndarray, info: TensorInfo) -> np.ndarray:
 
 
 def _total(plan: Plan) -> int:
-    return sum(_info(k, s).nbytes for k, s in plan.target_specs.items())
+    return sum(target_info(k, s).nbytes for k, s in plan.target_specs.items())
 
 
 def run_plan(plan: Plan, read: Reader, *, progress: bool | None = None) -> dict[str, np.ndarray]:
@@ -196,10 +196,10 @@ def write_safetensors_stream(dst: str, plan: Plan, read: Reader, *, metadata: di
     """
     from ckptfmt.storage.local import LocalStorage
 
-    from ._safetensors import encode_header
+    from ..sources.safetensors import encode_header
 
     specs = plan.target_specs
-    infos = {k: _info(k, s) for k, s in specs.items()}
+    infos = {k: target_info(k, s) for k, s in specs.items()}
     head, size = encode_header(infos.values(), metadata)
     storage = LocalStorage()
     directory = os.path.dirname(os.path.abspath(dst))
@@ -305,150 +305,67 @@ def write_ckptfmt_stream(dst: str, plan: Plan, read: Reader, *, optimizer: Any =
     return save(state, dst, overwrite=overwrite, progress=progress, metadata=metadata)
 
 
-# ----------------------------------------------------------------------- torch side, read
+# ----------------------------------------------------------------------- torch, with optimizer
 
 
-def read_torch_side(src: str) -> dict[str, Any]:
-    """A torch-side checkpoint as ``{"model": {name: array}, "optimizer": ..., ...}``, numpy only.
+def _torch_optimizer(conv: Any, model: Any) -> Any:
+    """A live torch optimizer loaded with the converted state.
 
-    ``src`` is a ``.pt``/``.pth``/``.bin`` file (``{"model", "optimizer", ...}`` as tf2torch
-    writes it, or a bare state_dict; loaded weights-only), a ``.safetensors`` file (weights
-    only), or a ckptfmt checkpoint directory (the :mod:`ckptfmt.torch` layout tf2torch writes,
-    a tree with a ``"model"`` dict, or a bare state_dict). ``"optimizer"`` is a torch
-    ``state_dict()`` with numpy leaves when the checkpoint has one; ``"optimizer_class"`` and
-    ``"iterations"`` are there when it records them.
-
-    Raises:
-        CheckpointNotFoundError: nothing at ``src``.
-        FormatError: a damaged file, or one that is not a checkpoint (names the file).
-        ConversionError: a kind torch2tf does not read (a TF checkpoint, ONNX), or a file
-            that holds no state_dict.
-        FrameworkNotAvailableError: a torch file without torch installed.
+    Through a live optimizer, as torch's own loop would: its load_state_dict fills the keys
+    the conversion does not set and casts the state, so every output holds the same state.
     """
-    kind = detect_kind(src)
-    if kind == "torch":
-        return _read_torch_file(src)
-    if kind == "safetensors":
-        from ._safetensors import SafetensorsSource
+    from ckptfmt.adapters.torch import numpy_to_state
 
-        with SafetensorsSource(src) as s:
-            return {"model": {k: s.get(k) for k in s.keys()}}  # noqa: SIM118 - a Source, not a dict
-    if kind == "ckptfmt":
-        return _read_ckptfmt(src)
-    raise ConversionError(f"{src} is a {kind} checkpoint; torch2tf reads a .pt/.pth/.bin torch file, a .safetensors "
-                          "file or a ckptfmt checkpoint directory (convert it to one of those first)")
+    from .optimizer import optimizer_type
+
+    opt = optimizer_type(conv.optimizer)(model.parameters(), **conv.hyperparameters)
+    opt.load_state_dict(numpy_to_state(conv.state_dict(opt.state_dict())))
+    return opt
 
 
-def _read_torch_file(src: str) -> dict[str, Any]:
-    from ckptfmt.converters.convert import _torch
+def write_ckptfmt(dst: str, plan: Plan, read: Reader, model: Any, conv: Any, report_text: str, source: str,
+                  overwrite: bool, progress: bool | None) -> None:
+    """The ckptfmt destination of tf2torch: weights streamed, the optimizer through a live torch optimizer.
 
-    _torch()  # FrameworkNotAvailableError naming the extra
-    from ckptfmt.adapters.torch import state_to_numpy, tensor_to_numpy
-    from ckptfmt.torch import load_torch_file
+    Example:
+        >>> write_ckptfmt("out/step-3", plan, read, None, None, "", "ckpt-3", False, None)  # doctest: +SKIP
+    """
+    optimizer = None
+    extra: dict[str, Any] = {"conversion_report": report_text}
+    if conv is not None:
+        from ckptfmt.adapters.torch import state_to_numpy
 
-    ckpt = load_torch_file(src)  # weights_only; our errors name the file
-    if not isinstance(ckpt, dict):
-        raise ConversionError(f"{src}: expected a dict (a state_dict or {{'model': ..., 'optimizer': ...}}), got {type(ckpt).__name__}")
-    if "model" not in ckpt:
-        # the layouts of training loops ({"state_dict", "optimizer", "epoch"}; the PyTorch
-        # tutorial's {"model_state_dict", "optimizer_state_dict"}), or a bare state_dict
-        for model_key, opt_key in (("state_dict", "optimizer"), ("model_state_dict", "optimizer_state_dict")):
-            if isinstance(ckpt.get(model_key), dict):
-                rest = {k: v for k, v in ckpt.items() if k not in (model_key, opt_key)}
-                ckpt = {**rest, "model": ckpt[model_key], "optimizer": ckpt.get(opt_key)}
-                break
-        else:
-            ckpt = {"model": ckpt}
-    import torch
-
-    model = ckpt["model"]
-    if not isinstance(model, dict):
-        raise ConversionError(f"{src}: 'model' is a {type(model).__name__}, not a state_dict")
-    # a module's get_extra_state() is no tensor, and no TF variable either
-    model = {k: v for k, v in model.items() if not str(k).endswith("_extra_state")}
-    bad = [f"{k!r} ({type(v).__name__})" for k, v in model.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConversionError(f"{src}: the state_dict holds non-tensors: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-                              "expected a state_dict or {'model': state_dict, 'optimizer': ...}")
-    out = dict(ckpt)
-    out["model"] = {k: tensor_to_numpy(v, k) for k, v in model.items()}
-    if ckpt.get("optimizer") is not None:
-        _check_optimizer(src, ckpt["optimizer"])
-        out["optimizer"] = state_to_numpy(ckpt["optimizer"])[0]
-    return out
+        optimizer = state_to_numpy(_torch_optimizer(conv, model).state_dict())[0]
+        extra.update(optimizer_class=conv.optimizer, optimizer_hyperparameters=dict(conv.hyperparameters))
+    write_ckptfmt_stream(dst, plan, read, optimizer=optimizer, extra=extra, overwrite=overwrite,
+                         progress=progress, metadata={"converted_by": "ckptfmt tf2torch", "source": source})
 
 
-def _check_optimizer(src: str, sd: Any) -> None:
-    """A torch optimizer ``state_dict()``'s structure, checked before anything reads it."""
-    groups = sd.get("param_groups") if isinstance(sd, dict) else None
-    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(groups, list) or not groups:
-        raise ConversionError(f"{src}: 'optimizer' is not a torch optimizer state_dict "
-                              "(a dict with 'state' and a non-empty 'param_groups' list)")
-    params: set[int] = set()
-    for i, g in enumerate(groups):
-        if not isinstance(g, dict) or not isinstance(g.get("params"), list) or "lr" not in g:
-            raise ConversionError(f"{src}: optimizer param_groups[{i}] has no 'params' list or no 'lr'")
-        if not all(_index(p) is not None for p in g["params"]):
-            raise ConversionError(f"{src}: optimizer param_groups[{i}]['params'] holds something other than parameter indices")
-        params.update(_index(p) for p in g["params"])
-    stray = sorted(str(k) for k in sd["state"] if _index(k) not in params)
-    if stray:
-        raise ConversionError(f"{src}: optimizer state for parameter(s) {', '.join(stray)} that no param group lists")
-    odd = sorted(str(k) for k, v in sd["state"].items() if not isinstance(v, dict))
-    if odd:
-        raise ConversionError(f"{src}: optimizer state of parameter(s) {', '.join(odd)} is not a dict of tensors")
+def write_torch_checkpoint(dst: str, weights: dict[str, np.ndarray], model: Any, conv: Any, report_text: str) -> None:
+    """``torch.save`` of ``{"model", "optimizer", "optimizer_class", ...}``, atomically.
 
+    Example:
+        >>> write_torch_checkpoint("run.pt", weights, model, conv, "")  # doctest: +SKIP
+    """
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    torch = require("torch", "tf2torch/torch2tf conversion")
+    from ckptfmt.adapters.torch import numpy_to_tensor
 
-def _index(value: Any) -> int | None:
-    """A parameter index (an int, or its decimal string in a ckptfmt tree), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
-
-
-def _read_ckptfmt(src: str) -> dict[str, Any]:
-    import ckptfmt.api
-
-    tree = ckptfmt.api.load(src, mmap=True)  # read-only views, hash-checked; nothing copied
-    if not isinstance(tree, dict):
-        raise ConversionError(f"{src}: the checkpoint holds a {type(tree).__name__}, not a state_dict or {{'model': ...}}")
-    if not isinstance(tree.get("model"), dict):
-        return {"model": _flat(src, tree)}
-    aliases = tree.get("aliases") or {}
-    model = dict(tree["model"])
-    for name, target in aliases.items():  # tied weights are stored once (ckptfmt.torch)
-        sec, _, key = name.partition("/")
-        tsec, _, tkey = target.partition("/")
-        if sec == tsec == "model":
-            model[_unescape(key)] = model[_unescape(tkey)]
-    out: dict[str, Any] = {"model": _flat(src, model)}
-    if isinstance(tree.get("optimizer"), dict):
-        _check_optimizer(src, tree["optimizer"])
-        out["optimizer"] = tree["optimizer"]
-    extra = tree.get("extra") if isinstance(tree.get("extra"), dict) else {}
-    for k in ("optimizer_class", "iterations"):
-        if k in tree or k in extra:
-            out[k] = tree.get(k, extra.get(k))
-    return out
-
-
-def _unescape(key: str) -> str:
-    return key.replace("~1", "/").replace("~0", "~")
-
-
-def _flat(src: str, tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(src, v, name + "/"))
-        elif isinstance(v, np.ndarray):
-            out[name] = v
-    if not out and not prefix:
-        raise ConversionError(f"{src}: the checkpoint holds no tensors")
-    return out
-
+    # Shares the arrays' memory (bfloat16/float8 through a bit view); nothing is copied.
+    state_dict = {k: numpy_to_tensor(v) for k, v in weights.items()}
+    out: dict[str, Any] = {"model": state_dict}
+    if conv is not None:
+        model.load_state_dict(state_dict)
+        out.update(optimizer=_torch_optimizer(conv, model).state_dict(), optimizer_class=conv.optimizer,
+                   optimizer_hyperparameters=dict(conv.hyperparameters))
+    out["conversion_report"] = report_text
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(out, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

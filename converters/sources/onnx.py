@@ -5,7 +5,7 @@ external file beside the model) is read only when asked for. Initializers of sub
 (``If``/``Loop`` bodies) and ``Constant`` nodes are not listed.
 
 Example:
-    >>> from ckptfmt.converters._onnx import OnnxSource
+    >>> from ckptfmt.converters.sources.onnx import OnnxSource
     >>> with OnnxSource("model.onnx") as src:  # doctest: +SKIP
     ...     [t.name for t in src.tensors()]
 """
@@ -22,17 +22,10 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.converters.kinds import (
-    ConvertResult,
-    Source,
-    TensorInfo,
-    _check_dst,
-    _dtype_str,
-    _first_line,
-    _make_report,
-    open_any,
-)
 from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, FrameworkNotAvailableError, TensorNotFoundError, UnmappedKeyError
+
+from . import open_any
+from .base import ConvertResult, Source, TensorInfo, check_destination, dtype_str, first_line, make_report
 
 #: protobuf cannot serialize a message of 2 GiB; above this, tensors go to external data.
 _PROTO_LIMIT = 1_800_000_000
@@ -73,7 +66,7 @@ def _load_model(path: str, *, external: bool) -> Any:
     try:
         return onnx.load(path, load_external_data=external)
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
-        raise FormatError(f"{path}: not a readable ONNX model ({_first_line(e)}); the file is truncated or not ONNX") from e
+        raise FormatError(f"{path}: not a readable ONNX model ({first_line(e)}); the file is truncated or not ONNX") from e
 
 
 class OnnxSource(Source):
@@ -88,6 +81,11 @@ class OnnxSource(Source):
         self._base = os.path.dirname(os.path.abspath(path))
         self._inits = {t.name: t for t in self._model.graph.initializer}
 
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        """A file named ``.onnx``."""
+        return os.path.isfile(path) and path.lower().endswith(".onnx")
+
     def keys(self) -> list[str]:
         return list(self._inits)
 
@@ -100,7 +98,7 @@ class OnnxSource(Source):
     def info(self, name: str) -> TensorInfo:
         t = self._init(name)
         dt = _np_dtype(self._onnx, t.data_type)
-        dtype = "string" if t.data_type == self._onnx.TensorProto.STRING else (_dtype_str(dt) if dt is not None else f"onnx:{t.data_type}")
+        dtype = "string" if t.data_type == self._onnx.TensorProto.STRING else (dtype_str(dt) if dt is not None else f"onnx:{t.data_type}")
         n = _nbytes(self._onnx, t)
         return TensorInfo(name, dtype, tuple(int(d) for d in t.dims), n if n is not None else 0)
 
@@ -112,7 +110,7 @@ class OnnxSource(Source):
         try:
             return numpy_helper.to_array(t, base_dir=self._base)
         except (OSError, ValueError) as e:
-            raise FormatError(f"{self.path}: initializer {name!r} cannot be read: {_first_line(e)}") from e
+            raise FormatError(f"{self.path}: initializer {name!r} cannot be read: {first_line(e)}") from e
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -142,7 +140,7 @@ class OnnxSource(Source):
             model = _load_model(path, external=False)
         except FormatError as e:
             problems.append(Problem("header", str(e), file=path))
-            return _make_report(path, problems, t0)
+            return make_report(path, problems, t0)
         base = os.path.dirname(os.path.abspath(path))
         checked = nbytes = 0
         inits = list(model.graph.initializer)
@@ -174,8 +172,8 @@ class OnnxSource(Source):
         try:
             onnx.checker.check_model(path)  # the path form follows external data and allows > 2 GiB
         except Exception as e:
-            problems.append(Problem("checker", f"{path}: onnx.checker: {_first_line(e)}", file=path))
-        return _make_report(path, problems, t0, tensors=len(inits), checked=checked, nbytes=nbytes, version=f"ir {model.ir_version}")
+            problems.append(Problem("checker", f"{path}: onnx.checker: {first_line(e)}", file=path))
+        return make_report(path, problems, t0, tensors=len(inits), checked=checked, nbytes=nbytes, version=f"ir {model.ir_version}")
 
 
 def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, allow_unknown: bool, overwrite: bool) -> ConvertResult:
@@ -183,7 +181,7 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
     onnx = _onnx()
     from onnx import numpy_helper
 
-    _check_dst(out, overwrite)
+    check_destination(out, overwrite)
     if os.path.abspath(out) == os.path.abspath(model_path):
         raise ConversionError(f"{out}: the output must be a new file, not the model being filled in")
     model = _load_model(model_path, external=True)
@@ -202,7 +200,7 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
                 continue
             t = model.graph.initializer[index[n]]
             dt = _np_dtype(onnx, t.data_type)
-            want = (_dtype_str(dt) if dt is not None else f"onnx:{t.data_type}", tuple(int(d) for d in t.dims))
+            want = (dtype_str(dt) if dt is not None else f"onnx:{t.data_type}", tuple(int(d) for d in t.dims))
             info = s.info(n)
             if (info.dtype, info.shape) != want:
                 mismatched.append(f"{n}: {info.dtype}{list(info.shape)} in {src}, {want[0]}{list(want[1])} in the model")
@@ -235,5 +233,5 @@ def export_onnx(src: str, model_path: str, out: str, *, allow_missing: bool, all
         for p in (out, data_path if external else None):
             if p and os.path.exists(p):
                 os.remove(p)
-        raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {_first_line(e)}") from e
+        raise ConversionError(f"{out}: the filled-in model fails onnx.checker or cannot be saved: {first_line(e)}") from e
     return ConvertResult(out, "onnx", written, nbytes)
