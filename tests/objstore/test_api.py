@@ -318,3 +318,78 @@ def test_save_uploads_load_and_verify_fetch_in_parallel():
     finally:
         del storage.fs.cat_file
     assert all(np.array_equal(out[k], st[k]) for k in st)
+
+
+# -- the run-directory verbs over URLs: manager, retention, gc, remove, compact, history -----
+
+
+def test_manager_retention_async_and_restore_over_a_url(objstore):
+    o = objstore.options
+    run = objstore.url("run")
+    states = {}
+    with ckptfmt.CheckpointManager(run, max_to_keep=2, async_save=True, storage_options=o) as mgr:
+        for step in range(1, 6):
+            st = _state(step, rows=300)
+            states[step] = st
+            assert mgr.save(step, st, metadata={"step": step})
+        mgr.wait()
+        assert mgr.all_steps() == [4, 5]
+        assert _equal(mgr.restore(), states[5])
+        assert _equal(mgr.restore(4), states[4])
+        with pytest.raises(ckptfmt.CheckpointLockedError):
+            ckptfmt.CheckpointManager(run, storage_options=o)  # one manager per run
+    from ckptfmt.manager import history
+
+    h = history(run, storage_options=o)
+    assert [e.step for e in h] == [4, 5] and h[1].parent == "step-4"
+    # Retention freed the store data only the removed steps used: a gc finds nothing more.
+    rep = ckptfmt.gc(run, grace_seconds=0, storage_options=o)
+    assert rep.deleted == () and not rep.unreadable
+    for s in (4, 5):
+        assert ckptfmt.verify(f"{run}/step-{s}", storage_options=o).ok
+    # The lock object is gone with the manager: a new one opens at once.
+    ckptfmt.CheckpointManager(run, storage_options=o).close()
+
+
+def test_remove_gc_and_compact_over_a_url(objstore):
+    o = objstore.options
+    run = objstore.url("run")
+    a, b = f"{run}/a", f"{run}/b"
+    st = _state(5)
+    ckptfmt.save(st, a, shared_store=True, storage_options=o)
+    st["model"]["bias"][:] = 0
+    ckptfmt.save(st, b, parent=a, storage_options=o)
+    ckptfmt.remove(a, storage_options=o)
+    with pytest.raises(CheckpointNotFoundError):
+        ckptfmt.open(a, storage_options=o)
+    assert _equal(ckptfmt.load(b, storage_options=o), st)  # b's shared data survived a's removal
+    ckptfmt.compact(b, storage_options=o)
+    rep = ckptfmt.gc(run, grace_seconds=0, storage_options=o)
+    assert rep.deleted, "the store data nobody uses after compact is freed"
+    assert _equal(ckptfmt.load(b, storage_options=o), st) and ckptfmt.verify(b, storage_options=o).ok
+
+
+def test_compact_to_a_local_portable_copy(objstore, tmp_path):
+    o = objstore.options
+    run = objstore.url("run")
+    st = _state(6)
+    ckptfmt.save(st, f"{run}/a", shared_store=True, storage_options=o)
+    ckptfmt.compact(f"{run}/a", to=str(tmp_path / "copy"), storage_options=o)
+    assert _equal(ckptfmt.load(str(tmp_path / "copy")), st) and ckptfmt.verify(str(tmp_path / "copy")).ok
+
+
+def test_a_crashed_managers_lock_object_is_named(moto_s3):
+    """An object store cannot tell that a lock holder died: the next manager is refused with
+    a message naming the lock object; deleting it lets the run go on."""
+    o = moto_s3.options
+    run = moto_s3.url("run")
+    mgr = ckptfmt.CheckpointManager(run, storage_options=o)
+    mgr.save(1, _state(1, rows=10))
+    mgr._lock = None  # the process "dies" holding the lock: nothing releases it
+    with pytest.raises(ckptfmt.CheckpointLockedError, match=r"\.ckptfmt\.lock") as e:
+        ckptfmt.CheckpointManager(run, storage_options=o)
+    assert "delete" in str(e.value)
+    storage, _ = resolve(run, storage_options=o)
+    storage.delete(f"{run}/.ckptfmt.lock")
+    with ckptfmt.CheckpointManager(run, storage_options=o) as m2:
+        assert m2.latest_step() == 1
