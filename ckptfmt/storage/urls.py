@@ -154,16 +154,3 @@ def resolve(path: Any, storage: Storage | None = None, storage_options: dict | N
         if st is None:
             st = _cache[key] = _fsspec_storage(sch, storage_options or {})
     return st, url
-
-
-def check_local(path: Any, what: str) -> str:
-    """``path`` as a local path, refusing URLs for verbs that work only on local directories."""
-    p = os.fspath(path)
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
-    if is_url(p):
-        storage, _ = resolve(p)  # unknown schemes and missing extras are reported as such
-        if isinstance(storage, LocalStorage):
-            return _scheme_of(p)[1]
-        raise UnsupportedURLError(f"{what} does not support object-store URLs yet: {p!r}")
-    return p

@@ -46,9 +46,10 @@ from typing import Any
 import numpy as np
 
 from ckptfmt._progress import progress_bar
-from ckptfmt.errors import CheckpointExistsError, ConversionError
+from ckptfmt.errors import CheckpointExistsError, ConversionError, UnsupportedURLError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
 from ckptfmt.format.spec import MANIFEST_NAME
+from ckptfmt.storage.urls import is_url, resolve
 
 from ..kinds import target_kind
 from ..mapping.rules import Entry, Plan, TensorSpec
@@ -96,6 +97,16 @@ def check_output(dst: str, kind: str, overwrite: bool, *, optimizer: bool = Fals
     if kind == "safetensors" and optimizer:
         raise ConversionError(f"{dst}: a .safetensors file holds weights only: pass --no-optimizer, "
                               "or write a .pt file or a ckptfmt checkpoint directory")
+    if is_url(dst):
+        if kind != "ckptfmt":
+            raise UnsupportedURLError(f"{dst}: object stores take ckptfmt checkpoints; write the {kind} file locally")
+        storage, url = resolve(dst)
+        names = storage.listdir(url)
+        if names and MANIFEST_NAME not in names:
+            raise CheckpointExistsError(f"{dst} holds objects but no ckptfmt checkpoint; refusing to write into it")
+        if names and not overwrite:
+            raise CheckpointExistsError(f"a ckptfmt checkpoint exists at {dst}; pass overwrite=True (--overwrite) to replace it")
+        return
     if kind != "ckptfmt":
         if os.path.isdir(dst):
             raise CheckpointExistsError(f"{dst} is a directory; a {kind} destination is a file")
