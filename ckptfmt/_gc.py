@@ -21,7 +21,7 @@ from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, Forma
 from ckptfmt.format.spec import MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
 from ckptfmt.format.tree import TensorRef
 from ckptfmt.storage.base import Storage
-from ckptfmt.storage.local import LocalStorage
+from ckptfmt.storage.urls import is_url, resolve
 
 #: Files outside the store younger than this may belong to a save still in progress elsewhere
 #: (saves of self-contained checkpoints take no lock).
@@ -59,7 +59,8 @@ def collect(storage: Storage, directory: str, *, dry_run: bool = False, grace_se
 
 
 def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS,
-       storage: Storage | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT) -> GcReport:
+       storage: Storage | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT,
+       storage_options: dict | None = None) -> GcReport:
     """Free the data no complete checkpoint in ``directory`` refers to.
 
     Deletes unreferenced files of the run's shared store, unreferenced data files in
@@ -84,8 +85,7 @@ def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: fl
         >>> ckptfmt.gc(tempfile.mkdtemp()).deleted
         ()
     """
-    storage = storage or LocalStorage()
-    directory = os.fspath(directory)
+    storage, directory = resolve(directory, storage, storage_options)
     if not storage.isdir(directory):
         raise CheckpointNotFoundError(f"no directory {directory}")
     try:
@@ -116,7 +116,7 @@ def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def run_info(directory: str | os.PathLike, *, storage: Storage | None = None) -> RunInfo:
+def run_info(directory: str | os.PathLike, *, storage: Storage | None = None, storage_options: dict | None = None) -> RunInfo:
     """The checkpoints of a run directory and what its shared store holds (read-only).
 
     ``is_store`` is true when ``directory`` is itself a run's ``ckptfmt-store``.
@@ -127,8 +127,7 @@ def run_info(directory: str | os.PathLike, *, storage: Storage | None = None) ->
         >>> info = ckptfmt.run_info(d); [os.path.basename(c) for c in info.checkpoints], info.store_files
         (['s1'], 1)
     """
-    storage = storage or LocalStorage()
-    directory = os.fspath(directory)
+    storage, directory = resolve(directory, storage, storage_options)
     parent, name = split(directory)
     if name == STORE_NAME and read_marker(storage, parent):
         return RunInfo(directory, (), is_store=True)
@@ -168,7 +167,8 @@ def remove_locked(storage: Storage, directory: str, names: list[str]) -> GcRepor
     return _report(directory, out, v, False)
 
 
-def remove(path: str | os.PathLike, *, storage: Storage | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT) -> GcReport:
+def remove(path: str | os.PathLike, *, storage: Storage | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT,
+           storage_options: dict | None = None) -> GcReport:
     """Delete a checkpoint without breaking others that share its data.
 
     The manifest goes first (durably: the checkpoint stops existing), then every file of
@@ -191,8 +191,7 @@ def remove(path: str | os.PathLike, *, storage: Storage | None = None, timeout: 
         >>> _ = ckptfmt.remove(p); os.path.exists(p)
         False
     """
-    storage = storage or LocalStorage()
-    path = os.fspath(path)
+    storage, path = resolve(path, storage, storage_options)
     directory, name = _checkpoint_entry(storage, path)
     with run_lock(storage, directory, timeout=timeout):
         if not any(e.name == MANIFEST_NAME and e.kind == "file" for e in storage.scan(path)):
@@ -225,7 +224,8 @@ def _deferred_state(reader):
     return walk(reader.tree)
 
 
-def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, storage: Storage | None = None) -> str:
+def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, storage: Storage | None = None,
+            storage_options: dict | None = None) -> str:
     """Rewrite a checkpoint as a self-contained one: all its data in its own directory.
 
     In place (atomically) by default, or as a new checkpoint at ``to`` (a portable copy:
@@ -236,8 +236,10 @@ def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, sto
 
     Args:
         path: the checkpoint.
-        to: write the self-contained copy there instead of replacing ``path``.
-        storage: a storage backend (default: the local filesystem).
+        to: write the self-contained copy there instead of replacing ``path`` (it may be on
+            another storage: ``compact("s3://b/run/step-9", to="/tmp/step-9")``).
+        storage: a storage backend (default: chosen from ``path``).
+        storage_options: options for an object store's filesystem (see :func:`ckptfmt.save`).
 
     Example:
         >>> import numpy as np, ckptfmt, tempfile, os
@@ -247,8 +249,14 @@ def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, sto
         >>> _ = ckptfmt.compact(b); ckptfmt.open(b).manifest.parent is None
         True
     """
-    storage = storage or LocalStorage()
-    path = os.fspath(path)
+    explicit = storage is not None
+    storage, path = resolve(path, storage, storage_options)
+    if to is None:
+        to_storage, dest = storage, path
+    elif explicit:
+        to_storage, dest = storage, os.fspath(to)
+    else:
+        to_storage, dest = resolve(to, None, storage_options if is_url(os.fspath(to)) else None)
     directory, _ = split(path)
     with open_reader(path, storage) as reader:
         m = reader.manifest
@@ -262,8 +270,7 @@ def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, sto
         lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared else None
         try:
             reader = open_reader(path, storage)  # re-read under the lock
-            dest = path if to is None else os.fspath(to)
-            return write_checkpoint(_deferred_state(reader), dest, storage, metadata=m.metadata, overwrite=to is None,
+            return write_checkpoint(_deferred_state(reader), dest, to_storage, metadata=m.metadata, overwrite=to is None,
                                     chunk_size=m.chunk_size, hash_alg=m.hash_alg, shared_store=False, lock_held=True)
         finally:
             reader.close()

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ckptfmt._pool import pool
+from ckptfmt._pool import io_pool, pool
 from ckptfmt.errors import CheckpointNotFoundError, FormatError, IntegrityError, TensorNotFoundError
 from ckptfmt.format.dtypes import numpy_dtype
 from ckptfmt.format.hashing import get_hash
@@ -30,6 +30,8 @@ _WINDOW = 256 << 10
 #: Chunks are handed to the pool in batches of about this many bytes (fewer round trips).
 _BATCH_BYTES = 16 << 20
 _BATCH_CHUNKS = 512
+#: On object stores, adjacent chunks are fetched together up to this many bytes a GET.
+_REMOTE_RUN = 16 << 20
 
 
 def read_manifest(path: str, storage: Storage, *, check_hash: bool = True) -> Manifest:
@@ -281,9 +283,51 @@ class CheckpointReader:
         if verify:
             self._check(task.entry, task.k, task.dest)
 
+    def _read_run(self, run: list, verify: bool) -> None:
+        f, off, length, tasks = run
+        if len(tasks) == 1:
+            self._read_chunk(tasks[0], verify)
+            return
+        buf = bytearray(length)
+        got = self._handle(f).readinto(off, memoryview(buf))
+        pos = 0
+        for t in tasks:
+            n = len(t.dest)
+            if pos + n > got:
+                raise IntegrityError(
+                    f"tensor {t.entry.name!r}, chunk {t.k}: expected {n} bytes at offset {off + pos} of "
+                    f"{self.manifest.files[f].path}, got {max(0, got - pos)} (file truncated)"
+                )
+            t.dest[:] = memoryview(buf)[pos : pos + n]
+            pos += n
+            if verify:
+                self._check(t.entry, t.k, t.dest)
+
     def _run(self, tasks: list[_Task], verify: bool) -> None:
         """Read (and verify) chunks, in parallel when there is enough to share."""
         if not tasks:
+            return
+        if self.storage.io_concurrency and len(tasks) > 1:
+            # Object stores: neighbouring chunks of one tensor in one file are fetched with one
+            # ranged GET (up to _REMOTE_RUN bytes), many GETs in flight; each chunk is hashed
+            # by the thread that fetched it, as soon as it arrives.
+            runs: list[list] = []  # [file, offset, length, tasks]
+            for t in tasks:
+                f, off, length = self._chunk_location(t.entry, t.k)
+                last = runs[-1] if runs else None
+                if (last is not None and last[0] == f and last[1] + last[2] == off and last[2] + length <= _REMOTE_RUN
+                        and last[3][-1].entry is t.entry and last[3][-1].k + 1 == t.k):
+                    last[2] += length
+                    last[3].append(t)
+                else:
+                    runs.append([f, off, length, [t]])
+            futures = [io_pool().submit(self._read_run, r, verify) for r in runs]
+            try:
+                for fut in futures:
+                    fut.result()
+            finally:
+                for fut in futures:
+                    fut.cancel()
             return
         total = sum(len(t.dest) for t in tasks)
         if total < 2 * _BATCH_BYTES or len(tasks) == 1:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._pool import pool, workers
+from ckptfmt._pool import io_pool, pool, workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import read_manifest, symlink_message
 from ckptfmt.errors import CheckpointNotFoundError, FormatError
@@ -136,7 +136,8 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
     jobs = [(e, k) for e in entries for k in range(e.num_chunks) if usable[int(m.chunk_file[e.first_chunk + k])]]
     total = sum(m.chunk_length(e, k) for e, k in jobs)
     bar = progress_bar(total, f"verifying {path}", progress)
-    nworkers = workers()
+    remote = storage.io_concurrency > 0
+    nworkers = storage.io_concurrency if remote else workers()
     slices = [jobs[w::nworkers] for w in range(nworkers)]
 
     def work(part: list) -> tuple[list[Problem], int, int]:
@@ -168,7 +169,8 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
                 h.close()
         return found, nchunks, nbytes
 
-    results = [f.result() for f in [pool().submit(work, s) for s in slices]]
+    executor = io_pool() if remote else pool()
+    results = [f.result() for f in [executor.submit(work, s) for s in slices]]
     bar.close()
     nchunks = nbytes = 0
     for found, c, b in results:

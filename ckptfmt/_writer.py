@@ -15,7 +15,7 @@ import numpy as np
 
 from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, read_checkpoint, split
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
-from ckptfmt._pool import pool, workers
+from ckptfmt._pool import io_pool, pool, workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import read_manifest
 from ckptfmt.errors import (
@@ -159,28 +159,118 @@ def _chunks(arr: np.ndarray, chunk_size: int) -> Iterator[memoryview]:
         yield memoryview(buf)[:fill]
 
 
-def _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window) -> None:
+class _DataFiles:
+    """The data files of one save: which one is being written, rolling over, closing.
+
+    Object stores close (upload) files in the background, a few at once; the manifest is
+    written only after :meth:`drain` has seen every upload succeed.
+    """
+
+    def __init__(self, storage: Storage, data_dir: str, builder: ManifestBuilder, sync: bool, total: int,
+                 *, shared_store: bool, token: str) -> None:
+        self.storage, self.data_dir, self.builder, self.sync = storage, data_dir, builder, sync
+        self.shared_store, self.token = shared_store, token
+        self.handle = None
+        self.index = -1
+        self.written: list[str] = []
+        self.own: list[int] = []  # manifest file indices of the files this save wrote
+        self._pending: deque = deque()
+        self._parallel = max(0, int(storage.max_file_size and storage.write_concurrency or 0))
+        split_at = storage.max_file_size
+        if split_at:
+            # Stay within the format's limit on data files however large the state is.
+            split_at = max(int(split_at), -(-total // (LIMITS.max_files // 2)))
+        self.split = split_at
+        self.target = split_at or DATA_FILE_TARGET
+
+    def start(self) -> None:
+        self.finish()
+        n = len(self.written)
+        fname = f"pack-{self.token}-{n:05d}{DATA_SUFFIX}" if self.shared_store else f"data-{n:05d}-{self.token}{DATA_SUFFIX}"
+        target = self.storage.join(self.data_dir, fname)
+        try:
+            self.handle = self.storage.open_write(target, durable=self.sync)
+        except FileNotFoundError:
+            self.storage.makedirs(self.data_dir)  # a gc emptied and removed a directory we just made
+            self.handle = self.storage.open_write(target, durable=self.sync)
+        self.written.append(fname)
+        self.index = self.builder.add_file(STORE_PREFIX + fname if self.shared_store else fname)
+        self.own.append(self.index)
+
+    def before_tensor(self, nbytes: int) -> None:
+        h = self.handle
+        if h is None or (h.tell() and h.tell() + nbytes > self.target and (self.split is None or nbytes <= self.split)):
+            self.start()
+        pad = -self.handle.tell() % ALIGNMENT
+        if pad:
+            self.handle.write(_ZEROS[:pad])
+
+    def before_chunk(self, nbytes: int) -> None:
+        """Start a new file if this chunk would push the current one past the split size."""
+        if self.split is not None and self.handle.tell() and self.handle.tell() + nbytes > self.split:
+            self.start()
+
+    def finish(self) -> None:
+        h, self.handle = self.handle, None
+        if h is None:
+            return
+        self.builder.set_file_size(self.index, h.tell())
+        if not self._parallel:
+            h.close(sync=self.sync)
+            return
+        self._pending.append(io_pool().submit(h.close, sync=self.sync))
+        while len(self._pending) > self._parallel:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        self.finish()
+        while self._pending:
+            self._pending.popleft().result()
+
+    def abort(self) -> None:
+        """After a failure: stop, wait for uploads in flight, delete every file of this save."""
+        if self.handle is not None:
+            try:
+                self.handle.close(sync=False)
+            except OSError:
+                pass
+            self.handle = None
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except BaseException:  # noqa: BLE001 - the first error is already being raised
+                pass
+        paths = [self.storage.join(self.data_dir, f) for f in self.written]
+        try:
+            self.storage.delete_many(paths)
+        except OSError:
+            pass
+
+
+def _write_tensor(arr, chunk_size, hasher, files, builder, bar, window) -> None:
     """Write every chunk; hash on the pool while this thread writes (both release the GIL)."""
     pending: deque = deque()
     for chunk in _chunks(arr, chunk_size):
+        files.before_chunk(len(chunk))
+        handle = files.handle
         offset = handle.tell()
         if len(chunk) < _INLINE_HASH_BYTES and not pending:
-            builder.add_chunk(file_index, offset, hasher.digest(chunk))
+            builder.add_chunk(files.index, offset, hasher.digest(chunk))
             handle.write(chunk)
             bar.update(len(chunk))
             continue
-        pending.append((pool().submit(hasher.digest, chunk), offset))
+        pending.append((pool().submit(hasher.digest, chunk), files.index, offset))
         handle.write(chunk)
         bar.update(len(chunk))
         while len(pending) > window:
-            fut, off = pending.popleft()
-            builder.add_chunk(file_index, off, fut.result())
+            fut, f, off = pending.popleft()
+            builder.add_chunk(f, off, fut.result())
     while pending:
-        fut, off = pending.popleft()
-        builder.add_chunk(file_index, off, fut.result())
+        fut, f, off = pending.popleft()
+        builder.add_chunk(f, off, fut.result())
 
 
-def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base, same=None) -> None:
+def _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_ref, base, same=None) -> None:
     """Hash every chunk (ahead, on the pool); write only those that differ from the parent's.
 
     ``same[k]`` true means chunk k is already known to be byte-identical to the parent's
@@ -201,10 +291,13 @@ def _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, wind
         if ref is not None:
             builder.add_chunk(ref[0], ref[1], digest)
         else:
+            pad = -files.handle.tell() % ALIGNMENT
+            files.before_chunk(pad + len(chunk))
+            handle = files.handle
             pad = -handle.tell() % ALIGNMENT
             if pad:
                 handle.write(_ZEROS[:pad])
-            builder.add_chunk(file_index, handle.tell(), digest)
+            builder.add_chunk(files.index, handle.tell(), digest)
             handle.write(chunk)
         bar.update(len(chunk))
 
@@ -228,7 +321,7 @@ class _ParentRef:
 
     def __init__(self, parent: str, child: str, storage: Storage) -> None:
         (p_dir, p_name), (c_dir, c_name) = split(parent), split(child)
-        if os.path.normpath(p_dir) != os.path.normpath(c_dir) or p_name == c_name:
+        if storage.normpath(p_dir) != storage.normpath(c_dir) or p_name == c_name:
             raise ValueError(
                 f"the parent of an incremental save must be a sibling checkpoint directory: "
                 f"{parent} is not beside {child}"
@@ -421,45 +514,17 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
         storage.makedirs(path)
         data_dir = path
         token = secrets.token_hex(4)
-    written: list[str] = []
-    own: list[int] = []
     total = sum(int(a.nbytes) for _, a in tensors)
-    bar = progress_bar(total, f"saving {os.path.basename(path)}", progress)
-    handle = None
+    files = _DataFiles(storage, data_dir, builder, sync, total, shared_store=shared_store, token=token)
+    bar = progress_bar(total, f"saving {split(path)[1]}", progress)
     window = 2 * workers()
-
-    def open_next():
-        n = len(written)
-        fname = f"pack-{token}-{n:05d}{DATA_SUFFIX}" if shared_store else f"data-{n:05d}-{token}{DATA_SUFFIX}"
-        target = storage.join(data_dir, fname)
-        try:
-            h = storage.open_write(target, durable=sync)
-        except FileNotFoundError:
-            storage.makedirs(data_dir)  # a gc emptied and removed a directory we just made
-            h = storage.open_write(target, durable=sync)
-        written.append(fname)
-        idx = builder.add_file(STORE_PREFIX + fname if shared_store else fname)
-        own.append(idx)
-        return h, idx
-
     small_max = min(chunk_size, _INLINE_HASH_BYTES)
     digest = hasher.function
     try:
-        file_index = -1
         for tname, arr in tensors:
             builder.add_tensor(tname, dtype_name(arr.dtype), arr.shape if type(arr) is np.ndarray else tuple(int(d) for d in arr.shape))
             nbytes = int(arr.nbytes)
-            pos = handle.tell() if handle is not None else 0
-            if handle is None or (pos and pos + nbytes > DATA_FILE_TARGET):
-                if handle is not None:
-                    builder.set_file_size(file_index, handle.tell())
-                    handle.close(sync=sync)
-                handle, file_index = open_next()
-                pos = 0
-            pad = -pos % ALIGNMENT
-            if pad:
-                handle.write(_ZEROS[:pad])
-                pos += pad
+            files.before_tensor(nbytes)
             if isinstance(arr, DeferredTensor):
                 arr = arr.materialize(tname)  # rebound: dropped once written
             base = parent_ref.match(tname, arr) if parent_ref is not None else None
@@ -471,20 +536,18 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
                         data = memoryview(arr).cast("B")
                     except (ValueError, TypeError):  # ml_dtypes types have no buffer format
                         data = memoryview(arr.reshape(-1).view(np.uint8))
-                    builder.add_chunk(file_index, pos, digest(data))
-                    handle.write(data)
+                    files.before_chunk(nbytes)
+                    builder.add_chunk(files.index, files.handle.tell(), digest(data))
+                    files.handle.write(data)
                     bar.update(nbytes)
             elif base is None:
-                _write_tensor(arr, chunk_size, hasher, handle, builder, file_index, bar, window)
+                _write_tensor(arr, chunk_size, hasher, files, builder, bar, window)
             else:
                 same = same_as_parent(tname, arr, chunk_size) if same_as_parent is not None else None
-                _write_delta(arr, chunk_size, hasher, handle, builder, file_index, bar, window, parent_ref, base, same)
-        if handle is not None:
-            builder.set_file_size(file_index, handle.tell())
-            handle.close(sync=sync)
-            handle = None
+                _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_ref, base, same)
+        files.drain()  # every data file durable (uploaded) before the manifest names it
         if shared_store:
-            extra["wrote"] = own
+            extra["wrote"] = files.own
             if parent_ref is not None and parent_ref.store_files:
                 # Belt and braces under the lock: everything shared is still there, at its size.
                 there = {e.name: e.size for e in storage.scan(data_dir) if e.kind == "file"}
@@ -496,20 +559,19 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
                         )
             storage.makedirs(path)
         data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time(), extra=extra)
-        storage.write_atomic(manifest_path, data, sync=sync)
+        try:
+            # Without overwrite the manifest must not exist: the backend decides atomically,
+            # so of two writers racing for one path exactly one commits.
+            storage.write_atomic(manifest_path, data, sync=sync, exclusive=not overwrite)
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"a checkpoint already exists at {path} (another writer committed it first); "
+                "pass overwrite=True to replace it"
+            ) from None
     except BaseException as exc:
         bar.close()
-        if handle is not None:
-            try:
-                handle.close(sync=False)
-            except OSError:
-                pass
-        for fname in written:
-            try:
-                storage.delete(storage.join(data_dir, fname))
-            except OSError:
-                pass
-        if created:  # a failed save to a new path leaves no empty directory behind
+        files.abort()
+        if created:
             try:
                 storage.rmdir(path)  # only if empty: nothing of anyone else's is touched
             except OSError:
@@ -518,7 +580,7 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
             raise storage_error(exc, path, "saving checkpoint") from exc
         raise
     bar.close()
-    stale = set(old_files) - (set() if shared_store else set(written))
+    stale = set(old_files) - (set() if shared_store else set(files.written))
     if stale:
         free_stale(storage, directory, name, stale)
     return builder.digest.hex()

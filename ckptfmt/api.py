@@ -17,13 +17,13 @@ from ckptfmt._writer import write_checkpoint
 from ckptfmt.format.hashing import DEFAULT_HASH
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE
 from ckptfmt.storage.base import Storage
-from ckptfmt.storage.local import LocalStorage
+from ckptfmt.storage.urls import is_url, resolve
 
 PathLike = str | os.PathLike
 
 
-def _storage(storage: Storage | None) -> Storage:
-    return storage if storage is not None else LocalStorage()
+def _resolve(path: PathLike, storage: Storage | None, storage_options: dict | None) -> tuple[Storage, str]:
+    return resolve(path, storage, storage_options)
 
 
 def save(
@@ -40,6 +40,7 @@ def save(
     parent: PathLike | None = None,
     shared_store: bool | None = None,
     storage: Storage | None = None,
+    storage_options: dict | None = None,
 ) -> str:
     """Save a state tree as a checkpoint directory.
 
@@ -52,7 +53,9 @@ def save(
         state: nested dicts (str or int keys), lists and tuples whose leaves are numpy
             arrays/scalars or plain values (int, float, bool, str, bytes, None). The same
             array object appearing twice is stored once and loaded back as one array.
-        path: the checkpoint directory to create.
+        path: the checkpoint directory to create: a local path or an object-store URL
+            (``s3://bucket/runs/ck``, ``gs://``, ``az://``, ``memory://``; see
+            :func:`ckptfmt.storage.urls.resolve`).
         metadata: any msgpack-serialisable value, returned by ``open(path).metadata``.
         overwrite: replace an existing checkpoint at ``path`` (atomically).
         chunk_size: bytes per chunk (a multiple of 64 between 4 KiB and 1 GiB).
@@ -68,7 +71,9 @@ def save(
             ``path`` (default: when ``parent`` is given), so that later incremental saves can
             share it. The checkpoint directory then holds only its manifest: copy it with
             ``ckptfmt compact SRC --to DST``, not ``cp -r``.
-        storage: a storage backend (default: the local filesystem).
+        storage: a storage backend (default: chosen from ``path``).
+        storage_options: options for an object store's fsspec filesystem (credentials,
+            ``endpoint_url``); by default the usual environment (``AWS_ENDPOINT_URL``...).
 
     Returns:
         The checkpoint's identity: the hex hash of its manifest.
@@ -83,10 +88,20 @@ def save(
         >>> p = os.path.join(tempfile.mkdtemp(), "ck")
         >>> _ = ckptfmt.save({"w": np.zeros((4, 4), np.float32), "step": 3}, p, metadata={"run": "a"})
     """
+    explicit = storage is not None
+    storage, path = _resolve(path, storage, storage_options)
+    if parent is not None:
+        if explicit:
+            parent = os.fspath(parent)
+        else:
+            # Resolved on its own, so an unsupported URL is refused as such.
+            p_storage, parent = _resolve(parent, None, storage_options if is_url(path) else None)
+            if type(p_storage) is not type(storage) or getattr(p_storage, "protocol", None) != getattr(storage, "protocol", None):
+                raise ValueError(f"the parent {parent} and the new checkpoint {path} must be on the same storage")
     return write_checkpoint(
         state,
-        os.fspath(path),
-        _storage(storage),
+        path,
+        storage,
         metadata=metadata,
         overwrite=overwrite,
         chunk_size=chunk_size,
@@ -94,18 +109,21 @@ def save(
         sync=sync,
         progress=progress,
         producer=producer,
-        parent=None if parent is None else os.fspath(parent),
+        parent=parent,
         shared_store=shared_store,
     )
 
 
-def open(path: PathLike, *, verify: bool = True, storage: Storage | None = None) -> CheckpointReader:  # noqa: A001
+def open(  # noqa: A001
+    path: PathLike, *, verify: bool = True, storage: Storage | None = None, storage_options: dict | None = None
+) -> CheckpointReader:
     """Open a checkpoint lazily: the manifest now, tensor data when asked for.
 
     Args:
         path: a checkpoint directory.
         verify: check chunk hashes on every read (default); pass False for trusted data.
-        storage: a storage backend (default: the local filesystem).
+        storage: a storage backend (default: chosen from ``path``).
+        storage_options: options for an object store's filesystem (see :func:`save`).
 
     Raises:
         CheckpointNotFoundError: no complete checkpoint at ``path``.
@@ -118,17 +136,26 @@ def open(path: PathLike, *, verify: bool = True, storage: Storage | None = None)
         >>> r = ckptfmt.open(p); r.keys(), r.get("a").shape
         (['a'], (2, 3))
     """
-    return open_reader(path, _storage(storage), verify=verify)
+    storage, path = _resolve(path, storage, storage_options)
+    return open_reader(path, storage, verify=verify)
 
 
-def load(path: PathLike, *, verify: bool = True, mmap: bool = False, storage: Storage | None = None) -> Any:
+def load(
+    path: PathLike,
+    *,
+    verify: bool = True,
+    mmap: bool = False,
+    storage: Storage | None = None,
+    storage_options: dict | None = None,
+) -> Any:
     """Load a whole checkpoint: the saved tree with numpy arrays at tensor leaves.
 
     Args:
         path: a checkpoint directory.
         verify: check every chunk's hash (default); pass False for trusted data.
         mmap: return read-only memory-mapped arrays instead of copies (zero-copy).
-        storage: a storage backend (default: the local filesystem).
+        storage: a storage backend (default: chosen from ``path``).
+        storage_options: options for an object store's filesystem (see :func:`save`).
 
     Raises:
         CheckpointNotFoundError, FormatError, IntegrityError (naming tensor, chunk, file, offset).
@@ -140,11 +167,13 @@ def load(path: PathLike, *, verify: bool = True, mmap: bool = False, storage: St
         >>> ckptfmt.load(p)
         {'a': (array([1., 1.]), None)}
     """
-    with open(path, verify=verify, storage=storage) as reader:
+    with open(path, verify=verify, storage=storage, storage_options=storage_options) as reader:
         return reader.load(mmap=mmap)
 
 
-def verify(path: PathLike, *, progress: bool | None = None, storage: Storage | None = None) -> VerifyReport:
+def verify(
+    path: PathLike, *, progress: bool | None = None, storage: Storage | None = None, storage_options: dict | None = None
+) -> VerifyReport:
     """Check a checkpoint completely without loading it into memory.
 
     Re-hashes every chunk, checks the manifest's own hash, and finds missing, truncated,
@@ -153,7 +182,8 @@ def verify(path: PathLike, *, progress: bool | None = None, storage: Storage | N
     Args:
         path: a checkpoint directory.
         progress: show a progress bar (default: on a terminal, for large checkpoints).
-        storage: a storage backend (default: the local filesystem).
+        storage: a storage backend (default: chosen from ``path``).
+        storage_options: options for an object store's filesystem (see :func:`save`).
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is true when no error was found.
@@ -168,4 +198,5 @@ def verify(path: PathLike, *, progress: bool | None = None, storage: Storage | N
         >>> ckptfmt.verify(p).ok
         True
     """
-    return verify_checkpoint(os.fspath(path), _storage(storage), progress=progress)
+    storage, path = _resolve(path, storage, storage_options)
+    return verify_checkpoint(path, storage, progress=progress)

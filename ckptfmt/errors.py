@@ -30,6 +30,7 @@ __all__ = [
     "TensorNotFoundError",
     "UnsafePathError",
     "StorageError",
+    "UnsupportedURLError",
     "FrameworkNotAvailableError",
     "ConversionError",
     "UnmappedKeyError",
@@ -87,6 +88,10 @@ class TensorNotFoundError(CkptFmtError, KeyError):
 
 class StorageError(CkptFmtError, OSError):
     """Reading or writing bytes failed (disk full, permission denied, I/O error)."""
+
+
+class UnsupportedURLError(CkptFmtError, ValueError):
+    """A URL whose scheme no storage backend handles (or a verb that does not take URLs)."""
 
 
 class FrameworkNotAvailableError(CkptFmtError, ImportError):

@@ -35,6 +35,7 @@ from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, CkptF
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE, MANIFEST_NAME
 from ckptfmt.storage.base import Storage
 from ckptfmt.storage.local import LocalStorage
+from ckptfmt.storage.urls import resolve
 
 #: The clock the time trigger reads (tests replace it).
 _clock = time.monotonic
@@ -161,7 +162,9 @@ class CheckpointManager:
             call to :meth:`save`, :meth:`wait`, :meth:`restore` or :meth:`close`.
         chunk_size: chunk size for full saves.
         sync: fsync each save before it counts as done.
-        storage: a storage backend (default: the local filesystem).
+        storage: a storage backend (default: chosen from ``directory``, which may be a URL:
+            ``CheckpointManager("s3://bucket/runs/a")``).
+        storage_options: options for an object store's filesystem (see :func:`ckptfmt.save`).
 
     Raises:
         CheckpointLockedError: another manager (in this process or another), a gc or a
@@ -191,12 +194,13 @@ class CheckpointManager:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         sync: bool = True,
         storage: Storage | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError("max_to_keep must be at least 1 (or None to keep everything)")
-        self.storage = storage if storage is not None else LocalStorage()
-        self.directory = os.fspath(directory)
-        if storage is None:
+        explicit = storage is not None
+        self.storage, self.directory = resolve(directory, storage, storage_options)
+        if not explicit and isinstance(self.storage, LocalStorage):
             self.directory = os.path.abspath(self.directory)
         self.max_to_keep = max_to_keep
         self.keep_every_n_steps = keep_every_n_steps
@@ -427,7 +431,7 @@ class HistoryEntry:
     depth: int
 
 
-def history(directory: str | os.PathLike, *, storage: Storage | None = None) -> list[HistoryEntry]:
+def history(directory: str | os.PathLike, *, storage: Storage | None = None, storage_options: dict | None = None) -> list[HistoryEntry]:
     """The checkpoints of a manager directory, oldest first.
 
     ``written_bytes`` is what that save actually wrote (its own data files); the rest of its
@@ -438,9 +442,9 @@ def history(directory: str | os.PathLike, *, storage: Storage | None = None) -> 
         >>> history(tempfile.mkdtemp())
         []
     """
-    storage = storage if storage is not None else LocalStorage()
+    storage, directory = resolve(directory, storage, storage_options)
     out = []
-    for step, path in _step_dirs(os.fspath(directory), storage).items():
+    for step, path in _step_dirs(directory, storage).items():
         m = read_manifest(path, storage)
         own = sum(m.files[i].size for i in m.own_files())
         p = m.parent if isinstance(m.parent, dict) else {}

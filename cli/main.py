@@ -53,6 +53,7 @@ from ckptfmt.errors import (
     IntegrityError,
     UnmappedKeyError,
 )
+from ckptfmt.storage.urls import is_url, resolve
 
 if TYPE_CHECKING:
     from ckptfmt.converters import kinds
@@ -306,12 +307,27 @@ def inspect_cmd(path: str, as_json: bool) -> None:
             click.echo(line)
 
 
+def _isdir(p: str) -> bool:
+    """A directory, locally or on an object store (a URL's prefix holding objects)."""
+    if is_url(p):
+        storage, q = resolve(p)
+        return storage.isdir(q)
+    return os.path.isdir(p)
+
+
+def _has_manifest(p: str) -> bool:
+    if is_url(p):
+        storage, q = resolve(p)
+        return storage.exists(storage.join(q, "MANIFEST"))
+    return os.path.exists(os.path.join(p, "MANIFEST"))
+
+
 def _expand_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Replace a run directory by its checkpoints, and a run's shared store by a note."""
     out: list[str] = []
     notes: list[str] = []
     for p in paths:
-        if not os.path.isdir(p) or os.path.exists(os.path.join(p, "MANIFEST")):
+        if not _isdir(p) or _has_manifest(p):
             out.append(p)
             continue
         info = ckptfmt.run_info(p)
@@ -531,7 +547,7 @@ def log(directory: str, as_json: bool) -> None:
     """
     from ckptfmt.manager import history
 
-    if not os.path.isdir(directory):
+    if not _isdir(directory):
         raise ckptfmt.CheckpointNotFoundError(f"no directory {directory}")
     entries = history(directory)
     if as_json:
@@ -570,7 +586,7 @@ def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
     Example:
       ckptfmt gc runs/exp1 --dry-run
     """
-    if not os.path.isdir(directory):
+    if not _isdir(directory):
         raise ckptfmt.CheckpointNotFoundError(f"no directory {directory}")
     r = ckptfmt.gc(directory, dry_run=dry_run, grace_seconds=grace)
     if as_json:

@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "ckptfmt", "ckptfmt.api", "ckptfmt.errors", "ckptfmt._reader", "ckptfmt._gc", "ckptfmt.manager",
     "ckptfmt.format.dtypes", "ckptfmt.format.hashing", "ckptfmt.format.tree", "ckptfmt.format.manifest",
-    "ckptfmt.storage.local",
+    "ckptfmt.storage.local", "ckptfmt.storage.urls", "ckptfmt.storage.fsspec",
 ]
 
 

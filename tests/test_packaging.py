@@ -18,7 +18,7 @@ def test_core_imports_without_frameworks():
         "p = os.path.join(tempfile.mkdtemp(), 'c')\n"
         "ckptfmt.save({'a': np.ones(3)}, p); assert ckptfmt.load(p)['a'].sum() == 3\n"
         "assert ckptfmt.verify(p).ok\n"
-        "bad = [m for m in ('torch', 'tensorflow', 'onnx') if sys.modules.get(m) is not None]\n"
+        "bad = [m for m in ('torch', 'tensorflow', 'onnx', 'fsspec', 's3fs', 'botocore') if sys.modules.get(m) is not None]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")

@@ -19,6 +19,7 @@ __all__ = ["Storage", "ReadHandle", "WriteHandle", "Entry", "StorageLock", "stor
 
 import abc
 import errno
+import posixpath
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -27,7 +28,7 @@ from ckptfmt.errors import CkptFmtError, StorageError
 
 def storage_error(e: OSError, path: str, doing: str) -> OSError:
     """Turn an OSError into our StorageError naming the path (FileNotFoundError passes through)."""
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, CkptFmtError)):
+    if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, CkptFmtError)):
         return e
     hint = ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -124,6 +125,31 @@ class WriteHandle(abc.ABC):
 class Storage(abc.ABC):
     """Bytes at paths: ranged reads, sequential and atomic writes, listing, deletion."""
 
+    #: True for object stores: no rename, no directories, whole-object writes.
+    is_object_store: bool = False
+    #: Writers cut data files at this size, splitting a tensor's chunks if need be (None: no limit).
+    max_file_size: int | None = None
+    #: Threads for reads and verification; 0 uses the CPU-sized pool (local disks).
+    io_concurrency: int = 0
+    #: Data files a writer may have closing (uploading) at once in the background; 0: close inline.
+    write_concurrency: int = 0
+
+    def dirname(self, path: str) -> str:
+        """The directory holding ``path``."""
+        return posixpath.dirname(path.rstrip("/"))
+
+    def basename(self, path: str) -> str:
+        """The last component of ``path``."""
+        return posixpath.basename(path.rstrip("/"))
+
+    def normpath(self, path: str) -> str:
+        """``path`` with ``.``/``..`` components resolved (absolute for local paths)."""
+        return posixpath.normpath(path)
+
+    def mtime(self, path: str) -> float | None:
+        """When the file was last written (seconds since the epoch), or None if unknown."""
+        return None
+
     @abc.abstractmethod
     def join(self, *parts: str) -> str:
         """Join path components."""
@@ -190,12 +216,15 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def write_atomic(self, path: str, data: bytes, *, sync: bool = True) -> None:
+    def write_atomic(self, path: str, data: bytes, *, sync: bool = True, exclusive: bool = False) -> None:
         """Make ``path`` hold exactly ``data``, all at once: readers see old or new, never a mix.
 
         With ``sync`` the new content is durable when this returns. A temporary, if the
         backend needs one, is named ``.NAME.tmp-*`` beside ``path`` (so ``.MANIFEST.tmp-*``
         for a manifest, which ``verify`` and recovery recognise as leftovers).
+
+        With ``exclusive`` the write fails with FileExistsError if ``path`` exists, decided
+        atomically by the backend (two writers racing: exactly one succeeds).
         """
 
     @abc.abstractmethod

@@ -290,7 +290,19 @@ class LocalStorage(Storage):
     def open_write(self, path: str, *, durable: bool = True) -> WriteHandle:
         return _LocalWrite(path, durable)
 
-    def write_atomic(self, path: str, data: bytes, *, sync: bool = True) -> None:
+    def dirname(self, path: str) -> str:
+        return os.path.dirname(os.path.abspath(path))
+
+    def basename(self, path: str) -> str:
+        return os.path.basename(os.path.abspath(path))
+
+    def normpath(self, path: str) -> str:
+        return os.path.normpath(os.path.abspath(path))
+
+    def mtime(self, path: str) -> float | None:
+        return os.stat(path).st_mtime
+
+    def write_atomic(self, path: str, data: bytes, *, sync: bool = True, exclusive: bool = False) -> None:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(4)}")
         try:
@@ -299,7 +311,21 @@ class LocalStorage(Storage):
                 w.write(data)
             finally:
                 w.close(sync=sync)
-            os.replace(tmp, path)
+            if exclusive:
+                # link(2) fails if the name exists: the check and the creation are one step.
+                try:
+                    os.link(tmp, path)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    # No hard links here (some FUSE and FAT filesystems): check, then rename.
+                    if os.path.lexists(path):
+                        raise FileExistsError(errno.EEXIST, "exists", path) from None
+                    os.replace(tmp, path)
+                else:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
             if sync:
                 self.sync_dir(directory or ".")
         except OSError as e:
@@ -307,6 +333,8 @@ class LocalStorage(Storage):
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(e, FileExistsError):
+                raise FileExistsError(errno.EEXIST, f"{path} already exists", path) from None
             raise _wrap(e, path, "writing") from None
 
     def sync_dir(self, path: str) -> None:

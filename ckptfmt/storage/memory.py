@@ -93,13 +93,15 @@ class MemoryStorage(Storage):
         self._locks: dict[str, tuple[bool, int]] = {}
         self._mutex = threading.Lock()
 
-    def _put(self, path: str, data: bytes) -> None:
+    def _put(self, path: str, data: bytes, exclusive: bool = False) -> None:
         path = _norm(path)
         with self._mutex:
             if _parent(path) not in self._dirs:
                 raise FileNotFoundError(errno.ENOENT, f"no directory {_parent(path)}", path)
             if path in self._dirs:
                 raise StorageError(errno.EISDIR, f"{path} is a directory")
+            if exclusive and path in self._files:
+                raise FileExistsError(errno.EEXIST, f"{path} already exists", path)
             self._files[path] = (data, time.time())
 
     def join(self, *parts: str) -> str:
@@ -153,8 +155,8 @@ class MemoryStorage(Storage):
     def open_write(self, path: str, *, durable: bool = True) -> WriteHandle:
         return _Write(self, path)
 
-    def write_atomic(self, path: str, data: bytes, *, sync: bool = True) -> None:
-        self._put(path, bytes(data))
+    def write_atomic(self, path: str, data: bytes, *, sync: bool = True, exclusive: bool = False) -> None:
+        self._put(path, bytes(data), exclusive)
 
     def delete(self, path: str, *, sync: bool = False) -> None:
         with self._mutex:

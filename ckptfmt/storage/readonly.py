@@ -71,7 +71,7 @@ class ReadOnlyStorage(Storage):
     def open_write(self, path: str, *, durable: bool = True) -> WriteHandle:
         raise self._refuse("creating", path)
 
-    def write_atomic(self, path: str, data: bytes, *, sync: bool = True) -> None:
+    def write_atomic(self, path: str, data: bytes, *, sync: bool = True, exclusive: bool = False) -> None:
         raise self._refuse("writing", path)
 
     def delete(self, path: str, *, sync: bool = False) -> None:

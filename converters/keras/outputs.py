@@ -47,8 +47,10 @@ import numpy as np
 
 from ckptfmt._progress import progress_bar
 from ckptfmt.adapters.layout import TORCH_LAYOUT, torch_tree
-from ckptfmt.errors import ConversionError
+from ckptfmt.errors import CheckpointExistsError, ConversionError, UnsupportedURLError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
+from ckptfmt.format.spec import MANIFEST_NAME
+from ckptfmt.storage.urls import is_url, resolve
 
 from ..files import atomic_file, check_destination
 from ..kinds import target_kind
@@ -94,6 +96,16 @@ def check_output(dst: str, kind: str, overwrite: bool, *, optimizer: bool = Fals
     if kind == "safetensors" and optimizer:
         raise ConversionError(f"{dst}: a .safetensors file holds weights only: pass --no-optimizer, "
                               "or write a .pt file or a ckptfmt checkpoint directory")
+    if is_url(dst):
+        if kind != "ckptfmt":
+            raise UnsupportedURLError(f"{dst}: object stores take ckptfmt checkpoints; write the {kind} file locally")
+        storage, url = resolve(dst)
+        names = storage.listdir(url)
+        if names and MANIFEST_NAME not in names:
+            raise CheckpointExistsError(f"{dst} holds objects but no ckptfmt checkpoint; refusing to write into it")
+        if names and not overwrite:
+            raise CheckpointExistsError(f"a ckptfmt checkpoint exists at {dst}; pass overwrite=True (--overwrite) to replace it")
+        return
     check_destination(dst, "ckptfmt" if kind == "ckptfmt" else "file", overwrite)
 
 

@@ -37,8 +37,12 @@ __all__ = ["KINDS", "SOURCES", "Source", "TensorInfo", "detect_kind", "open_any"
 import importlib
 import os
 
-from ckptfmt.errors import CheckpointNotFoundError, FormatError
+from ckptfmt.errors import CheckpointNotFoundError, FormatError, UnsupportedURLError
 from ckptfmt.format.spec import MANIFEST_NAME
+from ckptfmt.storage.urls import is_url, resolve
+
+#: Suffixes of the foreign formats: such files are never looked for on an object store.
+_FOREIGN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".index", ".h5", ".keras", ".ckpt")
 
 from .base import Source, TensorInfo
 
@@ -84,6 +88,8 @@ def canonical_path(path: str | os.PathLike[str]) -> str:
         'runs/step-3'
     """
     p = os.fspath(path)
+    if is_url(p):
+        return p[: -len(MANIFEST_NAME) - 1] if p.endswith("/" + MANIFEST_NAME) else p.rstrip("/")
     if os.path.basename(p) == MANIFEST_NAME and os.path.isfile(p):
         return os.path.dirname(p) or "."
     return p
@@ -110,6 +116,14 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
         'safetensors'
     """
     p = canonical_path(path)
+    if is_url(p):
+        # Object stores hold ckptfmt checkpoints; foreign files are read from local disk.
+        resolve(p)  # an unsupported scheme or a missing backend is reported as such
+        if os.path.splitext(p)[1].lower() in _FOREIGN_SUFFIXES:
+            raise UnsupportedURLError(
+                f"{p}: only ckptfmt checkpoints are read from object stores; copy the file to local disk first"
+            )
+        return "ckptfmt"
     for kind in KINDS:
         if source_class(kind).claims(p):
             return kind
