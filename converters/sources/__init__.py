@@ -41,10 +41,10 @@ from ckptfmt.errors import CheckpointNotFoundError, FormatError, UnsupportedURLE
 from ckptfmt.format.spec import MANIFEST_NAME
 from ckptfmt.storage.urls import is_url, resolve
 
+from .base import Source, TensorInfo
+
 #: Suffixes of the foreign formats: such files are never looked for on an object store.
 _FOREIGN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".index", ".h5", ".keras", ".ckpt")
-
-from .base import Source, TensorInfo
 
 #: ``{kind: "module:Class"}`` in detection order.
 SOURCES: dict[str, str] = {
