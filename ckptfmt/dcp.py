@@ -99,6 +99,19 @@ def _piece_name(fqn: str, offsets: Any) -> str:
     return f"{fqn}@bytes" if offsets is None else f"{fqn}@[{','.join(str(int(o)) for o in offsets)}]"
 
 
+class _OneFile:
+    """The one data file a tensor's chunks go to, in the shape :mod:`ckptfmt._writer` writes
+    through (a rank's file is never split by chunk: DCP ranks start a file per tensor run)."""
+
+    __slots__ = ("handle", "index")
+
+    def __init__(self, handle: Any, index: int) -> None:
+        self.handle, self.index = handle, index
+
+    def before_chunk(self, nbytes: int) -> None:
+        pass
+
+
 class _LazyFile:
     """A data file opened on its first write, so a rank with nothing new creates no file."""
 
@@ -353,10 +366,11 @@ class Writer(StorageWriter):
                     h.write(_ZEROS[:pad])
                 base = parent_ref.match(name, arr) if parent_ref is not None else None
                 first = len(builder.hashes)
+                files = _OneFile(h, file_index)
                 if base is None:
-                    _write_tensor(arr, chunk_size, builder.hash, h, builder, file_index, bar, window)
+                    _write_tensor(arr, chunk_size, builder.hash, files, builder, bar, window)
                 else:
-                    _write_delta(arr, chunk_size, builder.hash, h, builder, file_index, bar, window, parent_ref, base)
+                    _write_delta(arr, chunk_size, builder.hash, files, builder, bar, window, parent_ref, base)
                 records.append((item, (name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape), first, len(builder.hashes), plain)))
                 del arr, data
             if handles:
