@@ -137,9 +137,9 @@ def die_mid_save(rank: int, victim: int) -> None:
 
     real = d._write_tensor
 
-    def write_then_die(arr, chunk_size, hasher, handle, *args):
-        real(arr, chunk_size, hasher, handle, *args)
-        if handle.tell():  # some of this rank's new data is on disk
+    def write_then_die(arr, chunk_size, hasher, files, *args):
+        real(arr, chunk_size, hasher, files, *args)
+        if files.handle.tell():  # some of this rank's new data is on disk
             os.kill(os.getpid(), signal.SIGKILL)
 
     d._write_tensor = write_then_die
