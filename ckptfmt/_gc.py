@@ -110,6 +110,8 @@ class RunInfo:
     store_bytes: int = 0
     unreferenced_bytes: int = 0
     is_store: bool = False
+    #: directories with a MANIFEST that cannot be read (or is a symbolic link): damaged checkpoints
+    unreadable: tuple[str, ...] = ()
 
 
 def _natural(name: str) -> list:
@@ -136,7 +138,8 @@ def run_info(directory: str | os.PathLike, *, storage: Storage | None = None) ->
     names = sorted(v.manifests, key=_natural)
     files = [e for e in storage.scan(storage.join(directory, STORE_NAME)) if e.kind == "file" and STORE_FILE_RE.match(e.name)] if v.store else []
     unref = sum(e.size for e in files if (STORE_NAME, e.name) not in v.refs)
-    return RunInfo(directory, tuple(storage.join(directory, n) for n in names), len(files), sum(e.size for e in files), unref)
+    return RunInfo(directory, tuple(storage.join(directory, n) for n in names), len(files), sum(e.size for e in files), unref,
+                   unreadable=tuple(v.unreadable))
 
 
 def _checkpoint_entry(storage: Storage, path: str) -> tuple[str, str]:
@@ -154,17 +157,23 @@ def _checkpoint_entry(storage: Storage, path: str) -> tuple[str, str]:
     return directory, name
 
 
-def remove_locked(storage: Storage, directory: str, names: list[str]) -> GcReport:
-    """Delete the checkpoints ``names`` of ``directory`` (lock held exclusively) and free their data."""
+def remove_locked(storage: Storage, directory: str, names: list[str], *,
+                  grace_seconds: float = DEFAULT_GRACE_SECONDS) -> GcReport:
+    """Delete the checkpoints ``names`` of ``directory`` (lock held exclusively) and free their data.
+
+    Frees the files the removed manifests listed that no other manifest lists (the store's at
+    once), and files of their own directories the format names that are older than
+    ``grace_seconds``; never other unreferenced store files (they may belong to a checkpoint
+    moved out of the run for a while: ``gc`` frees those).
+    """
     used: set[tuple[str, str]] = set()
     for name in names:
-        used |= unpublish(storage, directory, name)
+        used |= unpublish(storage, directory, name, grace=grace_seconds)
     v, out = free_unpublished(storage, directory, used)
     for name in names:
         ck = storage.join(directory, name)
         if not storage.scan(ck):
             storage.rmdir(ck)
-    sweep_store(storage, v, grace=0.0, dry_run=False, out=out)
     return _report(directory, out, v, False)
 
 
