@@ -8,16 +8,16 @@ format does not positively identify as its own (see ``_layout``).
 
 from __future__ import annotations
 
-import errno
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from ckptfmt._layout import Sweep, free_unpublished, read_marker, split, sweep_dirs, sweep_store, unpublish, view
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._reader import open_reader
 from ckptfmt._writer import DeferredTensor, write_checkpoint
-from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, FormatError, UnsafePathError
+from ckptfmt.errors import CheckpointNotFoundError, FormatError, UnsafePathError
 from ckptfmt.format.spec import MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
 from ckptfmt.format.tree import TensorRef
 from ckptfmt.storage.base import Storage
@@ -26,7 +26,6 @@ from ckptfmt.storage.local import LocalStorage
 #: Files outside the store younger than this may belong to a save still in progress elsewhere
 #: (saves of self-contained checkpoints take no lock).
 DEFAULT_GRACE_SECONDS = 600.0
-_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +87,9 @@ def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: fl
     directory = os.fspath(directory)
     if not storage.isdir(directory):
         raise CheckpointNotFoundError(f"no directory {directory}")
-    try:
-        lock = run_lock(storage, directory, timeout=timeout)
-    except CheckpointLockedError:
-        raise
-    except OSError as e:
-        if not dry_run or e.errno not in _READ_ONLY:
-            raise
-        return collect(storage, directory, dry_run=True, grace_seconds=grace_seconds, locked=False)
-    with lock:
+    if dry_run:  # deletes nothing: a reader, which never locks (and needs no write access)
+        return collect(storage, directory, dry_run=True, grace_seconds=grace_seconds)
+    with run_lock(storage, directory, timeout=timeout):
         return collect(storage, directory, dry_run=dry_run, grace_seconds=grace_seconds)
 
 
@@ -206,7 +199,17 @@ def remove(path: str | os.PathLike, *, storage: Storage | None = None, timeout: 
     with run_lock(storage, directory, timeout=timeout):
         if not any(e.name == MANIFEST_NAME and e.kind == "file" for e in storage.scan(path)):
             raise CheckpointNotFoundError(f"no complete checkpoint at {path} (it has no {MANIFEST_NAME})")
-        return remove_locked(storage, directory, [name])
+        report = remove_locked(storage, directory, [name])
+    warn_refused(report, stacklevel=3)
+    return report
+
+
+def warn_refused(report: GcReport, *, stacklevel: int = 2) -> None:
+    """Warn, naming the cause, when a removal freed nothing because deleting was unsafe."""
+    why = [*(f"{u} has a MANIFEST that cannot be read (or is a symbolic link)" for u in report.unreadable), *report.refused]
+    if why:
+        warnings.warn(f"{report.directory}: no data was freed, since {why[0]}; it may refer to any data. Fix it or move "
+                      f"it out of the run directory, then run `ckptfmt gc {report.directory}`", stacklevel=stacklevel + 1)
 
 
 def _deferred_state(reader):
@@ -267,8 +270,11 @@ def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, sto
             raise FormatError(f"{path}: compacting a sharded checkpoint (written through torch.distributed.checkpoint) "
                               "is not supported; save it again without parent= to make it self-contained")
         shared = any(f.path.startswith("../") for f in m.files)
-        # Reading shared data: hold the run's lock shared, so nobody deletes it meanwhile.
-        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared else None
+        # In place, reading shared data: hold the run's lock shared, so nobody deletes it
+        # meanwhile. A copy (``to``) only reads the source, like any reader without a lock (so
+        # it runs while a manager trains): every chunk is verified as read, and a file deleted
+        # meanwhile fails the copy, which is committed only at its end.
+        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared and to is None else None
         try:
             reader = open_reader(path, storage)  # re-read under the lock
             dest = path if to is None else os.fspath(to)

@@ -112,7 +112,10 @@ def ensure_store(storage: Storage, directory: str) -> None:
         raise UnsafePathError(f"{path} is not a directory (a {e.kind}); ckptfmt keeps a run's shared data there: move it away")
     if not read_marker(storage, directory):
         if storage.scan(path):
-            raise UnsafePathError(f"{path} exists but is not a ckptfmt store (no {STORE_MARKER} marker); move it away")
+            raise UnsafePathError(
+                f"{path} exists but has no valid {STORE_MARKER} marker. If it is this run's store (checkpoints of the run "
+                f"refer to its pack-*.data files), do not move it: restore the marker with "
+                f"printf 'ckptfmt-store 1\\n' > {storage.join(path, STORE_MARKER)} ; otherwise move it away")
         storage.write_atomic(storage.join(path, STORE_MARKER), STORE_MARKER_BYTES)
 
 

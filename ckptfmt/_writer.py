@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, read_checkpoint, split, split_checkpoint
+from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, read_checkpoint, split_checkpoint
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._pool import pool, workers
 from ckptfmt._progress import progress_bar

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._gc import DEFAULT_GRACE_SECONDS, remove_locked
+from ckptfmt._gc import DEFAULT_GRACE_SECONDS, GcReport, remove_locked, warn_refused
 from ckptfmt._layout import STORE_PREFIX, Sweep, sweep_dirs, sweep_store, view
 from ckptfmt._lock import run_lock
 from ckptfmt._reader import read_manifest
@@ -182,9 +182,11 @@ class CheckpointManager:
     ``DIR/ckptfmt-store/`` and its ``step-N`` directory holds only the manifest, so deleting
     any ``step-N`` with ``rm -r`` never breaks another checkpoint (spec section 11).
 
-    On start, leftovers of a save that was killed are removed (those in the store at once,
-    others once older than the gc grace period); :meth:`latest_step` only ever names
-    complete checkpoints. A directory the process may not write is opened read-only:
+    On start, leftovers of a killed self-contained save are removed once older than the gc
+    grace period; store files no checkpoint uses are kept with a warning (they may be the data
+    of a step moved out of the run for a while: ``ckptfmt gc`` frees them). Retention frees
+    only what the dropped steps used. A ``step-N`` symbolic link is listed and restored, never
+    deleted. :meth:`latest_step` only ever names complete checkpoints. A directory the process may not write is opened read-only:
     restore and the listing work, :meth:`save` raises StorageError.
     """
 
@@ -398,11 +400,8 @@ class CheckpointManager:
 
     def _warn_kept(self, r) -> None:
         """Warn when freeing was refused (``r``: a GcReport or a RunView)."""
-        why = [*(f"{u} has an unreadable manifest" for u in r.unreadable), *getattr(r, "refused", getattr(r, "problems", ()))]
-        if why:
-            warnings.warn(f"{self.directory}: no data was freed, since {why[0]} (a manifest that cannot be read may refer "
-                          "to any data); move it out of the run directory or fix it, then run `ckptfmt gc` on the run",
-                          stacklevel=4)
+        warn_refused(GcReport(self.directory, unreadable=tuple(r.unreadable), refused=tuple(getattr(r, "refused", getattr(r, "problems", ())))),
+                     stacklevel=4)
 
     def recover(self, *, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
         """Remove what interrupted saves left behind (called on start).
@@ -490,7 +489,7 @@ class CheckpointManager:
             if self._lock is not None:
                 self._lock.release()
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:

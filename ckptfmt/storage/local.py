@@ -8,14 +8,14 @@ import errno
 import fcntl
 import mmap
 import os
-import stat
 import secrets
+import stat
 import time
 import weakref
 
 from ckptfmt.errors import CheckpointLockedError, StorageError
-from ckptfmt.storage.base import Entry, ReadHandle, Storage, StorageLock, WriteHandle, storage_error as _wrap
-
+from ckptfmt.storage.base import Entry, ReadHandle, Storage, StorageLock, WriteHandle
+from ckptfmt.storage.base import storage_error as _wrap
 
 #: Writes smaller than this are gathered in memory and issued together.
 _SMALL_WRITE = 1 << 20
@@ -179,7 +179,7 @@ class _FlockLock(StorageLock):
 #: Locks held by this process. A forked child shares the parent's open file description, so
 #: it would hold the flock too (and keep the run locked after the parent released it): the
 #: child closes its copies at fork, and the lock stays the parent's alone.
-_HELD: "weakref.WeakSet[_FlockLock]" = weakref.WeakSet()
+_HELD: weakref.WeakSet[_FlockLock] = weakref.WeakSet()
 
 
 def _drop_locks_in_child() -> None:

@@ -217,3 +217,37 @@ def test_13_fork(tmp_path):
     finally:
         os.close(r)
         os.waitpid(pid, 0)
+
+
+# 10. Freeing that is refused says so, naming the file.
+def test_10_refused_freeing_warns_naming_the_cause(tmp_path):
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "MANIFEST").write_text("include README.md\n")
+    with pytest.warns(UserWarning, match=r"no data was freed, since .*code has a MANIFEST that cannot be read"):
+        with CheckpointManager(tmp_path, max_to_keep=1, chunk_size=CS) as m:
+            m.save(1, {"w": _w(1)})
+            m.save(2, {"w": _w(2)})  # retention drops step-1 but may free nothing
+    ckptfmt.save({"w": _w(3)}, tmp_path / "x")
+    with pytest.warns(UserWarning, match="code has a MANIFEST"):
+        ckptfmt.remove(tmp_path / "x")
+
+
+# 11. `compact --to` (a reader of the source) runs while a manager holds the run.
+def test_11_compact_to_while_a_manager_trains(tmp_path):
+    with CheckpointManager(tmp_path / "run", chunk_size=CS) as m:
+        m.save(1, {"w": _w(1)})
+        m.save(2, {"w": _w(2)})
+        ckptfmt.compact(m.step_path(2), to=tmp_path / "copy")
+        rep = ckptfmt.gc(tmp_path / "run", dry_run=True)  # a reader too: no lock needed
+        assert rep.dry_run and rep.deleted == ()
+    assert ckptfmt.verify(tmp_path / "copy").ok and ckptfmt.load(tmp_path / "copy")["w"].tobytes() == _w(2).tobytes()
+
+
+def test_a_store_without_its_marker_is_not_moved_away(tmp_path):
+    with CheckpointManager(tmp_path, chunk_size=CS) as m:
+        m.save(1, {"w": _w(1)})
+    os.remove(tmp_path / "ckptfmt-store" / "STORE")
+    with pytest.raises(ckptfmt.UnsafePathError, match="do not move it: restore the marker"):
+        with CheckpointManager(tmp_path, chunk_size=CS) as m:
+            m.save(2, {"w": _w(2)})
+    assert ckptfmt.verify(tmp_path / "step-1").ok
