@@ -8,17 +8,18 @@ format does not positively identify as its own (see ``_layout``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
 
-from ckptfmt._layout import Sweep, free_unpublished, read_marker, split, sweep_dirs, sweep_store, unpublish, view
+from ckptfmt._layout import Sweep, free_unpublished, read_checkpoint, read_marker, split, sweep_dirs, sweep_store, unpublish, view
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._reader import open_reader
 from ckptfmt._writer import DeferredTensor, write_checkpoint
-from ckptfmt.errors import CheckpointNotFoundError, FormatError, UnsafePathError
-from ckptfmt.format.spec import MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
+from ckptfmt.errors import CheckpointNotFoundError, CkptFmtError, FormatError, UnsafePathError
+from ckptfmt.format.spec import LOCK_NAME, MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
 from ckptfmt.format.tree import TensorRef
 from ckptfmt.storage.base import Storage
 from ckptfmt.storage.local import LocalStorage
@@ -196,12 +197,30 @@ def remove(path: str | os.PathLike, *, storage: Storage | None = None, timeout: 
     storage = storage or LocalStorage()
     path = os.fspath(path)
     directory, name = _checkpoint_entry(storage, path)
-    with run_lock(storage, directory, timeout=timeout):
+    with _removal_lock(storage, directory, path, timeout):
         if not any(e.name == MANIFEST_NAME and e.kind == "file" for e in storage.scan(path)):
             raise CheckpointNotFoundError(f"no complete checkpoint at {path} (it has no {MANIFEST_NAME})")
         report = remove_locked(storage, directory, [name])
     warn_refused(report, stacklevel=3)
     return report
+
+
+def _removal_lock(storage: Storage, directory: str, path: str, timeout: float):
+    """The run's lock, unless ``path`` is a lone self-contained checkpoint.
+
+    A checkpoint that refers to nothing outside its directory, in a directory that has no
+    store and no lock file (so no manager, store save or gc ever used it), shares data with
+    nobody: removing it needs no lock, and no ``.ckptfmt.lock`` is left in a user's folder.
+    """
+    names = {e.name for e in storage.scan(directory)}
+    if LOCK_NAME not in names and STORE_NAME not in names:
+        try:
+            m = read_checkpoint(storage, directory, split(path)[1])
+        except (OSError, CkptFmtError):
+            m = None
+        if m is not None and not any(f.path.startswith("../") for f in m.files):
+            return contextlib.nullcontext()
+    return run_lock(storage, directory, timeout=timeout)
 
 
 def warn_refused(report: GcReport, *, stacklevel: int = 2) -> None:

@@ -251,3 +251,10 @@ def test_a_store_without_its_marker_is_not_moved_away(tmp_path):
         with CheckpointManager(tmp_path, chunk_size=CS) as m:
             m.save(2, {"w": _w(2)})
     assert ckptfmt.verify(tmp_path / "step-1").ok
+
+
+def test_removing_a_lone_checkpoint_leaves_no_lock_file(tmp_path):
+    ckptfmt.save({"w": _w(1)}, tmp_path / "ck")
+    (tmp_path / "mine.txt").write_text("a user's folder")
+    ckptfmt.remove(tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
