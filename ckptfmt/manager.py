@@ -415,6 +415,15 @@ class CheckpointManager:
         with self._mutex:
             v = view(self.storage, self.directory)
             sweep_dirs(self.storage, v, grace=grace_seconds, dry_run=False, out=Sweep())
+            now = time.time()
+            for name, e in v.entries.items():
+                # an empty step-N: a save killed between making its directory and committing
+                if (e.kind == "dir" and _STEP_RE.match(name) and now - e.mtime >= grace_seconds
+                        and not self.storage.scan(self.storage.join(self.directory, name))):
+                    try:
+                        self.storage.rmdir(self.storage.join(self.directory, name))
+                    except OSError:
+                        pass  # something appeared in it meanwhile
             if v.store and v.safe:
                 store = self.storage.join(self.directory, STORE_NAME)
                 loose = [e for e in self.storage.scan(store)

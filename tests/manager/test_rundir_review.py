@@ -258,3 +258,15 @@ def test_removing_a_lone_checkpoint_leaves_no_lock_file(tmp_path):
     (tmp_path / "mine.txt").write_text("a user's folder")
     ckptfmt.remove(tmp_path / "ck")
     assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+
+
+def test_an_old_empty_step_directory_is_removed_on_start(tmp_path):
+    for name in ("step-7", "step-8", "notes"):
+        (tmp_path / name).mkdir()
+    old = time.time() - 3600
+    for name in ("step-7", "notes"):
+        os.utime(tmp_path / name, (old, old))
+    with CheckpointManager(tmp_path, chunk_size=CS) as m:
+        assert m.all_steps() == []
+    assert not (tmp_path / "step-7").exists()
+    assert (tmp_path / "step-8").is_dir() and (tmp_path / "notes").is_dir()  # young, or not a step
