@@ -8,17 +8,18 @@ format does not positively identify as its own (see ``_layout``).
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
-from ckptfmt._layout import Sweep, free_unpublished, read_marker, split, sweep_dirs, sweep_store, unpublish, view
+from ckptfmt._layout import Sweep, free_unpublished, read_checkpoint, read_marker, split, sweep_dirs, sweep_store, unpublish, view
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._reader import open_reader
 from ckptfmt._writer import DeferredTensor, write_checkpoint
-from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, FormatError, UnsafePathError
-from ckptfmt.format.spec import MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
+from ckptfmt.errors import CheckpointNotFoundError, CkptFmtError, FormatError, UnsafePathError
+from ckptfmt.format.spec import LOCK_NAME, MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
 from ckptfmt.format.tree import TensorRef
 from ckptfmt.storage.base import Storage
 from ckptfmt.storage.urls import is_url, resolve
@@ -26,7 +27,6 @@ from ckptfmt.storage.urls import is_url, resolve
 #: Files outside the store younger than this may belong to a save still in progress elsewhere
 #: (saves of self-contained checkpoints take no lock).
 DEFAULT_GRACE_SECONDS = 600.0
-_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +88,9 @@ def gc(directory: str | os.PathLike, *, dry_run: bool = False, grace_seconds: fl
     storage, directory = resolve(directory, storage, storage_options)
     if not storage.isdir(directory):
         raise CheckpointNotFoundError(f"no directory {directory}")
-    try:
-        lock = run_lock(storage, directory, timeout=timeout)
-    except CheckpointLockedError:
-        raise
-    except OSError as e:
-        if not dry_run or e.errno not in _READ_ONLY:
-            raise
-        return collect(storage, directory, dry_run=True, grace_seconds=grace_seconds, locked=False)
-    with lock:
+    if dry_run:  # deletes nothing: a reader, which never locks (and needs no write access)
+        return collect(storage, directory, dry_run=True, grace_seconds=grace_seconds)
+    with run_lock(storage, directory, timeout=timeout):
         return collect(storage, directory, dry_run=dry_run, grace_seconds=grace_seconds)
 
 
@@ -110,6 +104,8 @@ class RunInfo:
     store_bytes: int = 0
     unreferenced_bytes: int = 0
     is_store: bool = False
+    #: directories with a MANIFEST that cannot be read (or is a symbolic link): damaged checkpoints
+    unreadable: tuple[str, ...] = ()
 
 
 def _natural(name: str) -> list:
@@ -135,7 +131,8 @@ def run_info(directory: str | os.PathLike, *, storage: Storage | None = None, st
     names = sorted(v.manifests, key=_natural)
     files = [e for e in storage.scan(storage.join(directory, STORE_NAME)) if e.kind == "file" and STORE_FILE_RE.match(e.name)] if v.store else []
     unref = sum(e.size for e in files if (STORE_NAME, e.name) not in v.refs)
-    return RunInfo(directory, tuple(storage.join(directory, n) for n in names), len(files), sum(e.size for e in files), unref)
+    return RunInfo(directory, tuple(storage.join(directory, n) for n in names), len(files), sum(e.size for e in files), unref,
+                   unreadable=tuple(v.unreadable))
 
 
 def _checkpoint_entry(storage: Storage, path: str) -> tuple[str, str]:
@@ -153,17 +150,23 @@ def _checkpoint_entry(storage: Storage, path: str) -> tuple[str, str]:
     return directory, name
 
 
-def remove_locked(storage: Storage, directory: str, names: list[str]) -> GcReport:
-    """Delete the checkpoints ``names`` of ``directory`` (lock held exclusively) and free their data."""
+def remove_locked(storage: Storage, directory: str, names: list[str], *,
+                  grace_seconds: float = DEFAULT_GRACE_SECONDS) -> GcReport:
+    """Delete the checkpoints ``names`` of ``directory`` (lock held exclusively) and free their data.
+
+    Frees the files the removed manifests listed that no other manifest lists (the store's at
+    once), and files of their own directories the format names that are older than
+    ``grace_seconds``; never other unreferenced store files (they may belong to a checkpoint
+    moved out of the run for a while: ``gc`` frees those).
+    """
     used: set[tuple[str, str]] = set()
     for name in names:
-        used |= unpublish(storage, directory, name)
+        used |= unpublish(storage, directory, name, grace=grace_seconds)
     v, out = free_unpublished(storage, directory, used)
     for name in names:
         ck = storage.join(directory, name)
         if not storage.scan(ck):
             storage.rmdir(ck)
-    sweep_store(storage, v, grace=0.0, dry_run=False, out=out)
     return _report(directory, out, v, False)
 
 
@@ -193,10 +196,38 @@ def remove(path: str | os.PathLike, *, storage: Storage | None = None, timeout: 
     """
     storage, path = resolve(path, storage, storage_options)
     directory, name = _checkpoint_entry(storage, path)
-    with run_lock(storage, directory, timeout=timeout):
+    with _removal_lock(storage, directory, path, timeout):
         if not any(e.name == MANIFEST_NAME and e.kind == "file" for e in storage.scan(path)):
             raise CheckpointNotFoundError(f"no complete checkpoint at {path} (it has no {MANIFEST_NAME})")
-        return remove_locked(storage, directory, [name])
+        report = remove_locked(storage, directory, [name])
+    warn_refused(report, stacklevel=3)
+    return report
+
+
+def _removal_lock(storage: Storage, directory: str, path: str, timeout: float):
+    """The run's lock, unless ``path`` is a lone self-contained checkpoint.
+
+    A checkpoint that refers to nothing outside its directory, in a directory that has no
+    store and no lock file (so no manager, store save or gc ever used it), shares data with
+    nobody: removing it needs no lock, and no ``.ckptfmt.lock`` is left in a user's folder.
+    """
+    names = {e.name for e in storage.scan(directory)}
+    if LOCK_NAME not in names and STORE_NAME not in names:
+        try:
+            m = read_checkpoint(storage, directory, split(path)[1])
+        except (OSError, CkptFmtError):
+            m = None
+        if m is not None and not any(f.path.startswith("../") for f in m.files):
+            return contextlib.nullcontext()
+    return run_lock(storage, directory, timeout=timeout)
+
+
+def warn_refused(report: GcReport, *, stacklevel: int = 2) -> None:
+    """Warn, naming the cause, when a removal freed nothing because deleting was unsafe."""
+    why = [*(f"{u} has a MANIFEST that cannot be read (or is a symbolic link)" for u in report.unreadable), *report.refused]
+    if why:
+        warnings.warn(f"{report.directory}: no data was freed, since {why[0]}; it may refer to any data. Fix it or move "
+                      f"it out of the run directory, then run `ckptfmt gc {report.directory}`", stacklevel=stacklevel + 1)
 
 
 def _deferred_state(reader):
@@ -266,8 +297,11 @@ def compact(path: str | os.PathLike, *, to: str | os.PathLike | None = None, sto
             raise FormatError(f"{path}: compacting a sharded checkpoint (written through torch.distributed.checkpoint) "
                               "is not supported; save it again without parent= to make it self-contained")
         shared = any(f.path.startswith("../") for f in m.files)
-        # Reading shared data: hold the run's lock shared, so nobody deletes it meanwhile.
-        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared else None
+        # In place, reading shared data: hold the run's lock shared, so nobody deletes it
+        # meanwhile. A copy (``to``) only reads the source, like any reader without a lock (so
+        # it runs while a manager trains): every chunk is verified as read, and a file deleted
+        # meanwhile fails the copy, which is committed only at its end.
+        lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT) if shared and to is None else None
         try:
             reader = open_reader(path, storage)  # re-read under the lock
             return write_checkpoint(_deferred_state(reader), dest, to_storage, metadata=m.metadata, overwrite=to is None,

@@ -43,10 +43,25 @@ STORE_PREFIX = f"../{STORE_NAME}/"
 
 
 def split(path: str) -> tuple[str, str]:
-    """``(parent directory, name)`` of a ``/``-separated path."""
+    """``(parent directory, name)`` of a ``/``-separated path; a trailing ``/.`` names the same directory."""
     path = path.rstrip("/") or "/"
+    while path.endswith("/.") and len(path) > 2:
+        path = path[:-2].rstrip("/") or "/"
     head, _, name = path.rpartition("/")
     return (head or ("/" if path.startswith("/") else ".")), name
+
+
+def split_checkpoint(path: str) -> tuple[str, str]:
+    """:func:`split` of a checkpoint path, refusing a last component that is not a name.
+
+    ``ck/..`` or ``.`` would put the run's store and lock in a directory other than the one
+    beside the checkpoint that its manifest names (``../ckptfmt-store``).
+    """
+    directory, name = split(path)
+    if name in ("", ".", "..", "/"):
+        raise UnsafePathError(f"{path!r} does not end in a directory name; name the checkpoint directory itself "
+                              "(e.g. runs/step-5, not runs/step-5/.. or .)")
+    return directory, name
 
 
 def is_own_name(name: str) -> bool:
@@ -61,7 +76,7 @@ class RunView:
     directory: str
     entries: dict[str, Entry]
     manifests: dict[str, Manifest] = field(default_factory=dict)
-    #: checkpoint directories whose MANIFEST cannot be read
+    #: checkpoint directories whose MANIFEST cannot be read (or is a link)
     unreadable: list[str] = field(default_factory=list)
     #: why nothing may be deleted, besides unreadable manifests (e.g. references through links)
     problems: list[str] = field(default_factory=list)
@@ -97,7 +112,10 @@ def ensure_store(storage: Storage, directory: str) -> None:
         raise UnsafePathError(f"{path} is not a directory (a {e.kind}); ckptfmt keeps a run's shared data there: move it away")
     if not read_marker(storage, directory):
         if storage.scan(path):
-            raise UnsafePathError(f"{path} exists but is not a ckptfmt store (no {STORE_MARKER} marker); move it away")
+            raise UnsafePathError(
+                f"{path} exists but has no valid {STORE_MARKER} marker. If it is this run's store (checkpoints of the run "
+                f"refer to its pack-*.data files), do not move it: restore the marker with "
+                f"printf 'ckptfmt-store 1\\n' > {storage.join(path, STORE_MARKER)} ; otherwise move it away")
         storage.write_atomic(storage.join(path, STORE_MARKER), STORE_MARKER_BYTES)
 
 
@@ -113,8 +131,12 @@ def read_checkpoint(storage: Storage, directory: str, name: str) -> Manifest | N
     """The manifest of ``directory/name`` if it is a real file there, else None; raises if unreadable."""
     ck = storage.join(directory, name)
     m = [e for e in storage.scan(ck) if e.name == MANIFEST_NAME]
-    if not m or m[0].kind != "file":
+    if not m:
         return None
+    if m[0].kind != "file":
+        # A link (or anything else) named MANIFEST may be read as a checkpoint by a reader,
+        # and it may refer to anything: never a checkpoint for deletion, never ignored.
+        raise UnsafePathError(f"{storage.join(ck, MANIFEST_NAME)} is a {m[0].kind}, not a file")
     mpath = storage.join(ck, MANIFEST_NAME)
     try:
         data = storage.read_file(mpath, max_size=LIMITS.max_manifest_bytes)
@@ -168,13 +190,19 @@ def _delete(storage: Storage, path: str, e: Entry, now: float, grace: float, dry
     return True
 
 
-def sweep_store(storage: Storage, v: RunView, *, grace: float, dry_run: bool, out: Sweep) -> None:
-    """Delete the store's files no manifest refers to (only under the exclusive lock, or with a grace)."""
+def sweep_store(storage: Storage, v: RunView, *, grace: float, dry_run: bool, out: Sweep,
+                only: set[str] | None = None) -> None:
+    """Delete the store's files no manifest refers to (only under the exclusive lock, or with a grace).
+
+    ``only`` restricts deletion to these file names (those a removed checkpoint listed).
+    """
     if not v.store or not v.safe:
         return
     now = time.time()
     store = storage.join(v.directory, STORE_NAME)
     for e in storage.scan(store):
+        if only is not None and e.name not in only:
+            continue
         if e.kind == "file" and STORE_FILE_RE.match(e.name) and (STORE_NAME, e.name) not in v.refs:
             _delete(storage, storage.join(store, e.name), e, now, grace, dry_run, out)
 
@@ -215,11 +243,13 @@ def sweep_dirs(storage: Storage, v: RunView, *, grace: float, dry_run: bool, out
                 pass
 
 
-def unpublish(storage: Storage, directory: str, name: str) -> set[tuple[str, str]]:
+def unpublish(storage: Storage, directory: str, name: str, *, grace: float = 0.0) -> set[tuple[str, str]]:
     """Delete the manifest of checkpoint ``directory/name`` (durably) and return what it used.
 
-    The returned pairs are the files it referred to outside the store, plus every file in
-    its own directory the format names as its own: the caller frees those nobody else uses.
+    The returned pairs are the files it referred to (the store's included), plus the files in
+    its own directory the format names as its own and older than ``grace`` seconds (younger
+    unlisted ones may be a concurrent overwrite's, which takes no lock): the caller frees
+    those nobody else uses.
     """
     ck = storage.join(directory, name)
     used: set[tuple[str, str]] = set()
@@ -229,8 +259,9 @@ def unpublish(storage: Storage, directory: str, name: str) -> set[tuple[str, str
         m = None  # a damaged manifest: its own directory's files are still ours
     if m is not None:
         used = {ref_of(name, fe.path) for fe in m.files}
-    used = {r for r in used if r[0] != STORE_NAME}
-    used |= {(name, x.name) for x in storage.scan(ck) if x.kind == "file" and is_own_name(x.name)}
+    now = time.time()
+    used |= {(name, x.name) for x in storage.scan(ck)
+             if x.kind == "file" and is_own_name(x.name) and now - x.mtime >= grace}
     storage.delete(storage.join(ck, MANIFEST_NAME), sync=True)
     return used
 
@@ -239,9 +270,10 @@ def free_unpublished(storage: Storage, directory: str, used: set[tuple[str, str]
     """After :func:`unpublish`: delete the files in ``used`` no remaining manifest needs, then empty dirs."""
     v = view(storage, directory)
     out = Sweep()
-    sweep_dirs(storage, v, grace=0.0, dry_run=dry_run, out=out, only=used)
+    sweep_dirs(storage, v, grace=0.0, dry_run=dry_run, out=out, only={r for r in used if r[0] != STORE_NAME})
+    sweep_store(storage, v, grace=0.0, dry_run=dry_run, out=out, only={f for d, f in used if d == STORE_NAME})
     if v.safe and not dry_run:
-        for d in {d for d, _ in used}:
+        for d in {d for d, _ in used if d != STORE_NAME}:
             e = v.entries.get(d)
             if e is not None and e.kind == "dir" and d not in v.manifests and not storage.scan(storage.join(directory, d)):
                 try:

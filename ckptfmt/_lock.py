@@ -6,7 +6,10 @@ Who holds it how (spec section 11):
 * gc, remove, retention and a :class:`~ckptfmt.manager.CheckpointManager`: **exclusive**
   (the manager for its whole life, so a second manager, in this process or another, is
   refused);
-* readers: never.
+* readers (load, verify, ``gc --dry-run``, ``compact --to``): never;
+* ``remove`` of a lone self-contained checkpoint (no store or lock file beside it): never.
+
+A forked child does not hold its parent's lock (``storage.local`` drops it at fork).
 
 So nothing is deleted from the store while a save may still refer to it, and gc never
 needs a grace period for the store.

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, read_checkpoint, split
+from ckptfmt._layout import STORE_PREFIX, ensure_store, free_stale, read_checkpoint, split_checkpoint
 from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._pool import io_pool, pool, workers
 from ckptfmt._progress import progress_bar
@@ -320,7 +320,7 @@ class _ParentRef:
     """
 
     def __init__(self, parent: str, child: str, storage: Storage) -> None:
-        (p_dir, p_name), (c_dir, c_name) = split(parent), split(child)
+        (p_dir, p_name), (c_dir, c_name) = split_checkpoint(parent), split_checkpoint(child)
         if storage.normpath(p_dir) != storage.normpath(c_dir) or p_name == c_name:
             raise ValueError(
                 f"the parent of an incremental save must be a sibling checkpoint directory: "
@@ -335,6 +335,18 @@ class _ParentRef:
             raise CheckpointNotFoundError(f"no checkpoint at {parent}")
         self.name = p_name
         self.manifest = m
+        # A parent whose store file is gone or has another size cannot be built upon: say so
+        # now, not as a failure of every later save (spec section 10).
+        there = {x.name: x for x in storage.scan(storage.join(p_dir, STORE_NAME))}
+        for fe in m.files:
+            if fe.path.startswith(STORE_PREFIX):
+                x = there.get(fe.path[len(STORE_PREFIX):])
+                if x is None or x.kind != "file" or x.size != fe.size:
+                    raise IntegrityError(
+                        f"the parent {parent} is damaged: its store file {storage.join(p_dir, STORE_NAME, fe.path[len(STORE_PREFIX):])} "
+                        f"is {'missing' if x is None else 'not the size its manifest records'}; nothing was saved: save without "
+                        f"parent= (a full save), and run `ckptfmt verify {parent}`"
+                    )
         self.builder: ManifestBuilder | None = None
         self._files: dict[int, int] = {}
         self.shared_bytes = 0
@@ -460,7 +472,7 @@ def write_checkpoint(
     tree, tensors = collect_tensors(state)  # refuse bad input before anything touches storage
     lock = None
     if shared_store and not lock_held:
-        directory = split(path)[0]
+        directory = split_checkpoint(path)[0]
         if not storage.isdir(directory):
             storage.makedirs(directory)
         lock = run_lock(storage, directory, shared=True, timeout=DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout)
@@ -475,7 +487,8 @@ def write_checkpoint(
 
 def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, chunk_size, hash_alg, sync, progress,
            producer, parent, shared_store, same_as_parent=None) -> str:
-    directory, name = split(path)
+    directory, name = split_checkpoint(path)
+    path = storage.join(directory, name)  # "ck/." names ck: its run directory is ck's parent
     manifest_path = storage.join(path, MANIFEST_NAME)
     if name == STORE_NAME:
         raise UnsafePathError(f"{path}: {STORE_NAME} is the name of a run's shared store; save the checkpoint under another name")
@@ -516,7 +529,7 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
         token = secrets.token_hex(4)
     total = sum(int(a.nbytes) for _, a in tensors)
     files = _DataFiles(storage, data_dir, builder, sync, total, shared_store=shared_store, token=token)
-    bar = progress_bar(total, f"saving {split(path)[1]}", progress)
+    bar = progress_bar(total, f"saving {name}", progress)
     window = 2 * workers()
     small_max = min(chunk_size, _INLINE_HASH_BYTES)
     digest = hasher.function
@@ -548,16 +561,22 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
         files.drain()  # every data file durable (uploaded) before the manifest names it
         if shared_store:
             extra["wrote"] = files.own
-            if parent_ref is not None and parent_ref.store_files:
-                # Belt and braces under the lock: everything shared is still there, at its size.
-                there = {e.name: e.size for e in storage.scan(data_dir) if e.kind == "file"}
-                for fname, size in parent_ref.store_files.items():
-                    if there.get(fname) != size:
-                        raise IntegrityError(
-                            f"{storage.join(data_dir, fname)}, shared with the parent {parent}, was deleted or changed "
-                            "while this save ran; nothing was saved: save again"
-                        )
-            storage.makedirs(path)
+        storage.makedirs(path)  # a concurrent remove may have emptied and removed it
+        # Belt and braces (spec section 11): every file the manifest will list, ours and the
+        # parent's, is still there at its size (a remove, a gc or a user's rm may have run).
+        there = {e.name: e.size for e in storage.scan(data_dir) if e.kind == "file"}
+        expect = {f: builder.files[i][1] for f, i in zip(files.written, files.own)}
+        for fname, size in expect.items():
+            if there.get(fname) != size:
+                raise IntegrityError(f"{storage.join(data_dir, fname)}, written by this save, was deleted or changed "
+                                     "while it ran (a concurrent remove or gc?); nothing was saved: save again")
+        if parent_ref is not None:
+            for fname, size in parent_ref.store_files.items():
+                if there.get(fname) != size:
+                    raise IntegrityError(
+                        f"{storage.join(data_dir, fname)}, shared with the parent {parent}, was deleted or changed "
+                        f"while this save ran; nothing was saved: save again, or without parent= if `ckptfmt verify {parent}` fails"
+                    )
         data = builder.encode(tree=tree, metadata=metadata, producer=_producer(producer), created=time.time(), extra=extra)
         try:
             # Without overwrite the manifest must not exist: the backend decides atomically,

@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt._gc import DEFAULT_GRACE_SECONDS, collect, remove_locked
+from ckptfmt._gc import DEFAULT_GRACE_SECONDS, GcReport, remove_locked, warn_refused
+from ckptfmt._layout import STORE_PREFIX, Sweep, sweep_dirs, sweep_store, view
 from ckptfmt._lock import run_lock
 from ckptfmt._reader import read_manifest
 from ckptfmt._writer import is_tensor_leaf, write_checkpoint
 from ckptfmt.api import load
 from ckptfmt.errors import CheckpointLockedError, CheckpointNotFoundError, CkptFmtError, FormatError, StorageError
-from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE, MANIFEST_NAME
+from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE, MANIFEST_NAME, STORE_FILE_RE, STORE_NAME
 from ckptfmt.storage.base import Storage
 from ckptfmt.storage.local import LocalStorage
 from ckptfmt.storage.urls import resolve
@@ -44,18 +45,28 @@ _STEP_RE = re.compile(r"^step-(0|[1-9][0-9]*)$")
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def _step_dirs(directory: str, storage: Storage) -> dict[int, str]:
-    """Complete checkpoints (real directories with a MANIFEST file) under ``directory``, by step.
+def _step_dirs(directory: str, storage: Storage, *, own: bool = False) -> dict[int, str]:
+    """Complete checkpoints under ``directory``, by step.
 
-    Symbolic links are not the manager's: never listed, so never deleted by retention.
+    Listed (for restore and ``log``): ``step-N`` directories with a MANIFEST, including a
+    ``step-N`` that is a symbolic link (a step moved to another disk and linked back) or
+    whose MANIFEST is one. With ``own``, only the manager's own: real directories holding a
+    real MANIFEST file; retention counts and deletes only those, and builds only on those,
+    so nothing is ever deleted through a link.
     """
     out: dict[int, str] = {}
     for e in storage.scan(directory):
         m = _STEP_RE.match(e.name)
-        if m and e.kind == "dir":
-            inside = storage.scan(storage.join(directory, e.name))
-            if any(x.name == MANIFEST_NAME and x.kind == "file" for x in inside):
-                out[int(m.group(1))] = storage.join(directory, e.name)
+        if not m or e.kind not in (("dir",) if own else ("dir", "link")):
+            continue
+        path = storage.join(directory, e.name)
+        if e.kind == "dir":
+            inside = {x.name: x for x in storage.scan(path)}.get(MANIFEST_NAME)
+            ok = inside is not None and (inside.kind == "file" or (not own and storage.exists(storage.join(path, MANIFEST_NAME))))
+        else:
+            ok = storage.exists(storage.join(path, MANIFEST_NAME))
+        if ok:
+            out[int(m.group(1))] = path
     return dict(sorted(out.items()))
 
 
@@ -174,9 +185,11 @@ class CheckpointManager:
     ``DIR/ckptfmt-store/`` and its ``step-N`` directory holds only the manifest, so deleting
     any ``step-N`` with ``rm -r`` never breaks another checkpoint (spec section 11).
 
-    On start, leftovers of a save that was killed are removed (those in the store at once,
-    others once older than the gc grace period); :meth:`latest_step` only ever names
-    complete checkpoints. A directory the process may not write is opened read-only:
+    On start, leftovers of a killed self-contained save are removed once older than the gc
+    grace period; store files no checkpoint uses are kept with a warning (they may be the data
+    of a step moved out of the run for a while: ``ckptfmt gc`` frees them). Retention frees
+    only what the dropped steps used. A ``step-N`` symbolic link is listed and restored, never
+    deleted. :meth:`latest_step` only ever names complete checkpoints. A directory the process may not write is opened read-only:
     restore and the listing work, :meth:`save` raises StorageError.
     """
 
@@ -212,6 +225,9 @@ class CheckpointManager:
         self.chunk_size = chunk_size
         self.sync = sync
         self._lock = None
+        self._pid = os.getpid()
+        #: path -> (digest, {store file: (size, mtime)}) of checkpoints this manager committed
+        self._written: dict[str, tuple[str, dict[str, tuple[int, float]]]] = {}
         self.read_only = False
         try:
             if not self.storage.isdir(self.directory):
@@ -238,8 +254,15 @@ class CheckpointManager:
 
     # -- introspection --------------------------------------------------------------
     def all_steps(self) -> list[int]:
-        """Steps of all complete checkpoints, oldest first."""
+        """Steps of all complete checkpoints, oldest first.
+
+        A ``step-N`` that is a symbolic link is listed (and restored) but never counted or
+        deleted by retention, nor built upon by an incremental save.
+        """
         return list(_step_dirs(self.directory, self.storage))
+
+    def _own_steps(self) -> list[int]:
+        return list(_step_dirs(self.directory, self.storage, own=True))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -268,6 +291,7 @@ class CheckpointManager:
             ``mgr.save(step, ckptfmt.adapters.torch.to_state(model=model, optimizer=opt)[0])``
         """
         self._check_open()
+        self._check_process()
         self._raise_pending()
         if self.read_only:
             raise StorageError(errno.EROFS, f"{self.directory} was opened read-only (no write access); cannot save")
@@ -302,45 +326,122 @@ class CheckpointManager:
                     def hint(name: str, arr: np.ndarray, cs: int) -> np.ndarray | None:
                         return same.get(id(arr)) if cs == chunk_size else None
 
+            old_store = self._store_files_of(path) if replaced else set()
             digest = write_checkpoint(state, path, self.storage, metadata=metadata, overwrite=True, chunk_size=self.chunk_size,
                                       sync=self.sync, parent=parent, shared_store=self.incremental, lock_held=True,
                                       same_as_parent=hint)
             if same is not None:
                 self._snapshot_saved = (path, digest)
-            self._retain(replaced)
+            self._remember(path, digest)
+            self._retain(old_store)
+
+    def _store_files_of(self, path: str) -> set[str]:
+        try:
+            m = read_manifest(path, self.storage)
+        except CkptFmtError:
+            return set()
+        return {f.path[len(STORE_PREFIX):] for f in m.files if f.path.startswith(STORE_PREFIX)}
+
+    def _store_stat(self, names: set[str]) -> dict[str, tuple[int, float]]:
+        there = {e.name: (e.size, e.mtime) for e in self.storage.scan(self.storage.join(self.directory, STORE_NAME))}
+        return {n: there.get(n, (-1, 0.0)) for n in names}
+
+    def _remember(self, path: str, digest: str) -> None:
+        """Note what this save committed, so the next save may build on it without re-verifying."""
+        if not self.incremental:
+            return
+        self._written = {path: (digest, self._store_stat(self._store_files_of(path)))}
+
+    def _trusted(self, parent: str, digest: str) -> bool:
+        """Whether ``parent`` is what this manager committed, its store files untouched since."""
+        mine = self._written.get(parent)
+        return mine is not None and mine[0] == digest and self._store_stat(set(mine[1])) == mine[1]
 
     def _parent_for(self, step: int) -> str | None:
+        """The checkpoint the next save builds on, or None for a full save.
+
+        Only an intact parent is built upon (spec section 10): one this manager committed
+        whose store files are untouched since (same size and modification time), or one that
+        passes a full :func:`ckptfmt.verify`. A damaged one gets a full save and a warning.
+        """
         if not self.incremental:
             return None
-        earlier = [s for s in self.all_steps() if s < step]
+        earlier = [s for s in self._own_steps() if s < step]
         if not earlier:
             return None
         parent = self.step_path(earlier[-1])
         try:
-            p = read_manifest(parent, self.storage).parent
-        except CkptFmtError:
-            return None  # a damaged parent is never built upon
+            m = read_manifest(parent, self.storage)
+        except CkptFmtError as e:
+            warnings.warn(f"{parent} is damaged ({e}); saving step {step} in full", stacklevel=3)
+            return None
+        p = m.parent
         depth = p.get("depth", 0) if isinstance(p, dict) and isinstance(p.get("depth"), int) else 0
-        return parent if depth + 1 < self.max_chain else None
+        if depth + 1 >= self.max_chain:
+            return None
+        if not self._trusted(parent, m.hexdigest):
+            from ckptfmt._verify import verify_checkpoint
 
-    def _retain(self, replaced: bool = False) -> None:
-        steps = self.all_steps()
+            rep = verify_checkpoint(parent, self.storage)
+            if not rep.ok:
+                warnings.warn(f"{parent} is damaged ({rep.errors[0].message}); saving step {step} in full instead of "
+                              "sharing its data", stacklevel=3)
+                return None
+        return parent
+
+    def _retain(self, replaced_store: set[str] | frozenset = frozenset()) -> None:
+        steps = self._own_steps()
         keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
         if self.keep_every_n_steps:
             keep |= {s for s in steps if s % self.keep_every_n_steps == 0}
         dropped = [s for s in steps if s not in keep]
         if dropped:
-            remove_locked(self.storage, self.directory, [f"step-{s}" for s in dropped])
-        elif replaced:  # a step saved again (force=True): the data only its old manifest used is free
-            collect(self.storage, self.directory)
+            self._warn_kept(remove_locked(self.storage, self.directory, [f"step-{s}" for s in dropped]))
+        if replaced_store:  # a step saved again (force=True): the data only its old manifest used is free
+            v = view(self.storage, self.directory)
+            sweep_store(self.storage, v, grace=0.0, dry_run=False, out=Sweep(), only=set(replaced_store))
+            self._warn_kept(v)
+
+    def _warn_kept(self, r) -> None:
+        """Warn when freeing was refused (``r``: a GcReport or a RunView)."""
+        warn_refused(GcReport(self.directory, unreadable=tuple(r.unreadable), refused=tuple(getattr(r, "refused", getattr(r, "problems", ())))),
+                     stacklevel=4)
 
     def recover(self, *, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
         """Remove what interrupted saves left behind (called on start).
 
-        Store files no manifest uses go at once (every writer of the store holds the lock
-        this manager holds); other leftovers once older than ``grace_seconds``.
+        Leftovers of self-contained saves go once older than ``grace_seconds``. Store files
+        no manifest lists are kept, with a warning: they may be a killed save's, or the data of
+        a checkpoint moved out of the run for a while; ``ckptfmt gc RUN`` frees them. Waits for
+        a save of this manager that is running.
         """
-        collect(self.storage, self.directory, grace_seconds=grace_seconds)
+        self._check_process()
+        with self._mutex:
+            v = view(self.storage, self.directory)
+            sweep_dirs(self.storage, v, grace=grace_seconds, dry_run=False, out=Sweep())
+            now = time.time()
+            for name, e in v.entries.items():
+                # an empty step-N: a save killed between making its directory and committing
+                if (e.kind == "dir" and _STEP_RE.match(name) and now - e.mtime >= grace_seconds
+                        and not self.storage.scan(self.storage.join(self.directory, name))):
+                    try:
+                        self.storage.rmdir(self.storage.join(self.directory, name))
+                    except OSError:
+                        pass  # something appeared in it meanwhile
+            if v.store and v.safe:
+                store = self.storage.join(self.directory, STORE_NAME)
+                loose = [e for e in self.storage.scan(store)
+                         if e.kind == "file" and STORE_FILE_RE.match(e.name) and (STORE_NAME, e.name) not in v.refs]
+                if loose:
+                    warnings.warn(f"{store} holds {len(loose)} file(s), {sum(e.size for e in loose)} bytes, that no checkpoint "
+                                  f"of the run uses (a killed save's, or of a checkpoint moved out of {self.directory}); "
+                                  f"`ckptfmt gc {self.directory}` frees them", stacklevel=3)
+            self._warn_kept(v)
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"CheckpointManager({self.directory}) was created in process {self._pid}; a forked child "
+                               "does not hold its lock: create a new CheckpointManager there (after the parent's is closed)")
 
     # -- restoring ------------------------------------------------------------------
     def restore(self, step: int | None = None, *, verify: bool = True, mmap: bool = False) -> Any:
@@ -401,7 +502,7 @@ class CheckpointManager:
             if self._lock is not None:
                 self._lock.release()
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -33,6 +33,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -322,6 +323,10 @@ def _has_manifest(p: str) -> bool:
     return os.path.exists(os.path.join(p, "MANIFEST"))
 
 
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _expand_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Replace a run directory by its checkpoints, and a run's shared store by a note."""
     out: list[str] = []
@@ -334,14 +339,15 @@ def _expand_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
         if info.is_store:
             notes.append(f"note: {p} is the shared data store of the run {os.path.dirname(os.path.abspath(p))}; "
                          "it is verified through the checkpoints that use it")
-        elif info.checkpoints:
+        elif info.checkpoints or info.unreadable:
             extra = ""
             if info.store_files:
                 extra = (f"; its shared store holds {info.store_files} data file(s), {_size(info.store_bytes)}"
                          + (f", {_size(info.unreferenced_bytes)} of it used by no checkpoint (`ckptfmt gc {p}` frees it)"
                             if info.unreferenced_bytes else ""))
             notes.append(f"note: {p} is a run directory with {len(info.checkpoints)} checkpoint(s){extra}")
-            out.extend(info.checkpoints)
+            # a directory whose MANIFEST cannot be read is verified too (and fails): never skipped
+            out.extend(sorted((*info.checkpoints, *info.unreadable), key=lambda c: _natural_key(os.path.basename(c))))
         else:
             out.append(p)
     return out, notes
@@ -574,13 +580,15 @@ def log(directory: str, as_json: bool) -> None:
               help="Outside the shared store, keep unreferenced files younger than this many seconds "
                    "(a save of a self-contained checkpoint may still be writing them).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
+@click.pass_context
+def gc_cmd(ctx: click.Context, directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
     """Free data that no checkpoint in DIRECTORY refers to, and leftovers of interrupted saves.
 
     Incremental checkpoints share data in the run's store (DIRECTORY/ckptfmt-store), so
     deleting one with `rm -r` leaves data that only gc frees. Only files ckptfmt names as
     its own are deleted, never through a symbolic link, never outside DIRECTORY; nothing is
-    deleted if any manifest in DIRECTORY cannot be read. --dry-run needs no write access.
+    deleted if any manifest in DIRECTORY cannot be read (exit 3, naming it).
+    --dry-run needs no write access.
 
     \b
     Example:
@@ -589,19 +597,23 @@ def gc_cmd(directory: str, dry_run: bool, grace: float, as_json: bool) -> None:
     if not _isdir(directory):
         raise ckptfmt.CheckpointNotFoundError(f"no directory {directory}")
     r = ckptfmt.gc(directory, dry_run=dry_run, grace_seconds=grace)
+    refused = bool(r.unreadable or r.refused)
+    code = EXIT_ERROR if refused else EXIT_OK
     if as_json:
-        _echo_json(dataclasses.asdict(r))
-        return
+        _echo_json({**dataclasses.asdict(r), "ok": not refused, "exit_code": code})
+        ctx.exit(code)
     verb = "would delete" if dry_run else "deleted"
     for f in r.deleted:
         click.echo(f"{verb} {f}")
     for f in r.unreadable:
-        click.echo(f"warning: {f} has an unreadable manifest; nothing was deleted", err=True)
+        click.echo(f"error: {f} has a MANIFEST that cannot be read (or is a symbolic link); it may refer to any "
+                   "data, so nothing was deleted: fix it or move it out of the run directory", err=True)
     for why in r.refused:
-        click.echo(f"warning: {why}; nothing was deleted", err=True)
+        click.echo(f"error: {why}; nothing was deleted", err=True)
     if r.kept_young:
         click.echo(f"kept {len(r.kept_young)} unreferenced file(s) younger than {grace:g} s", err=True)
     click.echo(f"{verb} {len(r.deleted)} file(s), {_size(r.freed_bytes)}")
+    ctx.exit(code)
 
 
 @main.command(context_settings=_CONTEXT)

@@ -8,13 +8,14 @@ import errno
 import fcntl
 import mmap
 import os
-import stat
 import secrets
+import stat
 import time
+import weakref
 
 from ckptfmt.errors import CheckpointLockedError, StorageError
-from ckptfmt.storage.base import Entry, ReadHandle, Storage, StorageLock, WriteHandle, storage_error as _wrap
-
+from ckptfmt.storage.base import Entry, ReadHandle, Storage, StorageLock, WriteHandle
+from ckptfmt.storage.base import storage_error as _wrap
 
 #: Writes smaller than this are gathered in memory and issued together.
 _SMALL_WRITE = 1 << 20
@@ -160,14 +161,39 @@ class _LocalWrite(WriteHandle):
 class _FlockLock(StorageLock):
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)  # closing drops the flock
+            try:  # unlock explicitly: a forked child may still share this open file description
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(self._fd)
             self._fd = -1
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         self.release()
+
+
+#: Locks held by this process. A forked child shares the parent's open file description, so
+#: it would hold the flock too (and keep the run locked after the parent released it): the
+#: child closes its copies at fork, and the lock stays the parent's alone.
+_HELD: weakref.WeakSet[_FlockLock] = weakref.WeakSet()
+
+
+def _drop_locks_in_child() -> None:
+    for lk in list(_HELD):
+        if lk._fd >= 0:
+            try:
+                os.close(lk._fd)
+            except OSError:
+                pass
+            lk._fd = -1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _kind(mode: int) -> str:
@@ -230,11 +256,13 @@ class LocalStorage(Storage):
     def lock(self, path: str, *, shared: bool = False, timeout: float = 0.0) -> StorageLock:
         flags = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)  # umask decides; a team may share it
         except OSError as e:
-            if not shared or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise _wrap(e, path, "creating lock file") from None
-            try:  # a read-only directory with a lock file: a shared lock still works
+            # A lock file we may not write (a colleague's, read-only storage): flock needs only
+            # a descriptor, so an existing one still locks; only its holder's pid goes unwritten.
+            try:
                 fd = os.open(path, os.O_RDONLY | flags)
             except OSError:
                 raise _wrap(e, path, "creating lock file") from None

@@ -63,9 +63,11 @@ def test_compact_then_gc(tmp_path):
     shutil.rmtree(d / "step-2")  # the habit: now step-1's and step-2's data are garbage
     r = _run("gc", d, "--grace", "0", "--dry-run")
     assert r.exit_code == 0 and "would delete" in r.output
-    assert len(os.listdir(d / "ckptfmt-store")) == 3  # STORE + two packs
+    # STORE + three packs: remove frees only what the removed checkpoint listed, not step-3's
+    # pack that compact left unused (a checkpoint moved out of the run looks the same)
+    assert len(os.listdir(d / "ckptfmt-store")) == 4
     r = _run("gc", d, "--grace", "0")
-    assert r.exit_code == 0 and "deleted 2 file(s)" in r.output, r.output
+    assert r.exit_code == 0 and "deleted 3 file(s)" in r.output, r.output
     assert os.listdir(d / "ckptfmt-store") == ["STORE"]
     assert not os.path.exists(d / "step-1") and _run("verify", d / "step-3").exit_code == 0
     assert json.loads(_run("gc", d, "--json").output)["deleted"] == []
@@ -118,3 +120,28 @@ def test_read_only_run_directory(tmp_path, monkeypatch):
     with CheckpointManager(d) as m:
         assert m.read_only and m.restore()["step"] == 3
     assert sorted(os.listdir(d)) == before
+
+
+def test_verify_run_dir_reports_a_damaged_manifest(tmp_path):
+    """REVIEW10 8: a step whose MANIFEST does not decode is verified (and fails), never skipped."""
+    _make_run(tmp_path)
+    p = tmp_path / "step-2" / "MANIFEST"
+    b = bytearray(p.read_bytes())
+    b[-5] ^= 0xFF
+    p.write_bytes(bytes(b))
+    r = _run("verify", tmp_path)
+    assert r.exit_code == 1, r.output
+    assert "FAILED" in r.output and "step-2" in r.output and "2 of 3 intact" in r.output
+
+
+def test_gc_that_refuses_exits_3_naming_why(tmp_path):
+    """REVIEW10 9: gc that deletes nothing because a manifest cannot be read does not exit 0."""
+    _make_run(tmp_path)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "MANIFEST").write_text("include README.md\n")
+    r = _run("gc", tmp_path, "--grace", "0")
+    assert r.exit_code == 3 and "code has a MANIFEST that cannot be read" in r.output
+    r = _run("gc", tmp_path, "--json")
+    assert r.exit_code == 3 and json.loads(r.output)["ok"] is False
+    shutil.rmtree(tmp_path / "code")
+    assert _run("gc", tmp_path).exit_code == 0

@@ -135,11 +135,14 @@ def test_recovery_cleans_leftovers(tmp_path):
     live.mkdir()
     (live / "data-00000-0123abcd.data").write_bytes(b"y" * 10)
     pack = tmp_path / "ckptfmt-store" / "pack-0123456789abcdef-00000.data"
-    pack.write_bytes(b"z" * 100)  # a killed manager's save: the store goes at once
-    with CheckpointManager(tmp_path) as m:
-        assert m.all_steps() == [1] and not dead.exists() and not pack.exists()
+    pack.write_bytes(b"z" * 100)  # a killed save's, or a moved-out checkpoint's: kept, with a warning
+    with pytest.warns(UserWarning, match=r"1 file\(s\), 100 bytes, that no checkpoint of the run uses.*ckptfmt gc"):
+        m = CheckpointManager(tmp_path)
+    with m:
+        assert m.all_steps() == [1] and not dead.exists() and pack.exists()
         assert (live / "data-00000-0123abcd.data").exists()
         assert ckptfmt.verify(m.step_path(1)).problems == ()
+    assert str(pack) in ckptfmt.gc(tmp_path).deleted
 
 
 def test_no_checkpoint(tmp_path):

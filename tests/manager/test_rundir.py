@@ -112,7 +112,7 @@ def test_3_retention_never_deletes_through_a_symlinked_step(tmp_path):
     with CheckpointManager(run, max_to_keep=1, chunk_size=CS) as m:
         for s in range(2, 5):
             m.save(s, _state(s))
-        assert m.all_steps() == [4]
+        assert m.all_steps() == [1, 4]  # the link is listed, never counted or deleted by retention
     assert ckptfmt.verify(tmp_path / "elsewhere").ok and os.path.islink(run / "step-1")
 
 
