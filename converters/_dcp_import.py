@@ -23,6 +23,7 @@ __all__ = ["DcpMetadata", "DcpTensor", "read_dcp_metadata", "dcp_import", "ALLOW
 import io
 import os
 import pickle
+import pickletools
 import zipfile
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,30 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _scan_opcodes(data: bytes, where: str) -> None:
+    """Refuse memo indices no honest pickle of this size can use, before unpickling.
+
+    CPython's C unpickler sizes its memo array from the largest ``PUT`` index it meets, before
+    any global is looked up: a 1 KB file with ``LONG_BINPUT 1e9`` makes it allocate gigabytes.
+    A pickler numbers its memo entries 0, 1, 2, ... one per opcode at most, so an index at or
+    past the number of opcodes is forged. ``pickletools.genops`` reads the opcodes without a memo.
+    """
+    ops = []
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            ops.append((op.name, arg))
+    except Exception as e:  # truncated or unknown opcode: the unpickler would refuse it too
+        raise _bad(where, f"not a readable DCP metadata pickle ({type(e).__name__}: {e})") from None
+    for name, arg in ops:
+        if name in _MEMO_OPS:
+            if type(arg) is not int or not 0 <= arg < len(ops):
+                raise _bad(where, f"the pickle uses memo index {str(arg)[:20]} with only {len(ops)} opcodes: forged, refused "
+                                  "(nothing from the file was run)")
+
+
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -202,6 +227,7 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
         raise _bad(mpath, f"{size} bytes, over the limit of {_MAX_METADATA_BYTES}")
     with open(mpath, "rb") as f:
         data = f.read(_MAX_METADATA_BYTES + 1)
+    _scan_opcodes(data, mpath)
     u = _AllowListUnpickler(io.BytesIO(data))
     u.where = mpath
     try:

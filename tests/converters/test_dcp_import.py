@@ -100,3 +100,29 @@ def test_damaged_real_metadata_raises_only_format_error(written, tmp_path_factor
     else:
         data[pos] ^= flip
     _check(bytes(data), str(tmp_path_factory.mktemp("d")))
+
+
+_BOUNDED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from ckptfmt.errors import FormatError
+from ckptfmt.converters._dcp_import import read_dcp_metadata
+try:
+    read_dcp_metadata(sys.argv[1])
+except FormatError as e:
+    print("FormatError:", e)
+"""
+
+
+@pytest.mark.parametrize("op", [b"r\x00\xca\x9a;", b"p1000000000\n"], ids=["LONG_BINPUT", "PUT"])
+def test_a_forged_memo_index_is_refused_before_any_allocation(tmp_path, op):
+    """A 1e9 memo index makes the C unpickler allocate its memo array (GBs) before find_class."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / ".metadata").write_bytes(b"\x80\x02]" + op + b".")
+    out = subprocess.run([sys.executable, "-c", _BOUNDED, str(d)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "FormatError:" in out.stdout and "memo index" in out.stdout, out.stdout
