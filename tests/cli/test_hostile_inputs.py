@@ -180,6 +180,27 @@ def test_expanded_torch_view_is_refused_before_allocating(tmp_path):
     assert run("verify", q).exit_code == EXIT_OK
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("cmd, name", [("to-safetensors", "out.safetensors"), ("to-ckptfmt", "out")])
+def test_a_corrupted_torch_file_is_not_laundered_by_convert(tmp_path, cmd, name):
+    """torch.load ignores the zip CRCs: a flipped byte in tensor data must stop a convert."""
+    torch = pytest.importorskip("torch")
+    p = tmp_path / "c.pt"
+    torch.save({"model": {"w": torch.arange(64.0).reshape(8, 8)}}, p)
+    b = bytearray(p.read_bytes())
+    i = b.find(np.arange(64.0, dtype=np.float32).tobytes()[40:48])
+    b[i] ^= 0x40
+    p.write_bytes(bytes(b))
+    with kinds.open_any(p) as src:  # opening and listing stay cheap; reading data checks
+        assert src.keys() == ["model/w"]
+        with pytest.raises(ckptfmt.IntegrityError, match="CRC-32") as e:
+            src.get("model/w")
+        assert str(p) in str(e.value) and "data/0" in str(e.value)
+    r = run("convert", cmd, p, tmp_path / name)
+    assert r.exit_code == EXIT_ERROR and "CRC-32" in r.output, r.output
+    assert not (tmp_path / name).exists()
+
+
 # --------------------------------------------------------------- silent success
 
 
