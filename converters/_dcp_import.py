@@ -33,7 +33,7 @@ import numpy as np
 from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError
 from ckptfmt.format.dtypes import numpy_dtype
 from ckptfmt.format.spec import LIMITS
-from ckptfmt.format.tree import PLAIN_TYPES
+from ckptfmt.format.tree import PLAIN_TYPES, dense_list_indices
 
 METADATA_NAME = ".metadata"
 _MAX_METADATA_BYTES = LIMITS.max_manifest_bytes
@@ -296,6 +296,9 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
         _check_cover(fqn, shape, chunks, mpath)
         tensors[fqn] = DcpTensor(fqn, dt.name, shape, tuple(chunks))
     mappings = _mappings(md.field("planner_data"))
+    why = None if mappings is None else dense_list_indices(mappings.values())
+    if why is not None:
+        raise _bad(mpath, f"planner_data (the nesting of the saved state) is not a tree of dense lists: {why}")
     version = md.field("version")
     return DcpMetadata(path, tensors, bytes_items, mappings, version if isinstance(version, str) else None)
 

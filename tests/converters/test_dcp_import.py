@@ -126,3 +126,37 @@ def test_a_forged_memo_index_is_refused_before_any_allocation(tmp_path, op):
     out = subprocess.run([sys.executable, "-c", _BOUNDED, str(d)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "FormatError:" in out.stdout and "memo index" in out.stdout, out.stdout
+
+
+def _rewrite_metadata(written, tmp_path, change):
+    import pickle
+    import shutil
+
+    d = tmp_path / "ck"
+    shutil.copytree(written[0], d)
+    md = pickle.loads(written[1])  # our own file, written by DCP in this test module
+    change(md)
+    (d / ".metadata").write_bytes(pickle.dumps(md))
+    return str(d)
+
+
+@pytest.mark.parametrize("index", [2, 10**6, 10**13])
+def test_a_sparse_list_index_in_planner_data_is_refused(written, tmp_path, index):
+    """An int in a key path is a list index: 10**13 made the import build a list of that length."""
+    d = _rewrite_metadata(written, tmp_path, lambda md: md.planner_data.__setitem__("groups.0.lr", ("groups", index, "lr")))
+    with pytest.raises(FormatError, match="dense lists"):
+        read_dcp_metadata(d)
+    assert not os.path.exists(tmp_path / "out")
+    with pytest.raises(FormatError, match="dense lists"):
+        dcp_import(d, str(tmp_path / "out"))
+
+
+def test_dense_list_indices_and_the_dcp_manifest_reader_refuse_sparse_paths():
+    from ckptfmt.dcp import _plain_mappings
+    from ckptfmt.format.tree import dense_list_indices
+
+    assert dense_list_indices([("g", 0, "lr"), ("g", 0, "b"), ("g", 1, "lr"), ("s",)]) is None
+    assert "index 2" in dense_list_indices([("g", 0), ("g", 2)])
+    assert "negative" in dense_list_indices([("g", -1)])
+    assert _plain_mappings({"g.0": ["g", 0], "g.1": ["g", 1]}) == {"g.0": ("g", 0), "g.1": ("g", 1)}
+    assert _plain_mappings({"g.0": ["g", 10**13]}) is None
