@@ -92,6 +92,8 @@ class _DType:
 
 
 def _size(seq: Any = ()) -> tuple[int, ...]:
+    if not isinstance(seq, (tuple, list)):  # tuple(x) of an int, a dict, a record... is no size
+        raise FormatError(f"invalid torch.Size: a {type(seq).__name__}, not a sequence of ints")
     items = tuple(seq)
     if not all(type(x) is int and 0 <= x <= LIMITS.max_tensor_bytes for x in items) or len(items) > LIMITS.max_rank:
         raise FormatError(f"invalid torch.Size {items[:8]!r}")
@@ -247,7 +249,10 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
         if not isinstance(k, _Record) or k.kind != "MetadataIndex" or not isinstance(k.field("fqn"), str):
             raise _bad(mpath, "a storage_data key is not a MetadataIndex")
         off = k.field("offset")
-        where_by_key[(k.field("fqn"), None if off is None else _size(off))] = v
+        try:
+            where_by_key[(k.field("fqn"), None if off is None else _size(off))] = v
+        except FormatError as e:
+            raise _bad(mpath, f"the storage_data key of {k.field('fqn')!r}: {e}") from None
     tensors: dict[str, DcpTensor] = {}
     bytes_items: dict[str, DcpChunk] = {}
     for fqn, item in sdm.items():
@@ -286,6 +291,10 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
             offs, sizes = c.field("offsets"), c.field("sizes")
             if not isinstance(offs, tuple) or not isinstance(sizes, tuple) or len(offs) != len(shape) or len(sizes) != len(shape):
                 raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes do not match the tensor's rank")
+            try:
+                offs, sizes = _size(offs), _size(sizes)
+            except FormatError as e:
+                raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes: {e}") from None
             if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
                 raise _bad(mpath, f"{fqn!r}: the chunk at {list(offs)} of shape {list(sizes)} lies outside {list(shape)}")
             info = where_by_key.get((fqn, offs))

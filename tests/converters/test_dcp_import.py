@@ -160,3 +160,28 @@ def test_dense_list_indices_and_the_dcp_manifest_reader_refuse_sparse_paths():
     assert "negative" in dense_list_indices([("g", -1)])
     assert _plain_mappings({"g.0": ["g", 0], "g.1": ["g", 1]}) == {"g.0": ("g", 0), "g.1": ("g", 1)}
     assert _plain_mappings({"g.0": ["g", 10**13]}) is None
+
+
+@pytest.mark.parametrize("value", [5, 2.5])
+def test_a_malformed_offset_is_format_error_not_type_error(written, tmp_path, value):
+    """A MetadataIndex offset or chunk offset that is not a sequence of ints (fuzz item 598)."""
+
+    def change(md):
+        key = next(k for k in md.storage_data if k.fqn == "m.w")
+        info = md.storage_data.pop(key)
+        object.__setattr__(key, "offset", value)
+        md.storage_data[key] = info
+
+    d = _rewrite_metadata(written, tmp_path, change)
+    with pytest.raises(FormatError, match="torch.Size"):
+        read_dcp_metadata(d)
+
+
+def test_a_malformed_chunk_offset_is_format_error_not_type_error(written, tmp_path):
+    def change(md):
+        chunk = md.state_dict_metadata["m.w"].chunks[0]
+        object.__setattr__(chunk, "offsets", ([0], 0))
+
+    d = _rewrite_metadata(written, tmp_path, change)
+    with pytest.raises(FormatError, match="offsets/sizes"):
+        read_dcp_metadata(d)
