@@ -138,17 +138,19 @@ def _scan_opcodes(data: bytes, where: str) -> None:
     A pickler numbers its memo entries 0, 1, 2, ... one per opcode at most, so an index at or
     past the number of opcodes is forged. ``pickletools.genops`` reads the opcodes without a memo.
     """
-    ops = []
+    count, top = 0, -1  # opcodes seen, largest memo index used (no list: the file may be large)
     try:
         for op, arg, _pos in pickletools.genops(data):
-            ops.append((op.name, arg))
+            count += 1
+            if op.name in _MEMO_OPS:
+                if type(arg) is not int or arg < 0:
+                    raise ValueError(f"{op.name} with memo index {str(arg)[:20]}")
+                top = max(top, arg)
     except Exception as e:  # truncated or unknown opcode: the unpickler would refuse it too
         raise _bad(where, f"not a readable DCP metadata pickle ({type(e).__name__}: {e})") from None
-    for name, arg in ops:
-        if name in _MEMO_OPS:
-            if type(arg) is not int or not 0 <= arg < len(ops):
-                raise _bad(where, f"the pickle uses memo index {str(arg)[:20]} with only {len(ops)} opcodes: forged, refused "
-                                  "(nothing from the file was run)")
+    if top >= count:
+        raise _bad(where, f"the pickle uses memo index {top} with only {count} opcodes: forged, refused "
+                          "(nothing from the file was run)")
 
 
 class _AllowListUnpickler(pickle.Unpickler):
