@@ -185,3 +185,49 @@ def test_a_malformed_chunk_offset_is_format_error_not_type_error(written, tmp_pa
     d = _rewrite_metadata(written, tmp_path, change)
     with pytest.raises(FormatError, match="offsets/sizes"):
         read_dcp_metadata(d)
+
+
+def _many_chunks(n, overlap=False):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    def change(md):
+        t = md.state_dict_metadata["m.h"]
+        info = md.storage_data.pop(MetadataIndex("m.h", torch.Size([0])))
+        t.size = torch.Size([n])
+        offs = list(range(n))
+        if overlap:
+            offs[n // 2] = n // 2 + 1  # two chunks at n//2 + 1, none at n//2
+        t.chunks = [ChunkStorageMetadata(offsets=torch.Size([o]), sizes=torch.Size([1])) for o in offs]
+        for o in offs:
+            md.storage_data[MetadataIndex("m.h", torch.Size([o]))] = info
+
+    return change
+
+
+_TIMED = """
+import sys, time
+from ckptfmt.errors import FormatError
+from ckptfmt.converters._dcp_import import read_dcp_metadata
+t0 = time.perf_counter()
+try:
+    md = read_dcp_metadata(sys.argv[1])
+    print("chunks", len(md.tensors["m.h"].chunks))
+except FormatError as e:
+    print("FormatError:", e)
+print("seconds", time.perf_counter() - t0)
+"""
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_many_chunks_are_checked_by_a_sweep_not_every_pair(written, tmp_path, overlap):
+    """20000 one-element chunks: every pair (2e8) took minutes; the sweep takes well under a second."""
+    import subprocess
+    import sys
+
+    d = _rewrite_metadata(written, tmp_path, _many_chunks(20000, overlap))
+    out = subprocess.run([sys.executable, "-c", _TIMED, d], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if overlap:
+        assert "FormatError:" in out.stdout and "chunk at [10001]" in out.stdout and "overlap" in out.stdout, out.stdout
+    else:
+        assert "chunks 20000" in out.stdout, out.stdout
