@@ -309,6 +309,12 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
             rel, off, length = _storage_info(info, mpath, f"{fqn!r} at {list(offs)}")
             chunks.append(DcpChunk(offs, sizes, rel, off, length))
         _check_cover(fqn, shape, chunks, mpath)
+        # each chunk is a torch.save archive holding its elements uncompressed: the bytes on
+        # disk bound the tensor, checked before anything of its size is allocated
+        nbytes = math.prod(shape) * numpy_dtype(dt.name).itemsize
+        stored = sum(c.length for c in chunks)
+        if nbytes > stored or nbytes > LIMITS.max_tensor_bytes:
+            raise _bad(mpath, f"{fqn!r}: shape {list(shape)} of {dt.name} needs {nbytes} bytes, but its chunks store {stored}")
         tensors[fqn] = DcpTensor(fqn, dt.name, shape, tuple(chunks))
     mappings = _mappings(md.field("planner_data"))
     why = None if mappings is None else dense_list_indices(mappings.values())

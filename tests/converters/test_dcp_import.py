@@ -231,3 +231,21 @@ def test_many_chunks_are_checked_by_a_sweep_not_every_pair(written, tmp_path, ov
         assert "FormatError:" in out.stdout and "chunk at [10001]" in out.stdout and "overlap" in out.stdout, out.stdout
     else:
         assert "chunks 20000" in out.stdout, out.stdout
+
+
+def test_a_huge_shape_is_refused_before_allocating(written, tmp_path):
+    """A 1e6 x 1e6 tensor in one chunk backed by a few hundred bytes: refused, not np.empty(3.6 TiB)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    n = 10**6
+
+    def change(md):
+        t = md.state_dict_metadata["m.w"]
+        info = md.storage_data.pop(MetadataIndex("m.w", torch.Size([0, 0])))
+        t.size = torch.Size([n, n])
+        t.chunks = [ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([n, n]))]
+        md.storage_data[MetadataIndex("m.w", torch.Size([0, 0]))] = info
+
+    d = _rewrite_metadata(written, tmp_path, change)
+    with pytest.raises(FormatError, match="needs 4000000000000 bytes"):
+        read_dcp_metadata(d)
