@@ -194,6 +194,9 @@ class CheckpointManager:
     ) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError("max_to_keep must be at least 1 (or None to keep everything)")
+        from ckptfmt.format.manifest import ManifestBuilder
+
+        ManifestBuilder(chunk_size=chunk_size)  # the save's own check, now and not in the first (background) save
         self.storage = storage if storage is not None else LocalStorage()
         self.directory = os.fspath(directory)
         if storage is None:
