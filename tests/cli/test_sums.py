@@ -131,3 +131,29 @@ def test_changed_non_tensor_contents_fail_sums(tmp_path, kind):
     write(4)
     r = run("verify", "--sums", tmp_path / "SUMS", p)
     assert r.exit_code == EXIT_FOUND and "non-tensor contents" in r.output, r.output
+
+
+def test_content_digest_covers_the_shard_table():
+    """Two manifests alike but for where their two pieces sit in the sharded tensor."""
+    from types import SimpleNamespace
+
+    from ckptfmt._reader import CheckpointReader
+    from ckptfmt.format.dtypes import DTYPE_NAMES
+    from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
+    from ckptfmt.format.shards import GlobalTensor, encode_shards
+
+    def manifest(offsets):
+        b = ManifestBuilder(chunk_size=4096)
+        f = b.add_file("d.data")
+        for k, name in enumerate(("w@a", "w@b")):
+            b.add_tensor(name, "float32", (1, 3))
+            b.add_chunk(f, 12 * k, bytes([k]) * 32)
+        b.set_file_size(f, 24)
+        g = GlobalTensor("w", DTYPE_NAMES.index("float32"), (2, 3), (0, 1), offsets)
+        return decode_manifest(b.encode(tree=["d", ["w"], [["s", 0]]], metadata=None, producer={},
+                                        extra={"shards": encode_shards([g])}))
+
+    digest = CheckpointReader.content_digest.fget
+    a, b = manifest(((0, 0), (1, 0))), manifest(((1, 0), (0, 0)))
+    assert digest(SimpleNamespace(manifest=a)) == digest(SimpleNamespace(manifest=manifest(((0, 0), (1, 0)))))
+    assert digest(SimpleNamespace(manifest=a)) != digest(SimpleNamespace(manifest=b))
