@@ -309,6 +309,43 @@ def test_disk_full_is_named_and_leaves_nothing(make, tmp_path, monkeypatch, cmd,
     assert os.listdir(out) == []  # no temporary, no empty directory
 
 
+@pytest.mark.parametrize("cmd, name", [("to-safetensors", "o.safetensors"), pytest.param("to-torch", "o.pt", marks=pytest.mark.torch)])
+def test_any_write_error_names_the_file(make, tmp_path, monkeypatch, cmd, name):
+    """EFBIG (a file-size limit) printed only "[Errno 27] File too large"."""
+    src = make.ckptfmt()
+    import ckptfmt.converters.sources.safetensors as sfm
+    import ckptfmt.converters.sources.torch as tfm
+
+    def efbig(*a, **k):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    class TooLarge:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        write = staticmethod(efbig)
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return 0
+
+    monkeypatch.setattr(sfm, "open", TooLarge, raising=False)
+    monkeypatch.setattr(tfm, "open", lambda p, m="rb", *a, **k: TooLarge() if "w" in m else open(p, m, *a, **k), raising=False)
+    dst = tmp_path / name
+    r = run("convert", cmd, src, dst)
+    assert r.exit_code == EXIT_ERROR and f"writing {dst}" in r.output and "File too large" in r.output, r.output
+    assert not dst.exists()  # nothing half-written, no temporary
+    assert [p for p in os.listdir(tmp_path) if p.startswith(name)] == []
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
