@@ -441,6 +441,19 @@ def test_tf1_partitioned_variable_verify(make, helpers):
     assert "emb[7:10, 0:3]" in r.output and "hash_mismatch" not in r.output
 
 
+@pytest.mark.parametrize("keep", [0, 1, 7, 5000, 24301])
+def test_tf1_truncated_meta_graph_fails_verify(make, keep):
+    """A v1 checkpoint's .meta (MetaGraphDef) cut short: verify exited 0."""
+    d = make.tf_fixture("v1_partitioned")
+    meta = os.path.join(d, "model.ckpt-5.meta")
+    assert run("verify", d).exit_code == EXIT_OK
+    data = open(meta, "rb").read()
+    assert len(data) > keep
+    open(meta, "wb").write(data[:keep])
+    r = run("verify", d)
+    assert r.exit_code == EXIT_FOUND and "truncated_file" in r.output and "model.ckpt-5.meta" in r.output, r.output
+
+
 def test_verify_of_a_checkpoint_manager_directory(tmp_path, helpers):
     from ckptfmt.manager import CheckpointManager
 
