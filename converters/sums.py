@@ -41,7 +41,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import blake3
 import msgpack
@@ -82,7 +82,7 @@ class ContentsSum:
         return {"path": self.path, "kind": self.kind, "contents": self.blake3}
 
 
-Sum = Union[TensorSum, ContentsSum]
+Sum = TensorSum | ContentsSum
 
 
 def _canon(x: Any, depth: int = 0) -> Any:
