@@ -114,8 +114,8 @@ class CheckpointReader:
         """The checkpoint's content identity, as hex: same tensors and tree, same value.
 
         Unlike :attr:`digest` (which covers the save time, producer and data file names),
-        this covers only the tree, each tensor's name, dtype and shape, and its chunk
-        hashes, all taken from the manifest (no data is read). Two saves of the same state
+        this covers only the tree, each tensor's name, dtype and shape, its chunk hashes,
+        and the shard table (where each piece sits in a sharded tensor), all taken from the manifest (no data is read). Two saves of the same state
         with the same ``chunk_size`` and hash algorithm (the defaults) have the same
         content digest, whenever and wherever they were written, incremental or not.
         Compare across formats with ``ckptfmt hash``.
@@ -130,6 +130,9 @@ class CheckpointReader:
             head = msgpack.packb([e.name, e.dtype, list(e.shape)], use_bin_type=True)
             hashes = b"".join(m.chunk_hash(e.first_chunk + k) for k in range(e.num_chunks))
             parts.append(h.digest(head + hashes))
+        if m.shards is not None:  # which piece sits where in a sharded tensor is content too
+            table = [[g.name, g.dtype, list(g.shape), list(g.pieces), [list(o) for o in g.offsets]] for g in m.shards.tensors]
+            parts.append(h.digest(b"shards" + msgpack.packb(table, use_bin_type=True)))
         return h.digest(b"".join(parts)).hex()
 
     def sharing(self) -> dict[str, Any]:

@@ -77,7 +77,7 @@ from ckptfmt.format.spec import (
     STORE_FILE_RE,
     STORE_NAME,
 )
-from ckptfmt.format.tree import encode_tree
+from ckptfmt.format.tree import dense_list_indices, encode_tree
 from ckptfmt.storage.base import Storage, StorageLock, storage_error
 from ckptfmt.storage.local import LocalStorage
 
@@ -560,7 +560,9 @@ def _plain_mappings(planner_data: Any) -> dict[str, tuple] | None:
             return None
         if not all(isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in v):
             return None
-    return {k: tuple(v) for k, v in planner_data.items()}
+    mappings = {k: tuple(v) for k, v in planner_data.items()}
+    # a list index beyond the items there would make _nest build a list of that length
+    return None if dense_list_indices(mappings.values()) is not None else mappings
 
 
 class _Leaf:

@@ -211,6 +211,9 @@ class CheckpointManager:
     ) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError("max_to_keep must be at least 1 (or None to keep everything)")
+        from ckptfmt.format.manifest import ManifestBuilder
+
+        ManifestBuilder(chunk_size=chunk_size)  # the save's own check, now and not in the first (background) save
         explicit = storage is not None
         self.storage, self.directory = resolve(directory, storage, storage_options)
         if not explicit and isinstance(self.storage, LocalStorage):

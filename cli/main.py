@@ -521,6 +521,8 @@ def hash_cmd(paths: tuple[str, ...]) -> None:
 
     The digest covers each tensor's dtype, shape and values as read, not the file's bytes:
     the same tensors give the same sums in every kind and after any re-serialisation.
+    One more line per input covers its non-tensor contents (plain values such as epoch or
+    lr, and metadata), in the kind's own terms.
     Write the output to a file and check it later (the formats without checksums:
     safetensors, ONNX, legacy torch files).
 
@@ -531,7 +533,7 @@ def hash_cmd(paths: tuple[str, ...]) -> None:
     """
     from ckptfmt.converters.sums import hash_checkpoint, write_sums
 
-    entries = [e for p in paths for e in hash_checkpoint(p)]  # every input read before anything is printed
+    entries = [e for p in paths for e in hash_checkpoint(p, contents=True)]  # every input read before anything is printed
     write_sums(entries, sys.stdout)
 
 

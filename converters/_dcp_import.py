@@ -21,18 +21,21 @@ from __future__ import annotations
 __all__ = ["DcpMetadata", "DcpTensor", "read_dcp_metadata", "dcp_import", "ALLOWED_GLOBALS"]
 
 import io
+import math
 import os
 import pickle
+import pickletools
 import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError
+from ckptfmt.errors import CheckpointNotFoundError, ConversionError, FormatError, LimitExceededError
 from ckptfmt.format.dtypes import numpy_dtype
+from ckptfmt.format.shards import MAX_PIECES_PER_TENSOR, _check_disjoint
 from ckptfmt.format.spec import LIMITS
-from ckptfmt.format.tree import PLAIN_TYPES
+from ckptfmt.format.tree import PLAIN_TYPES, dense_list_indices
 
 METADATA_NAME = ".metadata"
 _MAX_METADATA_BYTES = LIMITS.max_manifest_bytes
@@ -91,6 +94,8 @@ class _DType:
 
 
 def _size(seq: Any = ()) -> tuple[int, ...]:
+    if not isinstance(seq, (tuple, list)):  # tuple(x) of an int, a dict, a record... is no size
+        raise FormatError(f"invalid torch.Size: a {type(seq).__name__}, not a sequence of ints")
     items = tuple(seq)
     if not all(type(x) is int and 0 <= x <= LIMITS.max_tensor_bytes for x in items) or len(items) > LIMITS.max_rank:
         raise FormatError(f"invalid torch.Size {items[:8]!r}")
@@ -122,6 +127,32 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): dict,
     **{("torch", n): _DType(v) for n, v in _DTYPES.items()},
 }
+
+
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _scan_opcodes(data: bytes, where: str) -> None:
+    """Refuse memo indices no honest pickle of this size can use, before unpickling.
+
+    CPython's C unpickler sizes its memo array from the largest ``PUT`` index it meets, before
+    any global is looked up: a 1 KB file with ``LONG_BINPUT 1e9`` makes it allocate gigabytes.
+    A pickler numbers its memo entries 0, 1, 2, ... one per opcode at most, so an index at or
+    past the number of opcodes is forged. ``pickletools.genops`` reads the opcodes without a memo.
+    """
+    count, top = 0, -1  # opcodes seen, largest memo index used (no list: the file may be large)
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            count += 1
+            if op.name in _MEMO_OPS:
+                if type(arg) is not int or arg < 0:
+                    raise ValueError(f"{op.name} with memo index {str(arg)[:20]}")
+                top = max(top, arg)
+    except Exception as e:  # truncated or unknown opcode: the unpickler would refuse it too
+        raise _bad(where, f"not a readable DCP metadata pickle ({type(e).__name__}: {e})") from None
+    if top >= count:
+        raise _bad(where, f"the pickle uses memo index {top} with only {count} opcodes: forged, refused "
+                          "(nothing from the file was run)")
 
 
 class _AllowListUnpickler(pickle.Unpickler):
@@ -202,6 +233,7 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
         raise _bad(mpath, f"{size} bytes, over the limit of {_MAX_METADATA_BYTES}")
     with open(mpath, "rb") as f:
         data = f.read(_MAX_METADATA_BYTES + 1)
+    _scan_opcodes(data, mpath)
     u = _AllowListUnpickler(io.BytesIO(data))
     u.where = mpath
     try:
@@ -221,7 +253,10 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
         if not isinstance(k, _Record) or k.kind != "MetadataIndex" or not isinstance(k.field("fqn"), str):
             raise _bad(mpath, "a storage_data key is not a MetadataIndex")
         off = k.field("offset")
-        where_by_key[(k.field("fqn"), None if off is None else _size(off))] = v
+        try:
+            where_by_key[(k.field("fqn"), None if off is None else _size(off))] = v
+        except FormatError as e:
+            raise _bad(mpath, f"the storage_data key of {k.field('fqn')!r}: {e}") from None
     tensors: dict[str, DcpTensor] = {}
     bytes_items: dict[str, DcpChunk] = {}
     for fqn, item in sdm.items():
@@ -253,6 +288,8 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
         if not isinstance(shape, tuple) or not isinstance(chunks_raw, list):
             raise _bad(mpath, f"{fqn!r}: size or chunks missing")
         shape = _size(shape)
+        if len(chunks_raw) > MAX_PIECES_PER_TENSOR:
+            raise LimitExceededError(f"{mpath}: {fqn!r} has {len(chunks_raw)} chunks, over {MAX_PIECES_PER_TENSOR}")
         chunks = []
         for c in chunks_raw:
             if not isinstance(c, _Record) or c.kind != "ChunkStorageMetadata":
@@ -260,6 +297,10 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
             offs, sizes = c.field("offsets"), c.field("sizes")
             if not isinstance(offs, tuple) or not isinstance(sizes, tuple) or len(offs) != len(shape) or len(sizes) != len(shape):
                 raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes do not match the tensor's rank")
+            try:
+                offs, sizes = _size(offs), _size(sizes)
+            except FormatError as e:
+                raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes: {e}") from None
             if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
                 raise _bad(mpath, f"{fqn!r}: the chunk at {list(offs)} of shape {list(sizes)} lies outside {list(shape)}")
             info = where_by_key.get((fqn, offs))
@@ -268,8 +309,17 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
             rel, off, length = _storage_info(info, mpath, f"{fqn!r} at {list(offs)}")
             chunks.append(DcpChunk(offs, sizes, rel, off, length))
         _check_cover(fqn, shape, chunks, mpath)
+        # each chunk is a torch.save archive holding its elements uncompressed: the bytes on
+        # disk bound the tensor, checked before anything of its size is allocated
+        nbytes = math.prod(shape) * numpy_dtype(dt.name).itemsize
+        stored = sum(c.length for c in chunks)
+        if nbytes > stored or nbytes > LIMITS.max_tensor_bytes:
+            raise _bad(mpath, f"{fqn!r}: shape {list(shape)} of {dt.name} needs {nbytes} bytes, but its chunks store {stored}")
         tensors[fqn] = DcpTensor(fqn, dt.name, shape, tuple(chunks))
     mappings = _mappings(md.field("planner_data"))
+    why = None if mappings is None else dense_list_indices(mappings.values())
+    if why is not None:
+        raise _bad(mpath, f"planner_data (the nesting of the saved state) is not a tree of dense lists: {why}")
     version = md.field("version")
     return DcpMetadata(path, tensors, bytes_items, mappings, version if isinstance(version, str) else None)
 
@@ -288,17 +338,27 @@ def _mappings(pd: Any) -> dict[str, tuple] | None:
 
 
 def _check_cover(fqn: str, shape: tuple[int, ...], chunks: list[DcpChunk], where: str) -> None:
-    """The chunks tile the tensor exactly: sizes add up and no two overlap."""
-    total = int(np.prod(shape, dtype=np.float64)) if shape else 1
-    vol = sum(int(np.prod(c.sizes, dtype=np.float64)) if c.sizes else 1 for c in chunks)
+    """The chunks tile the tensor exactly: sizes add up and no two overlap.
+
+    The overlap test is the shard table's sweep (about one candidate pair per chunk for a
+    DCP layout), not every pair: 2000 chunks took 22 s pairwise.
+    """
+    if len(chunks) > MAX_PIECES_PER_TENSOR:
+        raise LimitExceededError(f"{where}: {fqn!r} has {len(chunks)} chunks, over {MAX_PIECES_PER_TENSOR}")
+    total = math.prod(shape)
+    vol = sum(math.prod(c.sizes) for c in chunks)
     if vol != total:
         raise _bad(where, f"{fqn!r}: its chunks cover {vol} of {total} elements")
-    boxes = [(np.array(c.offsets, np.int64), np.array(c.offsets, np.int64) + np.array(c.sizes, np.int64)) for c in chunks
-             if all(s > 0 for s in c.sizes)]
-    for a in range(len(boxes)):
-        for b in range(a + 1, len(boxes)):
-            if ((boxes[a][0] < boxes[b][1]) & (boxes[b][0] < boxes[a][1])).all():
-                raise _bad(where, f"{fqn!r}: two chunks overlap")
+    r = len(shape)
+    keep = [i for i, c in enumerate(chunks) if all(s > 0 for s in c.sizes)]
+    if r == 0 or len(keep) < 2:
+        if r == 0 and len(keep) > 1:
+            raise _bad(where, f"{fqn!r}: two chunks of a scalar overlap")
+        return
+    lo = np.array([chunks[i].offsets for i in keep], np.int64).reshape(len(keep), r)
+    hi = lo + np.array([chunks[i].sizes for i in keep], np.int64).reshape(len(keep), r)
+    names = [f"chunk at {list(c.offsets)}" for c in chunks]
+    _check_disjoint(lo, hi, np.array(keep), list(range(len(chunks))), names, fqn, where)
 
 
 class _Files:

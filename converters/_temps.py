@@ -85,9 +85,15 @@ def remove_stale_temporaries(dst: str) -> list[str]:
 
 
 def wrap_write_error(e: OSError, dst: str) -> OSError:
-    """A full disk (or quota) while writing ``dst`` as our StorageError naming ``dst``."""
-    if isinstance(e, StorageError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    """A failed write of ``dst`` as our StorageError naming ``dst`` (a full disk says what to do)."""
+    if isinstance(e, StorageError):
         return e
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.filename is not None:  # already names the file it failed on
+            return e
+        err = StorageError(e.errno, f"{e.strerror or type(e).__name__} writing {dst} (nothing was left half-written)")
+        err.filename = dst
+        return err
     err = StorageError(
         e.errno,
         f"disk full ({errno.errorcode[e.errno]}) writing {dst}: free space or choose another disk, "

@@ -8,8 +8,16 @@ tensor, a BLAKE3 digest of its dtype, shape and little-endian C-order bytes, and
 whichever kind the tensor is stored in and however often it was re-serialised (a
 safetensors export of a ckptfmt checkpoint has the same sums as the checkpoint).
 
+Besides the tensors, one line per checkpoint records a BLAKE3 of its *non-tensor contents*
+(``{"path", "kind", "contents"}``): a ckptfmt checkpoint's tree (its plain leaves such as
+``epoch`` or ``lr``, and where each tensor sits) and user metadata; a torch file's plain
+leaves; a safetensors file's ``__metadata__``; whatever metadata other kinds expose. That
+digest is in the kind's own terms, so it is compared only when the checkpoint is of the kind
+recorded (tensor sums compare across kinds); sums files written before it existed (no such
+line) check tensors only.
+
 The sidecar is JSON Lines: a header ``{"ckptfmt_sums": 1}``, then one object per tensor
-``{"path", "tensor", "dtype", "shape", "blake3"}``.
+``{"path", "tensor", "dtype", "shape", "blake3"}`` and one ``{"path", "kind", "contents"}``.
 
 Example:
     >>> import numpy as np, os, tempfile, ckptfmt
@@ -25,14 +33,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["TensorSum", "tensor_digest", "hash_checkpoint", "write_sums", "read_sums", "verify_sums"]
+__all__ = ["TensorSum", "ContentsSum", "tensor_digest", "contents_digest", "hash_checkpoint", "write_sums", "read_sums",
+           "verify_sums"]
 
 import json
 import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import blake3
 import msgpack
@@ -40,6 +49,7 @@ import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
 from ckptfmt.errors import FormatError
+from ckptfmt.format.tree import TensorRef
 
 SUMS_VERSION = 1
 _BLOCK = 16 << 20
@@ -58,6 +68,61 @@ class TensorSum:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "tensor": self.tensor, "dtype": self.dtype, "shape": list(self.shape), "blake3": self.blake3}
+
+
+@dataclass(frozen=True, slots=True)
+class ContentsSum:
+    """The line of a sums file for a checkpoint's non-tensor contents (plain leaves, metadata)."""
+
+    path: str
+    kind: str
+    blake3: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "contents": self.blake3}
+
+
+Sum = TensorSum | ContentsSum
+
+
+def _canon(x: Any, depth: int = 0) -> Any:
+    """A msgpack-able form of plain data that is the same for equal values (dicts sorted)."""
+    if depth > 200:
+        return ["r", "<too deep>"]
+    if x is None or isinstance(x, (bool, str, float)):
+        return x
+    if isinstance(x, int):
+        return x if -(1 << 63) <= x < (1 << 64) else ["i", str(x)]
+    if isinstance(x, bytes):
+        return ["b", x]
+    if isinstance(x, dict):
+        items = [[_canon(k, depth + 1), _canon(v, depth + 1)] for k, v in x.items()]
+        items.sort(key=lambda kv: msgpack.packb(kv[0], use_bin_type=True))
+        return ["d", items]
+    if isinstance(x, (list, tuple)):
+        return ["l" if isinstance(x, list) else "t", [_canon(v, depth + 1) for v in x]]
+    if isinstance(x, np.generic):
+        return ["n", str(x.dtype), x.tolist()]
+    if isinstance(x, TensorRef):  # where a tensor sits in the tree; its index may differ between saves
+        return ["T", x.name]
+    return ["r", f"{type(x).__name__}:{x!r}"]  # a TensorRef, a record: its type and value
+
+
+def contents_digest(contents: Any) -> str:
+    """BLAKE3 of plain (non-tensor) contents in a canonical form, as hex.
+
+    Example:
+        >>> contents_digest({"epoch": 3, "lr": 0.1}) == contents_digest({"lr": 0.1, "epoch": 3})
+        True
+    """
+    return blake3.blake3(b"ckptfmt-contents-1" + msgpack.packb(_canon(contents), use_bin_type=True)).hexdigest()
+
+
+def _contents_of(src: Any) -> Any:
+    reader = getattr(src, "_reader", None)  # a ckptfmt checkpoint: its tree holds the plain leaves
+    if src.kind == "ckptfmt" and reader is not None:
+        return {"tree": reader.tree, "metadata": reader.metadata}
+    return {"metadata": src.metadata}
 
 
 def tensor_digest(arr: np.ndarray, dtype: str) -> str:
@@ -85,13 +150,16 @@ def tensor_digest(arr: np.ndarray, dtype: str) -> str:
     return h.hexdigest()
 
 
-def hash_checkpoint(path: str | os.PathLike[str], *, kind: str | None = None, label: str | None = None) -> list[TensorSum]:
+def hash_checkpoint(
+    path: str | os.PathLike[str], *, kind: str | None = None, label: str | None = None, contents: bool = False
+) -> list[Sum]:
     """Every tensor's :class:`TensorSum`, reading one tensor at a time (any kind).
 
     Args:
         path: the checkpoint.
         kind: skip detection.
         label: the path to record (default: ``path`` as given).
+        contents: also end the list with a :class:`ContentsSum` of the non-tensor contents.
 
     Example:
         >>> hash_checkpoint("model.safetensors")[0].tensor  # doctest: +SKIP
@@ -106,20 +174,22 @@ def hash_checkpoint(path: str | os.PathLike[str], *, kind: str | None = None, la
             info = src.info(name)
             arr = src.get(name)
             out.append(TensorSum(label or p, name, info.dtype, tuple(info.shape), tensor_digest(arr, info.dtype), int(arr.nbytes)))
+        if contents:
+            out.append(ContentsSum(label or p, src.kind, contents_digest(_contents_of(src))))
     return out
 
 
-def write_sums(entries: Iterable[TensorSum], out: IO[str]) -> int:
+def write_sums(entries: Iterable[Sum], out: IO[str]) -> int:
     """Write a sums file (JSON Lines) to a text stream; returns the number of tensors."""
     out.write(json.dumps({"ckptfmt_sums": SUMS_VERSION}) + "\n")
     n = 0
     for e in entries:
         out.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
-        n += 1
+        n += isinstance(e, TensorSum)
     return n
 
 
-def read_sums(path: str | os.PathLike[str]) -> list[TensorSum]:
+def read_sums(path: str | os.PathLike[str]) -> list[Sum]:
     """Parse a sums file.
 
     Raises:
@@ -142,6 +212,11 @@ def read_sums(path: str | os.PathLike[str]) -> list[TensorSum]:
                     continue
                 try:
                     d = json.loads(line)
+                    if isinstance(d, dict) and "contents" in d and "tensor" not in d:
+                        out.append(ContentsSum(d["path"], d["kind"], d["contents"]))
+                        if not all(isinstance(d[f], str) for f in ("path", "kind", "contents")):
+                            raise TypeError("a field has the wrong type")
+                        continue
                     e = TensorSum(d["path"], d["tensor"], d["dtype"], tuple(int(x) for x in d["shape"]), d["blake3"])
                     if not all(isinstance(v, str) for v in (e.path, e.tensor, e.dtype, e.blake3)):
                         raise TypeError("a field has the wrong type")
@@ -171,7 +246,8 @@ def verify_sums(sums_file: str | os.PathLike[str], paths: Iterable[str | os.Path
     """Check checkpoints against a sums file: one :class:`ckptfmt.VerifyReport` per path.
 
     Every recorded tensor must be present with the same dtype, shape and digest, and no
-    tensor may be present that was not recorded. A path the sums file does not mention is
+    tensor may be present that was not recorded; the non-tensor contents must match their
+    recorded digest when the sums file has one for the same kind. A path the sums file does not mention is
     reported as an error (``not_in_sums``). Reading failures of the checkpoint itself
     raise (as :func:`~ckptfmt.converters.kinds.open_any` does).
 
@@ -181,8 +257,13 @@ def verify_sums(sums_file: str | os.PathLike[str], paths: Iterable[str | os.Path
     """
     recorded = read_sums(sums_file)
     by_path: dict[str, list[TensorSum]] = {}
+    contents_by_path: dict[str, ContentsSum] = {}
     for e in recorded:
-        by_path.setdefault(e.path, []).append(e)
+        if isinstance(e, ContentsSum):
+            contents_by_path[e.path] = e
+            by_path.setdefault(e.path, [])
+        else:
+            by_path.setdefault(e.path, []).append(e)
     sf = os.fspath(sums_file)
     for raw in paths:
         path = os.fspath(raw)
@@ -193,7 +274,13 @@ def verify_sums(sums_file: str | os.PathLike[str], paths: Iterable[str | os.Path
             problems.append(Problem("not_in_sums", f"{sf} records no tensors for {path}; hash it with `ckptfmt hash {path}`", file=path))
             yield VerifyReport(path, False, None, None, 0, 0, 0, time.perf_counter() - t0, tuple(problems))
             continue
-        got = {e.tensor: e for e in hash_checkpoint(path)}
+        hashed = hash_checkpoint(path, contents=True)
+        got = {e.tensor: e for e in hashed if isinstance(e, TensorSum)}
+        want_c = contents_by_path.get(key)
+        got_c = next(e for e in hashed if isinstance(e, ContentsSum))
+        if want_c is not None and want_c.kind == got_c.kind and want_c.blake3 != got_c.blake3:
+            problems.append(Problem("hash_mismatch", f"the non-tensor contents of {path} (plain values such as epoch or lr, "
+                                                     f"metadata) do not match {sf}: they changed", file=path))
         expected = {e.tensor: e for e in want}
         for name, e in expected.items():
             g = got.get(name)

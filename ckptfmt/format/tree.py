@@ -22,7 +22,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["TensorRef", "escape_key", "unescape_key", "join_path", "encode_tree", "decode_tree", "PLAIN_TYPES"]
+__all__ = ["TensorRef", "escape_key", "unescape_key", "join_path", "encode_tree", "decode_tree", "PLAIN_TYPES",
+           "dense_list_indices"]
 
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -40,6 +41,33 @@ class TensorRef:
 
     index: int
     name: str
+
+
+def dense_list_indices(paths: Any) -> str | None:
+    """Why key paths (tuples of str/int) do not nest into dense lists, or None when they do.
+
+    An int in a path is a list index. Under each prefix, the ints used must be exactly
+    ``0..n-1``: a forged index (``("opt", 10**13)``) would otherwise make the nesting build a
+    list of that length. Checked in time and memory linear in the paths' total length.
+
+    Example:
+        >>> dense_list_indices([("a", 0), ("a", 1, "x")]) is None
+        True
+        >>> dense_list_indices([("a", 5)])
+        "index 5 under ('a',) with only 1 distinct indices there"
+    """
+    seen: dict[tuple, set] = {}
+    for path in paths:
+        for j, key in enumerate(path):
+            if type(key) is int:
+                if key < 0:
+                    return f"negative index {key} under {tuple(path[:j])!r}"
+                seen.setdefault(tuple(path[:j]), set()).add(key)
+    for prefix, ints in seen.items():
+        top = max(ints)
+        if top >= len(ints):
+            return f"index {top} under {prefix!r} with only {len(ints)} distinct indices there"
+    return None
 
 
 def escape_key(key: str | int) -> str:

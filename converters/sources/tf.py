@@ -110,9 +110,63 @@ class TFSource(Source):
                     problems.append(Problem("header", first_line(e), file=r.index_path, tensor=key))
             checked, nbytes = _check_entries(path, r, entries, missing, problems, progress)
             version = f"tensorbundle {r.header.version.producer}"
+            resolved = r.index_path.removesuffix(".index")  # a directory resolves through its 'checkpoint' file
         finally:
             r.close()
+        meta = _meta_problem(resolved)
+        if meta is not None:
+            problems.append(meta)
         return make_report(path, problems, t0, tensors=len(keys), checked=checked, nbytes=nbytes, version=version)
+
+
+def _meta_problem(prefix: str) -> Problem | None:
+    """A TF1 ``PREFIX.meta`` (a MetaGraphDef protobuf) that is truncated or not a protobuf.
+
+    ckptfmt does not read the graph, and the file records no checksum; its top-level
+    protobuf fields are walked so that a truncated or overwritten file is reported rather
+    than passed (TF's ``import_meta_graph`` would fail on it). A flipped byte inside a
+    field's payload is not detectable.
+    """
+    mp = prefix + ".meta"
+    if not os.path.isfile(mp):
+        return None
+    with open(mp, "rb") as f:
+        data = f.read()
+    pos, n = 0, len(data)
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= n or shift > 63:
+                raise ValueError(f"an unterminated varint at byte {pos}")
+            b = data[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value
+
+    try:
+        if not data:
+            raise ValueError("it is empty")
+        while pos < n:
+            start = pos
+            key = varint()
+            wire, field = key & 7, key >> 3
+            if field == 0 or wire not in (0, 1, 2, 5):
+                raise ValueError(f"an invalid field key {key} at byte {start}")
+            if wire == 0:
+                varint()
+            else:
+                size = {1: 8, 5: 4}.get(wire) or varint()
+                if pos + size > n:
+                    raise ValueError(f"field {field} at byte {start} runs {pos + size - n} bytes past the end")
+                pos += size
+    except ValueError as e:
+        return Problem("truncated_file", f"{mp}: the MetaGraphDef is truncated or damaged ({e}); TensorFlow cannot import "
+                                         "the graph from it (the tensors are not affected)", file=mp)
+    return None
 
 
 def _check_entries(path: str, r: TFCheckpointReader, entries: dict, missing: set[int], problems: list[Problem],

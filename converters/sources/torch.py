@@ -7,8 +7,9 @@ containers (``{"model": state_dict, "optimizer": {...}}``) are flattened into
 source's metadata.
 
 torch.load does not check the CRC-32 that the zip archive records for every member, so a
-flipped bit inside tensor data loads silently; :meth:`TorchSource.verify` checks those
-CRCs itself and traces a corrupted member back to the tensors stored in it.
+flipped bit inside tensor data loads silently. :class:`TorchSource` checks every member's
+CRC-32 before it returns the first tensor (so a convert never re-hashes corrupted bytes as
+good ones), and :meth:`TorchSource.verify` traces a corrupted member back to its tensors.
 
 Example:
     >>> from ckptfmt.converters.sources.torch import TorchSource
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ckptfmt.api import Problem, VerifyReport
-from ckptfmt.errors import CheckpointNotFoundError, FormatError, TensorNotFoundError
+from ckptfmt.errors import CheckpointNotFoundError, FormatError, IntegrityError, TensorNotFoundError
 from ckptfmt.format.tree import PLAIN_TYPES
 
 from ..optional import require
@@ -187,6 +188,7 @@ class TorchSource(Source):
         if bad:
             raise FormatError(bad[0][1] + (f" ({len(bad) - 1} more such tensors)" if len(bad) > 1 else ""))
         self._version = _archive_version(path)
+        self._crc_checked = file_layout(path) != "zip"  # a legacy pickle has no checksums
 
     @classmethod
     def claims(cls, path: str) -> bool:
@@ -214,7 +216,11 @@ class TorchSource(Source):
     def get(self, name: str) -> np.ndarray:
         from ckptfmt.adapters.torch import tensor_to_numpy
 
-        return tensor_to_numpy(self._tensor(name), name)
+        t = self._tensor(name)
+        if not self._crc_checked:  # once, on the first data read: keys() and info() stay cheap
+            check_zip_crcs(self.path)
+            self._crc_checked = True
+        return tensor_to_numpy(t, name)
 
     @property
     def metadata(self) -> dict[str, Any] | None:
@@ -292,6 +298,36 @@ class TorchSource(Source):
             checked, nbytes = len(tensors), sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors.values())
         return make_report(path, problems, t0, tensors=len(tensors), checked=checked, nbytes=nbytes,
                             version=_archive_version(path), coverage="full" if is_zip else "structure")
+
+
+def check_zip_crcs(path: str) -> None:
+    """Check the CRC-32 of every member of a zip-format torch file, reading it once.
+
+    Raises:
+        IntegrityError: a member's data does not match its recorded CRC-32 (names the member).
+        FormatError: the archive cannot be read.
+
+    Example:
+        >>> check_zip_crcs("pytorch_model.bin")  # doctest: +SKIP
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                try:
+                    with zf.open(info) as member:
+                        while member.read(_READ_BLOCK):
+                            pass
+                except zipfile.BadZipFile as e:
+                    if "CRC" in str(e):
+                        raise IntegrityError(
+                            f"{path}: archive member {info.filename} fails its CRC-32 check: the file is corrupted; "
+                            "`ckptfmt verify` names the tensors stored in it. Restore the file from a good copy"
+                        ) from None
+                    raise
+    except IntegrityError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile on damaged bytes raises many kinds
+        raise FormatError(f"{path}: the zip archive cannot be read ({type(e).__name__}: {first_line(e)}); the file is damaged") from None
 
 
 def _data_offset(raw: Any, info: zipfile.ZipInfo, size: int) -> int | None:

@@ -180,6 +180,27 @@ def test_expanded_torch_view_is_refused_before_allocating(tmp_path):
     assert run("verify", q).exit_code == EXIT_OK
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("cmd, name", [("to-safetensors", "out.safetensors"), ("to-ckptfmt", "out")])
+def test_a_corrupted_torch_file_is_not_laundered_by_convert(tmp_path, cmd, name):
+    """torch.load ignores the zip CRCs: a flipped byte in tensor data must stop a convert."""
+    torch = pytest.importorskip("torch")
+    p = tmp_path / "c.pt"
+    torch.save({"model": {"w": torch.arange(64.0).reshape(8, 8)}}, p)
+    b = bytearray(p.read_bytes())
+    i = b.find(np.arange(64.0, dtype=np.float32).tobytes()[40:48])
+    b[i] ^= 0x40
+    p.write_bytes(bytes(b))
+    with kinds.open_any(p) as src:  # opening and listing stay cheap; reading data checks
+        assert src.keys() == ["model/w"]
+        with pytest.raises(ckptfmt.IntegrityError, match="CRC-32") as e:
+            src.get("model/w")
+        assert str(p) in str(e.value) and "data/0" in str(e.value)
+    r = run("convert", cmd, p, tmp_path / name)
+    assert r.exit_code == EXIT_ERROR and "CRC-32" in r.output, r.output
+    assert not (tmp_path / name).exists()
+
+
 # --------------------------------------------------------------- silent success
 
 
@@ -288,6 +309,43 @@ def test_disk_full_is_named_and_leaves_nothing(make, tmp_path, monkeypatch, cmd,
     assert os.listdir(out) == []  # no temporary, no empty directory
 
 
+@pytest.mark.parametrize("cmd, name", [("to-safetensors", "o.safetensors"), pytest.param("to-torch", "o.pt", marks=pytest.mark.torch)])
+def test_any_write_error_names_the_file(make, tmp_path, monkeypatch, cmd, name):
+    """EFBIG (a file-size limit) printed only "[Errno 27] File too large"."""
+    src = make.ckptfmt()
+    import ckptfmt.converters.sources.safetensors as sfm
+    import ckptfmt.converters.sources.torch as tfm
+
+    def efbig(*a, **k):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    class TooLarge:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        write = staticmethod(efbig)
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return 0
+
+    monkeypatch.setattr(sfm, "open", TooLarge, raising=False)
+    monkeypatch.setattr(tfm, "open", lambda p, m="rb", *a, **k: TooLarge() if "w" in m else open(p, m, *a, **k), raising=False)
+    dst = tmp_path / name
+    r = run("convert", cmd, src, dst)
+    assert r.exit_code == EXIT_ERROR and f"writing {dst}" in r.output and "File too large" in r.output, r.output
+    assert not dst.exists()  # nothing half-written, no temporary
+    assert [p for p in os.listdir(tmp_path) if p.startswith(name)] == []
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -381,6 +439,19 @@ def test_tf1_partitioned_variable_verify(make, helpers):
     r = run("verify", d)
     assert r.exit_code == EXIT_FOUND and "truncated_file" in r.output and "is truncated" in r.output
     assert "emb[7:10, 0:3]" in r.output and "hash_mismatch" not in r.output
+
+
+@pytest.mark.parametrize("keep", [0, 1, 7, 5000, 24301])
+def test_tf1_truncated_meta_graph_fails_verify(make, keep):
+    """A v1 checkpoint's .meta (MetaGraphDef) cut short: verify exited 0."""
+    d = make.tf_fixture("v1_partitioned")
+    meta = os.path.join(d, "model.ckpt-5.meta")
+    assert run("verify", d).exit_code == EXIT_OK
+    data = open(meta, "rb").read()
+    assert len(data) > keep
+    open(meta, "wb").write(data[:keep])
+    r = run("verify", d)
+    assert r.exit_code == EXIT_FOUND and "truncated_file" in r.output and "model.ckpt-5.meta" in r.output, r.output
 
 
 def test_verify_of_a_checkpoint_manager_directory(tmp_path, helpers):

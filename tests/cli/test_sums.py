@@ -30,7 +30,8 @@ def test_flipped_safetensors_byte_passes_structure_and_fails_sums(make, tmp_path
     assert r.exit_code == EXIT_OK
     (tmp_path / "SUMS").write_text(r.output)
     lines = [json.loads(x) for x in r.output.splitlines()]
-    assert lines[0] == {"ckptfmt_sums": 1} and {x["tensor"] for x in lines[1:]} == {"layer/w", "layer/b", "step"}
+    assert lines[0] == {"ckptfmt_sums": 1} and {x["tensor"] for x in lines[1:-1]} == {"layer/w", "layer/b", "step"}
+    assert set(lines[-1]) == {"path", "kind", "contents"}
     assert run("verify", "--sums", tmp_path / "SUMS", st).exit_code == EXIT_OK
     _flip_data_byte(st)
     r = run("verify", st)
@@ -105,3 +106,54 @@ def test_sums_of_a_structurally_damaged_file_is_corrupt_not_unreadable(make, tmp
         f.truncate(os.path.getsize(st) - 4)
     r = run("verify", "--sums", tmp_path / "SUMS", st)
     assert r.exit_code == EXIT_FOUND and "truncated" in r.output and "ckptfmt verify" not in r.output
+
+
+@pytest.mark.parametrize("kind", ["ckptfmt", "safetensors"])
+def test_changed_non_tensor_contents_fail_sums(tmp_path, kind):
+    """epoch/lr (a ckptfmt tree's plain leaves) or safetensors __metadata__ changed, tensors not."""
+    from safetensors.numpy import save_file
+
+    w = {"w": np.arange(6, dtype=np.float32)}
+    p = str(tmp_path / ("ck" if kind == "ckptfmt" else "m.safetensors"))
+
+    def write(epoch):
+        if kind == "ckptfmt":
+            ckptfmt.save({**w, "epoch": epoch, "opt": {"lr": 0.1}}, p, overwrite=True)
+        else:
+            save_file(w, p, metadata={"epoch": str(epoch)})
+
+    write(3)
+    r = run("hash", p)
+    assert r.exit_code == EXIT_OK
+    (tmp_path / "SUMS").write_text(r.output)
+    write(3)  # the same contents written again: still passes
+    assert run("verify", "--sums", tmp_path / "SUMS", p).exit_code == EXIT_OK
+    write(4)
+    r = run("verify", "--sums", tmp_path / "SUMS", p)
+    assert r.exit_code == EXIT_FOUND and "non-tensor contents" in r.output, r.output
+
+
+def test_content_digest_covers_the_shard_table():
+    """Two manifests alike but for where their two pieces sit in the sharded tensor."""
+    from types import SimpleNamespace
+
+    from ckptfmt._reader import CheckpointReader
+    from ckptfmt.format.dtypes import DTYPE_NAMES
+    from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
+    from ckptfmt.format.shards import GlobalTensor, encode_shards
+
+    def manifest(offsets):
+        b = ManifestBuilder(chunk_size=4096)
+        f = b.add_file("d.data")
+        for k, name in enumerate(("w@a", "w@b")):
+            b.add_tensor(name, "float32", (1, 3))
+            b.add_chunk(f, 12 * k, bytes([k]) * 32)
+        b.set_file_size(f, 24)
+        g = GlobalTensor("w", DTYPE_NAMES.index("float32"), (2, 3), (0, 1), offsets)
+        return decode_manifest(b.encode(tree=["d", ["w"], [["s", 0]]], metadata=None, producer={},
+                                        extra={"shards": encode_shards([g])}))
+
+    digest = CheckpointReader.content_digest.fget
+    a, b = manifest(((0, 0), (1, 0))), manifest(((1, 0), (0, 0)))
+    assert digest(SimpleNamespace(manifest=a)) == digest(SimpleNamespace(manifest=manifest(((0, 0), (1, 0)))))
+    assert digest(SimpleNamespace(manifest=a)) != digest(SimpleNamespace(manifest=b))
