@@ -53,9 +53,10 @@ def test_every_command_takes_a_url(s3env, tmp_path):
     # The corrupted object is found and named.
     storage, _ = ckptfmt.storage.urls.resolve(run)
     pack = [n for n in storage.listdir(f"{run}/ckptfmt-store") if n.endswith(".data")][0]
-    storage.write_atomic(f"{run}/ckptfmt-store/{pack}", b"\0" * 80)
+    # bytes neither step holds (step-2's own pack is all zeros: overwriting it with zeros changed nothing)
+    storage.write_atomic(f"{run}/ckptfmt-store/{pack}", b"\x07" * 80)
     res = r.invoke(main, ["verify", run])
-    assert res.exit_code == 1 and "hash_mismatch" in res.output
+    assert res.exit_code == 1 and "hash_mismatch" in res.output, (pack, res.output)
 
 
 def test_refusals(s3env):
