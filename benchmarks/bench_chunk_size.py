@@ -23,12 +23,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import ckptfmt  # noqa: E402
 from _common import (  # noqa: E402
-    GiB,
-    MiB,
     Ballast,
     Case,
+    GiB,
+    MiB,
     header,
     median,
     mixed_state,
@@ -40,6 +39,8 @@ from _common import (  # noqa: E402
     table,
     touch,
 )
+
+import ckptfmt  # noqa: E402
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE  # noqa: E402
 
 

@@ -35,7 +35,23 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import GiB, MiB, Ballast, Case, du, fmt_bytes, fmt_s, header, median, mixed_state, parser, run_rounds, scratch_dir, spread, table  # noqa: E402
+from _common import (  # noqa: E402
+    Ballast,
+    Case,
+    GiB,
+    MiB,
+    du,
+    fmt_bytes,
+    fmt_s,
+    header,
+    median,
+    mixed_state,
+    parser,
+    run_rounds,
+    scratch_dir,
+    spread,
+    table,
+)
 
 import ckptfmt  # noqa: E402
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE  # noqa: E402

@@ -22,9 +22,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Ballast, Case, fmt_s, header, median, paired_ratios, parser, remove, run_rounds, scratch_dir, spread, table  # noqa: E402
-
 import numpy as np  # noqa: E402
+from _common import Ballast, Case, fmt_s, header, median, paired_ratios, parser, remove, run_rounds, scratch_dir, spread, table  # noqa: E402
 
 import ckptfmt  # noqa: E402
 

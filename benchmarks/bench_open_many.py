@@ -23,9 +23,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from _common import Ballast, fmt_bytes, header, median, parser, remove, scratch_dir, table  # noqa: E402
 
 import ckptfmt  # noqa: E402
-from _common import Ballast, fmt_bytes, header, median, parser, remove, scratch_dir, table  # noqa: E402
 from ckptfmt.format.spec import MANIFEST_NAME  # noqa: E402
 
 

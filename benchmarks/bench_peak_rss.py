@@ -33,8 +33,7 @@ import textwrap
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-
-from _common import GiB, MiB, Ballast, fmt_bytes, header, median, parser, remove, run_child, scratch_dir, table  # noqa: E402
+from _common import Ballast, MiB, fmt_bytes, header, median, parser, remove, run_child, scratch_dir, table  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 

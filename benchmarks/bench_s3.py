@@ -32,12 +32,9 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-
-import ckptfmt  # noqa: E402
 from _common import (  # noqa: E402
-    GiB,
-    MiB,
     Case,
+    MiB,
     header,
     median,
     mixed_state,
@@ -50,6 +47,8 @@ from _common import (  # noqa: E402
     table,
     touch,
 )
+
+import ckptfmt  # noqa: E402
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

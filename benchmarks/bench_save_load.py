@@ -46,13 +46,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-
-import ckptfmt  # noqa: E402
 from _common import (  # noqa: E402
-    GiB,
-    MiB,
     Ballast,
     Case,
+    GiB,
+    MiB,
     du,
     fmt_bytes,
     fsync_path,
@@ -69,6 +67,7 @@ from _common import (  # noqa: E402
     touch,
 )
 
+import ckptfmt  # noqa: E402
 
 CHUNK = 4 << 20
 
@@ -183,8 +182,9 @@ def main() -> int:
             tfckpt.read(tfp).assert_consumed()
 
         def limit():
-            import blake3
             from concurrent.futures import ThreadPoolExecutor
+
+            import blake3
 
             files = [os.path.join(ck, f.path) for f in ckptfmt.open(ck).manifest.files]
             total = sum(os.path.getsize(f) for f in files)

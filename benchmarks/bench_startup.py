@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO, Case, fmt_s, header, median, parser, run_rounds, scratch_dir, spread, table  # noqa: E402
-
 import numpy as np  # noqa: E402
+from _common import REPO, Case, fmt_s, header, median, parser, run_rounds, scratch_dir, spread, table  # noqa: E402
 
 import ckptfmt  # noqa: E402
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import GiB, MiB, Case, fmt_bytes, fmt_s, header, median, mixed_state, parser, run_rounds, scratch_dir, spread, table  # noqa: E402
+from _common import Case, GiB, MiB, fmt_bytes, fmt_s, header, median, mixed_state, parser, run_rounds, scratch_dir, spread, table  # noqa: E402
 
 import ckptfmt  # noqa: E402
 

@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import blake3  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import Ballast, Case, GiB, MiB, header, median, mixed_state, parser, remove, run_rounds, scratch_dir, state_bytes, table  # noqa: E402
 
 import ckptfmt  # noqa: E402
-from _common import GiB, MiB, Ballast, Case, header, median, mixed_state, parser, remove, run_rounds, scratch_dir, state_bytes, table  # noqa: E402
 from ckptfmt._writer import _chunks  # noqa: E402
 from ckptfmt.format.spec import DEFAULT_CHUNK_SIZE  # noqa: E402
 from ckptfmt.storage.local import LocalStorage, _LocalWrite  # noqa: E402

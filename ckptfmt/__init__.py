@@ -27,11 +27,11 @@ from ckptfmt.errors import (
     IntegrityError,
     LimitExceededError,
     StorageError,
-    UnsupportedURLError,
     TensorNotFoundError,
     UnmappedKeyError,
     UnsafePathError,
     UnsupportedDtypeError,
+    UnsupportedURLError,
     UnsupportedVersionError,
 )
 from ckptfmt.format.spec import FORMAT_VERSION

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -486,7 +487,7 @@ class CheckpointReader:
         buf[:] = view[:nb]
         return True
 
-    def slice(self, name: str) -> "TensorSlicer":
+    def slice(self, name: str) -> TensorSlicer:
         """A handle whose ``[...]`` reads only the chunks that a basic index touches.
 
         Example: ``reader.slice("embedding")[1000:1010]`` reads one or two chunks.
@@ -636,7 +637,7 @@ class CheckpointReader:
                 h.close()
             self._handles.clear()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

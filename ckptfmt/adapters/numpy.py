@@ -17,7 +17,8 @@ from __future__ import annotations
 
 __all__ = ["to_state", "from_state", "map_leaves", "check_leaf"]
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

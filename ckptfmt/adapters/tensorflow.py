@@ -42,7 +42,8 @@ __all__ = ["LAYOUT_VERSION", "to_state", "from_state", "walk_variables"]
 
 import collections
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 __all__ = ["HashAlgorithm", "get_hash", "HASH_ALGORITHMS", "DEFAULT_HASH"]
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import blake3 as _blake3
 

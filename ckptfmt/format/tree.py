@@ -25,8 +25,9 @@ from __future__ import annotations
 __all__ = ["TensorRef", "escape_key", "unescape_key", "join_path", "encode_tree", "decode_tree", "PLAIN_TYPES",
            "dense_list_indices"]
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ckptfmt.errors import FormatError, LimitExceededError, UnsupportedDtypeError
 from ckptfmt.format.spec import LIMITS, Limits

@@ -20,8 +20,8 @@ __all__ = ["Storage", "ReadHandle", "WriteHandle", "Entry", "StorageLock", "stor
 import abc
 import errno
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ckptfmt.errors import CkptFmtError, StorageError
 
@@ -63,7 +63,7 @@ class StorageLock(abc.ABC):
     def release(self) -> None:
         """Release the lock; a second call does nothing."""
 
-    def __enter__(self) -> "StorageLock":
+    def __enter__(self) -> StorageLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,7 +97,7 @@ class ReadHandle(abc.ABC):
     def close(self) -> None:
         """Release the handle."""
 
-    def __enter__(self) -> "ReadHandle":
+    def __enter__(self) -> ReadHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:

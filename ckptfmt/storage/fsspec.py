@@ -30,7 +30,8 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ckptfmt.errors import CheckpointLockedError, CkptFmtError, StorageError
 from ckptfmt.storage.base import Entry, ReadHandle, Storage, StorageLock, WriteHandle, storage_error
@@ -69,7 +70,7 @@ def _fail(e: BaseException, path: str, doing: str) -> BaseException:
 
 
 class _FsspecRead(ReadHandle):
-    def __init__(self, storage: "FsspecStorage", path: str) -> None:
+    def __init__(self, storage: FsspecStorage, path: str) -> None:
         self.path = path
         self._storage = storage
         self._key = storage._key(path)
@@ -96,7 +97,7 @@ class _FsspecRead(ReadHandle):
 class _FsspecWrite(WriteHandle):
     """Gathers a whole object in memory; ``close`` uploads it in one PUT."""
 
-    def __init__(self, storage: "FsspecStorage", path: str) -> None:
+    def __init__(self, storage: FsspecStorage, path: str) -> None:
         self.path = path
         self._storage = storage
         self._buf: bytearray | None = bytearray()
@@ -143,12 +144,12 @@ class _ObjectLock(StorageLock):
     dies: the error names the object to delete once no process holds it.
     """
 
-    def __init__(self, storage: "FsspecStorage", obj: str) -> None:
+    def __init__(self, storage: FsspecStorage, obj: str) -> None:
         self._storage = storage
         self._obj: str | None = obj
 
     @classmethod
-    def acquire(cls, storage: "FsspecStorage", path: str, *, shared: bool, timeout: float) -> "_ObjectLock":
+    def acquire(cls, storage: FsspecStorage, path: str, *, shared: bool, timeout: float) -> _ObjectLock:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             try:
@@ -163,7 +164,7 @@ class _ObjectLock(StorageLock):
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
 
     @staticmethod
-    def _holder(storage: "FsspecStorage", obj: str) -> str:
+    def _holder(storage: FsspecStorage, obj: str) -> str:
         try:
             info = json.loads(storage.read_file(obj, max_size=4096))
             return f"pid {info.get('pid')} on {info.get('host')} since {time.ctime(info.get('time', 0))}"
@@ -171,7 +172,7 @@ class _ObjectLock(StorageLock):
             return "unknown"
 
     @classmethod
-    def _locked(cls, storage: "FsspecStorage", path: str, obj: str) -> CheckpointLockedError:
+    def _locked(cls, storage: FsspecStorage, path: str, obj: str) -> CheckpointLockedError:
         return CheckpointLockedError(
             f"{storage.dirname(path)} is in use by another writer ({cls._holder(storage, obj)}; lock object {obj}). "
             "Wait for it to finish. An object store cannot tell that a holder died: if no process "
@@ -179,7 +180,7 @@ class _ObjectLock(StorageLock):
         )
 
     @classmethod
-    def _try(cls, storage: "FsspecStorage", path: str, shared: bool) -> "_ObjectLock":
+    def _try(cls, storage: FsspecStorage, path: str, shared: bool) -> _ObjectLock:
         prefix = storage.basename(path) + ".shared-"
         if shared:
             mine = f"{path}.shared-{secrets.token_hex(8)}"

@@ -56,7 +56,7 @@ class _Read(ReadHandle):
 
 
 class _Write(WriteHandle):
-    def __init__(self, store: "MemoryStorage", path: str) -> None:
+    def __init__(self, store: MemoryStorage, path: str) -> None:
         self.path, self._store, self._buf = path, store, bytearray()
         store._put(path, b"")
 
@@ -73,7 +73,7 @@ class _Write(WriteHandle):
 
 
 class _Lock(StorageLock):
-    def __init__(self, store: "MemoryStorage", path: str, shared: bool) -> None:
+    def __init__(self, store: MemoryStorage, path: str, shared: bool) -> None:
         self._store, self._path, self._shared, self._held = store, path, shared, True
 
     def release(self) -> None:

@@ -78,7 +78,7 @@ def test_sigkill_during_saves_leaves_a_complete_checkpoint(ckdir, tmp_path):
     rng = random.Random(1234)
     base = np.random.default_rng(0).standard_normal((8, 1 << 18)).astype(np.float32)
     seen_steps = set()
-    for trial in range(12):
+    for _trial in range(12):
         proc = subprocess.Popen([sys.executable, str(script), ckdir], stdout=subprocess.PIPE, text=True)
         first = proc.stdout.readline()  # at least one complete save of this child
         assert first.strip(), "saver produced no checkpoint"

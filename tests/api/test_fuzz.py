@@ -44,7 +44,7 @@ def _exercise(data: bytes, path: str, tmp_dir) -> None:
         r = ckptfmt.open(d)
         r.keys()
         r.load()
-        r.tree
+        _ = r.tree
         for k in r.keys():
             r.slice(k)[0:1] if r.info(k).shape else r.get(k)
     except ckptfmt.FormatError:

@@ -8,7 +8,6 @@ The shards are written by the safetensors library and the index in the layout
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from ckptfmt.cli.main import main
-from ckptfmt.converters.tf import TFCheckpointReader
 from click.testing import CliRunner
 
 import ckptfmt
+from ckptfmt.cli.main import main
+from ckptfmt.converters.tf import TFCheckpointReader
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fixtures" / "examples" / "cnn_adam"

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckptfmt.converters.keras import outputs
+
+import ckptfmt
 from ckptfmt.converters.convert import tf_to_torch, torch_to_tf
+from ckptfmt.converters.keras import outputs
 from ckptfmt.converters.mapping import Cast, Convert, Discard, Mapping, Rename, Split, Transpose
 from ckptfmt.converters.tf import (
     TFCheckpointReader,
     build_object_graph,
     write_checkpoint,
 )
-
-import ckptfmt
 from ckptfmt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -87,6 +87,7 @@ def test_streamed_safetensors_loads_in_torch(keras_ckpt, tmp_path):
 
 def test_stream_writer_entry_by_entry_with_split_cast_and_bfloat16(tmp_path):
     import ml_dtypes
+
     from ckptfmt.converters.sources.safetensors import SafetensorsSource
 
     src = {"k": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.arange(3, dtype=np.float32).astype(ml_dtypes.bfloat16),
@@ -235,9 +236,8 @@ def test_torch2tf_source_errors_name_the_file(keras_ckpt, tmp_path):
 @pytest.mark.torch
 def test_pt_output_unchanged_and_ckptfmt_output_restores_model_and_optimizer(tmp_path):
     torch = pytest.importorskip("torch")
-    from ckptfmt.converters.convert import load_factory
-
     import ckptfmt.torch
+    from ckptfmt.converters.convert import load_factory
 
     pt, d = tmp_path / "o.pt", tmp_path / "o"
     tf_to_torch(EXAMPLE, pt, model_factory=MODELS + ":cnn")

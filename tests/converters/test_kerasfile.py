@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("h5py")  # the keras extra; CI installs it
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 from ckptfmt.converters import kinds  # noqa: E402
 from ckptfmt.converters.keras.kerasfile import KerasFileReader, is_keras_file, read_keras_file, write_keras_file  # noqa: E402

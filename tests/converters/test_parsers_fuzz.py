@@ -36,7 +36,7 @@ def exercise(kind: str, path: str) -> None:
             for name in src.keys():
                 src.info(name)
                 src.get(name)
-            src.metadata, src.version, src.digest
+            _ = (src.metadata, src.version, src.digest)
     except CkptFmtError:
         pass
     try:

@@ -44,7 +44,7 @@ def test_torch_loop_resumes_exactly(tmp_path):
 
 @pytest.mark.tensorflow
 def test_keras_loop_resumes_exactly(tmp_path):
-    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("tensorflow")
     import keras
 
     from ckptfmt.adapters import tensorflow as ck_tf

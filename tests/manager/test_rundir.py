@@ -54,7 +54,7 @@ def _canary(tmp_path, run):
     def snapshot():
         out = {}
         for base in (outside, run / "data", run / "export", run / "tensorboard"):
-            for d, dirs, files in os.walk(base):
+            for d, _dirs, files in os.walk(base):
                 out[d] = "dir"
                 for f in files:
                     with open(os.path.join(d, f), "rb") as fh:

@@ -173,7 +173,7 @@ class RunDirectory(RuleBasedStateMachine):
                 if not os.path.islink(p) and os.path.isfile(os.path.join(p, "MANIFEST")):
                     need |= {os.path.normpath(os.path.join(p, f.path)) for f in ckptfmt.open(p).manifest.files}
         ours = set()
-        for d, dirs, files in os.walk(self.run):
+        for d, _dirs, files in os.walk(self.run):
             for f in files:
                 if f.endswith(".data") and d not in (os.path.join(self.run, "data"),):
                     ours.add(os.path.join(d, f))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-
-import pytest
-
 import threading
 import time
+
+import pytest
 
 import ckptfmt
 from ckptfmt.storage.base import Storage
