@@ -739,9 +739,13 @@ def _read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
     iterations_key = lr_key = None
     problems: list[str] = []
     other: list[str] = []
-    if opt is not None and opt_cfg.get("class_name") == "LossScaleOptimizer":
+    # under mixed precision compile() wraps the configured optimizer: the config names the inner
+    # class, the file holds the wrapper's vars beside an inner_optimizer group
+    loss_scaled = opt_cfg.get("class_name") == "LossScaleOptimizer" or "optimizer/inner_optimizer" in objs
+    if opt is not None and loss_scaled:
         # held, not placed: the optimizer counts as present, so converting it is refused, not skipped
-        problems.append(f"{reader.path}: a LossScaleOptimizer's state in a Keras file is not read yet; pass --no-optimizer")
+        problems.append(f"{reader.path}: a LossScaleOptimizer's state (mixed precision) in a Keras file is not read yet; "
+                        "pass --no-optimizer")
         iterations_key = "optimizer/vars/0" if opt.n else None
         other += [f"optimizer/vars/{i}" for i in range(1, opt.n)]
     elif opt is not None:
