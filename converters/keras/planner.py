@@ -230,6 +230,11 @@ def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapp
         >>> plan, notes = plan_conversion(kc, None, None, None, True)  # doctest: +SKIP
     """
     sources = kc.specs()
+    from .kerasfile import unordered_flatten_error
+
+    unordered = unordered_flatten_error(kc)
+    if unordered is not None and mapping is None and (model is None or example is None):
+        raise unordered
     if pairs and model is None:
         raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model")
     if keras_model is not None and model is None:

@@ -432,6 +432,12 @@ def build_mapping(
         if layer.class_name != "Dense":
             continue
         fed = flow.linear_input(path) if flow is not None else None
+        if fed is None and not order_known and any(l.class_name.startswith(("Conv", "Depthwise", "Separable"))
+                                                   for l, _ in matched):
+            problems.append(f"Dense {layer.name!r} -> {path}: the file does not record the layer order, so only the torch "
+                            "model's dataflow can tell a flattened map from a pooled vector, and the torch model did not "
+                            "run it (pass an example input; a model torch.fx cannot trace needs a mapping file, --map)")
+            continue
         if fed is None:
             if layer.name in guessed:
                 problems.append(f"Dense {layer.name!r} -> {path}: its {layer.weight('kernel').shape[0]} input rows may be a "
@@ -484,6 +490,12 @@ def build_mapping(
                             + (Convert((mean, bias.key), (_key(path, "running_mean"),), (Subtract(),)),), rules.notes)
         mapping = mapping + rules
     notes += _hyper_notes(matched, modules)
+    frozen = [(layer.name, path) for layer, path in matched if layer.config.get("trainable") is False]
+    if frozen:
+        notes.append(f"FROZEN: {len(frozen)} Keras layer(s) are not trainable ({_few([n for n, _ in frozen])}); a plain torch "
+                     "resume would train them: freeze their modules ("
+                     + ", ".join(f"model.{p}.requires_grad_(False)" if p else "model.requires_grad_(False)" for _, p in frozen[:3])
+                     + (", ..." if len(frozen) > 3 else "") + ") and leave their parameters out of the optimizer")
     if fold_into:
         notes.append(f"FOLDED: the bias of {len(fold_into)} Keras convolution(s) is subtracted from the running_mean of the "
                      f"BatchNorm its torch module feeds ({_few([b.key for b in fold_into.values()])}); exact in eval mode, "

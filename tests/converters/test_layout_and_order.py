@@ -299,3 +299,70 @@ def test_mixed_precision_keras_file_with_its_optimizer_is_refused_with_the_loss_
         keras.mixed_precision.set_global_policy("float32")
     with pytest.raises(ConversionError, match=r"LossScaleOptimizer.*--no-optimizer"):
         tf_to_torch(tmp_path / "m.weights.h5", tmp_path / "t.pt", model_factory=f"{HERE}:two_same", pairs=pairs)
+
+
+class _ConvPoolLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.d = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(x)).mean((2, 3)))
+
+
+class _ConvFlattenLinear(nn.Module):  # channels-first flatten: the Dense's rows are permuted
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.d = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(x)).flatten(1))
+
+
+def conv_pool_linear():
+    return _ConvPoolLinear(), torch.zeros(2, 3, 6, 6)
+
+
+def conv_flatten_linear():
+    return _ConvFlattenLinear(), torch.zeros(2, 3, 6, 6)
+
+
+def conv_flatten_linear_no_example():
+    return _ConvFlattenLinear()
+
+
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("name, head", [("conv_pool_linear", "pool"), ("conv_flatten_linear", "flatten")])
+def test_weights_h5_without_layer_order_lets_the_torch_dataflow_decide_each_dense(keras, tmp_path, name, head):
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, activation="relu", name="c")(i)
+    x = L.GlobalAveragePooling2D()(x) if head == "pool" else L.Flatten()(x)
+    km = keras.Model(i, L.Dense(3, name="d")(x))
+    rng = np.random.default_rng(0)
+    km.set_weights([rng.standard_normal(w.shape).astype("float32") for w in km.get_weights()])
+    km.save_weights(tmp_path / "m.weights.h5")
+    tf_to_torch(tmp_path / "m.weights.h5", tmp_path / "t.pt", model_factory=f"{HERE}:{name}", optimizer=False)
+    tm = globals()[name]()[0]
+    tm.load_state_dict(torch.load(tmp_path / "t.pt", weights_only=True)["model"])
+    want, got = _logits(km, tm, (6, 6, 3))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    if head == "flatten":  # without an example input nothing decides: refused
+        with pytest.raises(ConversionError, match=r"does not record the order.*example input"):
+            tf_to_torch(tmp_path / "m.weights.h5", tmp_path / "t2.pt", model_factory=f"{HERE}:conv_flatten_linear_no_example",
+                        optimizer=False)
+
+
+@pytest.mark.tensorflow
+def test_a_frozen_keras_layer_is_named_in_the_report(keras, tmp_path):
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    conv = L.Conv2D(4, 3, activation="relu", name="c")
+    km = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D()(conv(i))))
+    conv.trainable = False
+    km.save(tmp_path / "m.keras")
+    r = tf_to_torch(tmp_path / "m.keras", tmp_path / "t.pt", model_factory=f"{HERE}:conv_pool_linear", optimizer=False)
+    frozen = [n for n in r.notes if n.startswith("FROZEN:")]
+    assert len(frozen) == 1 and "(c)" in frozen[0] and "model.c.requires_grad_(False)" in frozen[0]
