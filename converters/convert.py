@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt.errors import ConversionError, UnmappedKeyError
+from ckptfmt.errors import CkptFmtError, ConversionError, UnmappedKeyError
 
 from .files import check_destination
 from .keras import outputs
@@ -198,8 +198,14 @@ def tf_to_torch(
         if check:
             from .check import check_output
 
-            result = check_output(src, dst, kc, report.plan, kmodel, model_factory, tolerance=check_tolerance,
-                                  optimizer=report.check)  # keras_to_torch leaves the optimizer's settings there
+            try:
+                result = check_output(src, dst, kc, report.plan, kmodel, model_factory, tolerance=check_tolerance,
+                                      optimizer=report.check)  # keras_to_torch leaves the optimizer's settings there
+            except CkptFmtError as e:
+                # the output exists: the error says so, whether the check failed or could not run
+                if e.args and isinstance(e.args[0], str) and str(dst) not in e.args[0]:
+                    e.args = (f"{e.args[0]} ({dst} was written but is not checked)", *e.args[1:])
+                raise
             report = dataclasses.replace(report, check=result)
         elif report.check is not None:
             report = dataclasses.replace(report, check=None)

@@ -366,3 +366,21 @@ def test_a_frozen_keras_layer_is_named_in_the_report(keras, tmp_path):
     r = tf_to_torch(tmp_path / "m.keras", tmp_path / "t.pt", model_factory=f"{HERE}:conv_pool_linear", optimizer=False)
     frozen = [n for n in r.notes if n.startswith("FROZEN:")]
     assert len(frozen) == 1 and "(c)" in frozen[0] and "model.c.requires_grad_(False)" in frozen[0]
+
+
+def keras_conv_pool():
+    import keras
+
+    i = keras.Input((6, 6, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(5, 3, name="c")(i))
+    return keras.Model(i, keras.layers.Dense(3, name="d")(x))
+
+
+@pytest.mark.tensorflow
+def test_a_check_that_cannot_run_says_the_output_was_written(keras, tmp_path):
+    km = _keras_model(keras, "permute_relu_flatten")
+    km.save(tmp_path / "m.keras")
+    with pytest.raises(ConversionError, match=r"t\.pt was written but is not checked"):
+        tf_to_torch(tmp_path / "m.keras", tmp_path / "t.pt", model_factory=f"{HERE}:permute_relu_flatten",
+                    keras_model=f"{HERE}:keras_conv_pool", check=True)
+    assert (tmp_path / "t.pt").exists()
