@@ -18,7 +18,7 @@ MODULES = [
     "ckptfmt.converters.sources.torch",
     "ckptfmt.converters.sources.safetensors",
     "ckptfmt.converters.sources.onnx",
-    "ckptfmt.converters.sources.keras",
+    "ckptfmt.converters.keras.source",
     "ckptfmt.converters.diff",
     "ckptfmt.converters.kinds",
     "ckptfmt.converters.convert",
