@@ -268,6 +268,9 @@ def _layout(node: Any, modules: AbcMapping[str, Any]) -> tuple[tuple[int, ...] |
                 x = x.args[0]
                 continue
             return None, f"the output of {type(module).__name__} {x.target!s}, whose layout is unknown"
+        if x.op == "placeholder" and perm == tuple(range(len(perm))) and len(shape) > 2 and shape[1] == 1:
+            # one channel first or a channels-last input: Keras's order either way
+            return perm, "the model's input"
         if x.op not in ("call_function", "call_method"):
             return None, "the model's input, whose layout is the caller's" if x.op == "placeholder" else f"{x.op} {x.target}"
         fn = _name(x.target)

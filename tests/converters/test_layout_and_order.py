@@ -384,3 +384,20 @@ def test_a_check_that_cannot_run_says_the_output_was_written(keras, tmp_path):
         tf_to_torch(tmp_path / "m.keras", tmp_path / "t.pt", model_factory=f"{HERE}:permute_relu_flatten",
                     keras_model=f"{HERE}:keras_conv_pool", check=True)
     assert (tmp_path / "t.pt").exists()
+
+
+def test_a_flattened_model_input_is_related_to_keras_only_with_one_channel():
+    from ckptfmt.converters.mapping._dataflow import TorchDataflow
+
+    class M(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.d = nn.Linear(n, 3)
+
+        def forward(self, x):
+            return self.d(torch.relu(x).flatten(1))
+
+    one = TorchDataflow.trace(M(784), torch.zeros(2, 1, 28, 28)).linear_input("d")
+    assert one.known and one.flattened == (28, 28, 1)  # the permutation is the identity with C = 1
+    three = TorchDataflow.trace(M(12), torch.zeros(2, 3, 2, 2)).linear_input("d")
+    assert not three.known and "the model's input" in three.how  # NCHW or NHWC: the caller's, refused
