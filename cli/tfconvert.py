@@ -190,9 +190,9 @@ def _keras_command(name: str, summary: str, example: str) -> click.Command:
     Example:
       {example}
     """)
-    @click.argument("src", type=click.Path(exists=True))
+    @click.argument("src", type=click.Path())  # a TF prefix (dir/ckpt-3) is no file: the readers say what is missing
     @click.argument("dst", type=click.Path())
-    @click.option("--template", required=True, type=click.Path(exists=True),
+    @click.option("--template", required=True, type=click.Path(),
                   help="The layout to write: e.g. model.save_weights('t.weights.h5') or a TF checkpoint of the model.")
     @click.option("--no-optimizer", is_flag=True, help="Keep the template's optimizer variables.")
     @click.option("--dry-run", is_flag=True, help="Print the pairing; write nothing.")

@@ -271,19 +271,19 @@ def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, mode
 
     from .keras.planner import make_model
     from .keras.torch_state import read_torch_side
-    from .tf.bundle import TFCheckpointReader
 
     written = read_torch_side(dst)
     model, example = make_model(model_factory)
     model.load_state_dict({k: numpy_to_tensor(np.ascontiguousarray(v)) for k, v in written["model"].items()})
-    with TFCheckpointReader(src) as reader:
-        paths = _load_keras_weights(keras_model, src, kc.keys, reader.get, reader.shape)
-        result = check_conversion(keras_model, model, example_input=example, tolerance=tolerance)
-        step, note = None, "optimizer step not checked: the output holds no optimizer state"
-        if optimizer is not None and written.get("optimizer") is not None:
-            slots = {s: d for s, d in kc.slots.items()}
-            step, note = _step(keras_model, model, plan, {**optimizer, "slots": slots, "paths": paths}, reader.get,
-                               written["optimizer"], seed=1)
+    # the open source (a TF checkpoint or a Keras file): its own reader, by stored key
+    reader = kc.reader
+    paths = _load_keras_weights(keras_model, src, kc.keys, reader.get, reader.shape)
+    result = check_conversion(keras_model, model, example_input=example, tolerance=tolerance)
+    step, note = None, "optimizer step not checked: the output holds no optimizer state"
+    if optimizer is not None and written.get("optimizer") is not None:
+        slots = {s: d for s, d in kc.slots.items()}
+        step, note = _step(keras_model, model, plan, {**optimizer, "slots": slots, "paths": paths}, reader.get,
+                           written["optimizer"], seed=1)
     result = CheckResult(result.outputs, tolerance, step, note)
     if not result.passed:
         raise CheckFailedError(f"{dst} was written, but it does not compute what the Keras model does: {result}")

@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt.errors import ConversionError, UnmappedKeyError
+from ckptfmt.errors import CkptFmtError, ConversionError, UnmappedKeyError
 
 from .files import check_destination
 from .keras import outputs
@@ -198,8 +198,14 @@ def tf_to_torch(
         if check:
             from .check import check_output
 
-            result = check_output(src, dst, kc, report.plan, kmodel, model_factory, tolerance=check_tolerance,
-                                  optimizer=report.check)  # keras_to_torch leaves the optimizer's settings there
+            try:
+                result = check_output(src, dst, kc, report.plan, kmodel, model_factory, tolerance=check_tolerance,
+                                      optimizer=report.check)  # keras_to_torch leaves the optimizer's settings there
+            except CkptFmtError as e:
+                # the output exists: the error says so, whether the check failed or could not run
+                if e.args and isinstance(e.args[0], str) and str(dst) not in e.args[0]:
+                    e.args = (f"{e.args[0]} ({dst} was written but is not checked)", *e.args[1:])
+                raise
             report = dataclasses.replace(report, check=result)
         elif report.check is not None:
             report = dataclasses.replace(report, check=None)
@@ -609,13 +615,33 @@ def keras_to_keras(
 
 
 def _pair_variables(a: KerasCheckpoint, t: KerasCheckpoint) -> dict[str, str]:
-    """``{source key of a: source key of t}``: by Keras path, else layer by layer in order."""
+    """``{source key of a: source key of t}``: by Keras path, else layer by layer in order.
+
+    A side whose file does not record the layer order (a ``.weights.h5``) pairs layers by
+    their shapes only, and layers sharing shapes are refused: never paired by a listing order.
+    """
     if set(a.keys) == set(t.keys):
         return {k: k for k in a.keys}
     la = [l for l in a.layers if l.weights]
     lt = [l for l in t.layers if l.weights]
     sig = lambda l: [tuple(w.shape) for w in l.weights]  # noqa: E731
-    if len(la) == len(lt) and all(sig(x) == sig(y) for x, y in zip(la, lt)):
+    unordered = [c.path for c in (a, t) if not getattr(c, "order_known", True)]
+    if unordered and len(la) == len(lt):
+        # a .weights.h5 lists its layers by name, not in the model's order: only shapes can pair them
+        by_sig: dict[str, list[list[Any]]] = {}
+        for side, layers in ((0, la), (1, lt)):
+            for layer in layers:
+                by_sig.setdefault(repr(sig(layer)), [[], []])[side].append(layer)
+        if all(len(x) == len(y) for x, y in by_sig.values()):
+            tied = [(k, x, y) for k, (x, y) in by_sig.items() if len(x) > 1]
+            if tied:
+                raise ConversionError(
+                    f"{', '.join(unordered)} does not record the order of the model's layers (a .weights.h5 lists them "
+                    "by name), and layers of the same shapes cannot be told apart: "
+                    + "; ".join(f"{', '.join(l.name for l in x)} vs {', '.join(l.name for l in y)} ({k})" for k, x, y in tied)
+                    + ". Use the model's .keras file (its config records the order) or a TF checkpoint on that side")
+            return {wa.key: wt.key for x, y in by_sig.values() for wa, wt in zip(x[0].weights, y[0].weights)}
+    elif len(la) == len(lt) and all(sig(x) == sig(y) for x, y in zip(la, lt)):
         return {wa.key: wt.key for x, y in zip(la, lt) for wa, wt in zip(x.weights, y.weights)}
     only_a = sorted(set(a.keys) - set(t.keys))
     only_t = sorted(set(t.keys) - set(a.keys))

@@ -739,9 +739,13 @@ def _read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
     iterations_key = lr_key = None
     problems: list[str] = []
     other: list[str] = []
-    if opt is not None and opt_cfg.get("class_name") == "LossScaleOptimizer":
+    # under mixed precision compile() wraps the configured optimizer: the config names the inner
+    # class, the file holds the wrapper's vars beside an inner_optimizer group
+    loss_scaled = opt_cfg.get("class_name") == "LossScaleOptimizer" or "optimizer/inner_optimizer" in objs
+    if opt is not None and loss_scaled:
         # held, not placed: the optimizer counts as present, so converting it is refused, not skipped
-        problems.append(f"{reader.path}: a LossScaleOptimizer's state in a Keras file is not read yet; pass --no-optimizer")
+        problems.append(f"{reader.path}: a LossScaleOptimizer's state (mixed precision) in a Keras file is not read yet; "
+                        "pass --no-optimizer")
         iterations_key = "optimizer/vars/0" if opt.n else None
         other += [f"optimizer/vars/{i}" for i in range(1, opt.n)]
     elif opt is not None:
@@ -768,13 +772,9 @@ def _read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
             kl.append(KerasLayer(layer.name, "?", {}, tuple(ws)))
             continue
         kl.append(_keras_layer(layer, tuple(ws)))
-    if infer_layers and not order_known and any(l.class_name.startswith(("Conv", "Depthwise", "Separable")) for l in kl) \
-            and any(l.class_name == "Dense" for l in kl):
-        raise ConversionError(
-            f"{reader.path}: a .weights.h5 does not record the order of the model's layers, and a Dense after a "
-            "flattened convolution needs its rows permuted. Convert the model's .keras file instead (ModelCheckpoint "
-            "or model.save), or one saved with its optimizer, whose slots tell the order")
-    if infer_layers:
+    # without the order no Flatten can be placed: the planner has the torch model's dataflow decide
+    # each Dense, or refuses (unordered_flatten_error)
+    if infer_layers and order_known:
         kl = _insert_flattens(kl) if not any(l.class_name == "Flatten" for l in kl) else kl
     seen_keys = set(keys.values()) | {k for d in slots.values() for k in d.values()} | {k for k in (iterations_key, lr_key) if k}
     other += [k for k in reader.keys() if k not in seen_keys and k not in other]
@@ -785,6 +785,25 @@ def _read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
         problems=tuple(problems), path=reader.path, reader=reader, file_kind="keras" if reader.kind == "keras" else "keras3-h5",
         optimizer_config={k: v for k, v in opt_cfg.items() if v is not None}, order_known=order_known, notes=tuple(notes),
     )
+
+
+def unordered_flatten_error(kc: KerasCheckpoint) -> ConversionError | None:
+    """The refusal for a file with no layer order whose Dense may follow a flattened convolution.
+
+    A ``.weights.h5`` lists layers by name, so no Flatten can be placed from it: only the torch
+    model's dataflow (``--model`` with an example input) tells a flattened map from a pooled
+    vector. Returns None when the file records the order or holds no convolution and Dense.
+    """
+    if getattr(kc, "order_known", True):
+        return None
+    kinds = [layer.class_name for layer in kc.layers]
+    if not (any(k.startswith(("Conv", "Depthwise", "Separable")) for k in kinds) and "Dense" in kinds):
+        return None
+    return ConversionError(
+        f"{kc.path}: a .weights.h5 does not record the order of the model's layers, so it cannot tell whether a Dense "
+        "follows a flattened convolution (its rows then need permuting) or a pooled vector. Pass the torch model with an "
+        "example input (--model FILE.py:factory returning (model, example_input)) so its dataflow decides, or convert "
+        "the model's .keras file instead (ModelCheckpoint or model.save)")
 
 
 def _keras_layer(layer: _Layer, ws: tuple[KerasWeight, ...]) -> KerasLayer:
@@ -1263,7 +1282,7 @@ _TF_SLOTS = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat", "rms": "v
 
 def _useful(cfg: dict[str, Any]) -> dict[str, Any]:
     keep = ("epsilon", "momentum", "reset_after", "axis", "center", "scale", "use_bias", "padding", "strides", "data_format",
-            "groups", "num_heads", "key_dim", "value_dim", "layer", "merge_mode")
+            "groups", "num_heads", "key_dim", "value_dim", "layer", "merge_mode", "trainable")
     return {k: cfg[k] for k in keep if k in cfg}
 
 

@@ -230,6 +230,11 @@ def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapp
         >>> plan, notes = plan_conversion(kc, None, None, None, True)  # doctest: +SKIP
     """
     sources = kc.specs()
+    from .kerasfile import unordered_flatten_error
+
+    unordered = unordered_flatten_error(kc)
+    if unordered is not None and mapping is None and (model is None or example is None):
+        raise unordered
     if pairs and model is None:
         raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model")
     if keras_model is not None and model is None:
@@ -256,7 +261,8 @@ def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapp
         # unknown layers left are the mapping file's: build_mapping leaves what it covers out of the matching
         graph = keras_graph(keras_model) if keras_model is not None else None
         mapping = build_mapping(refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs,
-                                keras_graph=graph, extra=mapping, fold_conv_bias=fold_conv_bias)
+                                keras_graph=graph, extra=mapping, fold_conv_bias=fold_conv_bias,
+                                order_known=getattr(kc, "order_known", True))
     elif mapping is None:
         unknown = [l for l in kc.layers if l.class_name == "Unknown"]
         if unknown:

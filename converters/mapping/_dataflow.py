@@ -55,11 +55,14 @@ class LinearInput:
             permutation), else None.
         how: a short description for reports (``"flatten of (64, 2, 2)"``, ``"vector"``).
         known: False when the graph shows a reshape the converter cannot interpret.
+        channels_last: ``(*spatial, C)`` when the input is a channels-last map flattened (Keras's
+            own order: no permutation), else None.
     """
 
     flattened: tuple[int, ...] | None
     how: str
     known: bool = True
+    channels_last: tuple[int, ...] | None = None
 
 
 def _name(target: Any) -> str:
@@ -77,11 +80,14 @@ class TorchDataflow:
             times is three calls).
         order: ``{module path: position of its first call}``.
         linear_inputs: ``{Linear path: LinearInput}``.
+        norm_inputs: ``{LayerNorm path: "first" | "last" | "vector" | "unknown: why"}``, the
+            layout of the map each LayerNorm normalises.
     """
 
     calls: dict[str, tuple[str, frozenset[str]]]
     order: dict[str, int]
     linear_inputs: dict[str, LinearInput] = field(default_factory=dict)
+    norm_inputs: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def trace(cls, model: Any, example_input: Any) -> TorchDataflow:
@@ -142,7 +148,13 @@ class TorchDataflow:
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Linear):
                 linear[str(node.target)] = _linear_input(node, modules)
-        return cls(calls, order, linear)
+        norms = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.LayerNorm):
+                seen = norms.get(str(node.target))
+                layout = _norm_input(node, modules)
+                norms[str(node.target)] = layout if seen in (None, layout) else "unknown: called on maps of two layouts"
+        return cls(calls, order, linear, norms)
 
     def linear_input(self, path: str) -> LinearInput | None:
         """How the Linear at ``path`` was fed, or None if the pass did not call it."""
@@ -212,6 +224,103 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
+# Modules and functions whose output torch lays out channels-first (N, C, *spatial).
+_CF_MODULE_BASES = ("_ConvNd", "_NormBase", "GroupNorm", "_MaxPoolNd", "_AvgPoolNd", "_AdaptiveAvgPoolNd",
+                    "_AdaptiveMaxPoolNd", "Upsample", "_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd",
+                    "ZeroPad2d", "PixelShuffle")
+_CF_FUNCS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "max_pool1d",
+             "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+             "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+             "adaptive_max_pool3d", "batch_norm", "group_norm", "interpolate", "pad"}
+# Modules that keep every element where it is (a LayerNorm normalises in place).
+_KEEPING_MODULES = _ELEMENTWISE_MODULES | {"LayerNorm", "Dropout3d", "AlphaDropout"}
+
+
+def _is_channels_first_module(module: Any) -> bool:
+    return any(c.__name__ in _CF_MODULE_BASES for c in type(module).__mro__)
+
+
+def _dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        return tuple(args[0])
+    return tuple(args)
+
+
+def _layout(node: Any, modules: AbcMapping[str, Any]) -> tuple[tuple[int, ...] | None, str]:
+    """The axes order of ``node``'s tensor relative to the channels-first map it comes from.
+
+    Walks back through ops that move no element (activations, dropout, LayerNorm, additions)
+    and through permutes/transposes, to a module torch lays out channels-first (a conv, a
+    BatchNorm, a pooling). Returns ``(perm, how)`` with ``node == origin.permute(perm)``, or
+    ``(None, what stands in the way)`` when any op between has an unknown effect on the layout.
+    """
+    shape = _shape(node)
+    if shape is None:
+        return None, "a tensor of unknown shape"
+    perm = tuple(range(len(shape)))
+    x = node
+    for _ in range(10_000):
+        if x.op == "call_module":
+            module = modules.get(x.target)
+            if _is_channels_first_module(module):
+                return perm, f"{type(module).__name__} {x.target}"
+            if type(module).__name__ in _KEEPING_MODULES and x.args:
+                x = x.args[0]
+                continue
+            return None, f"the output of {type(module).__name__} {x.target!s}, whose layout is unknown"
+        if x.op == "placeholder" and perm == tuple(range(len(perm))) and len(shape) > 2 and shape[1] == 1:
+            # one channel first or a channels-last input: Keras's order either way
+            return perm, "the model's input"
+        if x.op not in ("call_function", "call_method"):
+            return None, "the model's input, whose layout is the caller's" if x.op == "placeholder" else f"{x.op} {x.target}"
+        fn = _name(x.target)
+        if fn in _CF_FUNCS:
+            return perm, fn
+        if fn in ("permute", "transpose", "movedim", "swapaxes", "swapdims"):
+            src = x.args[0]
+            r = len(perm)
+            try:
+                if fn == "permute":
+                    d = tuple(int(a) % r for a in _dims(x.args[1:]))
+                    if sorted(d) != list(range(r)):
+                        raise ValueError
+                else:
+                    a, b = (int(v) % r for v in x.args[1:3])
+                    order = list(range(r))
+                    if fn == "movedim":
+                        order.insert(b, order.pop(a))
+                    else:
+                        order[a], order[b] = order[b], order[a]
+                    d = tuple(order)
+            except (ValueError, TypeError):
+                return None, f"a {fn}{tuple(x.args[1:])!r} the converter cannot read"
+            perm = tuple(d[p] for p in perm)
+            x = src
+            continue
+        if fn in _ELEMENTWISE_FUNCS:
+            nodes = [a for a in _node_args(x) if _shape(a) == _shape(x)]
+            if not nodes:
+                return None, f"{fn} of tensors of other shapes"
+            x = nodes[0]
+            continue
+        return None, f"{fn}, whose effect on the layout is unknown"
+    return None, "a chain of ops too long to follow"
+
+
+def _map_layout(node: Any, modules: AbcMapping[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """``("first" | "last", (*spatial, C))`` of a map, or ``("unknown: why", ())``."""
+    shape = _shape(node)
+    perm, how = _layout(node, modules)
+    if perm is None or shape is None:
+        return f"unknown: {how}", ()
+    r = len(perm)
+    if perm == tuple(range(r)):
+        return "first", (*shape[2:], shape[1])
+    if perm == (0, *range(2, r), 1):
+        return "last", tuple(shape[1:])
+    return f"unknown: axes {perm} of a channels-first map from {how}", ()
+
+
 def _linear_input(node: Any, modules: AbcMapping[str, Any]) -> LinearInput:
     """Walk back from a Linear's input through order-keeping ops to the flatten that made it."""
     x = node.args[0] if node.args else None
@@ -229,19 +338,14 @@ def _linear_input(node: Any, modules: AbcMapping[str, Any]) -> LinearInput:
                 continue
             if len(before) < 3 or len(after) != 2 or after[0] != before[0]:
                 return LinearInput(None, f"a reshape {before} -> {after}", known=False)
-            # a permute to channels-last right before the flatten: Keras's own (H, W, C) order
-            prev = src
-            while prev.op in ("call_method", "call_function") and _name(prev.target) == "contiguous":
-                prev = prev.args[0]
-            if prev.op in ("call_method", "call_function") and _name(prev.target) in ("permute", "transpose", "movedim"):
-                dims = tuple(a for a in prev.args[1:] if isinstance(a, int))
-                if _name(prev.target) == "permute" and dims == (0, *range(2, len(before)), 1):
-                    return LinearInput(None, f"flatten of a channels-last map {before}")
-                return LinearInput(None, f"flatten after {_name(prev.target)}{dims}", known=False)
-            c, spatial = before[1], before[2:]
-            if math.prod(spatial) == 1:
+            if sum(1 for d in before[1:] if d > 1) <= 1:
                 return LinearInput(None, f"flatten of {before[1:]} (one position)")
-            return LinearInput((*spatial, c), f"flatten of a channels-first map {before[1:]}")
+            layout, hwc = _map_layout(src, modules)
+            if layout == "first":
+                return LinearInput(hwc, f"flatten of a channels-first map {before[1:]}")
+            if layout == "last":
+                return LinearInput(None, f"flatten of a channels-last map {before[1:]}", channels_last=hwc)
+            return LinearInput(None, f"flatten of {before[1:]} after {layout[len('unknown: '):]}", known=False)
         if fn in _ELEMENTWISE_FUNCS or mod in _ELEMENTWISE_MODULES:
             nodes = [a for a in _node_args(x) if _shape(a) == _shape(x)]
             if not nodes:
@@ -252,6 +356,16 @@ def _linear_input(node: Any, modules: AbcMapping[str, Any]) -> LinearInput:
     shape = _shape(x) if x is not None else None
     return LinearInput(None, "vector" if shape is None or len(shape) == 2 else f"last axis of {shape[1:]}")
 
+
+def _norm_input(node: Any, modules: AbcMapping[str, Any]) -> str:
+    """The layout (``"first"``, ``"last"``, ``"unknown: ..."``) of a LayerNorm's input map."""
+    x = node.args[0] if node.args else None
+    shape = _shape(x) if x is not None else None
+    if shape is None:
+        return "unknown: an input of unknown shape"
+    if len(shape) < 3:
+        return "vector"
+    return _map_layout(x, modules)[0]
 
 
 def keras_graph(model: Any) -> dict[str, frozenset[str]]:

@@ -35,7 +35,7 @@ from ._dataflow import INPUT, TorchDataflow, producers
 from .describe import find_flatten_dense
 from .layers import BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE
 from .registry import LAYER_KINDS, KerasLayer, KerasWeight, layer_rules
-from .rules import Convert, Mapping, Subtract
+from .rules import Convert, Mapping, Rename, Subtract, Transpose
 
 torch = require("torch", "model-guided mapping")
 nn = torch.nn
@@ -216,6 +216,7 @@ def match_layers(
     keras_graph: AbcMapping[str, Any] | None = None,
     exclude: Sequence[str] = (),
     decided_by_order: list[str] | None = None,
+    order_known: bool = True,
 ) -> list[tuple[KerasLayer, str]]:
     """Pair every Keras layer that has weights with the path of its torch module.
 
@@ -233,6 +234,9 @@ def match_layers(
         exclude: torch module paths not to match (their tensors come from other rules).
         decided_by_order: a list that receives one line per group matched by execution
             order alone (layers on one dataflow path), for the report.
+        order_known: False when ``keras_layers`` are not in the model's order (a
+            ``.weights.h5`` lists them by attribute name): same-shape groups are then refused,
+            never matched by execution order.
 
     Returns:
         ``[(layer, module path), ...]`` in Keras order.
@@ -306,6 +310,12 @@ def match_layers(
         if len(cands) == 1:
             result[layers[0].name] = cands[0]
             continue
+        if not order_known:
+            problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] could be torch module(s) {', '.join(cands)}, "
+                            "and the file does not record the order of the model's layers (a .weights.h5 lists them by "
+                            "attribute name): pass pairs={keras name: torch path} (--pair NAME=PATH), or convert the model's "
+                            ".keras file, whose config records the order")
+            continue
         if order is None:
             problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] could be torch module(s) {', '.join(cands)}; "
                             "pass example_input so the execution order decides, or pairs={keras name: torch path} (--pair NAME=PATH)")
@@ -345,6 +355,7 @@ def build_mapping(
     keras_graph: AbcMapping[str, Any] | None = None,
     extra: Mapping | None = None,
     fold_conv_bias: bool = False,
+    order_known: bool = True,
 ) -> Mapping:
     """The Keras -> torch :class:`~.rules.Mapping` for a model, checked against its state_dict.
 
@@ -363,6 +374,13 @@ def build_mapping(
     same weight) is matched without it, and its bias is folded into the BatchNormalization
     its torch module feeds alone (``running_mean = moving_mean - bias``, exact in eval and
     reported); without such a BatchNorm it is refused. Needs the example input (dataflow).
+
+    ``order_known=False`` (layers read from a file that does not record their order): layers
+    sharing a signature are refused unless ``pairs`` or the Keras graph settle them.
+
+    A LayerNormalization over several axes gets its gamma/beta transposed from Keras's
+    ``(..., C)`` to ``(C, ...)`` when the dataflow shows the torch LayerNorm normalising a
+    channels-first map; without the Keras config's ``axis`` or the dataflow it is refused.
 
     Raises:
         ConversionError / UnmappedKeyError: as :func:`match_layers` and :meth:`Mapping.plan`;
@@ -407,13 +425,19 @@ def build_mapping(
         layers, folded = _without_foldable_bias(layers, modules)
     order_notes: list[str] = []
     matched = match_layers(layers, model, example_input, pairs=pairs, flatten_from=keras_flatten, dataflow=flow,
-                           keras_graph=keras_graph, exclude=exclude, decided_by_order=order_notes)
+                           keras_graph=keras_graph, exclude=exclude, decided_by_order=order_notes, order_known=order_known)
     flatten_from = dict(keras_flatten)
     problems = []
     for layer, path in matched:
         if layer.class_name != "Dense":
             continue
         fed = flow.linear_input(path) if flow is not None else None
+        if fed is None and not order_known and any(l.class_name.startswith(("Conv", "Depthwise", "Separable"))
+                                                   for l, _ in matched):
+            problems.append(f"Dense {layer.name!r} -> {path}: the file does not record the layer order, so only the torch "
+                            "model's dataflow can tell a flattened map from a pooled vector, and the torch model did not "
+                            "run it (pass an example input; a model torch.fx cannot trace needs a mapping file, --map)")
+            continue
         if fed is None:
             if layer.name in guessed:
                 problems.append(f"Dense {layer.name!r} -> {path}: its {layer.weight('kernel').shape[0]} input rows may be a "
@@ -427,6 +451,15 @@ def build_mapping(
         if fed.flattened is not None and math.prod(fed.flattened) != layer.weight("kernel").shape[0]:
             problems.append(f"Dense {layer.name!r} -> Linear {path}: torch flattens a {fed.flattened} map, not the Dense's "
                             f"{layer.weight('kernel').shape[0]} rows")
+            continue
+        if fed.channels_last is not None:
+            if layer.name in keras_flatten and tuple(keras_flatten[layer.name]) != fed.channels_last:
+                problems.append(f"Dense {layer.name!r} -> Linear {path}: the Keras model flattens {keras_flatten[layer.name]} "
+                                f"(H, W, C), the torch model a channels-last {fed.channels_last}: not the same model")
+            elif math.prod(fed.channels_last) != layer.weight("kernel").shape[0]:
+                problems.append(f"Dense {layer.name!r} -> Linear {path}: torch flattens a {fed.channels_last} map, not the "
+                                f"Dense's {layer.weight('kernel').shape[0]} rows")
+            flatten_from.pop(layer.name, None)
             continue
         if layer.name in keras_flatten and fed.flattened is None:
             problems.append(f"Dense {layer.name!r} -> Linear {path}: the Keras model flattens a {keras_flatten[layer.name]} "
@@ -442,10 +475,14 @@ def build_mapping(
             flatten_from.pop(layer.name, None)
     if problems:
         raise ConversionError("cannot tell how the Dense layers are fed:\n  " + "\n  ".join(problems))
+    ln_axes = _layernorm_layouts(matched, flow, modules)
     fold_into = _fold_targets(folded, matched, flow, modules) if folded else {}
     mapping = extra if extra is not None else Mapping(())
     for layer, path in matched:
         rules = layer_rules(layer, path, flatten_from=flatten_from.get(layer.name))
+        if layer.name in ln_axes:
+            rules = Mapping(tuple(Convert((r.src_pattern,), (r.dst_pattern,), (Transpose(ln_axes[layer.name]),))
+                                  if isinstance(r, Rename) else r for r in rules.rules), rules.notes)
         if layer.name in fold_into:
             bias = fold_into[layer.name]
             mean = layer.weight("moving_mean").key
@@ -453,6 +490,12 @@ def build_mapping(
                             + (Convert((mean, bias.key), (_key(path, "running_mean"),), (Subtract(),)),), rules.notes)
         mapping = mapping + rules
     notes += _hyper_notes(matched, modules)
+    frozen = [(layer.name, path) for layer, path in matched if layer.config.get("trainable") is False]
+    if frozen:
+        notes.append(f"FROZEN: {len(frozen)} Keras layer(s) are not trainable ({_few([n for n, _ in frozen])}); a plain torch "
+                     "resume would train them: freeze their modules ("
+                     + ", ".join(f"model.{p}.requires_grad_(False)" if p else "model.requires_grad_(False)" for _, p in frozen[:3])
+                     + (", ..." if len(frozen) > 3 else "") + ") and leave their parameters out of the optimizer")
     if fold_into:
         notes.append(f"FOLDED: the bias of {len(fold_into)} Keras convolution(s) is subtracted from the running_mean of the "
                      f"BatchNorm its torch module feeds ({_few([b.key for b in fold_into.values()])}); exact in eval mode, "
@@ -530,3 +573,55 @@ def _fold_targets(folded: AbcMapping[str, KerasWeight], matched: Sequence[tuple[
 
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _layernorm_layouts(matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow | None,
+                       modules: AbcMapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{layer name: transpose axes}`` for LayerNormalizations over several axes.
+
+    Keras normalises a channels-last map over its ``axis`` list, so its gamma is laid out in
+    ``(..., C)`` order; a torch ``LayerNorm`` normalises its input's trailing dims, which on a
+    channels-first map are ``(C, ...)``. Square maps make the shapes agree either way, so the
+    Keras config (which axes) and the torch dataflow (which layout) decide, or the conversion
+    is refused.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    problems: list[str] = []
+    for layer, path in matched:
+        if layer.class_name != "LayerNormalization" or not layer.weights:
+            continue
+        k = len(layer.weights[0].shape)
+        if k <= 1:
+            continue
+        axis = layer.config.get("axis")
+        axes = list(axis) if isinstance(axis, (list, tuple)) else [axis] if isinstance(axis, int) else None
+        rank = len(layer.input_shape) if layer.input_shape else None
+        if axes is None:
+            problems.append(f"LayerNormalization {layer.name!r} -> {path}: its gamma {layer.weights[0].shape} normalises "
+                            f"{k} axes, and a TF checkpoint does not say which; convert the model's .keras file, or "
+                            "write its rules in a mapping file (--map)")
+            continue
+        if rank is not None:
+            axes = sorted(a % rank for a in axes)
+            trailing = axes == list(range(rank - k, rank))
+        else:
+            trailing = sorted(axes) == list(range(-k, 0))
+        layout = flow.norm_inputs.get(path) if flow is not None else None
+        if not trailing:
+            problems.append(f"LayerNormalization {layer.name!r} -> {path}: Keras normalises axes {axis}, not the trailing "
+                            "ones a torch LayerNorm normalises; write its rules in a mapping file (--map)")
+        elif layout == "last" or (layout == "first" and rank is not None and k == 1):
+            continue
+        elif layout == "first" and (rank is None or k == rank - 1):
+            out[layer.name] = (k - 1, *range(k - 1))
+        elif layout == "first":
+            problems.append(f"LayerNormalization {layer.name!r} -> {path}: Keras normalises the trailing {k} axes of a "
+                            f"channels-last map, torch the trailing {k} of a channels-first one: not the same normalisation")
+        else:
+            why = "no dataflow (pass an example input)" if layout is None else layout
+            problems.append(f"LayerNormalization {layer.name!r} -> {path}: gamma {layer.weights[0].shape} covers {k} axes "
+                            f"and the layout of the torch LayerNorm's input is unknown ({why}); write its rules in a "
+                            "mapping file (--map)")
+    if problems:
+        raise ConversionError("cannot convert a LayerNormalization over several axes:\n  " + "\n  ".join(problems))
+    return out
