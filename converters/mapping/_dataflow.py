@@ -28,7 +28,6 @@ from __future__ import annotations
 
 __all__ = ["LinearInput", "TorchDataflow", "keras_graph", "producers"]
 
-import math
 from collections.abc import Iterable
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field
