@@ -55,16 +55,9 @@ def fsync_dir(directory: str) -> None:
     Example:
         >>> fsync_dir(".")
     """
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
+    from ckptfmt.storage.local import LocalStorage
+
+    LocalStorage().sync_dir(directory or ".")  # the storage layer's one definition
 
 
 def commit_file(tmp: str, dst: str) -> None:
