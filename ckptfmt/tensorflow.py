@@ -21,10 +21,11 @@ __all__ = ["save", "restore"]
 import os
 from typing import Any
 
-import ckptfmt
-
 # Imported first: raises FrameworkNotAvailableError("tensorflow", "tensorflow") when missing.
 from ckptfmt.adapters import tensorflow as _adapter
+
+# isort: split
+import ckptfmt
 
 
 def save(path: str | os.PathLike[str], obj: Any, *, metadata: Any = None, overwrite: bool = False) -> None:

@@ -21,12 +21,13 @@ import os
 import pickle
 from typing import Any
 
+# Imported first: raises FrameworkNotAvailableError("torch", "torch") when torch is missing.
+from ckptfmt.adapters import torch as _adapter
+
+# isort: split
 import torch
 
 import ckptfmt
-
-# Imported first: raises FrameworkNotAvailableError("torch", "torch") when torch is missing.
-from ckptfmt.adapters import torch as _adapter
 from ckptfmt.errors import CheckpointNotFoundError, FormatError
 
 
