@@ -41,6 +41,10 @@ import uuid
 from typing import Any
 
 import numpy as np
+
+from ckptfmt.adapters import torch as _adapter  # raises FrameworkNotAvailableError without torch
+
+# isort: split
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -61,7 +65,6 @@ from ckptfmt._pool import workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import CheckpointReader
 from ckptfmt._writer import _ZEROS, DATA_FILE_TARGET, _ParentRef, _producer, _write_delta, _write_tensor
-from ckptfmt.adapters import torch as _adapter  # raises FrameworkNotAvailableError without torch
 from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, IntegrityError, UnsafePathError, UnsupportedDtypeError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH
