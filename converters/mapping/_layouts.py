@@ -87,6 +87,11 @@ def dense_inputs(matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow 
         if layer.class_name != "Dense":
             continue
         fed = flow.linear_input(path) if flow is not None else None
+        if fed is None and flow is not None and flow.recorded is not None and (layer.name in keras_flatten or layer.name in guessed):
+            problems.append(f"Dense {layer.name!r} -> Linear {path}: torch.fx cannot trace the torch model and the recorded run "
+                            "of the example input did not call this Linear, so whether it takes a flattened map (and in which "
+                            "order) is unknown; pass an example input that reaches it, or write its rules in a mapping file (--map)")
+            continue
         if fed is None:
             problem = _unfed(layer, path, guessed, order_known, has_convs)
             if problem:

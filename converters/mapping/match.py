@@ -188,7 +188,8 @@ def build_mapping(
 ) -> Mapping:
     """The Keras -> torch :class:`~.rules.Mapping` for a model, checked against its state_dict.
 
-    With ``example_input`` the torch model is traced (:class:`~._dataflow.TorchDataflow`) and
+    With ``example_input`` the torch model is traced (:class:`~._dataflow.TorchDataflow`; a
+    model torch.fx cannot trace is recorded from one run of the input instead, and noted) and
     its dataflow decides what shapes cannot: whether each ``Linear`` takes a flattened spatial
     map (its Keras rows are then permuted from ``(H, W, C)`` to ``(C, H, W)``) and which of
     several same-shape modules on parallel branches a layer is (with ``keras_graph``; without
@@ -286,13 +287,21 @@ def _left_to_match(keras_layers: Sequence[KerasLayer], covered: set[str]) -> lis
 
 
 def _dataflow(model: nn.Module, example_input: Any) -> tuple[TorchDataflow | None, list[str]]:
-    """The torch model's dataflow (None without an example input or when it cannot be traced), and notes."""
+    """The torch model's dataflow (None without an example input or when it cannot be had), and notes.
+
+    torch.fx first; a model fx cannot trace is recorded from one run of the example input
+    (:meth:`~._dataflow.TorchDataflow.of`), which the notes say.
+    """
     if example_input is None:
         return None, []
     try:
-        return TorchDataflow.trace(model, example_input), []
+        flow = TorchDataflow.of(model, example_input)
     except ConversionError as e:
         return None, [f"no dataflow: {e}; same-shape layers are matched by execution order"]
+    if flow.recorded is None:
+        return flow, []
+    return flow, [f"DATAFLOW recorded from one run of the example input ({flow.recorded}): hooks on the modules and the "
+                  "torch functions between them show which module feeds which; only the branches that input takes are seen"]
 
 
 def _assemble(extra: Mapping | None, matched: Sequence[tuple[KerasLayer, str]], flatten_from: AbcMapping[str, Sequence[int]],
