@@ -98,7 +98,7 @@ class _Recorder:
         if isinstance(value, self.torch.Tensor):
             node = self.by_id.get(id(value))
             if node is None:
-                node = self._new("get_attr", "a tensor the recorded run did not see made", tensor=value)
+                node = self._new("get_attr", "a tensor made where the recorded run does not see (numpy, a scripted module)", tensor=value)
                 node.meta["unseen"] = True
             return node
         if isinstance(value, (list, tuple)):
