@@ -27,6 +27,7 @@ from ckptfmt.errors import ConversionError
 
 from ._candidates import Signature, few
 from ._dataflow import INPUT, TorchDataflow, producers
+from ._record import run_eval
 from .registry import KerasLayer
 
 if TYPE_CHECKING:
@@ -39,26 +40,15 @@ def _fmt_shapes(pairs: Sequence[tuple[str, tuple]]) -> str:
 
 def trace_order(model: nn.Module, example_input: Any, modules: AbcMapping[str, nn.Module]) -> dict[str, int]:
     """``{module path: position of its first call}`` from forward pre-hooks on one eval run."""
-    import torch
-
     order: dict[str, int] = {}
     handles = []
     for path, mod in modules.items():
         def hook(_m, _inp, path=path):
             order.setdefault(path, len(order))
         handles.append(mod.register_forward_pre_hook(hook))
-    was_training = model.training
     try:
-        model.eval()  # eval: a trace must not move BatchNorm's running statistics
-        with torch.no_grad():
-            if isinstance(example_input, tuple):
-                model(*example_input)
-            elif isinstance(example_input, dict):
-                model(**example_input)
-            else:
-                model(example_input)
+        run_eval(model, example_input)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return order

@@ -30,8 +30,9 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["RunNode", "record_run"]
+__all__ = ["RunNode", "record_run", "run_eval"]
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,27 @@ def _hook_leaves(model: Any, rec: _Recorder, weighted: tuple[type, ...]) -> list
     return handles
 
 
+def run_eval(model: Any, example_input: Any, *contexts: Any) -> Any:
+    """Run ``model`` once on ``example_input`` (a tensor, a tuple, or a dict of keyword arguments)
+    in eval mode under ``no_grad`` and ``contexts``; its mode is restored. Eval: a run must not
+    move BatchNorm's running statistics."""
+    import torch
+
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(c)
+            if isinstance(example_input, tuple):
+                return model(*example_input)
+            if isinstance(example_input, dict):
+                return model(**example_input)
+            return model(example_input)
+    finally:
+        model.train(was_training)
+
+
 def record_run(model: Any, example_input: Any, weighted: tuple[type, ...] = ()) -> tuple[list[RunNode], dict[str, Any]]:
     """Run ``model`` once on ``example_input`` (eval, no_grad, its mode restored) and record its dataflow.
 
@@ -193,21 +215,11 @@ def record_run(model: Any, example_input: Any, weighted: tuple[type, ...] = ()) 
     rec.inputs(example_input)
     rec.state(model)
     handles = _hook_leaves(model, rec, weighted)
-    was_training = model.training
     try:
-        model.eval()  # eval: a run must not move BatchNorm's running statistics
-        with torch.no_grad(), _function_mode(rec):
-            if isinstance(example_input, tuple):
-                model(*example_input)
-            elif isinstance(example_input, dict):
-                model(**example_input)
-            else:
-                model(example_input)
+        run_eval(model, example_input, _function_mode(rec))
     except Exception as e:  # the model's own errors, whatever their class
         raise ConversionError(f"the torch model does not run on the example input ({type(e).__name__}: {e})") from None
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return rec.nodes, dict(model.named_modules())
-

@@ -13,27 +13,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = [
-    "TensorSpec",
-    "spec_of",
-    "Op",
-    "Transpose",
-    "Reshape",
-    "Split",
-    "Concat",
-    "GateReorder",
-    "Cast",
-    "Sum",
-    "AppendZeros",
-    "Repeat",
-    "Mean",
-    "Fill",
-    "Discard",
-    "AppendFill",
-    "DropLast",
-    "Subtract",
-    "OP_TYPES",
-]
+__all__ = ["TensorSpec", "spec_of", "Op", "Transpose", "Reshape", "Split", "Concat", "GateReorder", "Cast", "Sum",
+           "AppendZeros", "Repeat", "Mean", "Fill", "Discard", "AppendFill", "DropLast", "Subtract", "OP_TYPES"]
 
 import dataclasses
 import math

@@ -85,26 +85,24 @@ from ckptfmt.errors import UnmappedKeyError
 from ._mapfile import MAPPING_FILE_FORMAT, MAPPING_FILE_VERSION, dump_mapping, parse_mapping
 from ._resolve import resolve
 from ._rule_types import Convert, Drop, Entry, Rename, Rule
-from .ops import (
-    AppendFill,
-    AppendZeros,
-    Cast,
-    Concat,
-    Discard,
-    DropLast,
-    Fill,
-    GateReorder,
-    Mean,
-    Op,
-    Repeat,
-    Reshape,
-    Split,
-    Subtract,
-    Sum,
-    TensorSpec,
-    Transpose,
-    spec_of,
-)
+from .ops import AppendFill as AppendFill
+from .ops import AppendZeros as AppendZeros
+from .ops import Cast as Cast
+from .ops import Concat as Concat
+from .ops import Discard as Discard
+from .ops import DropLast as DropLast
+from .ops import Fill as Fill
+from .ops import GateReorder as GateReorder
+from .ops import Mean as Mean
+from .ops import Op as Op
+from .ops import Repeat as Repeat
+from .ops import Reshape as Reshape
+from .ops import Split as Split
+from .ops import Subtract as Subtract
+from .ops import Sum as Sum
+from .ops import TensorSpec
+from .ops import Transpose as Transpose
+from .ops import spec_of as spec_of
 
 
 @dataclass(frozen=True, slots=True)
