@@ -437,7 +437,7 @@ def _linear_input(node: Any, modules: AbcMapping[str, Any]) -> LinearInput:
             break
         x = nodes[0]
     if x is not None and x.meta.get("unseen"):
-        return LinearInput(None, str(x.target), known=False)
+        return LinearInput(None, x.meta.get("why", str(x.target)), known=False)
     shape = _shape(x) if x is not None else None
     return LinearInput(None, "vector" if shape is None or len(shape) == 2 else f"last axis of {shape[1:]}")
 

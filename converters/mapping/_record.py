@@ -17,8 +17,10 @@ nodes (``op``, ``target``, ``args``, ``kwargs``, ``meta["tensor_meta"].shape``),
 paths are read by the same code. Tensors are told apart by object identity; every tensor the
 run makes stays referenced until it ends, so no identity is reused. A tensor whose origin the
 run did not see (made outside torch's functions, e.g. through numpy, or by a scripted
-submodule) becomes a ``get_attr`` node marked ``meta["unseen"]`` (the model's parameters and
-buffers are ``get_attr`` nodes named by their path, as in fx): whatever depends on its layout or producer is then
+submodule) becomes a ``get_attr`` node marked ``meta["unseen"]``, and so does a tensor a torch
+function makes from no tensor (``torch.as_tensor(array)``: what was done to the array is not
+seen); the model's parameters and buffers are ``get_attr`` nodes named by their path, as in
+fx. Whatever depends on its layout or producer is then
 unknown, and callers refuse what only that could decide. Only the branches the example input
 takes are seen.
 
@@ -68,8 +70,7 @@ def _is_leaf(module: Any, weighted: tuple[type, ...]) -> bool:
         return True
     if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)):
         return False
-    mod = type(module).__module__
-    return mod.startswith("torch.nn") and not mod.startswith("torch.nn.qat")
+    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
 
 
 class _Recorder:
@@ -99,8 +100,9 @@ class _Recorder:
         if isinstance(value, self.torch.Tensor):
             node = self.by_id.get(id(value))
             if node is None:
-                node = self._new("get_attr", "a tensor made where the recorded run does not see (numpy, a scripted module)", tensor=value)
+                node = self._new("get_attr", "a tensor made where the recorded run does not see", tensor=value)
                 node.meta["unseen"] = True
+                node.meta["why"] = "a tensor made where the recorded run does not see (numpy, a scripted module)"
             return node
         if isinstance(value, (list, tuple)):
             return type(value)(self.ref(v) for v in value) if not hasattr(value, "_fields") else value
@@ -141,10 +143,23 @@ def _function_mode(rec: _Recorder) -> Any:
             out = func(*args, **kwargs)
             if rec.depth == 0 and _has_tensor(out, rec.torch):
                 node = rec._new("call_function", func, rec.ref(tuple(args)), rec.ref(kwargs))
+                if not _has_node((node.args, node.kwargs)):
+                    # made from Python or numpy values (torch.as_tensor(array)): what was done to
+                    # them before is not seen, so neither its layout nor its producer is known
+                    node.meta["unseen"] = True
+                    node.meta["why"] = f"a tensor {getattr(func, '__name__', func)} made from numpy or Python values"
                 rec.outputs(node, out)
             return out
 
     return _Mode()
+
+
+def _has_node(value: Any) -> bool:
+    if isinstance(value, RunNode):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_node(v) for v in value)
+    return isinstance(value, dict) and any(_has_node(v) for v in value.values())
 
 
 def _has_tensor(out: Any, torch: Any) -> bool:

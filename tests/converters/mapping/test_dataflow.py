@@ -119,6 +119,8 @@ class _Guarded(nn.Module):
         x = torch.relu(self.bn(self.conv(x)))
         if self.how == "numpy":  # a reshape made where no torch function sees it
             return self.fc(torch.from_numpy(x.numpy().reshape(x.shape[0], -1)))
+        if self.how == "as_tensor":  # the same, back through a torch function that takes no tensor
+            return self.fc(torch.as_tensor(x.numpy().reshape(x.shape[0], -1)) + 0)
         if x.sum() >= 0:
             return self.fc(x.permute(0, 2, 3, 1).flatten(1) if self.how == "hwc" else x.flatten(1))
         return self.other(x.flatten(1))
@@ -139,8 +141,9 @@ def test_a_model_fx_cannot_trace_is_recorded_with_its_flatten_order(how, flatten
     assert model.training  # the run is in eval mode, and the mode is restored
 
 
-def test_a_reshape_the_recorded_run_cannot_see_leaves_the_layout_unknown():
-    flow = TorchDataflow.of(_Guarded("numpy"), torch.rand(1, 3, 2, 3))
+@pytest.mark.parametrize("how", ["numpy", "as_tensor"])
+def test_a_reshape_the_recorded_run_cannot_see_leaves_the_layout_unknown(how):
+    flow = TorchDataflow.of(_Guarded(how), torch.rand(1, 3, 2, 3))
     fed = flow.linear_input("fc")
     assert not fed.known and "numpy" in fed.how
     assert flow.producers("fc", {"conv", "bn", "fc"}) == frozenset()  # its producer is unknown, never guessed
