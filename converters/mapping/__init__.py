@@ -1,13 +1,17 @@
 """Checkpoint key mappings: declarative rules, Keras layer conversions, model-guided matching.
 
 * :mod:`.rules`: ``Rename``/``Convert``/``Drop`` rules and tensor ops as data; a ``Mapping``
-  plans (dry run, table), applies, inverts and round-trips through a JSON mapping file.
+  plans (dry run, table), applies, inverts and round-trips through a JSON mapping file (the
+  ops in :mod:`.ops`; resolving rules against keys in ``_resolve``, the file in ``_mapfile``).
 * :mod:`.registry`: one record per Keras layer class (:class:`LayerKind`: rules, weight
   signature, accepted torch modules); :func:`register_layer` adds one in one call.
 * :mod:`.layers`: the built-in kinds.
 * :mod:`.describe`: the Flatten trap, descriptions of live Keras models.
 * :mod:`.match`: pair Keras layers with the modules of a torch model and build the mapping
-  (imports torch, so it is loaded only when one of its names is first used).
+  (imports torch, so it is loaded only when one of its names is first used); its steps are
+  ``_candidates`` (who could become what), ``_pairing`` (who becomes what: dataflow, then
+  order), ``_layouts`` (Dense and LayerNorm layouts), ``_folding`` (a conv bias into a BN),
+  and the torch dataflow they read, ``_dataflow`` (torch.fx, or ``_record``: one recorded run).
 
 Example:
     >>> import numpy as np

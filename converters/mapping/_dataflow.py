@@ -15,8 +15,12 @@ else:
 
 The torch graph comes from ``torch.fx`` symbolic tracing (modules of ``torch.nn`` are leaves)
 and one shape-propagating run on the example input, in eval mode under ``no_grad``; the
-model's mode is restored. A model fx cannot trace gives no dataflow: callers then refuse what
-only the dataflow could decide.
+model's mode is restored (:meth:`TorchDataflow.trace`). A model fx cannot trace (a forward
+that branches on data, asserts on shapes) is recorded from one real run instead
+(:meth:`TorchDataflow.record`, :mod:`._record`: hooks on the leaf modules and a torch function
+mode between them); :meth:`TorchDataflow.of` tries fx first. What neither can tell (a tensor
+whose origin the run did not see, a reshape the converter cannot read) is reported unknown,
+and callers refuse what only the dataflow could decide.
 
 Example:
     >>> flow = TorchDataflow.trace(model, torch.zeros(1, 3, 32, 32))  # doctest: +SKIP
@@ -34,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptfmt.errors import ConversionError
+
+from ._record import RunNode, record_run
 
 INPUT = "<input>"
 
@@ -81,79 +87,67 @@ class TorchDataflow:
         linear_inputs: ``{Linear path: LinearInput}``.
         norm_inputs: ``{LayerNorm path: "first" | "last" | "vector" | "unknown: why"}``, the
             layout of the map each LayerNorm normalises.
+        recorded: None for an fx trace; for a record of one run (:meth:`record`), why it was
+            recorded (only the branches the example input takes are seen).
     """
 
     calls: dict[str, tuple[str, frozenset[str]]]
     order: dict[str, int]
     linear_inputs: dict[str, LinearInput] = field(default_factory=dict)
     norm_inputs: dict[str, str] = field(default_factory=dict)
+    recorded: str | None = None
 
     @classmethod
     def trace(cls, model: Any, example_input: Any) -> TorchDataflow:
-        """Trace ``model`` on ``example_input`` (a tensor, a tuple of tensors or a dict).
+        """Trace ``model`` with torch.fx on ``example_input`` (a tensor, a tuple of tensors or a dict).
 
         Raises:
             ConversionError: torch.fx cannot trace the model (the message says why).
         """
+        gm = _fx_module(model, example_input)
+        return cls._from_nodes(list(gm.graph.nodes), dict(gm.named_modules()))
+
+    @classmethod
+    def record(cls, model: Any, example_input: Any, why: str = "asked for") -> TorchDataflow:
+        """Record the dataflow of one real run of ``model`` on ``example_input`` (:mod:`._record`).
+
+        ``why`` (e.g. why fx could not trace) is kept in :attr:`recorded` for the report.
+
+        Raises:
+            ConversionError: the model does not run on the example input.
+        """
+        nodes, modules = record_run(model, example_input, _weighted_types())
+        return cls._from_nodes(nodes, modules, recorded=why)
+
+    @classmethod
+    def of(cls, model: Any, example_input: Any) -> TorchDataflow:
+        """The fx trace of ``model``, or where fx cannot trace it, the record of one run.
+
+        Raises:
+            ConversionError: fx cannot trace the model and it does not run on the example input.
+        """
+        try:
+            return cls.trace(model, example_input)
+        except ConversionError as e:
+            return cls.record(model, example_input, str(e).replace("; its dataflow is unknown", ""))
+
+    @classmethod
+    def _from_nodes(cls, nodes: list[Any], modules: AbcMapping[str, Any], recorded: str | None = None) -> TorchDataflow:
         import torch
-        from torch import fx
-        from torch.fx.passes.shape_prop import ShapeProp
 
-        class _Tracer(fx.Tracer):
-            # subclasses of weighted torch.nn layers (a conv that pads first, a LayerNorm2d)
-            # stay leaves: their weights are one module's, wherever the class is defined
-            def is_leaf_module(self, m: Any, qualname: str) -> bool:
-                return isinstance(m, _WEIGHTED) or super().is_leaf_module(m, qualname)
-
-        _WEIGHTED = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm,
-                     torch.nn.GroupNorm, torch.nn.Embedding, torch.nn.RNNBase, torch.nn.MultiheadAttention)
-        try:
-            gm = fx.GraphModule(model, _Tracer().trace(model))
-        except Exception as e:  # fx raises many kinds (TraceError, TypeError...) for dynamic control flow
-            raise ConversionError(f"torch.fx cannot trace the torch model ({type(e).__name__}: {e}); "
-                                  "its dataflow is unknown") from None
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
-        was_training = model.training
-        try:
-            gm.eval()
-            with torch.no_grad():
-                if isinstance(example_input, dict):
-                    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-                    args = tuple(example_input[p] for p in placeholders if p in example_input)
-                ShapeProp(gm).propagate(*args)
-        except Exception as e:
-            raise ConversionError(f"the traced torch model does not run on the example input ({type(e).__name__}: {e})") from None
-        finally:
-            model.train(was_training)
-        modules = dict(gm.named_modules())
-        calls: dict[str, tuple[str, frozenset[str]]] = {}
-        order: dict[str, int] = {}
-        node_parents: dict[Any, frozenset[str]] = {}
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                calls[node.name] = (INPUT, frozenset())
-                node_parents[node] = frozenset({node.name})
+        calls, order = _calls(nodes)
+        linear, norms = {}, {}
+        for node in nodes:
+            if node.op != "call_module":
                 continue
-            found: set[str] = set()
-            for arg in _node_args(node):
-                found |= node_parents.get(arg, frozenset())
-            if node.op == "call_module":
-                calls[node.name] = (str(node.target), frozenset(found))
-                order.setdefault(str(node.target), len(order))
-                node_parents[node] = frozenset({node.name})
-            else:
-                node_parents[node] = frozenset(found)
-        linear = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Linear):
+            module = modules.get(node.target)
+            if isinstance(module, torch.nn.Linear):
                 linear[str(node.target)] = _linear_input(node, modules)
-        norms = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.LayerNorm):
+            elif isinstance(module, torch.nn.LayerNorm):
                 seen = norms.get(str(node.target))
                 layout = _norm_input(node, modules)
                 norms[str(node.target)] = layout if seen in (None, layout) else "unknown: called on maps of two layouts"
-        return cls(calls, order, linear, norms)
+        return cls(calls, order, linear, norms, recorded)
 
     def linear_input(self, path: str) -> LinearInput | None:
         """How the Linear at ``path`` was fed, or None if the pass did not call it."""
@@ -197,13 +191,77 @@ class TorchDataflow:
         return all(a in self.ancestors(b) for a, b in zip(ps, ps[1:]))
 
 
+def _weighted_types() -> tuple[type, ...]:
+    import torch
+
+    return (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm,
+            torch.nn.GroupNorm, torch.nn.Embedding, torch.nn.RNNBase, torch.nn.MultiheadAttention)
+
+
+def _fx_module(model: Any, example_input: Any) -> Any:
+    """``model`` traced by torch.fx, its nodes' shapes propagated on ``example_input``."""
+    import torch
+    from torch import fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    weighted = _weighted_types()
+
+    class _Tracer(fx.Tracer):
+        # subclasses of weighted torch.nn layers (a conv that pads first, a LayerNorm2d)
+        # stay leaves: their weights are one module's, wherever the class is defined
+        def is_leaf_module(self, m: Any, qualname: str) -> bool:
+            return isinstance(m, weighted) or super().is_leaf_module(m, qualname)
+
+    try:
+        gm = fx.GraphModule(model, _Tracer().trace(model))
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError...) for dynamic control flow
+        raise ConversionError(f"torch.fx cannot trace the torch model ({type(e).__name__}: {e}); "
+                              "its dataflow is unknown") from None
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    was_training = model.training
+    try:
+        gm.eval()
+        with torch.no_grad():
+            if isinstance(example_input, dict):
+                placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+                args = tuple(example_input[p] for p in placeholders if p in example_input)
+            ShapeProp(gm).propagate(*args)
+    except Exception as e:
+        raise ConversionError(f"the traced torch model does not run on the example input ({type(e).__name__}: {e})") from None
+    finally:
+        model.train(was_training)
+    return gm
+
+
+def _calls(nodes: list[Any]) -> tuple[dict[str, tuple[str, frozenset[str]]], dict[str, int]]:
+    """``(calls, order)`` of :class:`TorchDataflow` from graph nodes in execution order."""
+    calls: dict[str, tuple[str, frozenset[str]]] = {}
+    order: dict[str, int] = {}
+    node_parents: dict[Any, frozenset[str]] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            calls[node.name] = (INPUT, frozenset())
+            node_parents[node] = frozenset({node.name})
+            continue
+        found: set[str] = set()
+        for arg in _node_args(node):
+            found |= node_parents.get(arg, frozenset())
+        if node.op == "call_module":
+            calls[node.name] = (str(node.target), frozenset(found))
+            order.setdefault(str(node.target), len(order))
+            node_parents[node] = frozenset({node.name})
+        else:
+            node_parents[node] = frozenset(found)
+    return calls, order
+
+
 def _node_args(node: Any) -> list[Any]:
     from torch import fx
 
     out: list[Any] = []
 
     def visit(a: Any) -> None:
-        if isinstance(a, fx.Node):
+        if isinstance(a, (fx.Node, RunNode)):
             out.append(a)
         elif isinstance(a, (list, tuple)):
             for x in a:
@@ -245,6 +303,67 @@ def _dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(args)
 
 
+_MOVES = ("permute", "transpose", "movedim", "swapaxes", "swapdims")
+
+
+def _moved(x: Any, perm: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes order ``perm`` seen before the permute/transpose/movedim node ``x``.
+
+    Raises:
+        ValueError, TypeError: arguments the converter cannot read.
+    """
+    fn = _name(x.target)
+    r = len(perm)
+    if fn == "permute":
+        d = tuple(int(a) % r for a in _dims(x.args[1:]))
+        if sorted(d) != list(range(r)):
+            raise ValueError
+    else:
+        a, b = (int(v) % r for v in x.args[1:3])
+        order = list(range(r))
+        if fn == "movedim":
+            order.insert(b, order.pop(a))
+        else:
+            order[a], order[b] = order[b], order[a]
+        d = tuple(order)
+    return tuple(d[p] for p in perm)
+
+
+def _module_layout(x: Any, modules: AbcMapping[str, Any]) -> tuple[bool, Any, str]:
+    """For a module call: ``(True, None, how)`` when it lays out channels-first, ``(False, its input, "")``
+    when it keeps every element where it is, else ``(False, None, why unknown)``."""
+    module = modules.get(x.target)
+    if _is_channels_first_module(module):
+        return True, None, f"{type(module).__name__} {x.target}"
+    if type(module).__name__ in _KEEPING_MODULES and x.args:
+        return False, x.args[0], ""
+    return False, None, f"the output of {type(module).__name__} {x.target!s}, whose layout is unknown"
+
+
+def _layout_step(x: Any, perm: tuple[int, ...], shape: tuple[int, ...], modules: AbcMapping[str, Any]) -> tuple[Any, tuple[int, ...] | None, str]:
+    """One step back from ``x``: ``(next node, perm, "")`` to go on, or ``(None, perm or None, how)`` to stop."""
+    if x.op == "call_module":
+        found, src, how = _module_layout(x, modules)
+        return (None, perm, how) if found else (src, perm, "") if src is not None else (None, None, how)
+    if x.op == "placeholder" and perm == tuple(range(len(perm))) and len(shape) > 2 and shape[1] == 1:
+        # one channel first or a channels-last input: Keras's order either way
+        return None, perm, "the model's input"
+    if x.op not in ("call_function", "call_method"):
+        return None, None, "the model's input, whose layout is the caller's" if x.op == "placeholder" else f"{x.op} {x.target}"
+    fn = _name(x.target)
+    if fn in _CF_FUNCS:
+        return None, perm, fn
+    if fn in _MOVES:
+        try:
+            return x.args[0], _moved(x, perm), ""
+        except (ValueError, TypeError):
+            return None, None, f"a {fn}{tuple(x.args[1:])!r} the converter cannot read"
+    if fn in _ELEMENTWISE_FUNCS:
+        nodes = [a for a in _node_args(x) if _shape(a) == _shape(x)]
+        return (nodes[0], perm, "") if nodes else (None, None, f"{fn} of tensors of other shapes")
+    return None, None, f"{fn}, whose effect on the layout is unknown"
+
+
 def _layout(node: Any, modules: AbcMapping[str, Any]) -> tuple[tuple[int, ...] | None, str]:
     """The axes order of ``node``'s tensor relative to the channels-first map it comes from.
 
@@ -256,53 +375,12 @@ def _layout(node: Any, modules: AbcMapping[str, Any]) -> tuple[tuple[int, ...] |
     shape = _shape(node)
     if shape is None:
         return None, "a tensor of unknown shape"
-    perm = tuple(range(len(shape)))
+    perm: tuple[int, ...] | None = tuple(range(len(shape)))
     x = node
     for _ in range(10_000):
-        if x.op == "call_module":
-            module = modules.get(x.target)
-            if _is_channels_first_module(module):
-                return perm, f"{type(module).__name__} {x.target}"
-            if type(module).__name__ in _KEEPING_MODULES and x.args:
-                x = x.args[0]
-                continue
-            return None, f"the output of {type(module).__name__} {x.target!s}, whose layout is unknown"
-        if x.op == "placeholder" and perm == tuple(range(len(perm))) and len(shape) > 2 and shape[1] == 1:
-            # one channel first or a channels-last input: Keras's order either way
-            return perm, "the model's input"
-        if x.op not in ("call_function", "call_method"):
-            return None, "the model's input, whose layout is the caller's" if x.op == "placeholder" else f"{x.op} {x.target}"
-        fn = _name(x.target)
-        if fn in _CF_FUNCS:
-            return perm, fn
-        if fn in ("permute", "transpose", "movedim", "swapaxes", "swapdims"):
-            src = x.args[0]
-            r = len(perm)
-            try:
-                if fn == "permute":
-                    d = tuple(int(a) % r for a in _dims(x.args[1:]))
-                    if sorted(d) != list(range(r)):
-                        raise ValueError
-                else:
-                    a, b = (int(v) % r for v in x.args[1:3])
-                    order = list(range(r))
-                    if fn == "movedim":
-                        order.insert(b, order.pop(a))
-                    else:
-                        order[a], order[b] = order[b], order[a]
-                    d = tuple(order)
-            except (ValueError, TypeError):
-                return None, f"a {fn}{tuple(x.args[1:])!r} the converter cannot read"
-            perm = tuple(d[p] for p in perm)
-            x = src
-            continue
-        if fn in _ELEMENTWISE_FUNCS:
-            nodes = [a for a in _node_args(x) if _shape(a) == _shape(x)]
-            if not nodes:
-                return None, f"{fn} of tensors of other shapes"
-            x = nodes[0]
-            continue
-        return None, f"{fn}, whose effect on the layout is unknown"
+        x, perm, how = _layout_step(x, perm, shape, modules)
+        if x is None:
+            return perm, how
     return None, "a chain of ops too long to follow"
 
 
@@ -320,38 +398,46 @@ def _map_layout(node: Any, modules: AbcMapping[str, Any]) -> tuple[str, tuple[in
     return f"unknown: axes {perm} of a channels-first map from {how}", ()
 
 
+def _flatten_input(x: Any, modules: AbcMapping[str, Any]) -> LinearInput | None:
+    """How the flatten/view/reshape node ``x`` lays out a Linear's input (None: it keeps the rank, look further)."""
+    src = x.args[0]
+    before, after = _shape(src), _shape(x)
+    if before is None or after is None:
+        return LinearInput(None, "a reshape of unknown shape", known=False)
+    if len(after) == len(before):
+        return None
+    if len(before) < 3 or len(after) != 2 or after[0] != before[0]:
+        return LinearInput(None, f"a reshape {before} -> {after}", known=False)
+    if sum(1 for d in before[1:] if d > 1) <= 1:
+        return LinearInput(None, f"flatten of {before[1:]} (one position)")
+    layout, hwc = _map_layout(src, modules)
+    if layout == "first":
+        return LinearInput(hwc, f"flatten of a channels-first map {before[1:]}")
+    if layout == "last":
+        return LinearInput(None, f"flatten of a channels-last map {before[1:]}", channels_last=hwc)
+    return LinearInput(None, f"flatten of {before[1:]} after {layout[len('unknown: '):]}", known=False)
+
+
 def _linear_input(node: Any, modules: AbcMapping[str, Any]) -> LinearInput:
     """Walk back from a Linear's input through order-keeping ops to the flatten that made it."""
     x = node.args[0] if node.args else None
     while x is not None:
-        kind = x.op
-        fn = _name(x.target) if kind in ("call_function", "call_method") else None
-        mod = type(modules[x.target]).__name__ if kind == "call_module" else None
+        fn = _name(x.target) if x.op in ("call_function", "call_method") else None
+        mod = type(modules[x.target]).__name__ if x.op == "call_module" else None
         if fn in ("flatten", "view", "reshape") or mod == "Flatten":
-            src = x.args[0]
-            before, after = _shape(src), _shape(x)
-            if before is None or after is None:
-                return LinearInput(None, "a reshape of unknown shape", known=False)
-            if len(after) == len(before):
-                x = src
-                continue
-            if len(before) < 3 or len(after) != 2 or after[0] != before[0]:
-                return LinearInput(None, f"a reshape {before} -> {after}", known=False)
-            if sum(1 for d in before[1:] if d > 1) <= 1:
-                return LinearInput(None, f"flatten of {before[1:]} (one position)")
-            layout, hwc = _map_layout(src, modules)
-            if layout == "first":
-                return LinearInput(hwc, f"flatten of a channels-first map {before[1:]}")
-            if layout == "last":
-                return LinearInput(None, f"flatten of a channels-last map {before[1:]}", channels_last=hwc)
-            return LinearInput(None, f"flatten of {before[1:]} after {layout[len('unknown: '):]}", known=False)
-        if fn in _ELEMENTWISE_FUNCS or mod in _ELEMENTWISE_MODULES:
-            nodes = [a for a in _node_args(x) if _shape(a) == _shape(x)]
-            if not nodes:
-                break
-            x = nodes[0]
+            fed = _flatten_input(x, modules)
+            if fed is not None:
+                return fed
+            x = x.args[0]
             continue
-        break
+        if fn not in _ELEMENTWISE_FUNCS and mod not in _ELEMENTWISE_MODULES:
+            break
+        nodes = [a for a in _node_args(x) if _shape(a) == _shape(x)]
+        if not nodes:
+            break
+        x = nodes[0]
+    if x is not None and x.meta.get("unseen"):
+        return LinearInput(None, x.meta.get("why", str(x.target)), known=False)
     shape = _shape(x) if x is not None else None
     return LinearInput(None, "vector" if shape is None or len(shape) == 2 else f"last axis of {shape[1:]}")
 

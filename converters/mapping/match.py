@@ -22,7 +22,6 @@ from __future__ import annotations
 
 __all__ = ["match_layers", "build_mapping", "settle_kinds"]
 
-import math
 from collections import defaultdict
 from collections.abc import Mapping as AbcMapping
 from collections.abc import Sequence
@@ -31,7 +30,11 @@ from typing import Any
 from ckptfmt.errors import ConversionError
 
 from ..optional import require
-from ._dataflow import INPUT, TorchDataflow, producers
+from ._candidates import Candidates, check_pairs, few, key, no_module_problem, own_shapes, settle_kinds, signatures
+from ._dataflow import TorchDataflow
+from ._folding import fold_targets, without_foldable_bias
+from ._layouts import dense_inputs, layernorm_layouts
+from ._pairing import decide_by_order, match_by_graph, trace_order
 from .describe import find_flatten_dense
 from .layers import BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE
 from .registry import LAYER_KINDS, KerasLayer, KerasWeight, layer_rules
@@ -39,12 +42,6 @@ from .rules import Convert, Mapping, Rename, Subtract, Transpose
 
 torch = require("torch", "model-guided mapping")
 nn = torch.nn
-
-
-def _accepts(layer: KerasLayer, module: nn.Module) -> bool:
-    """Whether ``module`` is of the kind ``layer`` becomes (its record says; shapes are checked separately)."""
-    kind = LAYER_KINDS.get(layer.class_name)
-    return kind is not None and kind.accepts is not None and bool(kind.accepts(layer, module))
 
 
 def _hyper_notes(matched: Sequence[tuple[KerasLayer, str]], modules: AbcMapping[str, nn.Module]) -> list[str]:
@@ -65,144 +62,9 @@ def _hyper_notes(matched: Sequence[tuple[KerasLayer, str]], modules: AbcMapping[
     notes = []
     for template, values in groups.items():
         names = [n for group in values.values() for n in group]
-        found = "; ".join(f"{v} in {len(g)} ({_few(g)})" for v, g in values.items())
-        notes.append(template.format(count=len(names), found=found, layers=_few(names)))
+        found = "; ".join(f"{v} in {len(g)} ({few(g)})" for v, g in values.items())
+        notes.append(template.format(count=len(names), found=found, layers=few(names)))
     return notes
-
-
-def _few(names: Sequence[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f", ... {len(names) - n} more" if len(names) > n else "")
-
-
-def _trace_order(model: nn.Module, example_input: Any, modules: dict[str, nn.Module]) -> dict[str, int]:
-    order: dict[str, int] = {}
-    handles = []
-    for path, mod in modules.items():
-        def hook(_m, _inp, path=path):
-            order.setdefault(path, len(order))
-        handles.append(mod.register_forward_pre_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()  # eval: a trace must not move BatchNorm's running statistics
-        with torch.no_grad():
-            if isinstance(example_input, tuple):
-                model(*example_input)
-            elif isinstance(example_input, dict):
-                model(**example_input)
-            else:
-                model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return order
-
-
-def settle_kinds(keras_layers: Sequence[KerasLayer], model: nn.Module, pairs: AbcMapping[str, str] | None = None) -> list[KerasLayer]:
-    """Settle layers whose kind the weights leave open by the torch modules that fit them.
-
-    A convolution without bias read from a checkpoint may be a Conv, a ConvTranspose or a
-    DepthwiseConv (``config["alternatives"]``); the kind that some module of ``model``
-    accepts with exactly the shapes its rules produce wins (only the module ``pairs`` names
-    for the layer, when it names one).
-
-    Raises:
-        ConversionError: the model has modules fitting more than one kind (names them).
-
-    Example:
-        >>> settle_kinds(layers, model)  # doctest: +SKIP
-        [KerasLayer(name='up', class_name='Conv2DTranspose', ...)]
-    """
-    modules = dict(model.named_modules())
-    own = {p: {k: tuple(v.shape) for k, v in m.state_dict().items()} for p, m in modules.items()}
-    out: list[KerasLayer] = []
-    for layer in keras_layers:
-        alternatives = layer.config.get("alternatives")
-        if not alternatives:
-            out.append(layer)
-            continue
-        config = {k: v for k, v in layer.config.items() if k != "alternatives"}
-        fits: dict[str, list[str]] = {}
-        for kind in (layer.class_name, *alternatives):
-            cand = KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape)
-            want = {k: s.shape for k, s in layer_rules(cand, "").plan(cand.specs()).target_specs.items()}
-            paths = [p for p, m in modules.items() if own[p] == want and _accepts(cand, m)
-                     and (not pairs or layer.name not in pairs or pairs[layer.name] == p)]
-            if paths:
-                fits[kind] = paths
-        if len(fits) > 1 and len({tuple(p) for p in fits.values()}) == 1:
-            # the same modules under either reading: a depthwise conv of one input channel is a
-            # plain conv, with the same weight layout
-            fits = dict([next(iter(fits.items()))])
-        if len(fits) > 1:
-            raise ConversionError(
-                f"ambiguous: the weights of Keras layer {layer.name!r} fit "
-                + "; ".join(f"a {k} (torch {', '.join(p)})" for k, p in fits.items())
-                + "; pair it by hand (pairs= / --pair NAME=PATH) or write its rules in a mapping file (--map)"
-            )
-        kind = next(iter(fits), layer.class_name)
-        out.append(KerasLayer(layer.name, kind, config, layer.weights, layer.input_shape, layer.output_shape))
-    return out
-
-
-def _no_module_problem(sig: tuple, layers: Sequence[KerasLayer], cands: Sequence[str], modules: AbcMapping[str, nn.Module],
-                       own: AbcMapping[str, dict[str, tuple]]) -> str:
-    """Why layers fit no module, said so a person can act: near misses are named."""
-    names = ", ".join(l.name for l in layers[:6]) + (f", ... ({len(layers)} layers)" if len(layers) > 6 else "")
-    want = dict(sig[1])
-    shapes = ", ".join(f"{k} {s}" for k, s in want.items())
-    msg = (f"Keras {sig[0]} layer(s) {names} [{shapes}]: {len(cands)} torch module(s) of that type and shape "
-           f"({', '.join(cands) or 'none'}) for {len(layers)} layer(s)")
-    near = [p for p, o in own.items() if o and _accepts(layers[0], modules[p]) and o.get("weight") == want.get("weight")
-            and set(o) != set(want)]
-    if near:
-        extra = sorted({k for p in near for k in set(want) ^ set(own[p])})
-        msg += (f"; {len(near)} module(s) of that type have the same weight shape but differ in {', '.join(extra)} "
-                f"(e.g. {near[0]})")
-        if "bias" in want and "bias" not in own[near[0]]:
-            msg += (": the Keras layer has a bias the torch module lacks; if a BatchNormalization follows it, the bias "
-                    "folds exactly into its running_mean (running_mean -= bias): pass --fold-conv-bias (fold_conv_bias=True)")
-    return msg
-
-
-def _match_by_graph(groups: AbcMapping[tuple, list[KerasLayer]], candidates: AbcMapping[tuple, list[str]], result: dict[str, str],
-                    keras_graph: AbcMapping[str, Any], flow: TorchDataflow, keras_participants: set[str],
-                    torch_participants: set[str]) -> None:
-    """Match same-shape layers to the modules whose inputs come from where the layers' inputs do.
-
-    A layer and a module are consistent when every matched layer feeding the layer became a
-    module feeding the module, and the other way round (and both or neither read the model's
-    input). Layers with exactly one consistent candidate are matched; repeated until nothing
-    changes, so matches spread from the layers whose shape is unique.
-    """
-    missing = sorted(keras_participants - set(keras_graph))
-    if missing:
-        raise ConversionError(f"the Keras model has no layer(s) {_few(missing)} that the checkpoint has: it is not the "
-                              "checkpoint's model (layer names must match)")
-    kp = {n: producers(keras_graph, n, keras_participants) for n in keras_participants}
-    tp = {p: flow.producers(p, torch_participants) for p in torch_participants}
-
-    def consistent(name: str, path: str) -> bool:
-        back = {v: k for k, v in result.items()}
-        k_in, t_in = kp[name], tp.get(path, frozenset())
-        if (INPUT in k_in) != (INPUT in t_in):
-            return False
-        if any(p in result and result[p] not in t_in for p in k_in if p != INPUT):
-            return False
-        return not any(q in back and back[q] not in k_in for q in t_in if q != INPUT)
-
-    progress = True
-    while progress:
-        progress = False
-        for sig, layers in groups.items():
-            for layer in layers:
-                if layer.name in result:
-                    continue
-                taken = set(result.values())
-                fits = [p for p in candidates[sig] if p not in taken and consistent(layer.name, p)]
-                if len(fits) == 1:
-                    result[layer.name] = fits[0]
-                    progress = True
 
 
 def match_layers(
@@ -250,99 +112,66 @@ def match_layers(
         [(KerasLayer(name='dense', ...), 'fc')]
     """
     pairs = dict(pairs or {})
-    flatten_from = dict(flatten_from or {})
     weighted = [l for l in keras_layers if l.weights]
     modules = dict(model.named_modules())
-    own = {p: {k: tuple(v.shape) for k, v in m.state_dict().items()} for p, m in modules.items()}
-
-    signature: dict[str, tuple] = {}
-    for layer in weighted:
-        plan = layer_rules(layer, "", flatten_from=flatten_from.get(layer.name)).plan(layer.specs())
-        signature[layer.name] = (layer.class_name, tuple(sorted((k, s.shape) for k, s in plan.target_specs.items())))
-
-    problems: list[str] = []
-    result: dict[str, str] = {}
-    names = {l.name for l in weighted}
-    for name, path in pairs.items():
-        if name not in names:
-            problems.append(f"pairs: no Keras layer {name!r} (the layers: {', '.join(sorted(names))})")
-        elif path not in modules:
-            problems.append(f"pairs: torch model has no module {path!r} (for Keras layer {name!r})")
-        else:
-            layer = next(l for l in weighted if l.name == name)
-            want = dict(signature[name][1])
-            if not _accepts(layer, modules[path]) or own[path] != want:
-                problems.append(f"pairs: Keras {layer.class_name} {name!r} [{', '.join(f'{k} {s}' for k, s in want.items())}] "
-                                f"cannot become torch {type(modules[path]).__name__} {path!r} "
-                                f"[{', '.join(f'{k} {s}' for k, s in own[path].items())}]")
-            result[name] = path
-
-    groups: dict[tuple, list[KerasLayer]] = defaultdict(list)
-    for layer in weighted:
-        if layer.name not in result:
-            groups[signature[layer.name]].append(layer)
-    taken = set(result.values()) | set(exclude)
-    candidates: dict[tuple, list[str]] = {}
-    for sig, layers in groups.items():
-        want = dict(sig[1])
-        candidates[sig] = [p for p, m in modules.items() if p not in taken and own[p] == want and _accepts(layers[0], m)]
-
+    own = own_shapes(modules)
+    signature = signatures(weighted, dict(flatten_from or {}))
+    result, problems = check_pairs(pairs, weighted, signature, modules, own)
+    cands = Candidates.collect([l for l in weighted if l.name not in result], signature, set(result.values()) | set(exclude),
+                               modules, own)
     if keras_graph is not None and dataflow is not None:
-        _match_by_graph(groups, candidates, result, keras_graph, dataflow, {l.name for l in weighted},
-                        {p for c in candidates.values() for p in c} | set(result.values()))
+        match_by_graph(cands.groups, cands.modules, result, keras_graph, dataflow, {l.name for l in weighted},
+                       {p for c in cands.modules.values() for p in c} | set(result.values()))
+    open_groups = {sig: [l for l in ls if l.name not in result] for sig, ls in cands.groups.items()}
+    order = _order_if_needed(model, example_input, dataflow, open_groups, cands, modules)
+    problems += _pair_open_groups(open_groups, cands, result, order, dataflow, order_known, modules, own, decided_by_order)
+    problems += _taken_twice(result)
+    if problems:
+        raise ConversionError("cannot match the Keras layers to the torch model:\n  " + "\n  ".join(problems))
+    return [(l, result[l.name]) for l in weighted]
 
-    order: dict[str, int] | None = None
-    open_groups = {sig: [l for l in ls if l.name not in result] for sig, ls in groups.items()}
-    if example_input is not None and any(len(c) > 1 and open_groups[sig] for sig, c in candidates.items()):
-        order = dataflow.order if dataflow is not None else _trace_order(
-            model, example_input, {p: modules[p] for c in candidates.values() for p in c})
 
-    for sig, layers in groups.items():
-        cands = [p for p in candidates[sig] if p not in result.values()]
-        layers = open_groups[sig]
+def _order_if_needed(model: nn.Module, example_input: Any, dataflow: TorchDataflow | None,
+                     open_groups: AbcMapping[tuple, list[KerasLayer]], cands: Candidates, modules: AbcMapping[str, nn.Module]) -> dict[str, int] | None:
+    """The execution order, when an example input is given and some open group has several candidates."""
+    if example_input is None or not any(len(c) > 1 and open_groups[sig] for sig, c in cands.modules.items()):
+        return None
+    if dataflow is not None:
+        return dataflow.order
+    return trace_order(model, example_input, {p: modules[p] for c in cands.modules.values() for p in c})
+
+
+def _pair_open_groups(open_groups: AbcMapping[tuple, list[KerasLayer]], cands: Candidates, result: dict[str, str],
+                      order: AbcMapping[str, int] | None, dataflow: TorchDataflow | None, order_known: bool,
+                      modules: AbcMapping[str, nn.Module], own: AbcMapping[str, dict[str, tuple]],
+                      decided_by_order: list[str] | None) -> list[str]:
+    """Settle the groups the graph left open (into ``result``); returns the problems."""
+    problems = []
+    for sig, layers in open_groups.items():
+        free = [p for p in cands.modules[sig] if p not in result.values()]
         if not layers:
             continue
-        names = ", ".join(l.name for l in layers)
-        shapes = ", ".join(f"{k} {s}" for k, s in sig[1])
-        if len(cands) < len(layers):
-            problems.append(_no_module_problem(sig, layers, cands, modules, own))
+        if len(free) < len(layers):
+            problems.append(no_module_problem(sig, layers, free, modules, own))
             continue
-        if len(cands) == 1:
-            result[layers[0].name] = cands[0]
+        outcome = decide_by_order(sig, layers, free, order, dataflow, order_known)
+        if outcome.problem:
+            problems.append(outcome.problem)
             continue
-        if not order_known:
-            problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] could be torch module(s) {', '.join(cands)}, "
-                            "and the file does not record the order of the model's layers (a .weights.h5 lists them by "
-                            "attribute name): pass pairs={keras name: torch path} (--pair NAME=PATH), or convert the model's "
-                            ".keras file, whose config records the order")
-            continue
-        if order is None:
-            problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] could be torch module(s) {', '.join(cands)}; "
-                            "pass example_input so the execution order decides, or pairs={keras name: torch path} (--pair NAME=PATH)")
-            continue
-        run = sorted((p for p in cands if p in order), key=order.__getitem__)
-        if len(run) != len(layers):
-            problems.append(f"Keras {sig[0]} layer(s) {names}: the forward pass ran {len(run)} of the candidate torch modules "
-                            f"{', '.join(cands)}, not {len(layers)}; pass pairs= (--pair NAME=PATH) to decide")
-            continue
-        if dataflow is not None and not dataflow.chain(run):
-            problems.append(f"ambiguous: Keras {sig[0]} layer(s) {names} [{shapes}] fit torch modules {', '.join(run)}, some of "
-                            "which run on parallel branches (a shortcut beside a main branch): execution order cannot tell "
-                            "them apart. Pass the Keras model (keras_model= / --keras-model FILE.py:factory) so its graph "
-                            "decides, or pairs={keras name: torch path} (--pair NAME=PATH)")
-            continue
-        if decided_by_order is not None:
-            decided_by_order.append(f"{', '.join(f'{l.name}->{p}' for l, p in zip(layers, run))}")
-        result.update({l.name: p for l, p in zip(layers, run)})
+        if outcome.by_order and decided_by_order is not None:
+            decided_by_order.append(", ".join(f"{n}->{p}" for n, p in outcome.pairs.items()))
+        result.update(outcome.pairs)
+    return problems
 
+
+def _taken_twice(result: AbcMapping[str, str]) -> list[str]:
     seen: dict[str, str] = {}
+    problems = []
     for name, path in result.items():
         if path in seen:
             problems.append(f"torch module {path!r} would take both Keras layers {seen[path]!r} and {name!r}")
         seen[path] = name
-    if problems:
-        raise ConversionError("cannot match the Keras layers to the torch model:\n  " + "\n  ".join(problems))
-    return [(l, result[l.name]) for l in weighted]
+    return problems
 
 
 def build_mapping(
@@ -359,7 +188,8 @@ def build_mapping(
 ) -> Mapping:
     """The Keras -> torch :class:`~.rules.Mapping` for a model, checked against its state_dict.
 
-    With ``example_input`` the torch model is traced (:class:`~._dataflow.TorchDataflow`) and
+    With ``example_input`` the torch model is traced (:class:`~._dataflow.TorchDataflow`; a
+    model torch.fx cannot trace is recorded from one run of the input instead, and noted) and
     its dataflow decides what shapes cannot: whether each ``Linear`` takes a flattened spatial
     map (its Keras rows are then permuted from ``(H, W, C)`` to ``(C, H, W)``) and which of
     several same-shape modules on parallel branches a layer is (with ``keras_graph``; without
@@ -392,91 +222,91 @@ def build_mapping(
     """
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     modules = dict(model.named_modules())
-    covered: set[str] = set()
-    produced: set[str] = set()
-    if extra is not None and extra.rules:
-        all_sources = {k: s for layer in keras_layers for k, s in layer.specs().items()}
-        extra_plan = extra.plan(all_sources, None, strict=False)
-        covered = {s for e in extra_plan.entries for s in e.sources} | set(extra_plan.dropped)
-        produced = {t for e in extra_plan.entries for t in e.targets}
-        stray = sorted(produced - set(state))
-        if stray:
-            raise ConversionError(f"the mapping file produces {len(stray)} key(s) the torch model does not have: {_few(stray, 10)}")
-    layers = [l for l in keras_layers if not (l.weights and all(w.key in covered for w in l.weights))]
-    partly = [l.name for l in layers if any(w.key in covered for w in l.weights)]
-    if partly:
-        raise ConversionError(f"the mapping file covers some but not all weights of layer(s) {_few(partly)}: cover all of a "
-                              "layer's weights (or none, so the layer is matched)")
-    exclude = [p for p, m in modules.items() if p and m.state_dict() and all(_key(p, k) in produced for k in m.state_dict())]
-
-    flow: TorchDataflow | None = None
-    notes: list[str] = []
-    if example_input is not None:
-        try:
-            flow = TorchDataflow.trace(model, example_input)
-        except ConversionError as e:
-            notes.append(f"no dataflow: {e}; same-shape layers are matched by execution order")
-    keras_flatten = find_flatten_dense([l for l in layers if l.weights or l.class_name != "Flatten" or not l.config.get("inferred")],
-                                       dict(flatten_shapes or {}))
-    guessed = find_flatten_dense(layers, dict(flatten_shapes or {}))
-    guessed = {k: v for k, v in guessed.items() if k not in keras_flatten}
+    covered, produced = _extra_coverage(extra, keras_layers, state)
+    layers = _left_to_match(keras_layers, covered)
+    exclude = [p for p, m in modules.items() if p and m.state_dict() and all(key(p, k) in produced for k in m.state_dict())]
+    flow, notes = _dataflow(model, example_input)
+    keras_flatten, guessed = _flatten_evidence(layers, dict(flatten_shapes or {}))
     folded: dict[str, KerasWeight] = {}
     if fold_conv_bias:
-        layers, folded = _without_foldable_bias(layers, modules)
+        layers, folded = without_foldable_bias(layers, modules)
     order_notes: list[str] = []
     matched = match_layers(layers, model, example_input, pairs=pairs, flatten_from=keras_flatten, dataflow=flow,
                            keras_graph=keras_graph, exclude=exclude, decided_by_order=order_notes, order_known=order_known)
-    flatten_from = dict(keras_flatten)
-    problems = []
-    for layer, path in matched:
-        if layer.class_name != "Dense":
-            continue
-        fed = flow.linear_input(path) if flow is not None else None
-        if fed is None and not order_known and any(l.class_name.startswith(("Conv", "Depthwise", "Separable"))
-                                                   for l, _ in matched):
-            problems.append(f"Dense {layer.name!r} -> {path}: the file does not record the layer order, so only the torch "
-                            "model's dataflow can tell a flattened map from a pooled vector, and the torch model did not "
-                            "run it (pass an example input; a model torch.fx cannot trace needs a mapping file, --map)")
-            continue
-        if fed is None:
-            if layer.name in guessed:
-                problems.append(f"Dense {layer.name!r} -> {path}: its {layer.weight('kernel').shape[0]} input rows may be a "
-                                f"flattened {guessed[layer.name]} map or a pooled vector (a checkpoint has no Flatten layers); "
-                                "pass an example input (the factory's (model, example_input)) so the torch model's dataflow decides")
-            continue
-        if not fed.known:
-            problems.append(f"Dense {layer.name!r} -> Linear {path}: the torch model feeds it {fed.how}, whose feature order "
-                            "the converter cannot relate to Keras's; write its rules in a mapping file (--map)")
-            continue
-        if fed.flattened is not None and math.prod(fed.flattened) != layer.weight("kernel").shape[0]:
-            problems.append(f"Dense {layer.name!r} -> Linear {path}: torch flattens a {fed.flattened} map, not the Dense's "
-                            f"{layer.weight('kernel').shape[0]} rows")
-            continue
-        if fed.channels_last is not None:
-            if layer.name in keras_flatten and tuple(keras_flatten[layer.name]) != fed.channels_last:
-                problems.append(f"Dense {layer.name!r} -> Linear {path}: the Keras model flattens {keras_flatten[layer.name]} "
-                                f"(H, W, C), the torch model a channels-last {fed.channels_last}: not the same model")
-            elif math.prod(fed.channels_last) != layer.weight("kernel").shape[0]:
-                problems.append(f"Dense {layer.name!r} -> Linear {path}: torch flattens a {fed.channels_last} map, not the "
-                                f"Dense's {layer.weight('kernel').shape[0]} rows")
-            flatten_from.pop(layer.name, None)
-            continue
-        if layer.name in keras_flatten and fed.flattened is None:
-            problems.append(f"Dense {layer.name!r} -> Linear {path}: the Keras model flattens a {keras_flatten[layer.name]} "
-                            f"map, the torch model feeds a {fed.how}: not the same model")
-            continue
-        if layer.name in keras_flatten and tuple(keras_flatten[layer.name]) != fed.flattened:
-            problems.append(f"Dense {layer.name!r} -> Linear {path}: the Keras model flattens {keras_flatten[layer.name]} "
-                            f"(H, W, C), the torch model {fed.flattened} in (H, W, C) terms: not the same model")
-            continue
-        if fed.flattened is not None:
-            flatten_from[layer.name] = fed.flattened
-        else:
-            flatten_from.pop(layer.name, None)
-    if problems:
-        raise ConversionError("cannot tell how the Dense layers are fed:\n  " + "\n  ".join(problems))
-    ln_axes = _layernorm_layouts(matched, flow, modules)
-    fold_into = _fold_targets(folded, matched, flow, modules) if folded else {}
+    flatten_from = dense_inputs(matched, flow, keras_flatten, guessed, order_known)
+    fold_into = fold_targets(folded, matched, flow, modules) if folded else {}
+    mapping = _assemble(extra, matched, flatten_from, layernorm_layouts(matched, flow), fold_into)
+    notes += _hyper_notes(matched, modules)
+    notes += _report_notes(matched, flow, flatten_from, fold_into, order_notes)
+    # the grouped UNKNOWN notes say what the per-kind checkpoint notes say, with the torch values
+    mapping = Mapping(mapping.rules, tuple(n for n in mapping.notes if n not in (BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE)) + tuple(notes))
+    mapping.plan(_planned_sources(keras_layers, matched, covered, fold_into), state)
+    return mapping
+
+
+def _flatten_evidence(layers: Sequence[KerasLayer], flatten_shapes: dict[str, Sequence[int]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(keras_flatten, guessed)``: Dense layers after the Keras model's own Flatten layers, and
+    those after a Flatten only inferred from a checkpoint's shapes (a guess, never applied)."""
+    keras_flatten = find_flatten_dense([l for l in layers if l.weights or l.class_name != "Flatten" or not l.config.get("inferred")],
+                                       flatten_shapes)
+    guessed = {k: v for k, v in find_flatten_dense(layers, flatten_shapes).items() if k not in keras_flatten}
+    return keras_flatten, guessed
+
+
+def _planned_sources(keras_layers: Sequence[KerasLayer], matched: Sequence[tuple[KerasLayer, str]], covered: set[str],
+                     fold_into: AbcMapping[str, KerasWeight]) -> dict[str, Any]:
+    """The source specs the final mapping is checked with: matched layers, mapping-file keys, folded biases."""
+    sources = {k: s for l, _ in matched for k, s in l.specs().items()}
+    folded = {b.key for b in fold_into.values()}
+    sources.update({k: s for layer in keras_layers for k, s in layer.specs().items() if k in covered or k in folded})
+    return sources
+
+
+def _extra_coverage(extra: Mapping | None, keras_layers: Sequence[KerasLayer], state: AbcMapping[str, tuple]) -> tuple[set[str], set[str]]:
+    """``(source keys, target keys)`` a mapping file's rules cover and produce."""
+    if extra is None or not extra.rules:
+        return set(), set()
+    all_sources = {k: s for layer in keras_layers for k, s in layer.specs().items()}
+    extra_plan = extra.plan(all_sources, None, strict=False)
+    covered = {s for e in extra_plan.entries for s in e.sources} | set(extra_plan.dropped)
+    produced = {t for e in extra_plan.entries for t in e.targets}
+    stray = sorted(produced - set(state))
+    if stray:
+        raise ConversionError(f"the mapping file produces {len(stray)} key(s) the torch model does not have: {few(stray, 10)}")
+    return covered, produced
+
+
+def _left_to_match(keras_layers: Sequence[KerasLayer], covered: set[str]) -> list[KerasLayer]:
+    """The layers a mapping file does not cover; refused when it covers a layer only partly."""
+    layers = [l for l in keras_layers if not (l.weights and all(w.key in covered for w in l.weights))]
+    partly = [l.name for l in layers if any(w.key in covered for w in l.weights)]
+    if partly:
+        raise ConversionError(f"the mapping file covers some but not all weights of layer(s) {few(partly)}: cover all of a "
+                              "layer's weights (or none, so the layer is matched)")
+    return layers
+
+
+def _dataflow(model: nn.Module, example_input: Any) -> tuple[TorchDataflow | None, list[str]]:
+    """The torch model's dataflow (None without an example input or when it cannot be had), and notes.
+
+    torch.fx first; a model fx cannot trace is recorded from one run of the example input
+    (:meth:`~._dataflow.TorchDataflow.of`), which the notes say.
+    """
+    if example_input is None:
+        return None, []
+    try:
+        flow = TorchDataflow.of(model, example_input)
+    except ConversionError as e:
+        return None, [f"no dataflow: {e}; same-shape layers are matched by execution order"]
+    if flow.recorded is None:
+        return flow, []
+    return flow, [f"DATAFLOW recorded from one run of the example input ({flow.recorded}): hooks on the modules and the "
+                  "torch functions between them show which module feeds which; only the branches that input takes are seen"]
+
+
+def _assemble(extra: Mapping | None, matched: Sequence[tuple[KerasLayer, str]], flatten_from: AbcMapping[str, Sequence[int]],
+              ln_axes: AbcMapping[str, tuple[int, ...]], fold_into: AbcMapping[str, KerasWeight]) -> Mapping:
+    """The mapping file's rules, then each matched layer's rules with its layout decisions applied."""
     mapping = extra if extra is not None else Mapping(())
     for layer, path in matched:
         rules = layer_rules(layer, path, flatten_from=flatten_from.get(layer.name))
@@ -487,22 +317,28 @@ def build_mapping(
             bias = fold_into[layer.name]
             mean = layer.weight("moving_mean").key
             rules = Mapping(tuple(r for r in rules.rules if mean not in r.sources)
-                            + (Convert((mean, bias.key), (_key(path, "running_mean"),), (Subtract(),)),), rules.notes)
+                            + (Convert((mean, bias.key), (key(path, "running_mean"),), (Subtract(),)),), rules.notes)
         mapping = mapping + rules
-    notes += _hyper_notes(matched, modules)
+    return mapping
+
+
+def _report_notes(matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow | None, flatten_from: AbcMapping[str, Any],
+                  fold_into: AbcMapping[str, KerasWeight], order_notes: Sequence[str]) -> list[str]:
+    """The notes a person must read: frozen layers, folded biases, permuted Dense rows, groups matched by order."""
+    notes = []
     frozen = [(layer.name, path) for layer, path in matched if layer.config.get("trainable") is False]
     if frozen:
-        notes.append(f"FROZEN: {len(frozen)} Keras layer(s) are not trainable ({_few([n for n, _ in frozen])}); a plain torch "
+        notes.append(f"FROZEN: {len(frozen)} Keras layer(s) are not trainable ({few([n for n, _ in frozen])}); a plain torch "
                      "resume would train them: freeze their modules ("
                      + ", ".join(f"model.{p}.requires_grad_(False)" if p else "model.requires_grad_(False)" for _, p in frozen[:3])
                      + (", ..." if len(frozen) > 3 else "") + ") and leave their parameters out of the optimizer")
     if fold_into:
         notes.append(f"FOLDED: the bias of {len(fold_into)} Keras convolution(s) is subtracted from the running_mean of the "
-                     f"BatchNorm its torch module feeds ({_few([b.key for b in fold_into.values()])}); exact in eval mode, "
+                     f"BatchNorm its torch module feeds ({few([b.key for b in fold_into.values()])}); exact in eval mode, "
                      "and the way back gives a zero bias")
     if flatten_from:
         how = "from the torch model's dataflow" if flow is not None else "from the Keras model's Flatten layers"
-        notes.append(f"Flatten: the rows of {len(flatten_from)} Dense kernel(s) ({_few(sorted(flatten_from))}) are permuted from "
+        notes.append(f"Flatten: the rows of {len(flatten_from)} Dense kernel(s) ({few(sorted(flatten_from))}) are permuted from "
                      f"Keras's (H, W, C) order to torch's (C, H, W), {how}")
     if order_notes:
         where = ("on one dataflow path" if flow is not None else
@@ -510,118 +346,4 @@ def build_mapping(
                  "result with --check)")
         notes.append(f"ORDER: {len(order_notes)} group(s) of same-shape layers {where} were matched by execution "
                      f"order: {'; '.join(order_notes[:3])}" + (f"; ... {len(order_notes) - 3} more" if len(order_notes) > 3 else ""))
-    # the grouped UNKNOWN notes say what the per-kind checkpoint notes say, with the torch values
-    mapping = Mapping(mapping.rules, tuple(n for n in mapping.notes if n not in (BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE)) + tuple(notes))
-    sources = {k: s for l, _ in matched for k, s in l.specs().items()}
-    sources.update({k: s for layer in keras_layers for k, s in layer.specs().items()
-                    if k in covered or any(k == b.key for b in fold_into.values())})
-    mapping.plan(sources, state)
-    return mapping
-
-
-def _without_foldable_bias(layers: Sequence[KerasLayer], modules: AbcMapping[str, nn.Module]) -> tuple[list[KerasLayer], dict[str, KerasWeight]]:
-    """Convolutions whose bias no module of their kind has: matched without it (the bias kept aside)."""
-    out, folded = [], {}
-    for layer in layers:
-        if not layer.class_name.startswith("Conv") or "Transpose" in layer.class_name:
-            out.append(layer)
-            continue
-        try:
-            roles = layer.roles()
-        except ConversionError:
-            out.append(layer)
-            continue
-        if "bias" not in roles:
-            out.append(layer)
-            continue
-        want = {k: s.shape for k, s in layer_rules(layer, "").plan(layer.specs()).target_specs.items()}
-        fits = any(_accepts(layer, m) and {k: tuple(v.shape) for k, v in m.state_dict().items()} == want
-                   for m in modules.values())
-        bare = KerasLayer(layer.name, layer.class_name, layer.config, tuple(w for w in layer.weights if w is not roles["bias"]),
-                          layer.input_shape, layer.output_shape)
-        if fits:
-            out.append(layer)
-        else:
-            out.append(bare)
-            folded[layer.name] = roles["bias"]
-    return out, folded
-
-
-def _fold_targets(folded: AbcMapping[str, KerasWeight], matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow | None,
-                  modules: AbcMapping[str, nn.Module]) -> dict[str, KerasWeight]:
-    """``{Keras BatchNorm name: conv bias}``: each folded conv's torch module must feed exactly one BatchNorm, alone."""
-    if flow is None:
-        raise ConversionError(f"folding the bias of {_few(sorted(folded))} needs the torch model's dataflow: give the "
-                              "factory's (model, example_input)")
-    by_path = {p: l for l, p in matched}
-    where = {l.name: p for l, p in matched}
-    out, problems = {}, []
-    for conv, bias in folded.items():
-        path = where.get(conv)
-        consumers = [c for c, (m, ps) in flow.calls.items() if any(flow.calls[q][0] == path for q in ps)]
-        mods = [flow.calls[c][0] for c in consumers]
-        bn = mods[0] if len(mods) == 1 else None
-        if bn is None or not isinstance(modules.get(bn), nn.modules.batchnorm._BatchNorm) or flow.producers(bn, {path}) != {path} \
-                or bn not in by_path or by_path[bn].class_name != "BatchNormalization":
-            problems.append(f"{conv} -> {path}: its output goes to {', '.join(mods) or 'nothing'}, not to one BatchNorm alone")
-            continue
-        out[by_path[bn].name] = bias
-    if problems:
-        raise ConversionError("cannot fold these convolutions' biases (the torch modules have none):\n  " + "\n  ".join(problems))
-    return out
-
-
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _layernorm_layouts(matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow | None,
-                       modules: AbcMapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """``{layer name: transpose axes}`` for LayerNormalizations over several axes.
-
-    Keras normalises a channels-last map over its ``axis`` list, so its gamma is laid out in
-    ``(..., C)`` order; a torch ``LayerNorm`` normalises its input's trailing dims, which on a
-    channels-first map are ``(C, ...)``. Square maps make the shapes agree either way, so the
-    Keras config (which axes) and the torch dataflow (which layout) decide, or the conversion
-    is refused.
-    """
-    out: dict[str, tuple[int, ...]] = {}
-    problems: list[str] = []
-    for layer, path in matched:
-        if layer.class_name != "LayerNormalization" or not layer.weights:
-            continue
-        k = len(layer.weights[0].shape)
-        if k <= 1:
-            continue
-        axis = layer.config.get("axis")
-        axes = list(axis) if isinstance(axis, (list, tuple)) else [axis] if isinstance(axis, int) else None
-        rank = len(layer.input_shape) if layer.input_shape else None
-        if axes is None:
-            problems.append(f"LayerNormalization {layer.name!r} -> {path}: its gamma {layer.weights[0].shape} normalises "
-                            f"{k} axes, and a TF checkpoint does not say which; convert the model's .keras file, or "
-                            "write its rules in a mapping file (--map)")
-            continue
-        if rank is not None:
-            axes = sorted(a % rank for a in axes)
-            trailing = axes == list(range(rank - k, rank))
-        else:
-            trailing = sorted(axes) == list(range(-k, 0))
-        layout = flow.norm_inputs.get(path) if flow is not None else None
-        if not trailing:
-            problems.append(f"LayerNormalization {layer.name!r} -> {path}: Keras normalises axes {axis}, not the trailing "
-                            "ones a torch LayerNorm normalises; write its rules in a mapping file (--map)")
-        elif layout == "last" or (layout == "first" and rank is not None and k == 1):
-            continue
-        elif layout == "first" and (rank is None or k == rank - 1):
-            out[layer.name] = (k - 1, *range(k - 1))
-        elif layout == "first":
-            problems.append(f"LayerNormalization {layer.name!r} -> {path}: Keras normalises the trailing {k} axes of a "
-                            f"channels-last map, torch the trailing {k} of a channels-first one: not the same normalisation")
-        else:
-            why = "no dataflow (pass an example input)" if layout is None else layout
-            problems.append(f"LayerNormalization {layer.name!r} -> {path}: gamma {layer.weights[0].shape} covers {k} axes "
-                            f"and the layout of the torch LayerNorm's input is unknown ({why}); write its rules in a "
-                            "mapping file (--map)")
-    if problems:
-        raise ConversionError("cannot convert a LayerNormalization over several axes:\n  " + "\n  ".join(problems))
-    return out
+    return notes

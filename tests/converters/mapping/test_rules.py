@@ -202,7 +202,9 @@ def test_roles_from_object_graph_keys():
     assert plan.target_specs["att.in_proj_weight"].shape == (12, 4)
 
 
-@pytest.mark.parametrize("module", ["ckptfmt.converters.mapping.rules", "ckptfmt.converters.mapping.layers", "ckptfmt.converters.optim.convert"])
+@pytest.mark.parametrize("module", ["ckptfmt.converters.mapping.rules", "ckptfmt.converters.mapping.ops", "ckptfmt.converters.mapping._rule_types",
+                                    "ckptfmt.converters.mapping._resolve", "ckptfmt.converters.mapping._mapfile",
+                                    "ckptfmt.converters.mapping.layers", "ckptfmt.converters.optim.convert"])
 def test_docstring_examples(module):
     import doctest
     import importlib
