@@ -34,24 +34,11 @@ from .report import ConversionReport
 from .tfcheckpoint import write_like_template
 
 
-def torch_to_keras(
-    ckpt: AbcMapping[str, Any],
-    template: KerasCheckpoint,
-    dst: str | os.PathLike[str],
-    *,
-    source: str = "the torch checkpoint",
-    model: Any = None,
-    example: Any = None,
-    mapping: Mapping | str | os.PathLike[str] | None = None,
-    optimizer: bool = True,
-    dry_run: bool = False,
-    optimizer_class: str | None = None,
-    iterations: int | None = None,
-    overwrite: bool = False,
-    preset: str = "keras",
-    pairs: AbcMapping[str, str] | None = None,
-    keras_model: Any = None,
-) -> ConversionReport:
+def torch_to_keras(ckpt: AbcMapping[str, Any], template: KerasCheckpoint, dst: str | os.PathLike[str], *,
+                   source: str = "the torch checkpoint", model: Any = None, example: Any = None,
+                   mapping: Mapping | str | os.PathLike[str] | None = None, optimizer: bool = True, dry_run: bool = False,
+                   optimizer_class: str | None = None, iterations: int | None = None, overwrite: bool = False,
+                   preset: str = "keras", pairs: AbcMapping[str, str] | None = None, keras_model: Any = None) -> ConversionReport:
     """The torch2tf pipeline: a torch-side checkpoint into the layout of a template :class:`KerasCheckpoint`.
 
     Args:
