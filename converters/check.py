@@ -10,6 +10,9 @@ makes one step on both sides with identical gradients and compares the weights a
 Keras 3 runs under any backend: the forward check needs TensorFlow only when Keras's backend
 is TensorFlow (the default).
 
+:class:`CheckedOutput` is ``tf_to_torch(check=True)``'s guard: what the check needs is made
+ready before the output is written, and an output whose check fails or cannot run is removed.
+
 Example:
     >>> result = check_conversion(keras_model, torch_model)  # doctest: +SKIP
     >>> print(result)  # doctest: +SKIP
