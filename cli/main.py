@@ -468,9 +468,12 @@ def verify(ctx: click.Context, paths: tuple[str, ...], as_json: bool, quiet: boo
 @click.option("--map", "mapping", type=click.Path(exists=True, dir_okay=False), default=None, help="With --tf2torch: a mapping file.")
 @click.option("--preset", type=click.Choice(["keras", "tf-module"]), default="keras", show_default=True, help="With --tf2torch: the naming without --model/--map.")
 @click.option("--pair", "pairs", multiple=True, metavar="KERAS=TORCH", help="With --tf2torch --model: match a layer by hand (repeatable).")
+@click.option("--keras-model", "keras_model", default=None, metavar="FILE.py:FACTORY",
+              help="With --tf2torch --model: the Keras model A was saved from (a factory); its graph settles same-shape "
+                   "layers on parallel branches, as in `convert tf2torch`.")
 @click.pass_context
 def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: float, through: bool,
-         model: str | None, mapping: str | None, preset: str, pairs: tuple[str, ...]) -> None:
+         model: str | None, mapping: str | None, preset: str, pairs: tuple[str, ...], keras_model: str | None) -> None:
     """Compare the tensors of two checkpoints, of the same kind or not.
 
     Lists tensors only in A (-), only in B (+) and changed (~: dtype, shape, max abs and
@@ -485,14 +488,16 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool, atol: float, rtol: f
       ckptfmt diff runs/ckpt-100 export/model.safetensors
       ckptfmt diff a.pt b.pt --atol 1e-6 --json
       ckptfmt diff --tf2torch runs/ckpt-3 resumed.pt --model models.py:make --atol 1e-5
+      ckptfmt diff --tf2torch runs/ckpt-3 resumed.pt --model models.py:make --keras-model models.py:make_keras
     """
-    if not through and (model or mapping or pairs or preset != "keras"):
-        raise click.UsageError("--model, --map, --pair and --preset need --tf2torch")
+    if not through and (model or mapping or pairs or keras_model or preset != "keras"):
+        raise click.UsageError("--model, --map, --pair, --keras-model and --preset need --tf2torch")
     if through:
         from ckptfmt.cli.tfconvert import pairs_option
         from ckptfmt.converters.convert import diff_converted
 
-        r = diff_converted(a, b, model_factory=model, mapping=mapping, preset=preset, pairs=pairs_option(pairs), atol=atol, rtol=rtol)
+        r = diff_converted(a, b, model_factory=model, mapping=mapping, preset=preset, pairs=pairs_option(pairs), atol=atol, rtol=rtol,
+                           keras_model=keras_model)
     else:
         r = _kinds().diff_any(a, b, atol=atol, rtol=rtol)
     if as_json:

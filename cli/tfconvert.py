@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from ckptfmt.converters import convert as _convert
-from ckptfmt.errors import ConversionError
+from ckptfmt.errors import CheckFailedError, ConversionError
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -91,7 +91,8 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 @click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for 256 MiB or more).")
 @click.option("--check", is_flag=True, help="After writing, run the Keras model (--keras-model) and the converted torch model on "
-              "the same inputs, and one optimizer step on identical gradients; fail (exit 1) above the tolerance.")
+              "the same inputs, and one optimizer step on identical gradients; above the tolerance exit 1, when the check "
+              "cannot run exit 3, and in both cases remove the DST this run wrote.")
 @click.option("--check-tolerance", type=float, default=1e-5, show_default=True, metavar="X",
               help="Largest output difference allowed by --check, relative to the outputs' magnitude.")
 @click.option("--fold-conv-bias", is_flag=True, help="A Keras conv bias the torch conv lacks is folded into the BatchNorm "
@@ -132,11 +133,15 @@ def tf2torch(src: str, dst: str, model: str | None, mapping: str | None, preset:
     from ckptfmt.converters._temps import remove_stale_temporaries
 
     remove_stale_temporaries(dst)
-    with _writing(dst):
-        report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
-                                      exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
-                                      progress=progress, preset=preset, pairs=pairs_option(pairs), keras_model=keras_model,
-                                      check=check, check_tolerance=check_tolerance, fold_conv_bias=fold_conv_bias, root=root)
+    try:
+        with _writing(dst):
+            report = _convert.tf_to_torch(src, dst, model_factory=model, mapping=mapping, optimizer=not no_optimizer, dry_run=dry_run,
+                                          exact_optimizer=exact_optimizer, optimizer_config=_json(optimizer_config), overwrite=overwrite,
+                                          progress=progress, preset=preset, pairs=pairs_option(pairs), keras_model=keras_model,
+                                          check=check, check_tolerance=check_tolerance, fold_conv_bias=fold_conv_bias, root=root)
+    except CheckFailedError as e:  # the check ran and found a difference: exit 1, as diff does (a check that cannot run: 3)
+        click.echo(f"error: {e}", err=True)
+        raise click.exceptions.Exit(1) from None
     _done(report, dry_run)
 
 

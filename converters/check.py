@@ -10,6 +10,9 @@ makes one step on both sides with identical gradients and compares the weights a
 Keras 3 runs under any backend: the forward check needs TensorFlow only when Keras's backend
 is TensorFlow (the default).
 
+:class:`CheckedOutput` is ``tf_to_torch(check=True)``'s guard: what the check needs is made
+ready before the output is written, and an output whose check fails or cannot run is removed.
+
 Example:
     >>> result = check_conversion(keras_model, torch_model)  # doctest: +SKIP
     >>> print(result)  # doctest: +SKIP
@@ -18,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["CheckResult", "check_conversion", "check_output"]
+__all__ = ["CheckResult", "CheckedOutput", "check_conversion", "check_output"]
 
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as AbcMapping
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt.errors import CheckFailedError, ConversionError
+from ckptfmt.errors import CheckFailedError, CkptFmtError, ConversionError
 
 from .mapping.rules import Plan
 
@@ -205,10 +208,36 @@ def _step(keras_model: Any, torch_model: Any, plan: Plan, optimizer: AbcMapping[
     import keras
     import torch
 
-    from ckptfmt.adapters.torch import numpy_to_state
-
     trainable = {optimizer["paths"][v.path]: v for v in keras_model.trainable_variables}
     entries = [e for e in plan.entries if e.sources and all(s in trainable for s in e.sources)]
+    kopt, note = _keras_optimizer(keras_model, optimizer, trainable, read)
+    if kopt is None:
+        return None, note
+    grads = _gradients(trainable, seed)
+    t_grads: dict[str, np.ndarray] = {}
+    for e in entries:
+        t_grads.update(zip(e.targets, e.run(tuple(grads[s] for s in e.sources), slots=True)))
+    params = dict(torch_model.named_parameters())
+    no_grad = [n for n, p in params.items() if p.requires_grad and n not in t_grads]
+    if no_grad:
+        return None, f"optimizer step not checked: no Keras gradient reaches torch parameter(s) {', '.join(no_grad[:3])}"
+    topt = _torch_optimizer(torch_model, optimizer, torch_optimizer_state)
+    before = {p: np.array(v.numpy()) for p, v in trainable.items()}
+    kopt.apply_gradients([(keras.ops.convert_to_tensor(grads[p]), v) for p, v in trainable.items()])
+    for n, p in params.items():
+        if p.requires_grad:
+            p.grad = torch.from_numpy(t_grads[n].copy())
+    topt.step()
+    after = {p: np.array(v.numpy()) for p, v in trainable.items()}
+    return _compare_after_step(entries, before, after, params), ""
+
+
+def _keras_optimizer(keras_model: Any, optimizer: AbcMapping[str, Any], trainable: dict[str, Any],
+                     read: Callable[[str], np.ndarray]) -> tuple[Any, str]:
+    """The checkpoint's Keras optimizer, built and holding its stored slots and iteration count;
+    ``(None, why)`` when a slot has no Keras slot list to go to."""
+    import keras
+
     kopt = keras.optimizers.get({"class_name": optimizer["class_name"], "config": dict(optimizer["config"])})
     kopt.build(keras_model.trainable_variables)
     for path, slots in optimizer["slots"].items():
@@ -221,31 +250,33 @@ def _step(keras_model: Any, torch_model: Any, plan: Plan, optimizer: AbcMapping[
                 return None, f"optimizer step not checked: no Keras slot list for {slot!r}"
             getattr(kopt, attr)[i].assign(read(ckey))
     kopt.iterations.assign(optimizer["iterations"])
+    return kopt, ""
+
+
+def _gradients(trainable: AbcMapping[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """A random gradient per variable, |g| in [0.5, 1.5]: far above epsilon, where Keras's and torch's
+    epsilon placements agree (near |g| ~ epsilon they differ by design: docs/conversions.md, "Update
+    rules and drift")."""
     rng = np.random.default_rng(seed)
-    # |g| in [0.5, 1.5]: far above epsilon, where Keras's and torch's epsilon placements agree
-    # (near |g| ~ epsilon they differ by design: docs/conversions.md, "Update rules and drift")
-    grads = {p: (rng.choice([-1.0, 1.0], tuple(v.shape)) * rng.uniform(0.5, 1.5, tuple(v.shape))).astype(np.float32)
-             for p, v in trainable.items()}
-    t_grads: dict[str, np.ndarray] = {}
-    for e in entries:
-        t_grads.update(zip(e.targets, e.run(tuple(grads[s] for s in e.sources), slots=True)))
-    params = dict(torch_model.named_parameters())
-    no_grad = [n for n, p in params.items() if p.requires_grad and n not in t_grads]
-    if no_grad:
-        return None, f"optimizer step not checked: no Keras gradient reaches torch parameter(s) {', '.join(no_grad[:3])}"
-    cls = optimizer["torch_class"]
-    module, _, name = cls.rpartition(".")
+    return {p: (rng.choice([-1.0, 1.0], tuple(v.shape)) * rng.uniform(0.5, 1.5, tuple(v.shape))).astype(np.float32)
+            for p, v in trainable.items()}
+
+
+def _torch_optimizer(torch_model: Any, optimizer: AbcMapping[str, Any], state: Any) -> Any:
+    """The converted torch optimizer (its class by dotted name) over ``torch_model``, holding the written state."""
     import importlib
 
+    from ckptfmt.adapters.torch import numpy_to_state
+
+    module, _, name = optimizer["torch_class"].rpartition(".")
     topt = getattr(importlib.import_module(module), name)(torch_model.parameters(), **optimizer["torch_hyperparameters"])
-    topt.load_state_dict(numpy_to_state(torch_optimizer_state))
-    before = {p: np.array(v.numpy()) for p, v in trainable.items()}
-    kopt.apply_gradients([(keras.ops.convert_to_tensor(grads[p]), v) for p, v in trainable.items()])
-    for n, p in params.items():
-        if p.requires_grad:
-            p.grad = torch.from_numpy(t_grads[n].copy())
-    topt.step()
-    after = {p: np.array(v.numpy()) for p, v in trainable.items()}
+    topt.load_state_dict(numpy_to_state(state))
+    return topt
+
+
+def _compare_after_step(entries: Sequence[Any], before: AbcMapping[str, np.ndarray], after: AbcMapping[str, np.ndarray],
+                        params: AbcMapping[str, Any]) -> tuple[float, float]:
+    """``(max |keras - torch| of the weights after the step, converted as planned; max |step| in Keras)``."""
     diff = step = 0.0
     for e in entries:
         converted = e.run(tuple(after[s] for s in e.sources))
@@ -253,7 +284,7 @@ def _step(keras_model: Any, torch_model: Any, plan: Plan, optimizer: AbcMapping[
             if t in params:
                 diff = max(diff, float(np.max(np.abs(value - params[t].detach().numpy()))))
         step = max(step, max(float(np.max(np.abs(after[s] - before[s]))) for s in e.sources))
-    return (diff, step), ""
+    return diff, step
 
 
 def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, model_factory: Any, *,
@@ -263,10 +294,18 @@ def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, mode
     Raises:
         CheckFailedError: an output, or the weights after one optimizer step, further apart
             than the tolerance (the message gives every figure).
+        ConversionError: the Keras model is not the checkpoint's (its variables do not pair).
 
     Example:
         >>> check_output("run/ckpt-1", "out.pt", kc, plan, kmodel, "models.py:make")  # doctest: +SKIP
     """
+    paths = _load_keras_weights(keras_model, src, kc.keys, kc.reader.get, kc.reader.shape)
+    return _check_written(dst, kc, plan, keras_model, model_factory, paths, tolerance, optimizer)
+
+
+def _check_written(dst: str, kc: Any, plan: Plan, keras_model: Any, model_factory: Any, paths: dict[str, str],
+                   tolerance: float, optimizer: AbcMapping[str, Any] | None) -> CheckResult:
+    """:func:`check_output` once the Keras model holds the checkpoint's weights (``paths`` pairs its variables)."""
     from ckptfmt.adapters.torch import numpy_to_tensor
 
     from .keras.planner import make_model
@@ -275,17 +314,88 @@ def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, mode
     written = read_torch_side(dst)
     model, example = make_model(model_factory)
     model.load_state_dict({k: numpy_to_tensor(np.ascontiguousarray(v)) for k, v in written["model"].items()})
-    # the open source (a TF checkpoint or a Keras file): its own reader, by stored key
-    reader = kc.reader
-    paths = _load_keras_weights(keras_model, src, kc.keys, reader.get, reader.shape)
     result = check_conversion(keras_model, model, example_input=example, tolerance=tolerance)
     step, note = None, "optimizer step not checked: the output holds no optimizer state"
     if optimizer is not None and written.get("optimizer") is not None:
         slots = {s: d for s, d in kc.slots.items()}
-        step, note = _step(keras_model, model, plan, {**optimizer, "slots": slots, "paths": paths}, reader.get,
+        step, note = _step(keras_model, model, plan, {**optimizer, "slots": slots, "paths": paths}, kc.reader.get,
                            written["optimizer"], seed=1)
     result = CheckResult(result.outputs, tolerance, step, note)
     if not result.passed:
-        raise CheckFailedError(f"{dst} was written, but it does not compute what the Keras model does: {result}")
+        raise CheckFailedError(f"{dst} does not compute what the Keras model does: {result}")
     return result
 
+
+# --------------------------------------------------------------------------------------------
+# --check around a conversion: ready before anything is written, nothing unchecked left after
+
+
+class CheckedOutput:
+    """What ``tf_to_torch(check=True)`` runs around the write: the check made ready before the
+    output is written, and the output removed when the check fails or cannot run.
+
+    Built before the conversion writes ``dst``: it needs Keras, loads the checkpoint's weights
+    into the Keras model by variable path (a Keras model that is not the checkpoint's is
+    refused here, with nothing written) and notes whether ``dst`` was an empty directory.
+    :meth:`run` then checks the written output; on anything but a pass (a failed check, an
+    error, an interrupt) it removes ``dst`` (this run wrote what is there: a file is replaced
+    atomically, a ckptfmt checkpoint is removed with :func:`ckptfmt.remove`, which deletes
+    only the files the format names) and raises, saying so. No unchecked output is left
+    looking like a success.
+
+    Example:
+        >>> guard = CheckedOutput("run/ckpt-1", "out.pt", kc, kmodel, "models.py:make")  # doctest: +SKIP
+        >>> report = keras_to_torch(kc, "out.pt", ...)  # doctest: +SKIP
+        >>> guard.run(report.plan, optimizer=report.check)  # doctest: +SKIP
+    """
+
+    def __init__(self, src: str, dst: str, kc: Any, keras_model: Any, model_factory: Any, *, tolerance: float = 1e-5) -> None:
+        import os
+
+        from .optional import require
+
+        require("keras", "--check (it runs the Keras model)", extra="tensorflow")
+        self._src, self._dst, self._kc, self._keras, self._factory, self._tolerance = src, dst, kc, keras_model, model_factory, tolerance
+        self._paths = _load_keras_weights(keras_model, src, kc.keys, kc.reader.get, kc.reader.shape)
+        self._empty_dir = os.path.isdir(dst) and not os.path.islink(dst) and not os.listdir(dst)
+
+    def run(self, plan: Plan, optimizer: AbcMapping[str, Any] | None = None) -> CheckResult:
+        """Check the written output; remove it and raise unless the check passes.
+
+        Raises:
+            CheckFailedError: the check ran and failed (``dst`` removed; the figures in the message).
+            ConversionError: the check could not run (``dst`` removed; the reason in the message).
+        """
+        try:
+            return _check_written(self._dst, self._kc, plan, self._keras, self._factory, self._paths, self._tolerance, optimizer)
+        except CheckFailedError as e:
+            raise CheckFailedError(f"{e}; {self._discard()}") from e
+        except CkptFmtError as e:
+            raise ConversionError(f"--check could not run: {e}; {self._discard()}") from e
+        except Exception as e:  # an error of a framework or of the user's model: ours to report, not to pass on raw
+            raise ConversionError(f"--check could not run: {type(e).__name__}: {e}; {self._discard()}") from e
+        except BaseException:  # Ctrl-C, SIGTERM: no unchecked output left behind either
+            self._discard()
+            raise
+
+    def _discard(self) -> str:
+        """Remove what this run wrote at ``dst``; a clause saying what happened to it."""
+        import os
+
+        from ckptfmt import remove
+
+        from .keras.outputs import output_kind
+
+        dst = self._dst
+        try:
+            if output_kind(dst) == "ckptfmt":
+                remove(dst)
+                if self._empty_dir:  # the directory the user gave stays, as empty as it was
+                    os.makedirs(dst, exist_ok=True)
+            elif os.path.isfile(dst) and not os.path.islink(dst):
+                os.remove(dst)
+            else:
+                return f"{dst} was not removed (not a file this run wrote): it is unchecked, do not use it"
+        except (OSError, CkptFmtError) as e:
+            return f"{dst} could not be removed ({e}): it is unchecked, do not use it"
+        return f"the output this run wrote at {dst} was removed (convert without --check to keep an unchecked one)"

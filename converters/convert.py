@@ -23,7 +23,10 @@ never by list position alone, and go through their variable's plan entry
 The way back (:func:`torch_to_tf`) needs a *template*: a checkpoint of the target Keras
 model and optimizer (``tf.train.Checkpoint(model=m, optimizer=o).write(...)`` after one
 build), which supplies the object graph, the keys, the shapes and the dtypes; the values
-come from the torch checkpoint through the inverse plan.
+come from the torch checkpoint through the inverse plan (:func:`torch_to_keras`, in
+:mod:`ckptfmt.converters.keras.torch2keras`). :func:`keras_to_keras` (TF checkpoints and
+Keras's own files, without torch) is :mod:`ckptfmt.converters.keras.keras2keras`; both are
+importable from here.
 
 Example:
     >>> report = tf_to_torch("runs/ckpt-3", "resumed.pt", model_factory="mymodels:make")  # doctest: +SKIP
@@ -57,20 +60,14 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt.errors import CkptFmtError, ConversionError, UnmappedKeyError
+from ckptfmt.errors import ConversionError, UnmappedKeyError
 
-from .files import check_destination
 from .keras import outputs
 from .keras.checkpoint import KerasCheckpoint
 from .keras.diff import diff_converted
-from .keras.kerasfile import (
-    KerasFileCheckpoint,
-    check_config_mismatches,
-    file_optimizer_config,
-    open_keras_checkpoint,
-    write_keras_like_template,
-)
-from .keras.optimizer import keras_optimizer_settings, optimizer_keys, torch_optimizer_for_template
+from .keras.keras2keras import keras_to_keras
+from .keras.kerasfile import check_config_mismatches, file_optimizer_config, open_keras_checkpoint
+from .keras.optimizer import keras_optimizer_settings, optimizer_keys
 from .keras.planner import (
     PRESETS,
     as_mapping,
@@ -83,10 +80,11 @@ from .keras.planner import (
     preset_mapping,
 )
 from .keras.report import ConversionReport
-from .keras.tfcheckpoint import describe_checkpoint_layers, read_keras_checkpoint, write_like_template
+from .keras.tfcheckpoint import describe_checkpoint_layers, read_keras_checkpoint
+from .keras.torch2keras import torch_to_keras
 from .keras.torch_state import read_torch_side
 from .mapping.rules import Mapping, Plan
-from .optim.convert import KerasOptimizerState, OptimizerConversion, keras_to_torch_optimizer
+from .optim.convert import OptimizerConversion, keras_to_torch_optimizer
 from .optional import require
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +152,10 @@ def tf_to_torch(
             path) and the torch model (loaded from ``dst``) on the same inputs in eval mode,
             and one optimizer step on identical gradients
             (:func:`ckptfmt.converters.check.check_output`); ``report.check`` holds the
-            figures. Needs ``model_factory`` and ``keras_model``.
+            figures. Needs ``model_factory`` and ``keras_model`` (and Keras); the Keras model
+            is loaded and paired with the checkpoint before anything is written. A check that
+            fails or cannot run removes the output this run wrote (no unchecked ``dst`` is left
+            looking like a success) and raises (:class:`ckptfmt.converters.check.CheckedOutput`).
         check_tolerance: the largest output difference allowed, relative to the outputs'
             magnitude (at least 1).
         fold_conv_bias: a Keras convolution with a bias whose torch module has none is
@@ -171,7 +172,8 @@ def tf_to_torch(
         CheckpointExistsError: ``dst`` exists (without ``overwrite``), or is a non-empty
             directory that is not a ckptfmt checkpoint.
         CheckFailedError: ``check`` found outputs (or weights after one optimizer step)
-            further apart than the tolerance; the message gives every figure.
+            further apart than the tolerance; the message gives every figure (``dst`` removed).
+        ConversionError: ``check`` could not run (the reason, and ``dst`` removed, in the message).
 
     Example:
         >>> r = tf_to_torch("fixtures/tf/keras3_conv_adam", "/tmp/x.pt", dry_run=True)
@@ -189,24 +191,20 @@ def tf_to_torch(
         outputs.check_output(dst, outputs.output_kind(dst), overwrite, optimizer=False)
     with open_keras_checkpoint(src, root=root, infer_layers=(mapping is None or model is not None)
                                and check_preset(preset, model) == "keras", unknown="keep") as kc:
+        guard = None
+        if check:  # what the check needs, made ready before anything is written
+            from .check import CheckedOutput
+
+            guard = CheckedOutput(src, dst, kc, kmodel, model_factory, tolerance=check_tolerance)
         report = keras_to_torch(
             kc, dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
             dry_run=dry_run, exact_optimizer=exact_optimizer, optimizer_config=file_optimizer_config(kc, optimizer_config),
             strict=strict, overwrite=overwrite, preset=preset, pairs=pairs, progress=progress, keras_model=kmodel,
             fold_conv_bias=fold_conv_bias,
         )
-        if check:
-            from .check import check_output
-
-            try:
-                result = check_output(src, dst, kc, report.plan, kmodel, model_factory, tolerance=check_tolerance,
-                                      optimizer=report.check)  # keras_to_torch leaves the optimizer's settings there
-            except CkptFmtError as e:
-                # the output exists: the error says so, whether the check failed or could not run
-                if e.args and isinstance(e.args[0], str) and str(dst) not in e.args[0]:
-                    e.args = (f"{e.args[0]} ({dst} was written but is not checked)", *e.args[1:])
-                raise
-            report = dataclasses.replace(report, check=result)
+        if guard is not None:  # a failed or unrunnable check removes the output and raises
+            # keras_to_torch leaves the optimizer's settings in report.check for the step check
+            report = dataclasses.replace(report, check=guard.run(report.plan, optimizer=report.check))
         elif report.check is not None:
             report = dataclasses.replace(report, check=None)
     return report
@@ -375,278 +373,3 @@ def torch_to_tf(
             mapping=mapping, optimizer=optimizer, dry_run=dry_run, optimizer_class=optimizer_class,
             iterations=iterations, overwrite=overwrite, preset=preset, pairs=pairs, keras_model=make_keras_model(keras_model),
         )
-
-
-def torch_to_keras(
-    ckpt: AbcMapping[str, Any],
-    template: KerasCheckpoint,
-    dst: str | os.PathLike[str],
-    *,
-    source: str = "the torch checkpoint",
-    model: Any = None,
-    example: Any = None,
-    mapping: Mapping | str | os.PathLike[str] | None = None,
-    optimizer: bool = True,
-    dry_run: bool = False,
-    optimizer_class: str | None = None,
-    iterations: int | None = None,
-    overwrite: bool = False,
-    preset: str = "keras",
-    pairs: AbcMapping[str, str] | None = None,
-    keras_model: Any = None,
-) -> ConversionReport:
-    """The torch2tf pipeline: a torch-side checkpoint into the layout of a template :class:`KerasCheckpoint`.
-
-    Args:
-        ckpt: ``{"model": {name: array}, "optimizer": state_dict or None, ...}`` as
-            :func:`ckptfmt.converters.keras.torch_state.read_torch_side` reads it.
-        template: the target's checkpoint (its reader stays open until this returns).
-        dst: the TF checkpoint prefix to write.
-        source: the torch side's name in messages and the report.
-        model / example: the torch model and an example input, or None.
-        mapping, optimizer, dry_run, optimizer_class, iterations, overwrite, preset, pairs:
-            as for :func:`torch_to_tf`.
-
-    Raises:
-        As :func:`torch_to_tf`.
-
-    Example:
-        >>> with TFCheckpointReader("tf_template/ckpt-1") as r:  # doctest: +SKIP
-        ...     torch_to_keras(read_torch_side("run.pt"), read_keras_checkpoint(r), "tf/ckpt-1", model=m)
-    """
-    kc, dst = template, os.fspath(dst)
-    weights = ckpt["model"]
-    plan, notes = plan_conversion(kc, model, example, as_mapping(mapping), True, {k: tuple(v.shape) for k, v in weights.items()},
-                                  preset=preset, pairs=pairs, keras_model=keras_model)
-    back = plan.inverse()
-    unused = tuple(k for k in weights if not any(k in e.sources for e in back.entries))
-    ks, report_text = _keras_optimizer(ckpt, kc, plan, model, source=source, optimizer=optimizer,
-                                       optimizer_class=optimizer_class, iterations=iterations)
-    out_keys = _template_keys(kc, ks is not None)
-    leftover = [k for k in kc.stored_keys() if k not in out_keys]
-    report = ConversionReport(
-        "torch2tf", source, dst, plan, dict(kc.keys), unused, ks.class_name if ks else None, dict(ks.config) if ks else {},
-        report_text, tuple(notes) + tuple(f"{k}: copied from the template" for k in leftover), not dry_run,
-    )
-    if dry_run:
-        return report
-    check_destination(dst, "tf", overwrite)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    if isinstance(kc, KerasFileCheckpoint):  # a .keras / .weights.h5 / .h5 template: the same kind of file
-        write_keras_like_template(dst, kc, _KerasValues(kc, back, weights, ks, out_keys), out_keys, overwrite=overwrite)
-    else:
-        write_like_template(dst, kc, _KerasValues(kc, back, weights, ks, out_keys), out_keys, leftover)
-    return report
-
-
-def _keras_optimizer(ckpt: AbcMapping[str, Any], kc: KerasCheckpoint, plan: Plan, model: Any, *, source: str, optimizer: bool,
-                     optimizer_class: str | None, iterations: int | None) -> tuple[KerasOptimizerState | None, str]:
-    """The Keras optimizer state of a torch-side checkpoint (None when not asked for), with its report."""
-    if not optimizer:
-        return None, ""
-    if ckpt.get("optimizer") is None:
-        if kc.has_optimizer:
-            raise ConversionError(f"{source} holds no optimizer state but the template {kc.path} does: pass --no-optimizer "
-                                  "to copy the template's optimizer variables unchanged")
-        return None, ""
-    if kc.problems:
-        raise UnmappedKeyError("cannot place the optimizer state in the template:\n  " + "\n  ".join(kc.problems))
-    if model is None:
-        raise ConversionError("converting the optimizer state needs the torch model for its parameter order: "
-                              "pass --model pkg.module:factory, or --no-optimizer for weights only")
-    if not kc.has_optimizer:
-        raise ConversionError(f"the template {kc.path} holds no optimizer state to fill: save it with "
-                              "tf.train.Checkpoint(model=..., optimizer=...) after the optimizer is built, or pass --no-optimizer")
-    return torch_optimizer_for_template(source, ckpt, kc, plan, model, optimizer_class, iterations)
-
-
-def _template_keys(kc: KerasCheckpoint, with_optimizer: bool) -> dict[str, tuple[str, Any]]:
-    """``{template checkpoint key: (what fills it, its reference)}``, in the order they are written."""
-    out: dict[str, tuple[str, Any]] = {ckey: ("weight", skey) for skey, ckey in kc.keys.items()}
-    if with_optimizer:
-        for v, d in kc.slots.items():
-            for s, ckey in d.items():
-                out[ckey] = ("slot", (v, s))
-        for k in (kc.iterations_key, *kc.also_iterations):
-            if k:
-                out[k] = ("iterations", None)
-        for k in (kc.learning_rate_key, *kc.also_learning_rate):
-            if k:
-                out[k] = ("learning_rate", None)
-    return out
-
-
-class _KerasValues:
-    """The value of each template key; each plan entry runs once and is dropped once written."""
-
-    def __init__(self, kc: KerasCheckpoint, back: Plan, weights: AbcMapping[str, np.ndarray],
-                 ks: KerasOptimizerState | None, out_keys: dict[str, tuple[str, Any]]) -> None:
-        self._weights, self._ks, self._out_keys = weights, ks, out_keys
-        self._made_by = {t: (e, i) for e in back.entries for i, t in enumerate(e.targets)}
-        self._pending: dict[int, list[Any]] = {}  # entry -> [its outputs, targets not yet written]
-
-    def _keras_value(self, source_key: str) -> np.ndarray:
-        entry, i = self._made_by[source_key]
-        if id(entry) not in self._pending:
-            self._pending[id(entry)] = [entry.run(tuple(self._weights[s] for s in entry.sources)), len(entry.targets)]
-        slot = self._pending[id(entry)]
-        slot[1] -= 1
-        if not slot[1]:
-            del self._pending[id(entry)]
-        return slot[0][i]
-
-    def __call__(self, ckey: str) -> np.ndarray:
-        kind, ref = self._out_keys[ckey]
-        if kind == "weight":
-            return self._keras_value(ref)
-        assert self._ks is not None
-        if kind == "slot":
-            return self._ks.slots[ref[0]][ref[1]]
-        if kind == "iterations":
-            return np.array(self._ks.iterations)
-        return np.array(self._ks.config["learning_rate"])
-
-
-# --------------------------------------------------------------------------------------------
-# Keras <-> Keras: TF checkpoints and Keras's own files, without torch
-
-
-def keras_to_keras(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    template: str | os.PathLike[str],
-    optimizer: bool = True,
-    dry_run: bool = False,
-    overwrite: bool = False,
-) -> ConversionReport:
-    """Move a Keras model's weights and optimizer state between a TF checkpoint and Keras's files.
-
-    ``src`` and ``template`` are each a TF checkpoint, a ``.keras``, a Keras 3 ``.weights.h5``
-    or a tf.keras ``.h5``; ``dst`` is written in the template's layout (its other datasets and,
-    for a ``.keras``, its config copied). Variables are paired by their Keras path
-    (``conv/kernel``), or else layer by layer in model order when both have the same layer
-    classes and shapes; optimizer slots follow their variables, with iterations and the
-    learning rate. Nothing is transformed: both sides are Keras layouts. TensorFlow and
-    torch are not needed.
-
-    Args:
-        src: the checkpoint or file whose values are written.
-        dst: the output (a TF prefix for a TF template, else a file like the template).
-        template: the layout to write (e.g. ``model.save_weights("t.weights.h5")`` once).
-        optimizer: carry the optimizer state (else the template's is copied unchanged).
-        dry_run: report the pairing only.
-        overwrite: replace ``dst``.
-
-    Raises:
-        ConversionError / UnmappedKeyError: variables or slots that do not pair (all listed),
-            shapes that differ.
-
-    Example:
-        >>> r = keras_to_keras("fixtures/keras/k3_cnn_adam.weights.h5", "/tmp/x.keras",
-        ...                    template="fixtures/keras/k3_cnn_adam.keras", dry_run=True)
-        >>> r.plan.entry_for("conv/kernel").targets
-        ('conv/kernel',)
-    """
-    from .keras.kerasfile import open_keras_checkpoint as _open
-    from .mapping.rules import Rename
-
-    src, dst = os.fspath(src), os.fspath(dst)
-    with _open(src, infer_layers=False) as a, _open(template, infer_layers=False) as t:
-        pairs = _pair_variables(a, t)
-        plan = Mapping(tuple(Rename(s, d) for s, d in pairs.items())).plan(a.specs(), t.specs(), strict=True)
-        values: dict[str, tuple[str, str]] = {t.keys[d]: ("src", a.keys[s]) for s, d in pairs.items()}
-        notes: list[str] = []
-        if optimizer and t.has_optimizer:
-            if not a.has_optimizer:
-                raise ConversionError(f"{src} holds no optimizer state but the template {template} does: pass --no-optimizer "
-                                      "to keep the template's optimizer variables")
-            for problems in (a.problems, t.problems):
-                if problems:
-                    raise UnmappedKeyError("cannot place the optimizer state:\n  " + "\n  ".join(problems))
-            back = {d: s for s, d in pairs.items()}
-            missing = []
-            for d, slots in t.slots.items():
-                for slot, ckey in slots.items():
-                    have = a.slots.get(back.get(d, ""), {}).get(slot)
-                    if have is None:
-                        missing.append(f"template slot {slot!r} of {d}")
-                    else:
-                        values[ckey] = ("src", have)
-            extra = [f"{s} slot {slot!r}" for s, d in pairs.items() for slot in a.slots.get(s, {})
-                     if slot not in t.slots.get(d, {})]
-            if missing or extra:
-                raise UnmappedKeyError("the optimizer slots do not pair (is it the same optimizer class and options?):\n  "
-                                       + "\n  ".join(missing + [f"{e}: not in the template" for e in extra]))
-            if t.iterations_key:
-                if not a.iterations_key:
-                    raise ConversionError(f"{src} stores no iteration count for the template's {t.iterations_key}")
-                values[t.iterations_key] = ("src", a.iterations_key)
-                values.update({k: ("src", a.iterations_key) for k in t.also_iterations})
-            if t.learning_rate_key:
-                if a.learning_rate_key:
-                    values[t.learning_rate_key] = ("src", a.learning_rate_key)
-                else:
-                    notes.append(f"{src} stores no learning rate: the template's is kept")
-        elif a.has_optimizer and optimizer:
-            notes.append(f"the template {template} holds no optimizer: {src}'s optimizer state is not written")
-        leftover = [k for k in t.stored_keys() if k not in values]
-        carried = optimizer and t.has_optimizer
-        report = ConversionReport("keras2keras", src, dst, plan, dict(a.keys),
-                                  tuple(k for k in a.stored_keys() if k not in {v for _, v in values.values()}),
-                                  f"Keras optimizer {t.optimizer_name or ''}".rstrip() if carried else None, {}, "", tuple(notes) + tuple(f"{k}: copied from the template" for k in leftover[:20]),
-                                  not dry_run)
-        if dry_run:
-            return report
-
-        def value(ckey: str) -> np.ndarray:
-            arr = a.get(values[ckey][1])
-            if tuple(np.shape(arr)) != tuple(t.reader.shape(ckey)):
-                raise ConversionError(f"{ckey}: {src} has shape {np.shape(arr)}, the template {t.reader.shape(ckey)}")
-            return arr
-
-        if isinstance(t, KerasFileCheckpoint):
-            write_keras_like_template(dst, t, value, values, overwrite=overwrite)
-        else:
-            check_destination(dst, "tf", overwrite)
-            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-            write_like_template(dst, t, value, values, leftover)
-        return report
-
-
-def _pair_variables(a: KerasCheckpoint, t: KerasCheckpoint) -> dict[str, str]:
-    """``{source key of a: source key of t}``: by Keras path, else layer by layer in order.
-
-    A side whose file does not record the layer order (a ``.weights.h5``) pairs layers by
-    their shapes only, and layers sharing shapes are refused: never paired by a listing order.
-    """
-    if set(a.keys) == set(t.keys):
-        return {k: k for k in a.keys}
-    la = [l for l in a.layers if l.weights]
-    lt = [l for l in t.layers if l.weights]
-    sig = lambda l: [tuple(w.shape) for w in l.weights]  # noqa: E731
-    unordered = [c.path for c in (a, t) if not getattr(c, "order_known", True)]
-    if unordered and len(la) == len(lt):
-        # a .weights.h5 lists its layers by name, not in the model's order: only shapes can pair them
-        by_sig: dict[str, list[list[Any]]] = {}
-        for side, layers in ((0, la), (1, lt)):
-            for layer in layers:
-                by_sig.setdefault(repr(sig(layer)), [[], []])[side].append(layer)
-        if all(len(x) == len(y) for x, y in by_sig.values()):
-            tied = [(k, x, y) for k, (x, y) in by_sig.items() if len(x) > 1]
-            if tied:
-                raise ConversionError(
-                    f"{', '.join(unordered)} does not record the order of the model's layers (a .weights.h5 lists them "
-                    "by name), and layers of the same shapes cannot be told apart: "
-                    + "; ".join(f"{', '.join(l.name for l in x)} vs {', '.join(l.name for l in y)} ({k})" for k, x, y in tied)
-                    + ". Use the model's .keras file (its config records the order) or a TF checkpoint on that side")
-            return {wa.key: wt.key for x, y in by_sig.values() for wa, wt in zip(x[0].weights, y[0].weights)}
-    elif len(la) == len(lt) and all(sig(x) == sig(y) for x, y in zip(la, lt)):
-        return {wa.key: wt.key for x, y in zip(la, lt) for wa, wt in zip(x.weights, y.weights)}
-    only_a = sorted(set(a.keys) - set(t.keys))
-    only_t = sorted(set(t.keys) - set(a.keys))
-    raise UnmappedKeyError(
-        "the variables do not pair by name, nor layer by layer in order (different layers or shapes):\n"
-        + "".join(f"  only in the source: {k} {a.shapes[k]}\n" for k in only_a[:20])
-        + "".join(f"  only in the template: {k} {t.shapes[k]}\n" for k in only_t[:20])
-        + "save the template from the same model (model.save_weights / tf.train.Checkpoint after building it)")

@@ -10,6 +10,8 @@
 * :mod:`.report`: :class:`ConversionReport`.
 * :mod:`.outputs` / :mod:`.torch_state`: where tf2torch writes, what torch2tf reads.
 * :mod:`.diff`: a TF checkpoint, converted on the fly, compared with torch weights.
+* :mod:`.torch2keras` / :mod:`.keras2keras`: writing into a Keras template's layout, from a
+  torch checkpoint (the torch2tf pipeline) or from another Keras checkpoint or file.
 
 The pipelines that combine them are :mod:`ckptfmt.converters.convert`.
 

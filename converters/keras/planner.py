@@ -36,7 +36,7 @@ from collections.abc import Mapping as AbcMapping
 from pathlib import Path
 from typing import Any
 
-from ckptfmt.errors import ConversionError
+from ckptfmt.errors import CkptFmtError, ConversionError
 
 from ..mapping.describe import find_flatten_dense
 from ..mapping.registry import KerasLayer, layer_rules
@@ -170,13 +170,26 @@ def make_model(factory: str | Callable[[], Any] | None) -> tuple[Any, Any]:
 def make_keras_model(spec: Any) -> Any:
     """A Keras model, or None: given as is, or made by a ``"file.py:factory"`` / callable.
 
+    Raises:
+        ConversionError: the factory failed (its error named; a missing Keras said so) or
+            returned something other than a Keras model.
+
     Example:
         >>> make_keras_model(None) is None
         True
     """
     if spec is None or (hasattr(spec, "layers") and hasattr(spec, "get_config")):
         return spec
-    model = load_factory(spec)()
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except CkptFmtError:
+        raise
+    except Exception as e:  # the user's factory: named, with its error, never a bare foreign traceback
+        missing = getattr(e, "name", None) if isinstance(e, ImportError) else None
+        need = (" (--keras-model needs Keras 3 installed: pip install keras, or 'ckptfmt[tensorflow]')"
+                if missing and missing.split(".")[0] == "keras" else "")
+        raise ConversionError(f"the Keras model factory {spec!r} failed: {type(e).__name__}: {e}{need}") from e
     if not (hasattr(model, "layers") and hasattr(model, "get_config")):
         raise ConversionError(f"the Keras model factory returned a {type(model).__name__}, not a Keras model")
     return model
@@ -229,7 +242,26 @@ def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapp
     Example:
         >>> plan, notes = plan_conversion(kc, None, None, None, True)  # doctest: +SKIP
     """
-    sources = kc.specs()
+    _refuse_what_cannot_be_planned(kc, model, example, mapping, pairs, keras_model)
+    if model is not None:
+        targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    naming = check_preset(preset, model)
+    if mapping is None and naming == "tf-module":
+        mapping = module_mapping(kc)
+    if model is not None and naming == "keras":
+        mapping = _matched_mapping(kc, model, example, mapping, targets, pairs, keras_model, fold_conv_bias)
+    elif mapping is None:
+        unknown = [l for l in kc.layers if l.class_name == "Unknown"]
+        if unknown:
+            raise unknown_layers_error(unknown)
+        mapping = preset_mapping(list(kc.layers))
+    plan = mapping.plan(kc.specs(), targets, strict=strict)
+    return plan, plan.notes
+
+
+def _refuse_what_cannot_be_planned(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapping | None,
+                                   pairs: AbcMapping[str, str] | None, keras_model: Any) -> None:
+    """Options that need a torch model without one, and a Flatten whose input order nothing tells."""
     from .kerasfile import unordered_flatten_error
 
     unordered = unordered_flatten_error(kc)
@@ -239,34 +271,32 @@ def plan_conversion(kc: KerasCheckpoint, model: Any, example: Any, mapping: Mapp
         raise ConversionError("pairs (--pair) settle the matching of Keras layers to a torch model: they need --model")
     if keras_model is not None and model is None:
         raise ConversionError("a Keras model (--keras-model) is used with a torch model (--model)")
-    if model is not None:
-        targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if mapping is None and check_preset(preset, model) == "tf-module":
-        mapping = module_mapping(kc)
-    if model is not None and check_preset(preset, model) == "keras":
-        from ..mapping._dataflow import keras_graph
-        from ..mapping.match import build_mapping, settle_kinds
 
-        layers = list(kc.layers)
-        covered: set[str] = set()
-        produced: set[str] = set()
-        if mapping is not None:
-            extra = mapping.plan(sources, None, strict=False)
-            covered = {s for e in extra.entries for s in e.sources} | set(extra.dropped)
-            produced = {t for e in extra.entries for t in e.targets}
-        unknown = [l for l in layers if l.class_name == "Unknown" and not all(w.key in covered for w in l.weights)]
-        if unknown:
-            raise unknown_layers_error(unknown, {k: v for k, v in targets.items()
-                                                 if k not in produced and not k.endswith("num_batches_tracked")})
-        # unknown layers left are the mapping file's: build_mapping leaves what it covers out of the matching
-        graph = keras_graph(keras_model) if keras_model is not None else None
-        mapping = build_mapping(refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs,
-                                keras_graph=graph, extra=mapping, fold_conv_bias=fold_conv_bias,
-                                order_known=getattr(kc, "order_known", True))
-    elif mapping is None:
-        unknown = [l for l in kc.layers if l.class_name == "Unknown"]
-        if unknown:
-            raise unknown_layers_error(unknown)
-        mapping = preset_mapping(list(kc.layers))
-    plan = mapping.plan(sources, targets, strict=strict)
-    return plan, plan.notes
+
+def _matched_mapping(kc: KerasCheckpoint, model: Any, example: Any, extra: Mapping | None, targets: dict[str, tuple[int, ...]],
+                     pairs: AbcMapping[str, str] | None, keras_model: Any, fold_conv_bias: bool) -> Mapping:
+    """The checkpoint's layers matched with the torch model's modules, a mapping file's rules (``extra``) first.
+
+    Raises:
+        ConversionError: layers of unknown kinds the mapping file does not cover (all listed,
+            with a rule file to start from).
+    """
+    from ..mapping._dataflow import keras_graph
+    from ..mapping.match import build_mapping, settle_kinds
+
+    layers = list(kc.layers)
+    covered: set[str] = set()
+    produced: set[str] = set()
+    if extra is not None:
+        planned = extra.plan(kc.specs(), None, strict=False)
+        covered = {s for e in planned.entries for s in e.sources} | set(planned.dropped)
+        produced = {t for e in planned.entries for t in e.targets}
+    unknown = [l for l in layers if l.class_name == "Unknown" and not all(w.key in covered for w in l.weights)]
+    if unknown:
+        raise unknown_layers_error(unknown, {k: v for k, v in targets.items()
+                                             if k not in produced and not k.endswith("num_batches_tracked")})
+    # unknown layers left are the mapping file's: build_mapping leaves what it covers out of the matching
+    graph = keras_graph(keras_model) if keras_model is not None else None
+    return build_mapping(refit_flattens(layers, settle_kinds(layers, model, pairs)), model, example, pairs=pairs,
+                         keras_graph=graph, extra=extra, fold_conv_bias=fold_conv_bias,
+                         order_known=getattr(kc, "order_known", True))

@@ -32,6 +32,8 @@ MODULES = [
     "ckptfmt.converters.keras.outputs",
     "ckptfmt.converters.keras.torch_state",
     "ckptfmt.converters.keras.diff",
+    "ckptfmt.converters.keras.keras2keras",
+    "ckptfmt.converters.keras.torch2keras",
     "ckptfmt.converters.mapping.registry",
     "ckptfmt.converters.mapping.layers",
     "ckptfmt.converters.mapping.describe",

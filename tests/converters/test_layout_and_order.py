@@ -377,13 +377,15 @@ def keras_conv_pool():
 
 
 @pytest.mark.tensorflow
-def test_a_check_that_cannot_run_says_the_output_was_written(keras, tmp_path):
+def test_a_check_that_cannot_run_is_refused_before_the_output_is_written(keras, tmp_path):
+    """A Keras model whose variables do not fit the checkpoint: --check could not run, so
+    nothing is written (no unchecked output left looking like a success)."""
     km = _keras_model(keras, "permute_relu_flatten")
     km.save(tmp_path / "m.keras")
-    with pytest.raises(ConversionError, match=r"t\.pt was written but is not checked"):
+    with pytest.raises(ConversionError, match=r"the Keras model's variables do not fit the checkpoint .*m\.keras"):
         tf_to_torch(tmp_path / "m.keras", tmp_path / "t.pt", model_factory=f"{HERE}:permute_relu_flatten",
                     keras_model=f"{HERE}:keras_conv_pool", check=True)
-    assert (tmp_path / "t.pt").exists()
+    assert not (tmp_path / "t.pt").exists()
 
 
 def test_a_flattened_model_input_is_related_to_keras_only_with_one_channel():

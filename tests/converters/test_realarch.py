@@ -217,8 +217,10 @@ def test_check_fails_with_the_figures_when_the_torch_model_differs(runs, tmp_pat
         model.classifier[1] = __import__("torch").nn.Tanh()  # not the Keras model's ReLU
         return model, x
 
-    with pytest.raises(CheckFailedError, match=r"check FAILED: output 0: max \|keras - torch\|"):
+    with pytest.raises(CheckFailedError, match=r"check FAILED: output 0: max \|keras - torch\|") as e:
         tf_to_torch(run["prefix"], tmp_path / "v.pt", model_factory=other, keras_model=f"{MODELS}:keras_vgg", check=True)
+    # no output that fails its check is left at DST, and the message says so
+    assert "v.pt was removed" in str(e.value) and not (tmp_path / "v.pt").exists()
 
 
 def test_check_from_the_command_line(runs, tmp_path):
@@ -282,4 +284,130 @@ def test_command_line_refusals_exit_non_zero_and_write_nothing(runs, tmp_path):
     assert res.exit_code != 0 and "parallel branches" in res.output and not out.exists()
     res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:resnet",
                                     "--keras-model", f"{MODELS}:keras_resnet", "--check", "--check-tolerance", "1e-12"])
-    assert res.exit_code != 0 and "check FAILED" in res.output
+    # a check that ran and failed: exit 1 (as the help and README say), the output it wrote removed
+    assert res.exit_code == 1 and "check FAILED" in res.output and "was removed" in res.output, res.output
+    assert not out.exists()
+
+
+# -- --check that cannot run: refused before writing, or the output removed -------------------
+
+
+def test_a_check_that_cannot_run_is_refused_before_anything_is_written(runs, tmp_path, monkeypatch):
+    import sys
+
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    dst = tmp_path / "v.pt"
+
+    def broken_factory():
+        raise ValueError("no such weights file")
+
+    with pytest.raises(ConversionError, match="the Keras model factory .* failed: ValueError: no such weights file"):
+        tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", keras_model=broken_factory, check=True)
+    assert not dst.exists()
+    # a Keras model that is not the checkpoint's: its variables are paired before writing
+    with pytest.raises(ConversionError, match="the checkpoint's model"):
+        tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_resnet", check=True)
+    assert not dst.exists()
+    # Keras not installed: the factory cannot import it, and the message says what --check needs
+    monkeypatch.setitem(sys.modules, "keras", None)
+    with pytest.raises(ConversionError, match=r"ModuleNotFoundError.*needs Keras 3 installed"):
+        tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_vgg", check=True)
+    assert not dst.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dst_kind", ["pt", "new_dir", "empty_dir", "interrupted"])
+def test_a_check_that_fails_to_run_after_writing_removes_the_output(runs, tmp_path, monkeypatch, dst_kind):
+    """An error inside the check (a framework, the user's model) or an interrupt, after DST was
+    written: DST is removed (a user's empty directory stays), and the error says why."""
+    from ckptfmt.converters import check
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / ("v.pt" if dst_kind in ("pt", "interrupted") else "ck")
+    if dst_kind == "empty_dir":
+        dst.mkdir()
+    seen = []
+
+    def broken(keras_model, torch_model, *a, **k):
+        seen.append(sorted(p.name for p in out.iterdir()))  # DST was written when the check ran
+        if dst_kind == "interrupted":
+            raise KeyboardInterrupt
+        raise RuntimeError("the Keras backend failed")
+
+    monkeypatch.setattr(check, "check_conversion", broken)
+    kwargs = dict(model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_vgg", check=True)
+    if dst_kind == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            tf_to_torch(run["prefix"], dst, **kwargs)
+    else:
+        with pytest.raises(ConversionError, match=r"--check could not run: RuntimeError: the Keras backend failed; "
+                                                  r"the output this run wrote at .* was removed") as e:
+            tf_to_torch(run["prefix"], dst, **kwargs)
+        assert not isinstance(e.value, CheckFailedError)
+    assert seen == [[dst.name]]
+    if dst_kind == "empty_dir":
+        assert dst.is_dir() and not list(dst.iterdir())
+    else:
+        assert not list(out.iterdir())
+
+
+def test_a_check_that_cannot_run_exits_3_from_the_command_line(runs, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ckptfmt.cli.main import main
+    from ckptfmt.converters import check
+
+    def broken(*a, **k):
+        raise RuntimeError("the Keras backend failed")
+
+    monkeypatch.setattr(check, "check_conversion", broken)
+    run = runs("vgg")
+    out = tmp_path / "v.pt"
+    res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:vgg",
+                                    "--keras-model", f"{MODELS}:keras_vgg", "--check"])
+    assert res.exit_code == 3 and "--check could not run" in res.output and "was removed" in res.output, res.output
+    assert f"wrote {out} (" not in res.output and not out.exists()
+
+
+# -- diff --tf2torch with the Keras graph --------------------------------------------------------
+
+
+def test_diff_settles_parallel_branches_with_the_keras_model(runs, tmp_path):
+    """``diff --tf2torch`` takes ``--keras-model`` as tf2torch does: a ResNet's shortcut BN and
+    ``bn3`` (same shapes, parallel branches) are refused without it and settled with it, so a
+    file with them swapped (the former silent failure) is found."""
+    import torch
+    from click.testing import CliRunner
+
+    from ckptfmt.cli.main import main
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("resnet")
+    out = tmp_path / "r.pt"
+    tf_to_torch(run["prefix"], out, model_factory=f"{MODELS}:resnet", keras_model=f"{MODELS}:keras_resnet", optimizer=False)
+    diff = ["diff", "--tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:resnet"]
+    res = CliRunner().invoke(main, diff)
+    assert res.exit_code == 3 and "parallel branches" in res.output and "--keras-model" in res.output, res.output
+    res = CliRunner().invoke(main, diff + ["--keras-model", f"{MODELS}:keras_resnet"])
+    assert res.exit_code == 0 and "identical" in res.output, res.output
+    res = CliRunner().invoke(main, ["diff", run["prefix"], str(out), "--keras-model", f"{MODELS}:keras_resnet"])
+    assert res.exit_code == 2 and "need --tf2torch" in res.output
+
+    state = torch.load(out, weights_only=True)["model"]
+    swapped = []
+    for s in ("weight", "bias", "running_mean", "running_var"):
+        a, b = f"layer1.0.bn3.{s}", f"layer1.0.downsample.1.{s}"
+        if not torch.equal(state[a], state[b]):  # the betas are equal: both branches get the same gradient
+            swapped += [a, b]
+        state[a], state[b] = state[b], state[a]
+    assert len(swapped) >= 6
+    torch.save({"model": state}, tmp_path / "swapped.pt")
+    res = CliRunner().invoke(main, ["diff", "--tf2torch", run["prefix"], str(tmp_path / "swapped.pt"), "--model", f"{MODELS}:resnet",
+                                    "--keras-model", f"{MODELS}:keras_resnet", "--json"])
+    assert res.exit_code == 1, res.output
+    report = json.loads(res.output)
+    assert sorted(c["name"] for c in report["changed"]) == sorted(f"model/{k}" for k in swapped)
