@@ -8,6 +8,10 @@ arrays; string tensors as ``varint64`` lengths, a masked CRC32C of those length 
 then the bytes. Partitioned variables have an entry with ``slices`` and no data; each
 slice is stored under a key built by TensorFlow's ``EncodeTensorNameSlice``.
 
+This module reads the data (:class:`TFCheckpointReader`) and is where the public names
+are imported from; the index (finding a checkpoint, its header, its entries checked) is
+:mod:`._index`, writing is :mod:`._writer`, slice keys :mod:`._slices`, dtypes :mod:`._dtypes`.
+
 Example:
     >>> from ckptfmt.converters.tf import TFCheckpointReader, write_checkpoint
     >>> import numpy as np
