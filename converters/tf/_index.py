@@ -217,15 +217,9 @@ def _check_data_extent(e: BundleEntry, where: str, num_shards: int) -> None:
 class BundleIndex:
     """The parsed, validated index of a TensorBundle checkpoint; no data shard is touched.
 
-    Entries are decoded and checked when first asked for, then cached.
-
-    Args:
-        path: A checkpoint prefix (``dir/ckpt-3``), its ``.index`` file, or a directory
-            holding a ``checkpoint`` state file (the latest checkpoint is opened).
-
-    Raises:
-        CheckpointNotFoundError: Nothing to open at ``path``.
-        FormatError: The index is malformed (``IntegrityError`` on checksum mismatch).
+    Entries are decoded and checked when first asked for, then cached. ``path`` and the
+    errors are those of :class:`~ckptfmt.converters.tf.bundle.TFCheckpointReader`, which
+    adds the data reads.
 
     Example:
         >>> index = BundleIndex("fixtures/tf/tf_module")  # doctest: +SKIP

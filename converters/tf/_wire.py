@@ -3,8 +3,7 @@
 Every decoder takes a ``where`` string (file and key) and raises
 :class:`~ckptfmt.errors.FormatError` naming it when the bytes are truncated, a varint is
 too long, or a length runs past its message. Nothing here allocates more than the input.
-The messages built on it are in :mod:`._proto` (TensorBundle), :mod:`._graph_proto`
-(``TrackableObjectGraph``) and :mod:`._state` (the text ``checkpoint`` file).
+The messages built on it are in :mod:`._proto`; the text ``checkpoint`` file is :mod:`._state`.
 """
 
 from __future__ import annotations

@@ -33,14 +33,14 @@ import numpy as np
 
 from ckptfmt.errors import ConversionError, FormatError, LimitExceededError, TensorNotFoundError
 
-from ._graph_proto import (
+from ._index import OBJECT_GRAPH_KEY
+from ._proto import (
     ObjectReference,
     SerializedTensor,
     SlotVariableReference,
     TrackableObject,
     TrackableObjectGraph,
 )
-from ._index import OBJECT_GRAPH_KEY
 
 __all__ = [
     "CheckpointObjectGraph",
