@@ -225,6 +225,33 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
     """
     path = os.fspath(path)
     mpath = os.path.join(path, METADATA_NAME)
+    md = _load_metadata(path, mpath)
+    sdm = md.field("state_dict_metadata")
+    sdata = md.field("storage_data")
+    if not isinstance(sdm, dict) or not isinstance(sdata, dict):
+        raise _bad(mpath, "Metadata lacks state_dict_metadata or storage_data")
+    where_by_key = _storage_index(sdata, mpath)
+    tensors: dict[str, DcpTensor] = {}
+    bytes_items: dict[str, DcpChunk] = {}
+    for fqn, item in sdm.items():
+        if not isinstance(fqn, str) or not isinstance(item, _Record):
+            raise _bad(mpath, f"entry {fqn!r} is not a DCP storage metadata record")
+        if item.kind == "BytesStorageMetadata":
+            bytes_items[fqn] = _bytes_item(fqn, where_by_key, mpath)
+        elif item.kind == "TensorStorageMetadata":
+            tensors[fqn] = _tensor(fqn, item, where_by_key, mpath)
+        else:
+            raise _bad(mpath, f"{fqn!r} is a {item.kind}, not tensor or bytes metadata")
+    mappings = _mappings(md.field("planner_data"))
+    why = None if mappings is None else dense_list_indices(mappings.values())
+    if why is not None:
+        raise _bad(mpath, f"planner_data (the nesting of the saved state) is not a tree of dense lists: {why}")
+    version = md.field("version")
+    return DcpMetadata(path, tensors, bytes_items, mappings, version if isinstance(version, str) else None)
+
+
+def _load_metadata(path: str, mpath: str) -> _Record:
+    """The ``.metadata`` pickle, bounded in size, its opcodes scanned, unpickled into inert records."""
     try:
         size = os.path.getsize(mpath)
     except OSError:
@@ -244,10 +271,11 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
         raise _bad(mpath, f"not a readable DCP metadata pickle ({type(e).__name__}: {e})") from None
     if not isinstance(md, _Record) or md.kind != "Metadata":
         raise _bad(mpath, "the pickle does not hold a DCP Metadata object")
-    sdm = md.field("state_dict_metadata")
-    sdata = md.field("storage_data")
-    if not isinstance(sdm, dict) or not isinstance(sdata, dict):
-        raise _bad(mpath, "Metadata lacks state_dict_metadata or storage_data")
+    return md
+
+
+def _storage_index(sdata: dict, mpath: str) -> dict[tuple, Any]:
+    """``storage_data`` keyed by ``(fqn, chunk offsets or None)``, each key checked to be a MetadataIndex."""
     where_by_key: dict[tuple, Any] = {}
     for k, v in sdata.items():
         if not isinstance(k, _Record) or k.kind != "MetadataIndex" or not isinstance(k.field("fqn"), str):
@@ -257,71 +285,74 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> DcpMetadata:
             where_by_key[(k.field("fqn"), None if off is None else _size(off))] = v
         except FormatError as e:
             raise _bad(mpath, f"the storage_data key of {k.field('fqn')!r}: {e}") from None
-    tensors: dict[str, DcpTensor] = {}
-    bytes_items: dict[str, DcpChunk] = {}
-    for fqn, item in sdm.items():
-        if not isinstance(fqn, str) or not isinstance(item, _Record):
-            raise _bad(mpath, f"entry {fqn!r} is not a DCP storage metadata record")
-        if item.kind == "BytesStorageMetadata":
-            info = where_by_key.get((fqn, None))
-            if info is None:
-                raise _bad(mpath, f"{fqn!r} has no storage data")
-            rel, off, length = _storage_info(info, mpath, fqn)
-            bytes_items[fqn] = DcpChunk((), (), rel, off, length)
-            continue
-        if item.kind != "TensorStorageMetadata":
-            raise _bad(mpath, f"{fqn!r} is a {item.kind}, not tensor or bytes metadata")
-        props = item.field("properties")
-        pstate = getattr(props, "state", None) if isinstance(props, _Record) and props.kind == "TensorProperties" else None
-        if isinstance(pstate, tuple) and len(pstate) == 5:
-            dt, layout = pstate[0], pstate[1]
-        elif isinstance(pstate, dict):
-            dt, layout = pstate.get("dtype"), pstate.get("layout")
-        else:
-            raise _bad(mpath, f"{fqn!r}: unreadable tensor properties")
-        if not isinstance(dt, _DType):
-            raise _bad(mpath, f"{fqn!r}: dtype {dt!r} is not one ckptfmt can hold")
-        if layout not in ("torch.strided", None):
-            raise _bad(mpath, f"{fqn!r}: layout {layout!r} is not dense (strided)")
-        shape = item.field("size")
-        chunks_raw = item.field("chunks")
-        if not isinstance(shape, tuple) or not isinstance(chunks_raw, list):
-            raise _bad(mpath, f"{fqn!r}: size or chunks missing")
-        shape = _size(shape)
-        if len(chunks_raw) > MAX_PIECES_PER_TENSOR:
-            raise LimitExceededError(f"{mpath}: {fqn!r} has {len(chunks_raw)} chunks, over {MAX_PIECES_PER_TENSOR}")
-        chunks = []
-        for c in chunks_raw:
-            if not isinstance(c, _Record) or c.kind != "ChunkStorageMetadata":
-                raise _bad(mpath, f"{fqn!r}: a chunk is not a ChunkStorageMetadata")
-            offs, sizes = c.field("offsets"), c.field("sizes")
-            if not isinstance(offs, tuple) or not isinstance(sizes, tuple) or len(offs) != len(shape) or len(sizes) != len(shape):
-                raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes do not match the tensor's rank")
-            try:
-                offs, sizes = _size(offs), _size(sizes)
-            except FormatError as e:
-                raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes: {e}") from None
-            if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
-                raise _bad(mpath, f"{fqn!r}: the chunk at {list(offs)} of shape {list(sizes)} lies outside {list(shape)}")
-            info = where_by_key.get((fqn, offs))
-            if info is None:
-                raise _bad(mpath, f"{fqn!r}: no storage data for the chunk at {list(offs)}")
-            rel, off, length = _storage_info(info, mpath, f"{fqn!r} at {list(offs)}")
-            chunks.append(DcpChunk(offs, sizes, rel, off, length))
-        _check_cover(fqn, shape, chunks, mpath)
-        # each chunk is a torch.save archive holding its elements uncompressed: the bytes on
-        # disk bound the tensor, checked before anything of its size is allocated
-        nbytes = math.prod(shape) * numpy_dtype(dt.name).itemsize
-        stored = sum(c.length for c in chunks)
-        if nbytes > stored or nbytes > LIMITS.max_tensor_bytes:
-            raise _bad(mpath, f"{fqn!r}: shape {list(shape)} of {dt.name} needs {nbytes} bytes, but its chunks store {stored}")
-        tensors[fqn] = DcpTensor(fqn, dt.name, shape, tuple(chunks))
-    mappings = _mappings(md.field("planner_data"))
-    why = None if mappings is None else dense_list_indices(mappings.values())
-    if why is not None:
-        raise _bad(mpath, f"planner_data (the nesting of the saved state) is not a tree of dense lists: {why}")
-    version = md.field("version")
-    return DcpMetadata(path, tensors, bytes_items, mappings, version if isinstance(version, str) else None)
+    return where_by_key
+
+
+def _bytes_item(fqn: str, where_by_key: dict[tuple, Any], mpath: str) -> DcpChunk:
+    """Where a non-tensor item (a torch.save of a plain value) is stored."""
+    info = where_by_key.get((fqn, None))
+    if info is None:
+        raise _bad(mpath, f"{fqn!r} has no storage data")
+    rel, off, length = _storage_info(info, mpath, fqn)
+    return DcpChunk((), (), rel, off, length)
+
+
+def _tensor_dtype(item: _Record, fqn: str, mpath: str) -> _DType:
+    """A tensor's dtype from its TensorProperties (tuple or dict state), which must be dense."""
+    props = item.field("properties")
+    pstate = getattr(props, "state", None) if isinstance(props, _Record) and props.kind == "TensorProperties" else None
+    if isinstance(pstate, tuple) and len(pstate) == 5:
+        dt, layout = pstate[0], pstate[1]
+    elif isinstance(pstate, dict):
+        dt, layout = pstate.get("dtype"), pstate.get("layout")
+    else:
+        raise _bad(mpath, f"{fqn!r}: unreadable tensor properties")
+    if not isinstance(dt, _DType):
+        raise _bad(mpath, f"{fqn!r}: dtype {dt!r} is not one ckptfmt can hold")
+    if layout not in ("torch.strided", None):
+        raise _bad(mpath, f"{fqn!r}: layout {layout!r} is not dense (strided)")
+    return dt
+
+
+def _tensor(fqn: str, item: _Record, where_by_key: dict[tuple, Any], mpath: str) -> DcpTensor:
+    """One tensor's metadata: dtype, shape and chunks, the chunks tiling it and storing enough bytes."""
+    dt = _tensor_dtype(item, fqn, mpath)
+    shape = item.field("size")
+    chunks_raw = item.field("chunks")
+    if not isinstance(shape, tuple) or not isinstance(chunks_raw, list):
+        raise _bad(mpath, f"{fqn!r}: size or chunks missing")
+    shape = _size(shape)
+    if len(chunks_raw) > MAX_PIECES_PER_TENSOR:
+        raise LimitExceededError(f"{mpath}: {fqn!r} has {len(chunks_raw)} chunks, over {MAX_PIECES_PER_TENSOR}")
+    chunks = [_chunk(c, fqn, shape, where_by_key, mpath) for c in chunks_raw]
+    _check_cover(fqn, shape, chunks, mpath)
+    # each chunk is a torch.save archive holding its elements uncompressed: the bytes on
+    # disk bound the tensor, checked before anything of its size is allocated
+    nbytes = math.prod(shape) * numpy_dtype(dt.name).itemsize
+    stored = sum(c.length for c in chunks)
+    if nbytes > stored or nbytes > LIMITS.max_tensor_bytes:
+        raise _bad(mpath, f"{fqn!r}: shape {list(shape)} of {dt.name} needs {nbytes} bytes, but its chunks store {stored}")
+    return DcpTensor(fqn, dt.name, shape, tuple(chunks))
+
+
+def _chunk(c: Any, fqn: str, shape: tuple[int, ...], where_by_key: dict[tuple, Any], mpath: str) -> DcpChunk:
+    """One ChunkStorageMetadata: offsets and sizes of the tensor's rank, inside it, with storage data."""
+    if not isinstance(c, _Record) or c.kind != "ChunkStorageMetadata":
+        raise _bad(mpath, f"{fqn!r}: a chunk is not a ChunkStorageMetadata")
+    offs, sizes = c.field("offsets"), c.field("sizes")
+    if not isinstance(offs, tuple) or not isinstance(sizes, tuple) or len(offs) != len(shape) or len(sizes) != len(shape):
+        raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes do not match the tensor's rank")
+    try:
+        offs, sizes = _size(offs), _size(sizes)
+    except FormatError as e:
+        raise _bad(mpath, f"{fqn!r}: a chunk's offsets/sizes: {e}") from None
+    if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
+        raise _bad(mpath, f"{fqn!r}: the chunk at {list(offs)} of shape {list(sizes)} lies outside {list(shape)}")
+    info = where_by_key.get((fqn, offs))
+    if info is None:
+        raise _bad(mpath, f"{fqn!r}: no storage data for the chunk at {list(offs)}")
+    rel, off, length = _storage_info(info, mpath, f"{fqn!r} at {list(offs)}")
+    return DcpChunk(offs, sizes, rel, off, length)
 
 
 def _mappings(pd: Any) -> dict[str, tuple] | None:

@@ -179,27 +179,35 @@ class OnnxSource(Source):
 
 def _check_initializer(onnx: Any, path: str, base: str, t: Any) -> Problem | None:
     """The first problem of one initializer's data (embedded or external), or None."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import uses_external_data
 
     if any(d < 0 for d in t.dims):
         return Problem("header", f"{path}: initializer {t.name!r} has a negative dimension {list(t.dims)}", file=path, tensor=t.name)
     need = _nbytes(onnx, t)
     if uses_external_data(t):
-        ext = ExternalDataInfo(t)
-        loc = ext.location or ""
-        fp = os.path.normpath(os.path.join(base, loc))
-        if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep) or os.path.islink(fp):
-            return Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory (or through a link); it is not read", file=path, tensor=t.name)
-        if not os.path.isfile(fp):
-            return Problem("missing_file", f"{path}: external data file {loc} of initializer {t.name!r} is missing", file=loc, tensor=t.name, offset=ext.offset)
-        length = ext.length if ext.length is not None and ext.length > 0 else need
-        if need is not None and length != need:
-            return Problem("size_mismatch", f"{path}: initializer {t.name!r} records {length} bytes of external data but its dtype and shape need {need}", file=loc, tensor=t.name, offset=ext.offset)
-        size = os.path.getsize(fp)
-        if ext.offset < 0 or (length is not None and ext.offset + length > size):
-            return Problem("truncated_file", f"{loc}: initializer {t.name!r} needs bytes {ext.offset}..{ext.offset + (length or 0)} but the file holds {size}; it is truncated", file=loc, tensor=t.name, offset=ext.offset)
-    elif t.HasField("raw_data") and need is not None and len(t.raw_data) != need:
+        return _check_external(path, base, t, need)
+    if t.HasField("raw_data") and need is not None and len(t.raw_data) != need:
         return Problem("size_mismatch", f"{path}: initializer {t.name!r} holds {len(t.raw_data)} bytes but its dtype and shape need {need}", file=path, tensor=t.name)
+    return None
+
+
+def _check_external(path: str, base: str, t: Any, need: int | None) -> Problem | None:
+    """The first problem of an initializer's external data: its file inside ``base``, no link, its span inside the file."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    ext = ExternalDataInfo(t)
+    loc = ext.location or ""
+    fp = os.path.normpath(os.path.join(base, loc))
+    if not loc or os.path.isabs(loc) or not fp.startswith(base + os.sep) or os.path.islink(fp):
+        return Problem("header", f"{path}: initializer {t.name!r} points to external data {loc!r} outside the model's directory (or through a link); it is not read", file=path, tensor=t.name)
+    if not os.path.isfile(fp):
+        return Problem("missing_file", f"{path}: external data file {loc} of initializer {t.name!r} is missing", file=loc, tensor=t.name, offset=ext.offset)
+    length = ext.length if ext.length is not None and ext.length > 0 else need
+    if need is not None and length != need:
+        return Problem("size_mismatch", f"{path}: initializer {t.name!r} records {length} bytes of external data but its dtype and shape need {need}", file=loc, tensor=t.name, offset=ext.offset)
+    size = os.path.getsize(fp)
+    if ext.offset < 0 or (length is not None and ext.offset + length > size):
+        return Problem("truncated_file", f"{loc}: initializer {t.name!r} needs bytes {ext.offset}..{ext.offset + (length or 0)} but the file holds {size}; it is truncated", file=loc, tensor=t.name, offset=ext.offset)
     return None
 
 

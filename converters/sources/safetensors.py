@@ -107,84 +107,120 @@ def _is_int(v: Any) -> bool:
 def _scan(path: str) -> _Scan:
     """Read and check the header of ``path``; problems are collected, not raised."""
     sc = _Scan()
+    raw = _read_header_bytes(path, sc)
+    if raw is None:
+        return sc
+    header = _parse_header(path, raw, sc)
+    if header is None:
+        return sc
+    buffer_len = sc.size - sc.data_start
+    sc.count = len(header)
+    for name, spec in header.items():
+        entry = _check_entry(path, name, spec, sc, buffer_len)
+        if entry is not None:
+            sc.entries[name] = entry
+    if not sc.problems:
+        _check_tiling(path, sc, buffer_len)
+    return sc
+
+
+def _read_header_bytes(path: str, sc: _Scan) -> bytes | None:
+    """The JSON header's bytes, its length bounded by the limit and the file; None after a problem."""
     bad = sc.problems.append
     with open(path, "rb") as f:
         sc.size = size = os.fstat(f.fileno()).st_size
         if size < 8:
             bad(Problem("truncated_file", f"{path} is {size} bytes; a safetensors file starts with an 8-byte header length", file=path, offset=0))
-            return sc
+            return None
         n = int.from_bytes(f.read(8), "little")
         if f.read(1) != b"{":
             sc.readable = False
             bad(Problem("unreadable", f"{path}: not a safetensors file: it does not start with an 8-byte header length followed by a JSON object", file=path, offset=0))
-            return sc
+            return None
         f.seek(8)
         if n > MAX_HEADER_BYTES:
             bad(Problem("header", f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit; the file is corrupt or not safetensors", file=path, offset=0))
-            return sc
+            return None
         if n > size - 8:
             bad(Problem("truncated_file", f"{path}: header length {n} runs past the end of the {size}-byte file; the file is truncated or corrupt", file=path, offset=8))
-            return sc
+            return None
         raw = f.read(n)
     sc.data_start = 8 + n
+    return raw
+
+
+def _parse_header(path: str, raw: bytes, sc: _Scan) -> dict[str, Any] | None:
+    """The header as a JSON object without duplicate keys, its metadata taken out into ``sc``."""
+    bad = sc.problems.append
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
-        bad(Problem("header", f"{path}: the {n}-byte JSON header is malformed ({e}); the file is corrupt", file=path, offset=8))
-        return sc
+        bad(Problem("header", f"{path}: the {len(raw)}-byte JSON header is malformed ({e}); the file is corrupt", file=path, offset=8))
+        return None
     if not isinstance(header, dict):
         bad(Problem("header", f"{path}: the header is a JSON {type(header).__name__}, not an object", file=path, offset=8))
-        return sc
+        return None
     meta = header.pop(_META_KEY, None)
     if meta is not None:
         if isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values()):
             sc.metadata = meta
         else:
             bad(Problem("header", f"{path}: {_META_KEY} must map strings to strings", file=path, offset=8))
-    buffer_len = size - sc.data_start
-    sc.count = len(header)
-    for name, spec in header.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            bad(Problem("header", f"{where}: entry must have exactly dtype, shape and data_offsets", file=path, tensor=name, offset=8))
-            continue
-        st, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
-            bad(Problem("header", f"{where}: data_offsets {offs!r} are not two ordered non-negative integers", file=path, tensor=name, offset=8))
-            continue
-        begin, end = offs
-        if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(_is_int(d) and d >= 0 for d in shape)):
-            bad(Problem("header", f"{where}: shape {shape!r} is not a list of non-negative integers", file=path, tensor=name, offset=sc.data_start + begin))
-            continue
-        dtype = _BY_ST.get(st) if isinstance(st, str) else None
-        if dtype is None:
-            bad(Problem("header", f"{where}: dtype {st!r} is not one ckptfmt can read (known: {', '.join(_BY_ST)})", file=path, tensor=name, offset=sc.data_start + begin))
-        else:
-            need = math.prod(shape) * numpy_dtype(dtype).itemsize
-            spread = math.prod(d or 1 for d in shape) * numpy_dtype(dtype).itemsize
-            if spread > _MAX_SPREAD:  # numpy refuses such a shape even when it is empty
-                bad(Problem("header", f"{where}: shape {shape} is beyond what any array can have (its non-zero dimensions span {spread} bytes)", file=path, tensor=name, offset=8))
-                continue
-            if need != end - begin:
-                bad(Problem("size_mismatch", f"{where}: {st} of shape {shape} needs {need} bytes but data_offsets [{begin}, {end}] hold {end - begin}", file=path, tensor=name, offset=sc.data_start + begin))
-                continue
-        if end > buffer_len:
-            bad(Problem("truncated_file", f"{where}: data at bytes {sc.data_start + begin}..{sc.data_start + end} lies past the end of the {size}-byte file; the file is truncated", file=path, tensor=name, offset=sc.data_start + begin))
-            continue
-        if dtype is not None:
-            sc.entries[name] = _Entry(name, dtype, tuple(shape), begin, end)
-    # The tensors must tile the buffer: sorted by offset, each starts where the last ended.
-    if not sc.problems:
-        pos = 0
-        for e in sorted(sc.entries.values(), key=lambda e: (e.begin, e.end)):
-            if e.begin < pos:
-                bad(Problem("overlap", f"{path}: tensor {e.name!r} at buffer bytes {e.begin}..{e.end} overlaps the tensor before it (which ends at {pos})", file=path, tensor=e.name, offset=sc.data_start + e.begin))
-            elif e.begin > pos:
-                bad(Problem("gap", f"{path}: buffer bytes {pos}..{e.begin} before tensor {e.name!r} belong to no tensor", file=path, tensor=e.name, offset=sc.data_start + pos))
-            pos = max(pos, e.end)
-        if pos != buffer_len:
-            bad(Problem("size_mismatch", f"{path}: {buffer_len - pos} bytes after the last tensor belong to no tensor (file is {size} bytes, tensors end at {sc.data_start + pos})", file=path, offset=sc.data_start + pos))
-    return sc
+    return header
+
+
+def _check_entry(path: str, name: str, spec: Any, sc: _Scan, buffer_len: int) -> _Entry | None:
+    """One tensor's header entry, checked (keys, offsets, shape, dtype, size, bounds); None after a problem."""
+    bad = sc.problems.append
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        bad(Problem("header", f"{where}: entry must have exactly dtype, shape and data_offsets", file=path, tensor=name, offset=8))
+        return None
+    st, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
+        bad(Problem("header", f"{where}: data_offsets {offs!r} are not two ordered non-negative integers", file=path, tensor=name, offset=8))
+        return None
+    begin, end = offs
+    if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(_is_int(d) and d >= 0 for d in shape)):
+        bad(Problem("header", f"{where}: shape {shape!r} is not a list of non-negative integers", file=path, tensor=name, offset=sc.data_start + begin))
+        return None
+    dtype = _BY_ST.get(st) if isinstance(st, str) else None
+    if dtype is None:  # reported, and the bounds below are still checked
+        bad(Problem("header", f"{where}: dtype {st!r} is not one ckptfmt can read (known: {', '.join(_BY_ST)})", file=path, tensor=name, offset=sc.data_start + begin))
+    elif not _size_fits(path, where, name, st, dtype, shape, begin, end, sc):
+        return None
+    if end > buffer_len:
+        bad(Problem("truncated_file", f"{where}: data at bytes {sc.data_start + begin}..{sc.data_start + end} lies past the end of the {sc.size}-byte file; the file is truncated", file=path, tensor=name, offset=sc.data_start + begin))
+        return None
+    return None if dtype is None else _Entry(name, dtype, tuple(shape), begin, end)
+
+
+def _size_fits(path: str, where: str, name: str, st: str, dtype: str, shape: list[int], begin: int, end: int, sc: _Scan) -> bool:
+    """The shape is one an array can have, and its bytes are exactly ``data_offsets``'s span."""
+    bad = sc.problems.append
+    need = math.prod(shape) * numpy_dtype(dtype).itemsize
+    spread = math.prod(d or 1 for d in shape) * numpy_dtype(dtype).itemsize
+    if spread > _MAX_SPREAD:  # numpy refuses such a shape even when it is empty
+        bad(Problem("header", f"{where}: shape {shape} is beyond what any array can have (its non-zero dimensions span {spread} bytes)", file=path, tensor=name, offset=8))
+        return False
+    if need != end - begin:
+        bad(Problem("size_mismatch", f"{where}: {st} of shape {shape} needs {need} bytes but data_offsets [{begin}, {end}] hold {end - begin}", file=path, tensor=name, offset=sc.data_start + begin))
+        return False
+    return True
+
+
+def _check_tiling(path: str, sc: _Scan, buffer_len: int) -> None:
+    """The tensors must tile the buffer: sorted by offset, each starts where the last ended."""
+    bad = sc.problems.append
+    pos = 0
+    for e in sorted(sc.entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin < pos:
+            bad(Problem("overlap", f"{path}: tensor {e.name!r} at buffer bytes {e.begin}..{e.end} overlaps the tensor before it (which ends at {pos})", file=path, tensor=e.name, offset=sc.data_start + e.begin))
+        elif e.begin > pos:
+            bad(Problem("gap", f"{path}: buffer bytes {pos}..{e.begin} before tensor {e.name!r} belong to no tensor", file=path, tensor=e.name, offset=sc.data_start + pos))
+        pos = max(pos, e.end)
+    if pos != buffer_len:
+        bad(Problem("size_mismatch", f"{path}: {buffer_len - pos} bytes after the last tensor belong to no tensor (file is {sc.size} bytes, tensors end at {sc.data_start + pos})", file=path, offset=sc.data_start + pos))
 
 
 class SafetensorsSource(Source):

@@ -24,7 +24,7 @@ from ckptfmt._progress import progress_bar
 from ckptfmt.api import Problem, VerifyReport
 from ckptfmt.errors import CheckpointNotFoundError, FormatError, IntegrityError
 
-from ..tf.bundle import TFCheckpointReader
+from ..tf.bundle import TensorEntry, TFCheckpointReader
 from .base import Source, TensorInfo, dtype_str, first_line, make_report
 
 _TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
@@ -172,6 +172,27 @@ def _meta_problem(prefix: str) -> Problem | None:
 def _check_entries(path: str, r: TFCheckpointReader, entries: dict, missing: set[int], problems: list[Problem],
                    progress: bool | None) -> tuple[int, int]:
     """Read every entry (CRC32C-checked); problems are collected. Returns (checked, bytes)."""
+    parts = _slice_parts(r, entries, problems)
+    total = sum(e.size for e in entries.values()) + sum(p[3] for ps in parts.values() for p in ps)
+    bar = progress_bar(total, f"verifying {path}", progress)
+    checked = nbytes = 0
+    for key, e in entries.items():
+        if e.slices:  # a partitioned variable: every slice checked, and named, on its own
+            c, b = _check_slices(r, key, parts[key], problems, bar)
+            checked, nbytes = checked + c, nbytes + b
+            continue
+        if e.shard in missing:
+            continue
+        _check_plain(r, key, e, problems)
+        checked += 1
+        nbytes += e.size
+        bar.update(e.size)
+    bar.close()
+    return checked, nbytes
+
+
+def _slice_parts(r: TFCheckpointReader, entries: dict, problems: list[Problem]) -> dict[str, list]:
+    """The stored slices of each partitioned variable; one whose index is malformed is reported and dropped from ``entries``."""
     parts: dict[str, list] = {}
     for key, e in list(entries.items()):
         if e.slices:
@@ -180,33 +201,20 @@ def _check_entries(path: str, r: TFCheckpointReader, entries: dict, missing: set
             except (FormatError, OSError) as ex:
                 problems.append(Problem("header", first_line(ex), file=r.index_path, tensor=key))
                 del entries[key]
-    total = sum(e.size for e in entries.values()) + sum(p[3] for ps in parts.values() for p in ps)
-    bar = progress_bar(total, f"verifying {path}", progress)
-    checked = nbytes = 0
-    for key, e in entries.items():
-        sliced = bool(e.slices)
-        if sliced:  # a partitioned variable: every slice checked, and named, on its own
-            c, b = _check_slices(r, key, parts[key], problems, bar)
-            checked, nbytes = checked + c, nbytes + b
-            continue
-        if e.shard in missing:
-            continue
-        sp = None if sliced else r.shard_path(e.shard)
-        off = None if sliced else e.offset
-        try:
-            r.get(key)
-        except IntegrityError as ex:
-            problems.append(Problem("hash_mismatch", first_line(ex), file=sp, tensor=key, offset=off))
-        except (FormatError, OSError) as ex:
-            truncated = sp is not None and os.path.isfile(sp) and e.offset + e.size > os.path.getsize(sp)
-            kind = "truncated_file" if truncated else ("missing_file" if isinstance(ex, FileNotFoundError) else "unreadable")
-            if not (sliced and isinstance(ex, FileNotFoundError) and missing):
-                problems.append(Problem(kind, first_line(ex), file=sp, tensor=key, offset=off))
-        checked += 1
-        nbytes += e.size
-        bar.update(e.size)
-    bar.close()
-    return checked, nbytes
+    return parts
+
+
+def _check_plain(r: TFCheckpointReader, key: str, e: TensorEntry, problems: list[Problem]) -> None:
+    """Read one tensor that is not partitioned; a checksum mismatch, truncation or read error is collected."""
+    sp = r.shard_path(e.shard)
+    try:
+        r.get(key)
+    except IntegrityError as ex:
+        problems.append(Problem("hash_mismatch", first_line(ex), file=sp, tensor=key, offset=e.offset))
+    except (FormatError, OSError) as ex:
+        truncated = os.path.isfile(sp) and e.offset + e.size > os.path.getsize(sp)
+        kind = "truncated_file" if truncated else ("missing_file" if isinstance(ex, FileNotFoundError) else "unreadable")
+        problems.append(Problem(kind, first_line(ex), file=sp, tensor=key, offset=e.offset))
 
 
 def _check_slices(r: TFCheckpointReader, key: str, parts: list, problems: list[Problem], bar: Any) -> tuple[int, int]:

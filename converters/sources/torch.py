@@ -235,8 +235,6 @@ class TorchSource(Source):
 
     @classmethod
     def verify(cls, path: str, *, progress: bool | None = None) -> VerifyReport:
-        from ckptfmt._progress import progress_bar
-
         t0 = time.perf_counter()
         torch = _torch()
         if not os.path.isfile(path):
@@ -250,38 +248,10 @@ class TorchSource(Source):
         checked = nbytes = 0
         bad_members: list[tuple[zipfile.ZipInfo, int]] = []
         if is_zip:
-            # zipfile parses untrusted bytes: besides BadZipFile it raises NotImplementedError,
-            # UnicodeDecodeError, OSError (negative seeks), ValueError... all mean "damaged".
-            try:
-                zf = zipfile.ZipFile(path)
-            except Exception as e:  # noqa: BLE001 - see above
-                problems.append(Problem("truncated_file", f"{path}: the zip archive cannot be opened ({type(e).__name__}: {first_line(e)}); the file is truncated or damaged", file=path))
+            scanned = _check_members(path, problems, progress)
+            if scanned is None:
                 return make_report(path, problems, t0)
-            size = os.path.getsize(path)
-            with zf, open(path, "rb") as raw:
-                infos = zf.infolist()
-                bar = progress_bar(sum(max(0, i.file_size) for i in infos), f"verifying {path}", progress)
-                for info in infos:
-                    off = _data_offset(raw, info, size)
-                    if off is None:
-                        problems.append(Problem("unreadable", f"{path}: archive member {info.filename!r} has its header at byte {info.header_offset}, outside the {size}-byte file; the archive directory is damaged", file=path))
-                        continue
-                    try:
-                        with zf.open(info) as member:
-                            while member.read(_READ_BLOCK):
-                                pass
-                    except zipfile.BadZipFile as e:
-                        kind = "hash_mismatch" if "CRC" in str(e) else "unreadable"
-                        bad_members.append((info, off))
-                        problems.append(Problem(kind, f"{path}: archive member {info.filename} (bytes {off}..{off + info.compress_size}) fails its CRC-32 check; the file is corrupted", file=path, offset=off))
-                    except (OSError, EOFError) as e:
-                        problems.append(Problem("truncated_file", f"{path}: archive member {info.filename} at byte {off} cannot be read ({first_line(e)})", file=path, offset=off))
-                    except Exception as e:  # noqa: BLE001 - zipfile on damaged bytes, as above
-                        problems.append(Problem("unreadable", f"{path}: archive member {info.filename!r} at byte {off} cannot be read ({type(e).__name__}: {first_line(e)}); the file is damaged", file=path, offset=off))
-                    checked += 1
-                    nbytes += max(0, info.file_size)
-                    bar.update(max(0, info.file_size))
-                bar.close()
+            checked, nbytes, bad_members = scanned
             if any(p.kind != "hash_mismatch" for p in problems):
                 return make_report(path, problems, t0, checked=checked, nbytes=nbytes)
         try:
@@ -298,6 +268,52 @@ class TorchSource(Source):
             checked, nbytes = len(tensors), sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors.values())
         return make_report(path, problems, t0, tensors=len(tensors), checked=checked, nbytes=nbytes,
                             version=_archive_version(path), coverage="full" if is_zip else "structure")
+
+
+def _check_members(path: str, problems: list[Problem], progress: bool | None) -> tuple[int, int, list[tuple[zipfile.ZipInfo, int]]] | None:
+    """Read every member of a zip-format torch file, checking its CRC-32; problems are collected.
+
+    Returns:
+        ``(members checked, bytes, [(member, data offset)] failing their CRC-32)``, or None
+        when the archive cannot be opened at all (its problem is collected).
+    """
+    from ckptfmt._progress import progress_bar
+
+    # zipfile parses untrusted bytes: besides BadZipFile it raises NotImplementedError,
+    # UnicodeDecodeError, OSError (negative seeks), ValueError... all mean "damaged".
+    try:
+        zf = zipfile.ZipFile(path)
+    except Exception as e:  # noqa: BLE001 - see above
+        problems.append(Problem("truncated_file", f"{path}: the zip archive cannot be opened ({type(e).__name__}: {first_line(e)}); the file is truncated or damaged", file=path))
+        return None
+    checked = nbytes = 0
+    bad_members: list[tuple[zipfile.ZipInfo, int]] = []
+    size = os.path.getsize(path)
+    with zf, open(path, "rb") as raw:
+        infos = zf.infolist()
+        bar = progress_bar(sum(max(0, i.file_size) for i in infos), f"verifying {path}", progress)
+        for info in infos:
+            off = _data_offset(raw, info, size)
+            if off is None:
+                problems.append(Problem("unreadable", f"{path}: archive member {info.filename!r} has its header at byte {info.header_offset}, outside the {size}-byte file; the archive directory is damaged", file=path))
+                continue
+            try:
+                with zf.open(info) as member:
+                    while member.read(_READ_BLOCK):
+                        pass
+            except zipfile.BadZipFile as e:
+                kind = "hash_mismatch" if "CRC" in str(e) else "unreadable"
+                bad_members.append((info, off))
+                problems.append(Problem(kind, f"{path}: archive member {info.filename} (bytes {off}..{off + info.compress_size}) fails its CRC-32 check; the file is corrupted", file=path, offset=off))
+            except (OSError, EOFError) as e:
+                problems.append(Problem("truncated_file", f"{path}: archive member {info.filename} at byte {off} cannot be read ({first_line(e)})", file=path, offset=off))
+            except Exception as e:  # noqa: BLE001 - zipfile on damaged bytes, as above
+                problems.append(Problem("unreadable", f"{path}: archive member {info.filename!r} at byte {off} cannot be read ({type(e).__name__}: {first_line(e)}); the file is damaged", file=path, offset=off))
+            checked += 1
+            nbytes += max(0, info.file_size)
+            bar.update(max(0, info.file_size))
+        bar.close()
+    return checked, nbytes, bad_members
 
 
 def check_zip_crcs(path: str) -> None:

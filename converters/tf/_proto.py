@@ -1,10 +1,11 @@
-"""A small, bounded protobuf wire-format codec and the few TensorFlow messages we need.
+"""The TensorFlow messages a checkpoint holds, decoded with bounds checked.
 
-Only what a TensorBundle checkpoint holds is modelled: ``BundleHeaderProto``,
-``BundleEntryProto`` (with ``TensorShapeProto`` and ``TensorSliceProto``),
-``VersionDef``, ``TrackableObjectGraph`` and the text-format ``CheckpointState`` of the
-``checkpoint`` file. Field numbers follow TensorFlow's ``.proto`` files; unknown fields
-are skipped on read (and kept verbatim where a message is re-serialized).
+Only what a TensorBundle checkpoint holds is modelled here: ``BundleHeaderProto``,
+``BundleEntryProto`` (with ``TensorShapeProto`` and ``TensorSliceProto``), ``VersionDef``
+and ``TrackableObjectGraph``; the wire codec is :mod:`._wire` and the text-format
+``CheckpointState`` of the ``checkpoint`` file :mod:`._state`. Field numbers follow
+TensorFlow's ``.proto`` files; unknown fields are skipped on read (and kept verbatim where
+a message is re-serialized).
 
 Every decoder takes a ``where`` string (file and key) and raises
 :class:`~ckptfmt.errors.FormatError` naming it when the bytes are truncated, a varint is
@@ -13,149 +14,25 @@ too long, or a length runs past its message. Nothing here allocates more than th
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ckptfmt.errors import FormatError
+from ._wire import (
+    _FIXED32,
+    _LEN,
+    _VARINT,
+    _expect,
+    _fail,
+    _packed_or_single,
+    _str,
+    f_bytes,
+    f_fixed32,
+    f_str,
+    f_varint,
+    iter_fields,
+    to_signed64,
+)
 
 __all__: list[str] = []  # private module; names are imported explicitly by siblings
-
-# Wire types.
-_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
-
-_ADVICE = "the checkpoint is corrupt or not a TensorFlow checkpoint; re-save it"
-
-
-def _fail(where: str, what: str) -> FormatError:
-    return FormatError(f"{where}: {what}; {_ADVICE}")
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def read_varint(buf: bytes | memoryview, pos: int, where: str, limit: int | None = None) -> tuple[int, int]:
-    """Decode an unsigned varint (at most 64 bits) at ``pos``; return ``(value, next_pos)``."""
-    end = len(buf) if limit is None else limit
-    result = 0
-    shift = 0
-    while True:
-        if pos >= end:
-            raise _fail(where, f"varint truncated at byte offset {pos}")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            break
-        shift += 7
-        if shift >= 70:
-            raise _fail(where, f"varint longer than 10 bytes ending at byte offset {pos}")
-    if result >> 64:
-        raise _fail(where, f"varint overflows 64 bits ending at byte offset {pos}")
-    return result, pos
-
-
-def to_signed64(v: int) -> int:
-    return v - (1 << 64) if v >> 63 else v
-
-
-def iter_fields(buf: bytes | memoryview, where: str) -> Iterator[tuple[int, int, object]]:
-    """Yield ``(field_number, wire_type, value)``; ``value`` is an int or a memoryview."""
-    mv = memoryview(buf)
-    n = len(mv)
-    pos = 0
-    while pos < n:
-        key, pos = read_varint(mv, pos, where)
-        num, wt = key >> 3, key & 7
-        if num == 0:
-            raise _fail(where, f"field number 0 at byte offset {pos}")
-        if wt == _VARINT:
-            value, pos = read_varint(mv, pos, where)
-        elif wt == _FIXED64:
-            if pos + 8 > n:
-                raise _fail(where, f"fixed64 field {num} truncated at byte offset {pos}")
-            value = int.from_bytes(mv[pos : pos + 8], "little")
-            pos += 8
-        elif wt == _FIXED32:
-            if pos + 4 > n:
-                raise _fail(where, f"fixed32 field {num} truncated at byte offset {pos}")
-            value = int.from_bytes(mv[pos : pos + 4], "little")
-            pos += 4
-        elif wt == _LEN:
-            length, pos = read_varint(mv, pos, where)
-            if length > n - pos:
-                raise _fail(
-                    where,
-                    f"field {num} claims {length} bytes at byte offset {pos} but only "
-                    f"{n - pos} remain",
-                )
-            value = mv[pos : pos + length]
-            pos += length
-        else:
-            raise _fail(where, f"unsupported wire type {wt} for field {num} at byte offset {pos}")
-        yield num, wt, value
-
-
-def _expect(wt: int, want: int, num: int, where: str) -> None:
-    if wt != want:
-        raise _fail(where, f"field {num} has wire type {wt}, expected {want}")
-
-
-def _str(v: object, where: str) -> str:
-    try:
-        return bytes(v).decode("utf-8")  # type: ignore[arg-type]
-    except UnicodeDecodeError as e:
-        raise _fail(where, f"string field is not valid UTF-8 ({e})") from None
-
-
-def _packed_or_single(wt: int, v: object, where: str) -> list[int]:
-    """Repeated varint fields may arrive packed (LEN) or one by one (VARINT)."""
-    if wt == _VARINT:
-        return [v]  # type: ignore[list-item]
-    if wt == _LEN:
-        out = []
-        mv = v  # type: ignore[assignment]
-        pos = 0
-        while pos < len(mv):  # type: ignore[arg-type]
-            x, pos = read_varint(mv, pos, where)  # type: ignore[arg-type]
-            out.append(x)
-        return out
-    raise _fail(where, f"repeated varint field has wire type {wt}")
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def varint(v: int) -> bytes:
-    """Encode a non-negative int (negative ints as 64-bit two's complement)."""
-    if v < 0:
-        v += 1 << 64
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def f_varint(num: int, v: int) -> bytes:
-    return varint(num << 3 | _VARINT) + varint(v)
-
-
-def f_bytes(num: int, b: bytes) -> bytes:
-    return varint(num << 3 | _LEN) + varint(len(b)) + b
-
-
-def f_str(num: int, s: str) -> bytes:
-    return f_bytes(num, s.encode("utf-8"))
-
-
-def f_fixed32(num: int, v: int) -> bytes:
-    return varint(num << 3 | _FIXED32) + struct.pack("<I", v)
-
-
-# --------------------------------------------------------------------------- messages
-
 
 @dataclass(frozen=True, slots=True)
 class VersionDef:
@@ -355,7 +232,7 @@ def _decode_entry_fast(b: bytes) -> tuple | None:
     n = len(b)
     pos = 0
     dtype = shard_id = offset = size = crc = 0
-    shape: tuple[int, ...] = ()
+    shape: tuple[int, ...] | None = ()
     while pos < n:
         key = b[pos]
         pos += 1
@@ -368,37 +245,10 @@ def _decode_entry_fast(b: bytes) -> tuple | None:
             end = pos + ln
             if ln < 0 or end > n:
                 return None
-            dims = []
-            while pos < end:
-                if b[pos] != 0x12:  # only `dim` fields
-                    return None
-                pos += 1
-                if pos < end and b[pos] < 0x80:
-                    dl = b[pos]
-                    pos += 1
-                else:
-                    dl, pos = _uvarint(b, pos, end)
-                dend = pos + dl
-                if dl < 0 or dend > end:
-                    return None
-                d = 0
-                while pos < dend:
-                    if b[pos] != 0x08:  # only `size`
-                        return None
-                    pos += 1
-                    if pos < dend and b[pos] < 0x80:
-                        d = b[pos]
-                        pos += 1
-                    else:
-                        d, pos = _uvarint(b, pos, dend)
-                        if d < 0:
-                            return None
-                if pos != dend:
-                    return None
-                dims.append(d)
-            if pos != end:
+            shape = _fast_shape(b, pos, end)
+            if shape is None:
                 return None
-            shape = tuple(dims)
+            pos = end
         elif key == 0x35:  # field 6, FIXED32: the masked crc
             if pos + 4 > n:
                 return None
@@ -423,6 +273,41 @@ def _decode_entry_fast(b: bytes) -> tuple | None:
         else:
             return None
     return dtype, shape, shard_id, offset, size, crc, ()
+
+
+def _fast_shape(b: bytes, pos: int, end: int) -> tuple[int, ...] | None:
+    """The fast path's ``TensorShapeProto`` in ``b[pos:end]``: ``dim { size }`` fields only, else None."""
+    dims = []
+    while pos < end:
+        if b[pos] != 0x12:  # only `dim` fields
+            return None
+        pos += 1
+        if pos < end and b[pos] < 0x80:
+            dl = b[pos]
+            pos += 1
+        else:
+            dl, pos = _uvarint(b, pos, end)
+        dend = pos + dl
+        if dl < 0 or dend > end:
+            return None
+        d = 0
+        while pos < dend:
+            if b[pos] != 0x08:  # only `size`
+                return None
+            pos += 1
+            if pos < dend and b[pos] < 0x80:
+                d = b[pos]
+                pos += 1
+            else:
+                d, pos = _uvarint(b, pos, dend)
+                if d < 0:
+                    return None
+        if pos != dend:
+            return None
+        dims.append(d)
+    if pos != end:
+        return None
+    return tuple(dims)
 
 
 # ------------------------------------------------------------------ TrackableObjectGraph
@@ -537,114 +422,3 @@ class TrackableObjectGraph:
     def encode(self) -> bytes:
         return b"".join(f_bytes(1, _encode_object(n)) for n in self.nodes)
 
-
-# ------------------------------------------------------------- CheckpointState (text)
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "a": "\a",
-            "b": "\b", "f": "\f", "v": "\v", "?": "?"}
-
-
-def _unquote(s: str, where: str) -> str:
-    if len(s) < 2 or s[0] != s[-1] or s[0] not in "\"'":
-        raise _fail(where, f"expected a quoted string, got {s[:80]!r}")
-    body = s[1:-1]
-    out = bytearray()
-    i = 0
-    while i < len(body):
-        ch = body[i]
-        if ch != "\\":
-            out += ch.encode("utf-8")
-            i += 1
-            continue
-        if i + 1 >= len(body):
-            raise _fail(where, "dangling backslash in quoted string")
-        nxt = body[i + 1]
-        if nxt in _ESCAPES:
-            out += _ESCAPES[nxt].encode()
-            i += 2
-        elif nxt in "01234567":
-            j = i + 1
-            while j < len(body) and j < i + 4 and body[j] in "01234567":
-                j += 1
-            out.append(int(body[i + 1 : j], 8) & 0xFF)
-            i = j
-        elif nxt == "x":
-            j = i + 2
-            while j < len(body) and j < i + 4 and body[j] in "0123456789abcdefABCDEF":
-                j += 1
-            if j == i + 2:
-                raise _fail(where, "\\x escape without hex digits")
-            out.append(int(body[i + 2 : j], 16))
-            i = j
-        else:
-            raise _fail(where, f"unknown escape \\{nxt} in quoted string")
-    try:
-        return out.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _fail(where, "path is not valid UTF-8") from None
-
-
-def _quote(s: str) -> str:
-    out = []
-    for b in s.encode("utf-8"):
-        c = chr(b)
-        if c == '"':
-            out.append('\\"')
-        elif c == "\\":
-            out.append("\\\\")
-        elif c == "\n":
-            out.append("\\n")
-        elif 0x20 <= b < 0x7F:
-            out.append(c)
-        else:
-            out.append(f"\\{b:03o}")
-    return '"' + "".join(out) + '"'
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointState:
-    """The text-format ``checkpoint`` file TensorFlow keeps next to its checkpoints."""
-
-    model_checkpoint_path: str = ""
-    all_model_checkpoint_paths: tuple[str, ...] = ()
-    all_model_checkpoint_timestamps: tuple[float, ...] = ()
-    last_preserved_timestamp: float = 0.0
-
-    @classmethod
-    def parse(cls, text: str, where: str) -> CheckpointState:
-        latest = ""
-        paths: list[str] = []
-        stamps: list[float] = []
-        last = 0.0
-        for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise _fail(f"{where} line {lineno}", f"expected 'field: value', got {line[:80]!r}")
-            name, value = name.strip(), value.strip()
-            here = f"{where} line {lineno}"
-            if name == "model_checkpoint_path":
-                latest = _unquote(value, here)
-            elif name == "all_model_checkpoint_paths":
-                paths.append(_unquote(value, here))
-            elif name in ("all_model_checkpoint_timestamps", "last_preserved_timestamp"):
-                try:
-                    num = float(value)
-                except ValueError:
-                    raise _fail(here, f"{name} is not a number: {value[:80]!r}") from None
-                if name == "last_preserved_timestamp":
-                    last = num
-                else:
-                    stamps.append(num)
-            # Unknown fields are ignored, as a newer TensorFlow may add some.
-        return cls(latest, tuple(paths), tuple(stamps), last)
-
-    def format(self) -> str:
-        lines = [f"model_checkpoint_path: {_quote(self.model_checkpoint_path)}"]
-        lines += [f"all_model_checkpoint_paths: {_quote(p)}" for p in self.all_model_checkpoint_paths]
-        lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in self.all_model_checkpoint_timestamps]
-        if self.last_preserved_timestamp:
-            lines.append(f"last_preserved_timestamp: {self.last_preserved_timestamp!r}")
-        return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ import crc32c as _crc32c
 
 from ckptfmt.errors import FormatError, IntegrityError
 
-from ._proto import read_varint, varint
+from ._wire import read_varint, varint
 
 __all__: list[str] = []
 

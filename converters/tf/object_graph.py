@@ -33,6 +33,7 @@ import numpy as np
 
 from ckptfmt.errors import ConversionError, FormatError, LimitExceededError, TensorNotFoundError
 
+from ._index import OBJECT_GRAPH_KEY
 from ._proto import (
     ObjectReference,
     SerializedTensor,
@@ -54,7 +55,6 @@ __all__ = [
     "split_object_path",
 ]
 
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _MAX_NODES = 10_000_000
 _OPTIMIZER_SEGMENTS = {".OPTIMIZER_SLOT", "_trainable_variables", "_variables", "optimizer"}
 _MAX_PATHS_PER_NODE = 32
