@@ -11,7 +11,7 @@ Part of :mod:`ckptfmt.converters.keras.kerasfile`, which re-exports the public n
 Example:
     >>> with KerasFileReader("fixtures/keras/k3_cnn_adam.weights.h5") as r:
     ...     r.kind, r.keys()[:2]
-    ('keras-h5', ['layers/conv2d/vars/0', 'layers/conv2d/vars/1'])
+    ('keras-h5', ['layers/batch_normalization/vars/0', 'layers/batch_normalization/vars/1'])
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def read_keras3(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckpo
         ConversionError: a layer of unknown kind (with ``infer_layers``).
 
     Example:
-        >>> with KerasFileReader("fixtures/keras/k3_cnn_adam.weights.h5") as r:  # doctest: +SKIP
+        >>> with KerasFileReader("fixtures/keras/k3_cnn_adam.weights.h5") as r:
         ...     read_keras3(r, True).notes
         ("layer order solved from the optimizer slots' shapes (a .weights.h5 records none)",)
     """

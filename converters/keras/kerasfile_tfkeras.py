@@ -50,7 +50,7 @@ def read_tfkeras(reader: KerasFileReader, infer_layers: bool) -> KerasFileCheckp
         ConversionError: a layer whose weights contradict its configured class (with ``infer_layers``).
 
     Example:
-        >>> with KerasFileReader("fixtures/keras/tfk_cnn_adam.h5") as r:  # doctest: +SKIP
+        >>> with KerasFileReader("fixtures/keras/tfk_cnn_adam.h5") as r:
         ...     read_tfkeras(r, True).slots["conv/kernel"]
         {'momentum': 'optimizer_weights/Adam/m/conv/kernel:0', 'velocity': 'optimizer_weights/Adam/v/conv/kernel:0'}
     """
