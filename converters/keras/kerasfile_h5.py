@@ -206,6 +206,7 @@ class KerasFileReader:
                 setattr(self, attr, parse_json(attr_value(raw), f"{self.path}: attribute {key}"))
 
     def _json(self, name: str) -> Any:
+        """A ``.keras`` member parsed as JSON, its declared size checked first."""
         assert self._zip is not None
         info = self._zip.getinfo(name)
         if info.file_size > _MAX_JSON:
@@ -253,6 +254,7 @@ class KerasFileReader:
                     self._offsets[full] = offset
 
     def _check_dataset(self, name: str, ds: Any) -> None:
+        """Refuse external, virtual, oddly typed or shaped datasets and decompression bombs."""
         if ds.external:
             raise FormatError(f"{self.path}: dataset {name} stores its data in external files ({ds.external[0][0]!r}); refused")
         if ds.is_virtual:
@@ -412,6 +414,7 @@ def _member_range(path: str, info: zipfile.ZipInfo) -> tuple[int, int]:
 
 
 def _extract(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> str:
+    """A compressed member unpacked to a temporary file (a decompression bomb refused first); its path."""
     if info.file_size > _MAX_EXPANSION * max(info.compress_size, 1) and info.file_size > _BOMB_FLOOR:
         raise FormatError(f"{path}: {info.filename} expands {info.compress_size} bytes to {info.file_size}; refused")
     import tempfile
@@ -424,6 +427,7 @@ def _extract(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> str:
 
 
 def _one_line(e: BaseException) -> str:
+    """An exception's first line, for a message naming the file."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

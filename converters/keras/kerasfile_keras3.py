@@ -162,7 +162,9 @@ def _keras_layers(reader: KerasFileReader, layers: list[FileLayer], infer_layers
 
 # ---- the groups of the file
 
+
 def _objects(reader: KerasFileReader) -> dict[str, FileObject]:
+    """Every saveable object (a group with ``vars``) by its group path; datasets anywhere else are refused."""
     groups = reader.groups()
     objs: dict[str, FileObject] = {}
     for path, attrs in groups.items():
@@ -185,10 +187,10 @@ def _objects(reader: KerasFileReader) -> dict[str, FileObject]:
 
 
 def _class_of(group: str) -> str | None:
+    """The Keras class a group's snake_case name (``batch_normalization_2``) names, if a known one."""
     base = group.rsplit("/", 1)[-1]
     m = SUFFIX_N.match(base)
     return CLASS_BY_SNAKE.get(m["base"] if m else base) or CLASS_BY_SNAKE.get(base)
-
 
 
 def _from_config(reader: KerasFileReader, objs: dict[str, FileObject], base: str, model_cfg: dict[str, Any], consumed: set[str],

@@ -167,6 +167,7 @@ def keras_layer(layer: FileLayer, ws: tuple[KerasWeight, ...]) -> KerasLayer:
     return KerasLayer(layer.name, cls, {**extra, **cfg}, ws, input_shape=layer.input_shape)
 
 
+# The Keras classes the converters have rules for (the class a file names is trusted for these).
 KNOWN_TO_CONVERTERS = {"Dense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
                         "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "BatchNormalization",
                         "LayerNormalization", "Embedding", "LSTM", "GRU", "Bidirectional", "MultiHeadAttention"}
