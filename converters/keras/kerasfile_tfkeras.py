@@ -31,7 +31,7 @@ _TF_SLOTS = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat", "rms": "v
 _HYPER = ("beta_1", "beta_2", "decay", "momentum", "rho", "epsilon", "learning_rate")
 
 
-@dataclass
+@dataclass(slots=True)
 class _OptimizerWeights:
     """The optimizer's weights sorted by what they are, as the reader goes through them."""
 
