@@ -42,6 +42,9 @@ MODULES = [
     "ckptfmt.converters.optional",
     "ckptfmt.converters.check",
     "ckptfmt.converters.keras.kerasfile",
+    "ckptfmt.converters.keras.kerasfile_h5",
+    "ckptfmt.converters.keras.kerasfile_keras3",
+    "ckptfmt.converters.keras.kerasfile_tfkeras",
 ]
 
 
