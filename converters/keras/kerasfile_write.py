@@ -23,6 +23,7 @@ import numpy as np
 
 from ckptfmt.errors import ConversionError
 
+from ..files import atomic_file
 from .kerasfile_h5 import WEIGHTS_MEMBER, KerasFileReader, require_h5py
 
 
@@ -61,24 +62,19 @@ def write_keras_file(template: KerasFileReader, dst: str | os.PathLike[str], val
         if unknown:
             raise ConversionError(f"{template.path} has no datasets {', '.join(sorted(unknown)[:10])}")
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    try:
+
+    def write(tmp: str) -> None:
         if template.kind == "keras":
             _write_keras_archive(template, tmp, get)
         else:
             with h5py.File(tmp, "w") as out:
                 _copy_h5(template, out, get)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_file(dst, write)  # fsync, rename, directory fsync; no temporary left on failure
 
 
 def _write_keras_archive(template: KerasFileReader, tmp: str, get: Callable[[str], Any]) -> None:
-    """A ``.keras`` archive at ``tmp``: the template's members, its weights member rewritten (stored, as Keras does), fsynced."""
+    """A ``.keras`` archive at ``tmp``: the template's members, its weights member rewritten (stored, as Keras does)."""
     buf = io.BytesIO()
     with require_h5py().File(buf, "w") as out:
         _copy_h5(template, out, get)
@@ -90,8 +86,6 @@ def _write_keras_archive(template: KerasFileReader, tmp: str, get: Callable[[str
                     z.writestr(info, buf.getvalue())
                 else:
                     z.writestr(info, template._zip.read(info.filename))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _copy_h5(template: KerasFileReader, out: Any, get: Callable[[str], Any]) -> None:
