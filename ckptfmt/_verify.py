@@ -12,12 +12,15 @@ from ckptfmt._pool import io_pool, pool, workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import read_manifest, symlink_message
 from ckptfmt.errors import CheckpointNotFoundError, FormatError
-from ckptfmt.format.hashing import get_hash
+from ckptfmt.format.hashing import get_fingerprint, get_hash
 from ckptfmt.format.spec import MANIFEST_NAME, MANIFEST_TMP_PREFIX, STORE_NAME
 from ckptfmt.storage.base import Storage
 
 #: Problem kinds. "error" problems make a checkpoint fail verification; "warning" ones do not.
-ERROR_KINDS = ("manifest", "missing_file", "truncated_file", "size_mismatch", "hash_mismatch", "unreadable")
+#: "fingerprint_mismatch": the data matches its hash but not the fingerprint the manifest
+#: records for it (section 10.1); an incremental save built on it could record a wrong chunk.
+ERROR_KINDS = ("manifest", "missing_file", "truncated_file", "size_mismatch", "hash_mismatch", "unreadable",
+               "fingerprint_mismatch")
 WARNING_KINDS = ("extra_file", "leftover")
 
 
@@ -131,6 +134,7 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
 
     # Chunks: grouped per worker, each worker with its own buffer and file handles.
     hasher = get_hash(m.hash_alg)
+    fingerprint = get_fingerprint(m.fp_alg) if m.chunk_fps is not None else None
     cs = m.chunk_size
     entries = [m.tensor(i) for i in range(m.num_tensors)]
     jobs = [(e, k) for e in entries for k in range(e.num_chunks) if usable[int(m.chunk_file[e.first_chunk + k])]]
@@ -161,6 +165,12 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
                     found.append(Problem("truncated_file", f"tensor {e.name!r} chunk {k}: {fe.path} ends before byte {off + length}", file=fe.path, tensor=e.name, chunk=k, offset=off))
                 elif hasher.digest(view[:length]) != m.chunk_hash(c):
                     found.append(Problem("hash_mismatch", f"tensor {e.name!r} chunk {k}: hash mismatch in {fe.path} at byte offset {off}", file=fe.path, tensor=e.name, chunk=k, offset=off))
+                elif fingerprint is not None and fingerprint.digest(view[:length]) != m.chunk_fp(c):
+                    found.append(Problem(
+                        "fingerprint_mismatch",
+                        f"tensor {e.name!r} chunk {k}: the data matches its hash but not the fingerprint the manifest records "
+                        f"for it ({fe.path} at byte offset {off}); the checkpoint loads correctly, but do not build an "
+                        "incremental save on it: save the next one without parent=", file=fe.path, tensor=e.name, chunk=k, offset=off))
                 nchunks += 1
                 nbytes += length
                 bar.update(length)
