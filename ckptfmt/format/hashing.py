@@ -25,6 +25,7 @@ __all__ = [
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import blake3 as _blake3
 
@@ -40,6 +41,8 @@ class HashAlgorithm:
     name: str
     digest_size: int
     _fn: Callable[[object], bytes]
+    #: A new incremental hasher (``update``/``digest``): the same digest, fed in pieces.
+    new: Callable[[], Any] | None = None
 
     def digest(self, data: object) -> bytes:
         """Return the digest of a bytes-like object (no copy is made)."""
@@ -60,8 +63,8 @@ def _sha256_digest(data: object) -> bytes:
 
 
 HASH_ALGORITHMS: dict[str, HashAlgorithm] = {
-    "blake3": HashAlgorithm("blake3", 32, _blake3_digest),
-    "sha256": HashAlgorithm("sha256", 32, _sha256_digest),
+    "blake3": HashAlgorithm("blake3", 32, _blake3_digest, _blake3.blake3),
+    "sha256": HashAlgorithm("sha256", 32, _sha256_digest, hashlib.sha256),
 }
 
 
@@ -96,6 +99,8 @@ class Fingerprint:
     name: str
     digest_size: int
     _fn: Callable[[object], bytes]
+    #: A new incremental fingerprinter (``update``/``digest``).
+    new: Callable[[], Any]
 
     def digest(self, data: object) -> bytes:
         """Return the fingerprint of a bytes-like object (no copy is made)."""
@@ -123,5 +128,5 @@ def get_fingerprint(name: object) -> Fingerprint | None:
     if fp is None:
         import xxhash  # small C extension; imported here so `import ckptfmt` stays lean
 
-        fp = _fingerprints[name] = Fingerprint(name, FINGERPRINTS[name], xxhash.xxh3_128_digest)
+        fp = _fingerprints[name] = Fingerprint(name, FINGERPRINTS[name], xxhash.xxh3_128_digest, xxhash.xxh3_128)
     return fp
