@@ -12,12 +12,15 @@ from ckptfmt._pool import io_pool, pool, workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import read_manifest, symlink_message
 from ckptfmt.errors import CheckpointNotFoundError, FormatError
-from ckptfmt.format.hashing import get_hash
+from ckptfmt.format.hashing import get_fingerprint, get_hash
 from ckptfmt.format.spec import MANIFEST_NAME, MANIFEST_TMP_PREFIX, STORE_NAME
 from ckptfmt.storage.base import Storage
 
 #: Problem kinds. "error" problems make a checkpoint fail verification; "warning" ones do not.
-ERROR_KINDS = ("manifest", "missing_file", "truncated_file", "size_mismatch", "hash_mismatch", "unreadable")
+#: "fingerprint_mismatch": the data matches its hash but not the fingerprint the manifest
+#: records for it (section 10.1); an incremental save built on it could record a wrong chunk.
+ERROR_KINDS = ("manifest", "missing_file", "truncated_file", "size_mismatch", "hash_mismatch", "unreadable",
+               "fingerprint_mismatch")
 WARNING_KINDS = ("extra_file", "leftover")
 
 
@@ -70,6 +73,10 @@ class VerifyReport:
         d = asdict(self)
         d["problems"] = [asdict(p) for p in self.problems]
         return d
+
+
+#: Locally, chunks are read and hashed in pieces of this size (see verify_checkpoint).
+_PIECE = 256 * 1024
 
 
 def _missing_hint(rel: str) -> str:
@@ -131,6 +138,7 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
 
     # Chunks: grouped per worker, each worker with its own buffer and file handles.
     hasher = get_hash(m.hash_alg)
+    fingerprint = get_fingerprint(m.fp_alg) if m.chunk_fps is not None else None
     cs = m.chunk_size
     entries = [m.tensor(i) for i in range(m.num_tensors)]
     jobs = [(e, k) for e in entries for k in range(e.num_chunks) if usable[int(m.chunk_file[e.first_chunk + k])]]
@@ -140,9 +148,33 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
     nworkers = storage.io_concurrency if remote else workers()
     slices = [jobs[w::nworkers] for w in range(nworkers)]
 
+    # Locally a chunk is read and hashed in pieces small enough to stay in the core's cache
+    # (a whole 4 MiB chunk is copied out to memory and read back: ~13% slower on 2 cores);
+    # remote backends read a whole chunk per request.
+    piece = cs if remote or hasher.new is None or (fingerprint is not None and fingerprint.new is None) else min(cs, _PIECE)
+
+    def read_sums(h, off: int, length: int, view: memoryview) -> tuple[int, bytes, bytes | None]:
+        """Read and hash ``length`` bytes at ``off``: (bytes read, hash, fingerprint)."""
+        if length <= piece:
+            got = h.readinto(off, view[:length])
+            data = view[:got]
+            return got, hasher.digest(data), fingerprint.digest(data) if fingerprint is not None else None
+        hs, fs = hasher.new(), fingerprint.new() if fingerprint is not None else None
+        got = 0
+        while got < length:
+            want = min(piece, length - got)
+            n = h.readinto(off + got, view[:want])
+            hs.update(view[:n])
+            if fs is not None:
+                fs.update(view[:n])
+            got += n
+            if n < want:  # the file ends here: reported as truncated
+                break
+        return got, hs.digest(), fs.digest() if fs is not None else None
+
     def work(part: list) -> tuple[list[Problem], int, int]:
         found: list[Problem] = []
-        buf = np.empty(cs, np.uint8)
+        buf = np.empty(piece, np.uint8)
         view = memoryview(buf)
         handles: dict[int, Any] = {}
         nchunks = nbytes = 0
@@ -153,14 +185,20 @@ def verify_checkpoint(path: str, storage: Storage, *, progress: bool | None = No
                 fe = m.files[f]
                 try:
                     h = handles.get(f) or handles.setdefault(f, storage.open_read(storage.join(path, fe.path)))
-                    got = h.readinto(off, view[:length])
+                    got, digest, fp = read_sums(h, off, length, view)
                 except OSError as ex:
                     found.append(Problem("unreadable", f"reading {fe.path} at byte {off} failed: {ex}", file=fe.path, tensor=e.name, chunk=k, offset=off))
                     continue
                 if got != length:
                     found.append(Problem("truncated_file", f"tensor {e.name!r} chunk {k}: {fe.path} ends before byte {off + length}", file=fe.path, tensor=e.name, chunk=k, offset=off))
-                elif hasher.digest(view[:length]) != m.chunk_hash(c):
+                elif digest != m.chunk_hash(c):
                     found.append(Problem("hash_mismatch", f"tensor {e.name!r} chunk {k}: hash mismatch in {fe.path} at byte offset {off}", file=fe.path, tensor=e.name, chunk=k, offset=off))
+                elif fp is not None and fp != m.chunk_fp(c):
+                    found.append(Problem(
+                        "fingerprint_mismatch",
+                        f"tensor {e.name!r} chunk {k}: the data matches its hash but not the fingerprint the manifest records "
+                        f"for it ({fe.path} at byte offset {off}); the checkpoint loads correctly, but do not build an "
+                        "incremental save on it: save the next one without parent=", file=fe.path, tensor=e.name, chunk=k, offset=off))
                 nchunks += 1
                 nbytes += length
                 bar.update(length)

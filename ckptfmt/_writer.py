@@ -28,7 +28,7 @@ from ckptfmt.errors import (
     UnsupportedDtypeError,
 )
 from ckptfmt.format.dtypes import dtype_name, needs_byteswap, storage_dtype
-from ckptfmt.format.hashing import DEFAULT_HASH
+from ckptfmt.format.hashing import DEFAULT_FINGERPRINT, DEFAULT_HASH, get_fingerprint
 from ckptfmt.format.manifest import ManifestBuilder, decode_manifest, parent_depth
 from ckptfmt.format.spec import ALIGNMENT, DATA_SUFFIX, DEFAULT_CHUNK_SIZE, LIMITS, MANIFEST_NAME, STORE_NAME
 from ckptfmt.format.tree import encode_tree
@@ -247,7 +247,32 @@ class _DataFiles:
             pass
 
 
-def _write_tensor(arr, chunk_size, hasher, files, builder, bar, window) -> None:
+class _Sums:
+    """What a save computes over each chunk: its hash and, into a run's store, its fingerprint.
+
+    ``probe(chunk, expect)`` (run on the pool) returns ``(hash, fingerprint)``; when the
+    fingerprint equals ``expect`` (the parent's, section 10.1) the chunk is taken as the
+    parent's and not hashed: the hash is None.
+    """
+
+    __slots__ = ("hash", "fp")
+
+    def __init__(self, builder: ManifestBuilder) -> None:
+        self.hash = builder.hash.function
+        fp = builder.fingerprint
+        self.fp = fp.digest if fp is not None else None
+
+    def both(self, chunk) -> tuple[bytes, bytes | None]:
+        return self.hash(chunk), (self.fp(chunk) if self.fp is not None else None)
+
+    def probe(self, chunk, expect: bytes | None) -> tuple[bytes | None, bytes | None]:
+        if self.fp is None:
+            return self.hash(chunk), None
+        fp = self.fp(chunk)
+        return (None if fp == expect else self.hash(chunk)), fp
+
+
+def _write_tensor(arr, chunk_size, sums, files, builder, bar, window) -> None:
     """Write every chunk; hash on the pool while this thread writes (both release the GIL)."""
     pending: deque = deque()
     for chunk in _chunks(arr, chunk_size):
@@ -255,41 +280,46 @@ def _write_tensor(arr, chunk_size, hasher, files, builder, bar, window) -> None:
         handle = files.handle
         offset = handle.tell()
         if len(chunk) < _INLINE_HASH_BYTES and not pending:
-            builder.add_chunk(files.index, offset, hasher.digest(chunk))
+            builder.add_chunk(files.index, offset, *sums.both(chunk))
             handle.write(chunk)
             bar.update(len(chunk))
             continue
-        pending.append((pool().submit(hasher.digest, chunk), files.index, offset))
+        pending.append((pool().submit(sums.both, chunk), files.index, offset))
         handle.write(chunk)
         bar.update(len(chunk))
         while len(pending) > window:
             fut, f, off = pending.popleft()
-            builder.add_chunk(f, off, fut.result())
+            builder.add_chunk(f, off, *fut.result())
     while pending:
         fut, f, off = pending.popleft()
-        builder.add_chunk(f, off, fut.result())
+        builder.add_chunk(f, off, *fut.result())
 
 
-def _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_ref, base, same=None) -> None:
-    """Hash every chunk (ahead, on the pool); write only those that differ from the parent's.
+def _write_delta(arr, chunk_size, sums, files, builder, bar, window, parent_ref, base, same=None) -> None:
+    """Find the chunks that differ from the parent's (ahead, on the pool); write only those.
 
+    Into a store whose parent recorded fingerprints (section 10.1), each chunk is
+    fingerprinted and only those whose fingerprint differs from the parent's are hashed
+    and written; otherwise each chunk is hashed and compared with the parent's hash.
     ``same[k]`` true means chunk k is already known to be byte-identical to the parent's
     chunk k (the manager compared it with the snapshot the parent was written from): it
     is neither hashed nor written, and the parent's location and hash are recorded.
     """
     pending: deque = deque()
+    submit = pool().submit
+    expect = parent_ref.fingerprint if sums.fp is not None else None
 
-    def settle(k: int, chunk: memoryview, digest: bytes | None) -> None:
-        if digest is None:
+    def settle(k: int, chunk: memoryview, digest: bytes | None, fp: bytes | None) -> None:
+        if digest is None:  # known or fingerprinted equal to the parent's chunk k
             ref = parent_ref.same_chunk(base, k)
             if ref is not None:
-                builder.add_chunk(*ref)
+                builder.add_chunk(*ref, fp)
                 bar.update(len(chunk))
                 return
-            digest = hasher.digest(chunk)  # the parent's chunk is not in the store: written again
+            digest = sums.hash(chunk)  # the parent's chunk is not in the store: written again
         ref = parent_ref.chunk(base, k, digest)
         if ref is not None:
-            builder.add_chunk(ref[0], ref[1], digest)
+            builder.add_chunk(ref[0], ref[1], digest, fp)
         else:
             pad = -files.handle.tell() % ALIGNMENT
             files.before_chunk(pad + len(chunk))
@@ -297,19 +327,34 @@ def _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_re
             pad = -handle.tell() % ALIGNMENT
             if pad:
                 handle.write(_ZEROS[:pad])
-            builder.add_chunk(files.index, handle.tell(), digest)
+            builder.add_chunk(files.index, handle.tell(), digest, fp)
             handle.write(chunk)
         bar.update(len(chunk))
 
     for k, chunk in enumerate(_chunks(arr, chunk_size)):
-        known = same is not None and k < len(same) and bool(same[k])
-        pending.append((k, chunk, None if known else pool().submit(hasher.digest, chunk)))
+        want = expect(base, k) if expect is not None else None
+        if same is not None and k < len(same) and bool(same[k]):
+            # The parent's fingerprint is this chunk's; without one, compute it (cheap).
+            work = (None, want) if want is not None or sums.fp is None else submit(sums.fp, chunk)
+        else:
+            # The manager compared bytes and found this chunk changed: no fingerprint can
+            # overrule that, it is hashed (and compared by hash) as before.
+            work = submit(sums.probe, chunk, want if same is None else None)
+        pending.append((k, chunk, work))
         while len(pending) > window:
-            kk, c, fut = pending.popleft()
-            settle(kk, c, None if fut is None else fut.result())
+            kk, c, w = pending.popleft()
+            settle(kk, c, *_outcome(w))
     while pending:
-        kk, c, fut = pending.popleft()
-        settle(kk, c, None if fut is None else fut.result())
+        kk, c, w = pending.popleft()
+        settle(kk, c, *_outcome(w))
+
+
+def _outcome(work) -> tuple[bytes | None, bytes | None]:
+    """(hash or None, fingerprint or None) of a chunk of ``_write_delta``'s queue."""
+    if isinstance(work, tuple):
+        return work
+    got = work.result()
+    return got if isinstance(got, tuple) else (None, got)
 
 
 class _ParentRef:
@@ -335,6 +380,9 @@ class _ParentRef:
             raise CheckpointNotFoundError(f"no checkpoint at {parent}")
         self.name = p_name
         self.manifest = m
+        #: ``fingerprint(entry, k)``: the parent's recorded fingerprint of chunk k (section
+        #: 10.1), when it recorded them with the function this save uses; else None.
+        self.fingerprint = None
         # A parent whose store file is gone or has another size cannot be built upon: say so
         # now, not as a failure of every later save (spec section 10).
         there = {x.name: x for x in storage.scan(storage.join(p_dir, STORE_NAME))}
@@ -371,6 +419,20 @@ class _ParentRef:
         if self.manifest.chunk_hash(entry.first_chunk + k) != digest:
             return None
         return self._locate(entry, k)
+
+    def use_fingerprints(self, name: str | None) -> None:
+        """Compare chunks by fingerprint when the parent recorded them with ``name``."""
+        m = self.manifest
+        if name is None or m.fp_alg != name or m.chunk_fps is None:
+            return
+        size = get_fingerprint(name).digest_size
+        fps = m.chunk_fps
+
+        def fingerprint(entry, k: int) -> bytes:
+            c = entry.first_chunk + k
+            return fps[c * size : (c + 1) * size]
+
+        self.fingerprint = fingerprint
 
     def same_chunk(self, entry, k: int) -> tuple[int, int, bytes] | None:
         """(child file index, offset, hash) of the parent's chunk k, known equal to ours; None
@@ -514,10 +576,13 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
         chunk_size = parent_ref.manifest.chunk_size  # chunks must line up to be shared
         hash_alg = parent_ref.manifest.hash_alg
         extra["parent"] = parent_ref.describe()
-    builder = ManifestBuilder(chunk_size=chunk_size, hash_alg=hash_alg)
+    # Fingerprints only into a store: only its chunks are ever shared with a child save.
+    builder = ManifestBuilder(chunk_size=chunk_size, hash_alg=hash_alg,
+                              fingerprint=DEFAULT_FINGERPRINT if shared_store else None)
     if parent_ref is not None:
         parent_ref.builder = builder
-    hasher = builder.hash
+        parent_ref.use_fingerprints(DEFAULT_FINGERPRINT if shared_store else None)
+    sums = _Sums(builder)
     created = entry is None
     if shared_store:
         ensure_store(storage, directory)
@@ -532,7 +597,7 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
     bar = progress_bar(total, f"saving {name}", progress)
     window = 2 * workers()
     small_max = min(chunk_size, _INLINE_HASH_BYTES)
-    digest = hasher.function
+    digest, fingerprint = sums.hash, sums.fp
     try:
         for tname, arr in tensors:
             builder.add_tensor(tname, dtype_name(arr.dtype), arr.shape if type(arr) is np.ndarray else tuple(int(d) for d in arr.shape))
@@ -550,14 +615,15 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
                     except (ValueError, TypeError):  # ml_dtypes types have no buffer format
                         data = memoryview(arr.reshape(-1).view(np.uint8))
                     files.before_chunk(nbytes)
-                    builder.add_chunk(files.index, files.handle.tell(), digest(data))
+                    builder.add_chunk(files.index, files.handle.tell(), digest(data),
+                                      None if fingerprint is None else fingerprint(data))
                     files.handle.write(data)
                     bar.update(nbytes)
             elif base is None:
-                _write_tensor(arr, chunk_size, hasher, files, builder, bar, window)
+                _write_tensor(arr, chunk_size, sums, files, builder, bar, window)
             else:
                 same = same_as_parent(tname, arr, chunk_size) if same_as_parent is not None else None
-                _write_delta(arr, chunk_size, hasher, files, builder, bar, window, parent_ref, base, same)
+                _write_delta(arr, chunk_size, sums, files, builder, bar, window, parent_ref, base, same)
         files.drain()  # every data file durable (uploaded) before the manifest names it
         if shared_store:
             extra["wrote"] = files.own

@@ -64,7 +64,7 @@ from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._pool import workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import CheckpointReader
-from ckptfmt._writer import _ZEROS, DATA_FILE_TARGET, _ParentRef, _producer, _write_delta, _write_tensor
+from ckptfmt._writer import _ZEROS, DATA_FILE_TARGET, _ParentRef, _producer, _Sums, _write_delta, _write_tensor
 from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, IntegrityError, UnsafePathError, UnsupportedDtypeError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH
@@ -371,9 +371,9 @@ class Writer(StorageWriter):
                 first = len(builder.hashes)
                 files = _OneFile(h, file_index)
                 if base is None:
-                    _write_tensor(arr, chunk_size, builder.hash, files, builder, bar, window)
+                    _write_tensor(arr, chunk_size, _Sums(builder), files, builder, bar, window)
                 else:
-                    _write_delta(arr, chunk_size, builder.hash, files, builder, bar, window, parent_ref, base)
+                    _write_delta(arr, chunk_size, _Sums(builder), files, builder, bar, window, parent_ref, base)
                 records.append((item, (name, dtype_name(arr.dtype), tuple(int(d) for d in arr.shape), first, len(builder.hashes), plain)))
                 del arr, data
             if handles:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ckptfmt.errors import FormatError, IntegrityError, LimitExceededError, UnsupportedVersionError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_itemsize, numpy_dtype
-from ckptfmt.format.hashing import DEFAULT_HASH, get_hash
+from ckptfmt.format.hashing import DEFAULT_HASH, get_fingerprint, get_hash
 from ckptfmt.format.shards import decode_shards
 from ckptfmt.format.spec import (
     ALIGNMENT,
@@ -102,6 +102,11 @@ class Manifest:
     shards: Any = None
     #: 1.3: torch.distributed.checkpoint's metadata for this checkpoint, as plain data.
     dcp: Any = None
+    #: Optional (section 10.1): the fingerprint function of ``chunk_fps``, or None when the
+    #: manifest has no fingerprints (or names a function this ckptfmt does not know).
+    fp_alg: str | None = None
+    #: Each chunk's fingerprint, concatenated (``m`` x its size), or None.
+    chunk_fps: bytes | None = None
     where: str = "manifest"
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -201,6 +206,13 @@ class Manifest:
             size = self._cache["hash_size"] = get_hash(self.hash_alg).digest_size
         return self.chunk_hashes[c * size : (c + 1) * size]
 
+    def chunk_fp(self, c: int) -> bytes | None:
+        """The recorded fingerprint of chunk ``c`` (section 10.1), or None without fingerprints."""
+        if self.chunk_fps is None:
+            return None
+        size = get_fingerprint(self.fp_alg).digest_size
+        return self.chunk_fps[c * size : (c + 1) * size]
+
     def decode_tree(self, make_leaf, limits: Limits = LIMITS, *, make_shard=None, make_opaque=None) -> Any:
         """Decode the saved tree, calling ``make_leaf(i)`` for tensor leaves.
 
@@ -227,7 +239,8 @@ class ManifestBuilder:
     Chunks must be added in tensor order: all chunks of tensor 0, then of tensor 1, ...
     """
 
-    def __init__(self, *, chunk_size: int, hash_alg: str = DEFAULT_HASH, alignment: int = ALIGNMENT) -> None:
+    def __init__(self, *, chunk_size: int, hash_alg: str = DEFAULT_HASH, alignment: int = ALIGNMENT,
+                 fingerprint: str | None = None) -> None:
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size % ALIGNMENT:
             raise ValueError(
                 f"chunk_size must be a multiple of {ALIGNMENT} between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}, got {chunk_size}"
@@ -243,6 +256,12 @@ class ManifestBuilder:
         self.chunk_file: list[int] = []
         self.chunk_offset: list[int] = []
         self.hashes: list[bytes] = []
+        #: With ``fingerprint``, every chunk's fingerprint (section 10.1); a chunk added
+        #: without one drops the column (it must cover every chunk or none).
+        self.fingerprint = get_fingerprint(fingerprint) if fingerprint else None
+        if fingerprint and self.fingerprint is None:
+            raise ValueError(f"unknown fingerprint {fingerprint!r}")
+        self.fps: list[bytes] = []
         self._dtype_codes = {n: i for i, n in enumerate(DTYPE_NAMES)}
         self.digest = b""
 
@@ -264,10 +283,16 @@ class ManifestBuilder:
         self.dims.extend(map(int, shape))
         return len(self.names) - 1
 
-    def add_chunk(self, file_index: int, offset: int, digest: bytes) -> None:
+    def add_chunk(self, file_index: int, offset: int, digest: bytes, fp: bytes | None = None) -> None:
         self.chunk_file.append(file_index)
         self.chunk_offset.append(offset)
         self.hashes.append(digest)
+        if self.fingerprint is not None:
+            if fp is None:
+                self.fingerprint = None
+                self.fps = []
+            else:
+                self.fps.append(fp)
 
     def encode(self, *, tree: Any, metadata: Any, producer: Any, created: float | None = None, extra: dict | None = None) -> bytes:
         """Encode the manifest file (envelope + hashed body) and return its bytes.
@@ -300,6 +325,9 @@ class ManifestBuilder:
                 },
                 "tree": tree_blob,
             }
+            if self.fingerprint is not None and self.fps:
+                body["chunks"]["fp_alg"] = self.fingerprint.name
+                body["chunks"]["fp"] = b"".join(self.fps)
             for k, v in (extra or {}).items():
                 body.setdefault(k, v)
             # A sharded checkpoint's tree uses nodes older readers refuse, so it says 1.3.
@@ -486,6 +514,7 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
             )
     else:
         chunk_offset = np.zeros(0, np.int64)
+    fp_alg, fps = _fingerprints(chunks, total_chunks, where)
     tree_blob = _req(body, "tree", bytes, where)
     wrote = body.get("wrote")
     if wrote is not None:
@@ -536,8 +565,25 @@ def decode_manifest(data: bytes, *, where: str = "manifest", limits: Limits = LI
         wrote=wrote,
         shards=shards,
         dcp=body.get("dcp"),
+        fp_alg=fp_alg,
+        chunk_fps=fps,
         where=where,
     )
+
+
+def _fingerprints(chunks: dict, total_chunks: int, where: str) -> tuple[str | None, bytes | None]:
+    """The optional fingerprint column (section 10.1): checked when known, ignored when not."""
+    alg, fps = chunks.get("fp_alg"), chunks.get("fp")
+    if alg is None and fps is None:
+        return None, None
+    if not isinstance(alg, str) or not isinstance(fps, bytes):
+        raise FormatError(f"{where}: chunks.fp_alg (a string) and chunks.fp (bytes) must be given together")
+    fp = get_fingerprint(alg)
+    if fp is None:
+        return None, None  # a function this ckptfmt does not know: the column is ignored
+    if len(fps) != total_chunks * fp.digest_size:
+        raise FormatError(f"{where}: chunk fingerprint column has {len(fps)} bytes, expected {total_chunks * fp.digest_size}")
+    return alg, fps
 
 
 def _products(ranks: np.ndarray, dims: np.ndarray, itemsizes: np.ndarray, limits: Limits, where: str) -> np.ndarray:

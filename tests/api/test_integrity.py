@@ -128,3 +128,26 @@ def test_fifos_are_refused_not_waited_on(tmp_path):
     with pytest.raises(ckptfmt.CkptFmtError):
         ckptfmt.load(good)
     assert not ckptfmt.verify(good).ok
+
+
+@pytest.mark.parametrize("shared_store", [False, True])
+def test_verify_of_chunks_larger_than_its_read_pieces(tmp_path, shared_store):
+    """verify reads a large chunk in pieces (256 KiB locally): a byte flipped in a late piece,
+    or a file cut inside a chunk, is still found and named."""
+    from ckptfmt._verify import _PIECE
+
+    cs = 4 * _PIECE + 4096
+    state = {"w": np.random.default_rng(0).standard_normal(3 * cs // 8 - 100)}  # 3 chunks, the last short
+    path = tmp_path / "run" / "ck"
+    ckptfmt.save(state, path, chunk_size=cs, shared_store=shared_store)
+    rep = ckptfmt.verify(path)
+    assert rep.ok and rep.chunks_checked == 3 and rep.bytes_checked == state["w"].nbytes
+    m = ckptfmt.open(path).manifest
+    data = os.path.join(path, m.files[0].path)
+    _flip(data, int(m.chunk_offset[1]) + 3 * _PIECE + 17)
+    [p] = ckptfmt.verify(path).errors
+    assert (p.kind, p.tensor, p.chunk) == ("hash_mismatch", "w", 1)
+    _flip(data, int(m.chunk_offset[1]) + 3 * _PIECE + 17)
+    os.truncate(data, int(m.chunk_offset[2]) + _PIECE + 5)
+    [p] = ckptfmt.verify(path).errors
+    assert p.kind == "truncated_file"

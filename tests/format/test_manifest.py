@@ -116,3 +116,50 @@ def test_builder_refuses_bad_chunk_size_and_long_names():
         b.add_tensor("n" * 5000, "float32", ())
     with pytest.raises(LimitExceededError):
         b.add_tensor("x", "float32", (1,) * 65)
+
+
+def _fp_builder(fps=True):
+    b = ManifestBuilder(chunk_size=4096, fingerprint="xxh3-128")
+    f = b.add_file("x.data")
+    b.add_tensor("t", "uint8", (8192,))
+    b.add_chunk(f, 0, bytes(32), bytes([1]) * 16)
+    b.add_chunk(f, 4096, bytes(32), bytes([2]) * 16 if fps else None)
+    b.set_file_size(f, 8192)
+    return b
+
+
+def test_fingerprint_column_round_trips_and_covers_every_chunk_or_none():
+    m = decode_manifest(_fp_builder().encode(tree=["t", 0], metadata=None, producer={}))
+    assert m.version == FORMAT_VERSION and m.fp_alg == "xxh3-128"  # optional columns: no new version
+    assert m.chunk_fp(0) == bytes([1]) * 16 and m.chunk_fp(1) == bytes([2]) * 16
+    m = decode_manifest(_fp_builder(fps=False).encode(tree=["t", 0], metadata=None, producer={}))
+    assert m.fp_alg is None and m.chunk_fps is None and m.chunk_fp(0) is None
+    with pytest.raises(ValueError, match="unknown fingerprint"):
+        ManifestBuilder(chunk_size=4096, fingerprint="md4")
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"fp_alg": "xxh9-64", "fp": b"\0" * 3}, None),  # unknown function: ignored, whatever its column
+        ({"fp": b"\0" * 31}, "fingerprint column has 31 bytes, expected 32"),
+        ({"fp_alg": None}, "must be given together"),
+        ({"fp": None}, "must be given together"),
+        ({"fp_alg": 7}, "must be given together"),
+    ],
+)
+def test_fingerprint_column_is_checked_when_known_and_ignored_when_not(change, error):
+    env = _env(_fp_builder().encode(tree=["t", 0], metadata=None, producer={}))
+    body = msgpack.unpackb(env["body"], raw=False)
+    for k, v in change.items():
+        if v is None:
+            del body["chunks"][k]
+        else:
+            body["chunks"][k] = v
+    data = _reenv(env, body)
+    if error is None:
+        m = decode_manifest(data)
+        assert m.fp_alg is None and m.chunk_fps is None and m.num_chunks == 2
+    else:
+        with pytest.raises(FormatError, match=error):
+            decode_manifest(data)
