@@ -1,6 +1,6 @@
 """Peak memory of `tf2torch` with the optimizer state: keras.applications.VGG16 with Adam.
 
-    python benchmarks/bench_tf2torch_memory.py [--runs 2] [--quick] [--dir DIR]
+    python benchmarks/bench_tf2torch_memory.py [--runs 2] [--quick] [--dir DIR] [--before REV]
 
 Keras 3 builds ``keras.applications.VGG16(weights=None)`` (224x224, 138M parameters), trains
 one Adam step on random data and saves it twice: a TF checkpoint
@@ -17,6 +17,9 @@ one Adam step on random data and saves it twice: a TF checkpoint
 * ``model only``: imports and builds the torch model (a faithful twin of torchvision's
   ``vgg16``) plus its example forward, converting nothing: what every ``--model`` run holds.
 
+With ``--before REV`` the same two conversions also run on the code of commit REV (its
+``ckptfmt`` tree exported and put first on ``PYTHONPATH``): ``before .pt`` and ``before dir``.
+
 Peak RSS is each child's own ``VmHWM``. The target (issue 11) is peak <= 1.3 x (largest
 tensor + torch model); the largest tensor is fc1's kernel, 25088 x 4096 float32 = 411 MB.
 Before this change, tf2torch to ``.pt`` peaked at 2.5x the checkpoint (4.2 GB for 1.66 GB)
@@ -25,6 +28,7 @@ and to a ckptfmt directory at 4.3 GB (issue 11's figures).
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -32,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from bench_keras_convert import PEAK  # noqa: E402
 
 LARGEST = 25088 * 4096 * 4
 BEFORE = {"ours .pt": 4.2e9, "ours dir": 4.3e9}  # issue 11, measured on the previous code
@@ -83,13 +88,6 @@ def vgg16():
     return VGG(), torch.zeros(1, 3, 224, 224)
 """
 
-PEAK = r"""
-def _peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-"""
-
 OURS = PEAK + r"""
 import json, sys
 from ckptfmt.converters.convert import tf_to_torch
@@ -107,6 +105,7 @@ print(json.dumps({"peak": _peak(), "model": sum(t.numel() * t.element_size() for
 """
 
 H5PY = PEAK + r"""
+import io
 import json
 import h5py, numpy as np, torch
 f = h5py.File(SRC, "r")
@@ -146,9 +145,28 @@ def _child(code: str, **values: str) -> str:
     return code
 
 
+def _export(rev: str, where: Path) -> str:
+    """The package tree of commit ``rev`` (ckptfmt/, converters/ and cli/ as installed) under ``where``."""
+    import subprocess
+    import tarfile
+
+    src = where / "src"
+    src.mkdir(parents=True)
+    tar = subprocess.run(["git", "archive", rev, "ckptfmt", "converters", "cli"], cwd=C.REPO, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(src, filter="data")
+    pkg = where / "pkg"
+    pkg.mkdir()
+    (src / "ckptfmt").rename(pkg / "ckptfmt")
+    (src / "converters").rename(pkg / "ckptfmt" / "converters")
+    (src / "cli").rename(pkg / "ckptfmt" / "cli")
+    return str(pkg)
+
+
 def main() -> int:
     p = C.parser(__doc__)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--before", metavar="REV", help="also run the previous code of this commit")
     args = p.parse_args()
     runs = 1 if args.quick else args.runs
     C.header("tf2torch peak memory: keras.applications.VGG16 + Adam", runs=runs)
@@ -168,6 +186,11 @@ def main() -> int:
             "ours .pt from .h5": _child(OURS, SRC=h5, DST=str(d / "ours-h5.pt"), FACTORY=factory),
             "h5py peer": _child(H5PY, SRC=h5, DST=str(d / "peer.pt"), LAYERS=layers),
         }
+        env: dict[str, dict[str, str]] = {}
+        if args.before:
+            env["before .pt"] = env["before dir"] = {"PYTHONPATH": _export(args.before, d / "before")}
+            tools["before .pt"] = _child(OURS, SRC=ckpt, DST=str(d / "before.pt"), FACTORY=factory)
+            tools["before dir"] = _child(OURS, SRC=ckpt, DST=str(d / "before-dir"), FACTORY=factory)
         names = list(tools)
         peaks: dict[str, list[int]] = {t: [] for t in names}
         times: dict[str, list[float]] = {t: [] for t in names}
@@ -175,25 +198,26 @@ def main() -> int:
         for r in range(runs):
             for t in names[r % len(names):] + names[: r % len(names)]:  # rotate the order every round
                 t0 = time.perf_counter()
-                out = C.run_child(tools[t])
+                out = C.run_child(tools[t], env=env.get(t))
                 times[t].append(time.perf_counter() - t0)
                 peaks[t].append(out["peak"])
                 model_bytes = out.get("model", model_bytes)
                 for f in d.glob("*.pt"):
                     f.unlink()
                 C.remove(d / "ours-dir")
+                C.remove(d / "before-dir")
         budget = LARGEST + model_bytes
         base = C.median(peaks["model only"])
         rows = []
         for t in names:
             peak = C.median(peaks[t])
-            before = BEFORE.get(t)
+            before = C.median(peaks[t.replace("ours", "before")]) if t.replace("ours", "before") in peaks else BEFORE.get(t)
             rows.append((t, C.fmt_s(C.median(times[t])), C.fmt_bytes(peak), f"{peak / budget:.2f}x",
                          f"{(peak - base) / LARGEST:.2f}x" if t != "model only" else "-",
                          f"{peak / C.median(peaks['h5py peer']):.2f}x",
                          f"{C.fmt_bytes(before)} = {before / budget:.2f}x" if before else "-"))
         C.table(["tool", "wall (median)", "peak RSS (median)", "/ (largest + model)", "(peak - model only) / largest",
-                 "vs h5py peer", "before (issue 11)"], rows)
+                 "vs h5py peer", "before (--before, else issue 11)"], rows)
         print(f"   torch model {C.fmt_bytes(model_bytes)}, largest + model = {C.fmt_bytes(budget)}; target <= 1.30x; "
               f"checkpoint {C.fmt_bytes(size)}")
         print(json.dumps({"peaks": peaks, "times": times, "model": model_bytes, "checkpoint": size}))
