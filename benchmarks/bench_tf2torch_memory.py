@@ -53,7 +53,7 @@ rng = np.random.default_rng(0)
 m.train_on_batch(rng.standard_normal((2, 224, 224, 3)).astype("float32"), rng.integers(0, 1000, 2))
 tf.train.Checkpoint(model=m, optimizer=m.optimizer).write(os.path.join(out, "ckpt"))
 m.save_weights(os.path.join(out, "vgg16.weights.h5"))
-print(json.dumps({"layers": [l.name for l in m.layers if l.weights]}))
+print("{}")
 """
 
 # torchvision.models.vgg16's module tree and forward, written out (its wheel does not import
@@ -109,7 +109,11 @@ import io
 import json
 import h5py, numpy as np, torch
 f = h5py.File(SRC, "r")
-names = LAYERS
+# Keras 3 names the groups after the layer classes (conv2d, conv2d_1, ..., dense, dense_2)
+def _order(name):
+    base, _, n = name.rpartition("_")
+    return (base, int(n)) if n.isdigit() else (name, 0)
+names = sorted((n for n in f["layers"] if n.startswith(("conv2d", "dense"))), key=lambda n: (n.startswith("dense"), _order(n)))
 torch_names = [f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)] + [f"classifier.{i}" for i in (0, 3, 6)]
 
 def layout(k):
@@ -124,13 +128,14 @@ for name, tname in zip(names, torch_names):
     k, b = f[f"layers/{name}/vars/0"][()], f[f"layers/{name}/vars/1"][()]
     sd[f"{tname}.weight"] = torch.from_numpy(layout(k))
     sd[f"{tname}.bias"] = torch.from_numpy(b)
-    order += [True, False]
+    order += [k.shape, b.shape]
 opt = f["optimizer/vars"]
 step = int(opt["0"][()])
 state = {}
-for j, kernel in enumerate(order):
+for j, shape in enumerate(order):
     m, v = opt[str(2 + 2 * j)][()], opt[str(3 + 2 * j)][()]
-    if kernel:
+    assert m.shape == v.shape == shape, (j, m.shape, shape)  # slots paired by position
+    if len(shape) > 1:
         m, v = layout(m), layout(v)
     state[j] = {"step": torch.tensor(float(step)), "exp_avg": torch.from_numpy(m), "exp_avg_sq": torch.from_numpy(v)}
 torch.save({"model": sd, "optimizer": {"state": state, "param_groups": [{"params": list(range(len(order))), "lr": float(opt["1"][()]),
@@ -141,7 +146,7 @@ print(json.dumps({"peak": _peak()}))
 
 def _child(code: str, **values: str) -> str:
     for k, v in values.items():
-        code = code.replace(k, repr(v) if k != "LAYERS" else v)
+        code = code.replace(k, repr(v))
     return code
 
 
@@ -171,8 +176,7 @@ def main() -> int:
     runs = 1 if args.quick else args.runs
     C.header("tf2torch peak memory: keras.applications.VGG16 + Adam", runs=runs)
     with C.scratch_dir(12 * C.GiB, args.dir) as d:
-        made = C.run_child(MAKE.replace("sys.argv[1]", repr(str(d))))
-        layers = json.dumps(made["layers"])
+        C.run_child(MAKE.replace("sys.argv[1]", repr(str(d))))
         (d / "factory.py").write_text(FACTORY)
         factory = f"{d / 'factory.py'}:vgg16"
         ckpt, h5 = str(d / "ckpt"), str(d / "vgg16.weights.h5")
@@ -184,7 +188,7 @@ def main() -> int:
             "ours .pt": _child(OURS, SRC=ckpt, DST=str(d / "ours.pt"), FACTORY=factory),
             "ours dir": _child(OURS, SRC=ckpt, DST=str(d / "ours-dir"), FACTORY=factory),
             "ours .pt from .h5": _child(OURS, SRC=h5, DST=str(d / "ours-h5.pt"), FACTORY=factory),
-            "h5py peer": _child(H5PY, SRC=h5, DST=str(d / "peer.pt"), LAYERS=layers),
+            "h5py peer": _child(H5PY, SRC=h5, DST=str(d / "peer.pt")),
         }
         env: dict[str, dict[str, str]] = {}
         if args.before:
