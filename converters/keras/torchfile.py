@@ -20,6 +20,7 @@ Example:
     >>> from ckptfmt._writer import DeferredTensor
     >>> buf = io.BytesIO()
     >>> save_torch_stream({"w": DeferredTensor((2, 3), np.dtype(np.float32), lambda: np.ones((3, 2), np.float32).T)}, buf)
+    24
     >>> torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["w"].shape
     torch.Size([2, 3])
 """
