@@ -62,7 +62,7 @@ from ckptfmt.storage.urls import is_url, resolve
 from ..files import atomic_file, check_destination
 from ..kinds import target_kind
 from ..mapping.rules import Entry, Plan, TensorSpec
-from ..optim.convert import entry_views
+from ..optim.convert import StreamedTensor, entry_views
 from ..optional import require
 from ..sources.base import TensorInfo
 
@@ -268,10 +268,8 @@ class _Deferred:
 
 def _deferred_weights(plan: Plan, read: Reader) -> dict[str, Any]:
     """``{target: DeferredTensor}``: each plan entry runs when the writer reaches its first target."""
-    from ckptfmt._writer import DeferredTensor
-
     load = _Deferred(plan, read)
-    return {key: DeferredTensor(tuple(spec.shape), _spec_dtype(key, spec), lambda key=key: load(key))
+    return {key: StreamedTensor(tuple(spec.shape), _spec_dtype(key, spec), lambda key=key: load(key))
             for key, spec in plan.target_specs.items()}
 
 
@@ -353,9 +351,7 @@ def torch_optimizer_state(conv: Any, model: Any) -> dict[str, Any]:
 
 
 def _cast(v: Any, dtype: np.dtype) -> Any:
-    from ckptfmt._writer import DeferredTensor
-
-    return DeferredTensor(v.shape, dtype, lambda: np.asarray(v.load()).astype(dtype))
+    return StreamedTensor(v.shape, dtype, lambda: np.asarray(v.load()).astype(dtype))  # elementwise
 
 
 def _numpy_state(sd: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ __all__ = [
     "OptimizerConversion",
     "keras_optimizer_state",
     "describe_keras_optimizer",
+    "StreamedTensor",
     "entry_views",
     "keras_to_torch_optimizer",
     "torch_to_keras_optimizer",
@@ -228,10 +229,36 @@ def _check_supported(config: AbcMapping[str, Any]) -> list[str]:
     return notes
 
 
-def entry_views(entry: Entry, arrays: tuple[np.ndarray, ...], *, slots: bool = False) -> tuple[np.ndarray, ...]:
-    """``entry.run(arrays)`` without its final copy: a transposed target stays a strided view.
+@dataclass(frozen=True, slots=True)
+class StreamedTensor(DeferredTensor):
+    """A :class:`DeferredTensor` whose ``load()`` may return the tensor not yet reshaped.
 
-    A writer copies such a view block by block, so a big kernel never exists twice in full.
+    ``load()`` returns an array of the declared dtype and size whose elements in C order are
+    the tensor's (what :func:`entry_views` gives: a transposed kernel whose final reshape
+    would copy it). Writers stream an array's bytes in C order, which a reshape does not
+    change, so they write it as it is; a contiguous one is reshaped here (free).
+
+    Example:
+        >>> t = StreamedTensor((2, 3), np.dtype(np.float32), lambda: np.zeros((3, 2), np.float32).T)
+        >>> t.materialize("w").shape
+        (2, 3)
+    """
+
+    def materialize(self, name: str) -> np.ndarray:
+        arr = np.asarray(self.load())
+        if arr.size != math.prod(self.shape) or arr.dtype != np.dtype(self.dtype):
+            raise ConversionError(f"tensor {name!r}: the converted value is {arr.dtype}{list(arr.shape)} but was declared "
+                                  f"{np.dtype(self.dtype)}{list(self.shape)}")
+        return arr.reshape(self.shape) if arr.flags.c_contiguous or arr.ndim == len(self.shape) == 0 else arr
+
+
+def entry_views(entry: Entry, arrays: tuple[np.ndarray, ...], *, slots: bool = False) -> tuple[np.ndarray, ...]:
+    """``entry.run(arrays)`` without copies: a transposed target stays a strided view.
+
+    A final reshape that would copy (merging transposed axes, e.g. a flattened kernel's rows
+    permuted to channels-first) is left out: each result holds its target's elements in C
+    order, maybe in another shape (a :class:`StreamedTensor`'s value). A writer copies such a
+    view block by block, so a big kernel never exists twice in full.
 
     Example:
         >>> from ckptfmt.converters.mapping import Mapping, Convert, Transpose
@@ -239,8 +266,12 @@ def entry_views(entry: Entry, arrays: tuple[np.ndarray, ...], *, slots: bool = F
         >>> entry_views(e, (np.zeros((2, 3)),))[0].flags.c_contiguous
         False
     """
-    for op in entry.ops:
-        arrays = (op.for_slots() if slots else op).apply(arrays)
+    ops = [op.for_slots() if slots else op for op in entry.ops]
+    last = len(ops) - 1
+    for i, op in enumerate(ops):
+        if i == last and type(op).__name__ == "Reshape" and not all(a.flags.c_contiguous for a in arrays):
+            break  # the writer streams C order; reshaping here would copy the whole tensor
+        arrays = tuple(np.asarray(a) for a in op.apply(arrays))
     return tuple(np.asarray(a) for a in arrays)
 
 
@@ -254,7 +285,8 @@ class _DeferredEntry:
 
     def load(self, i: int) -> np.ndarray:
         if i not in self._ready:
-            arrays = tuple(v.load() if isinstance(v, DeferredTensor) else np.asarray(v) for v in self._values)
+            arrays = tuple(v.materialize("optimizer slot") if isinstance(v, DeferredTensor) else np.asarray(v)
+                           for v in self._values)
             self._ready = dict(enumerate(entry_views(self._entry, arrays, slots=True)))
         return self._ready.pop(i)
 
@@ -282,7 +314,7 @@ def _torch_slots(state: KerasOptimizerState, plan: Plan, param_names: Sequence[s
                     continue
                 run = _DeferredEntry(entry, sources)
                 dtype = np.dtype(sources[0].dtype)
-                values: tuple[Any, ...] = tuple(DeferredTensor(tuple(spec.shape), dtype, lambda i=i, run=run: run.load(i))
+                values: tuple[Any, ...] = tuple(StreamedTensor(tuple(spec.shape), dtype, lambda i=i, run=run: run.load(i))
                                                 for i, spec in enumerate(entry.target_specs))
             else:
                 values = entry.run(tuple(np.asarray(v) for v in sources), slots=True)
@@ -368,8 +400,8 @@ def _stock_state(table: OptimizerTable, cfg: AbcMapping[str, Any], lr: float, t:
 
 def _scaled(v: Any, divisor: np.float32) -> Any:
     """``v / divisor`` in ``v``'s dtype; deferred when ``v`` is."""
-    if isinstance(v, DeferredTensor):
-        return DeferredTensor(v.shape, v.dtype, lambda: _scaled(np.asarray(v.load()), divisor))
+    if isinstance(v, DeferredTensor):  # elementwise: a StreamedTensor's value in any shape
+        return StreamedTensor(v.shape, v.dtype, lambda: _scaled(np.asarray(v.load()), divisor))
     return (v / divisor).astype(v.dtype)
 
 

@@ -215,3 +215,28 @@ def test_tf2torch_streams_slots_and_writes_what_torch_save_did(tmp_path, name, e
     # every weight and slot was read, but never more than one entry's sources (2 for a split/fused entry) at a time
     assert len(pt_alive) >= len(want["model"]) + n_slots > 4
     assert max(pt_alive) <= 2 and max(dir_alive) <= 2, (pt_alive, dir_alive)
+
+
+def test_a_flattened_kernel_is_permuted_without_a_full_copy(tmp_path):
+    """Reshape -> Transpose -> Reshape (Keras HWC rows to torch CHW) stays a view until written."""
+    import ckptfmt
+    from ckptfmt.converters.keras import outputs
+    from ckptfmt.converters.mapping import Convert, Mapping, Reshape, Transpose
+
+    rng = np.random.default_rng(3)
+    src = {"d/kernel": rng.standard_normal((4 * 4 * 8, 6)).astype(np.float32), "d/bias": rng.standard_normal(6).astype(np.float32)}
+    ops = (Reshape((4, 4, 8, 6)), Transpose((3, 2, 0, 1)), Reshape((6, 128)))
+    plan = Mapping((Convert(("d/kernel",), ("fc.weight",), ops), Convert(("d/bias",), ("fc.bias",), ()))).plan(src)
+    want = plan.apply(src)
+    from ckptfmt.converters.optim.convert import entry_views
+
+    view = entry_views(plan.entries[0], (src["d/kernel"],))[0]
+    assert np.shares_memory(view, src["d/kernel"]) and view.shape == (6, 8, 4, 4)  # the last reshape is left to the writer
+    outputs.write_torch_checkpoint(str(tmp_path / "f.pt"), plan, src.__getitem__, None, None, "")
+    outputs.write_ckptfmt(str(tmp_path / "f"), plan, src.__getitem__, None, None, "", "src", False, False)
+    got = torch.load(tmp_path / "f.pt", weights_only=True)["model"]
+    back = ckptfmt.load(tmp_path / "f")["model"]
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k].numpy(), v)
+        np.testing.assert_array_equal(np.asarray(back[k]), v)
+        assert got[k].shape == v.shape and np.asarray(back[k]).shape == v.shape
