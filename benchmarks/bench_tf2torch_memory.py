@@ -1,6 +1,6 @@
 """Peak memory of `tf2torch` with the optimizer state: keras.applications.VGG16 with Adam.
 
-    python benchmarks/bench_tf2torch_memory.py [--runs 2] [--quick] [--dir DIR] [--before REV]
+    python benchmarks/bench_tf2torch_memory.py [--runs 2] [--quick] [--dir DIR] [--before REV] [--source DIR]
 
 Keras 3 builds ``keras.applications.VGG16(weights=None)`` (224x224, 138M parameters), trains
 one Adam step on random data and saves it twice: a TF checkpoint
@@ -172,15 +172,18 @@ def main() -> int:
     p = C.parser(__doc__)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--before", metavar="REV", help="also run the previous code of this commit")
+    p.add_argument("--source", metavar="DIR", help="reuse ckpt* and vgg16.weights.h5 written by an earlier run's MAKE step")
     args = p.parse_args()
     runs = 1 if args.quick else args.runs
     C.header("tf2torch peak memory: keras.applications.VGG16 + Adam", runs=runs)
     with C.scratch_dir(12 * C.GiB, args.dir) as d:
-        C.run_child(MAKE.replace("sys.argv[1]", repr(str(d))))
+        src = Path(args.source) if args.source else d
+        if not args.source:
+            C.run_child(MAKE.replace("sys.argv[1]", repr(str(d))))
         (d / "factory.py").write_text(FACTORY)
         factory = f"{d / 'factory.py'}:vgg16"
-        ckpt, h5 = str(d / "ckpt"), str(d / "vgg16.weights.h5")
-        size = sum(f.stat().st_size for f in d.glob("ckpt*"))
+        ckpt, h5 = str(src / "ckpt"), str(src / "vgg16.weights.h5")
+        size = sum(f.stat().st_size for f in src.glob("ckpt*"))
         print(f"   sources: TF checkpoint {C.fmt_bytes(size)}, .weights.h5 {C.fmt_bytes(Path(h5).stat().st_size)}; "
               f"largest tensor {C.fmt_bytes(LARGEST)} (fc1 kernel)")
         tools = {
@@ -215,7 +218,8 @@ def main() -> int:
         rows = []
         for t in names:
             peak = C.median(peaks[t])
-            before = C.median(peaks[t.replace("ours", "before")]) if t.replace("ours", "before") in peaks else BEFORE.get(t)
+            prev = t.replace("ours", "before")
+            before = C.median(peaks[prev]) if t.startswith("ours") and prev in peaks else BEFORE.get(t)
             rows.append((t, C.fmt_s(C.median(times[t])), C.fmt_bytes(peak), f"{peak / budget:.2f}x",
                          f"{(peak - base) / LARGEST:.2f}x" if t != "model only" else "-",
                          f"{peak / C.median(peaks['h5py peer']):.2f}x",

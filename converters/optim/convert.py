@@ -267,12 +267,59 @@ def entry_views(entry: Entry, arrays: tuple[np.ndarray, ...], *, slots: bool = F
         False
     """
     ops = [op.for_slots() if slots else op for op in entry.ops]
-    last = len(ops) - 1
-    for i, op in enumerate(ops):
-        if i == last and type(op).__name__ == "Reshape" and not all(a.flags.c_contiguous for a in arrays):
-            break  # the writer streams C order; reshaping here would copy the whole tensor
-        arrays = tuple(np.asarray(a) for a in op.apply(arrays))
+    if len(arrays) == 1 and ops and all(type(op).__name__ in ("Reshape", "Transpose") for op in ops):
+        return (_layout_view(np.asarray(arrays[0]), ops),)
+    for op in ops:
+        arrays = op.apply(arrays)
     return tuple(np.asarray(a) for a in arrays)
+
+
+def _merge_runs(logical: Sequence[int], target: Sequence[int]) -> list[list[int]] | None:
+    """The runs of consecutive ``logical`` axes whose products are ``target``'s dims, or None."""
+    if any(d <= 0 for d in (*logical, *target)):
+        return None
+    runs: list[list[int]] = []
+    i = 0
+    for want in target:
+        run, n = [], 1
+        while n < want and i < len(logical):
+            run.append(i)
+            n *= logical[i]
+            i += 1
+        if n != want:
+            return None
+        runs.append(run)
+    rest = list(range(i, len(logical)))
+    if any(logical[j] != 1 for j in rest) or (rest and not runs):
+        return None
+    if rest:
+        runs[-1] += rest
+    return runs
+
+
+def _layout_view(a: np.ndarray, ops: Sequence[Any]) -> np.ndarray:
+    """Reshapes and transposes of ``a`` as one strided view whose elements in C order are the result's.
+
+    Each axis of the result is a run of consecutive axes of the view, so a transpose moves
+    runs and a reshape that merges (or splits at) run boundaries only regroups them; a
+    reshape that does not fit the runs is done by numpy (copying where it must).
+    """
+    fine, groups = a, [[i] for i in range(a.ndim)]
+    for op in ops:
+        if type(op).__name__ == "Transpose":
+            fine = fine.transpose([f for ax in op.axes for f in groups[ax]])
+            sizes = [len(groups[ax]) for ax in op.axes]
+            starts = np.cumsum([0, *sizes])
+            groups = [list(range(int(starts[k]), int(starts[k] + n))) for k, n in enumerate(sizes)]
+            continue
+        logical = [math.prod(fine.shape[f] for f in g) for g in groups]
+        runs = _merge_runs(logical, tuple(op.shape))
+        if runs is None:
+            fine = np.reshape(fine.reshape(logical) if fine.ndim != len(logical) else fine, op.shape)
+            groups = [[i] for i in range(fine.ndim)]
+        else:
+            groups = [[f for ax in run for f in groups[ax]] for run in runs]
+    return fine
 
 
 class _DeferredEntry:
