@@ -91,6 +91,8 @@ def vgg16():
 OURS = PEAK + r"""
 import json, sys
 from ckptfmt.converters.convert import tf_to_torch
+import ckptfmt.converters.convert as _c
+assert _c.__file__.startswith(CODE), _c.__file__  # the code this row names
 tf_to_torch(SRC, DST, model_factory=FACTORY, overwrite=True, progress=False)
 print(json.dumps({"peak": _peak()}))
 """
@@ -188,16 +190,16 @@ def main() -> int:
               f"largest tensor {C.fmt_bytes(LARGEST)} (fc1 kernel)")
         tools = {
             "model only": _child(MODEL_ONLY, FACTORY=factory),
-            "ours .pt": _child(OURS, SRC=ckpt, DST=str(d / "ours.pt"), FACTORY=factory),
-            "ours dir": _child(OURS, SRC=ckpt, DST=str(d / "ours-dir"), FACTORY=factory),
-            "ours .pt from .h5": _child(OURS, SRC=h5, DST=str(d / "ours-h5.pt"), FACTORY=factory),
+            "ours .pt": _child(OURS, SRC=ckpt, DST=str(d / "ours.pt"), FACTORY=factory, CODE=str(C.REPO)),
+            "ours dir": _child(OURS, SRC=ckpt, DST=str(d / "ours-dir"), FACTORY=factory, CODE=str(C.REPO)),
+            "ours .pt from .h5": _child(OURS, SRC=h5, DST=str(d / "ours-h5.pt"), FACTORY=factory, CODE=str(C.REPO)),
             "h5py peer": _child(H5PY, SRC=h5, DST=str(d / "peer.pt")),
         }
-        env: dict[str, dict[str, str]] = {}
         if args.before:
-            env["before .pt"] = env["before dir"] = {"PYTHONPATH": _export(args.before, d / "before")}
-            tools["before .pt"] = _child(OURS, SRC=ckpt, DST=str(d / "before.pt"), FACTORY=factory)
-            tools["before dir"] = _child(OURS, SRC=ckpt, DST=str(d / "before-dir"), FACTORY=factory)
+            # first on sys.path: the child's cwd (the repository) would otherwise come first
+            first = f"import sys; sys.path.insert(0, {_export(args.before, d / 'before')!r})\n"
+            tools["before .pt"] = first + _child(OURS, SRC=ckpt, DST=str(d / "before.pt"), FACTORY=factory, CODE=str(d / "before"))
+            tools["before dir"] = first + _child(OURS, SRC=ckpt, DST=str(d / "before-dir"), FACTORY=factory, CODE=str(d / "before"))
         names = list(tools)
         peaks: dict[str, list[int]] = {t: [] for t in names}
         times: dict[str, list[float]] = {t: [] for t in names}
@@ -205,7 +207,7 @@ def main() -> int:
         for r in range(runs):
             for t in names[r % len(names):] + names[: r % len(names)]:  # rotate the order every round
                 t0 = time.perf_counter()
-                out = C.run_child(tools[t], env=env.get(t))
+                out = C.run_child(tools[t])
                 times[t].append(time.perf_counter() - t0)
                 peaks[t].append(out["peak"])
                 model_bytes = out.get("model", model_bytes)
