@@ -240,3 +240,26 @@ def test_a_flattened_kernel_is_permuted_without_a_full_copy(tmp_path):
         np.testing.assert_array_equal(got[k].numpy(), v)
         np.testing.assert_array_equal(np.asarray(back[k]), v)
         assert got[k].shape == v.shape and np.asarray(back[k]).shape == v.shape
+
+
+@pytest.mark.parametrize("shape, ops, shared", [
+    ((98, 6), "R(7,7,2,6) T(2,0,1,3) R(98,6) T(1,0)", True),  # a Flatten-permuted Dense kernel
+    ((3, 3, 4, 5), "T(3,2,0,1)", True),  # a conv kernel
+    ((12,), "R(3,4) T(1,0) R(12,)", True),
+    ((12,), "R(3,4) T(1,0) R(2,6)", False),  # splits a merged run: numpy copies
+    ((6, 4), "T(1,0) R(4,6,1)", True),
+    ((1, 6), "R(6,) R(2,3) T(1,0)", True),
+    ((24,), "R(2,3,4) T(2,0,1) R(4,6) T(1,0) R(3,2,4)", True),
+])
+def test_layout_view_has_the_results_elements_in_c_order(shape, ops, shared):
+    from ckptfmt.converters.mapping import Reshape, Transpose
+    from ckptfmt.converters.optim.convert import _layout_view
+
+    parsed = [(Reshape if s[0] == "R" else Transpose)(tuple(int(x) for x in s[2:-1].split(",") if x)) for s in ops.split()]
+    a = np.random.default_rng(4).standard_normal(shape)
+    want = a
+    for op in parsed:
+        want = op.apply((want,))[0]
+    got = _layout_view(a, parsed)
+    assert got.size == want.size and np.shares_memory(got, a) == shared
+    np.testing.assert_array_equal(np.ascontiguousarray(got).reshape(-1), np.ascontiguousarray(want).reshape(-1))
