@@ -309,7 +309,7 @@ def _write_torch_side(dst: str, kc: KerasCheckpoint, plan: Plan, model: Any, con
     elif kind == "ckptfmt":
         outputs.write_ckptfmt(dst, plan, read, model, conv, report.table(), report.source, overwrite, progress)
     else:
-        outputs.write_torch_checkpoint(dst, outputs.run_plan(plan, read, progress=progress), model, conv, report.table())
+        outputs.write_torch_checkpoint(dst, plan, read, model, conv, report.table(), progress)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptfmt._writer import DeferredTensor
 from ckptfmt.errors import ConversionError, UnmappedKeyError
 
 from ..mapping.rules import Plan
@@ -50,6 +51,7 @@ def keras_optimizer_settings(kc: KerasCheckpoint, optimizer_config: AbcMapping[s
         kc: the checkpoint (its values are read through ``kc.reader``).
         optimizer_config: what the caller knows (``class_name``, ``learning_rate``, ``momentum``...).
         shapes_only: zero slots in the right layout instead of the stored values (a dry run).
+            Otherwise each slot is a ``DeferredTensor``, read when its converted value is written.
 
     Raises:
         ConversionError: the class cannot be told, a learning rate that is not stored
@@ -73,13 +75,18 @@ def keras_optimizer_settings(kc: KerasCheckpoint, optimizer_config: AbcMapping[s
     if shapes_only:  # zero slots in the right layout
         slot_values = {v: {s: np.zeros(kc.shapes[v], np.float32) for s in d} for v, d in kc.slots.items()}
     else:
-        slot_values = {v: {s: kc.get(k) for s, k in d.items()} for v, d in kc.slots.items()}
+        slot_values = {v: {s: _deferred_slot(kc, k) for s, k in d.items()} for v, d in kc.slots.items()}
     notes.append(_summary(kc, cls, iterations, config, given="learning_rate" in cfg, stored=stored, assumed=assumed))
     if "dynamic_scale" in kc.loss_scale_keys:
         scale = kc.scalar(kc.loss_scale_keys["dynamic_scale"])
         notes.append(f"mixed precision: the Keras LossScaleOptimizer's loss scale ({scale:g}) is no optimizer state "
                      f"in torch; continue with torch.amp.GradScaler(init_scale={scale:g}) (its growth counter restarts)")
     return KerasOptimizerState(cls, config, iterations, slot_values), tuple(notes)
+
+
+def _deferred_slot(kc: KerasCheckpoint, key: str) -> DeferredTensor:
+    """A slot read only when its converted value is written (one slot in memory at a time)."""
+    return DeferredTensor(tuple(kc.reader.shape(key)), np.dtype(kc.reader.dtype(key)), lambda: kc.get(key))
 
 
 def _learning_rate(kc: KerasCheckpoint, cfg: AbcMapping[str, Any], iterations: int, decay: float, notes: list[str]) -> float:

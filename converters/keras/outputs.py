@@ -9,12 +9,18 @@ destination            what is written                                         m
 ``*.safetensors``      the weights; the header is computed from the plan,       one entry
                        then each plan entry is read, run and written at its
                        offset (:func:`write_safetensors_stream`)
-``*.pt`` / ``.pth`` /  ``torch.save`` of ``{"model", "optimizer", ...}``         the weights
-``.bin``               (torch needs every tensor at once)
-anything else          a ckptfmt checkpoint directory in the layout of          one entry
-                       :mod:`ckptfmt.torch` (weights streamed through the       (+ optimizer
-                       writer; :func:`write_ckptfmt_stream`)                    state)
+``*.pt`` / ``.pth`` /  ``{"model", "optimizer", ...}`` as ``torch.save``        one tensor
+``.bin``               writes it, one tensor at a time                         (+ its
+                       (:func:`write_torch_checkpoint`, :mod:`.torchfile`)     source)
+anything else          a ckptfmt checkpoint directory in the layout of          one tensor
+                       :mod:`ckptfmt.torch` (weights and optimizer slots        (+ its
+                       streamed through the writer; :func:`write_ckptfmt`)      source)
 =====================  ======================================================  ==========
+
+Optimizer slots are read like the weights: each is a deferred value
+(``ckptfmt._writer.DeferredTensor``) that reads its Keras slot and runs its plan entry when the
+writer reaches it. A transposed kernel stays a strided view of its source, copied in blocks
+as it is written, so a conversion holds about one source tensor (plus a few MB) at a time.
 
 Example:
     >>> output_kind("out/weights.safetensors"), output_kind("out/run.pt"), output_kind("out/step-3")
@@ -28,6 +34,7 @@ __all__ = [
     "TORCH_LAYOUT",
     "check_output",
     "target_info",
+    "torch_optimizer_state",
     "output_kind",
     "run_plan",
     "write_ckptfmt",
@@ -55,6 +62,7 @@ from ckptfmt.storage.urls import is_url, resolve
 from ..files import atomic_file, check_destination
 from ..kinds import target_kind
 from ..mapping.rules import Entry, Plan, TensorSpec
+from ..optim.convert import StreamedTensor, entry_views
 from ..optional import require
 from ..sources.base import TensorInfo
 
@@ -241,8 +249,9 @@ def _write_entries(handle: Any, plan: Plan, read: Reader, infos: dict[str, Tenso
 class _Deferred:
     """Runs plan entries when the writer first asks for one of their targets.
 
-    Every target of an entry is produced at once; the ones not yet asked for wait here until
-    the writer reaches them (in entry order that is at once), then are handed over and dropped.
+    Every target of an entry is produced at once (a transposed one as a view of its source);
+    the ones not yet asked for wait here until the writer reaches them (in entry order that
+    is at once), then are handed over and dropped.
     """
 
     def __init__(self, plan: Plan, read: Reader) -> None:
@@ -253,8 +262,15 @@ class _Deferred:
     def __call__(self, key: str) -> np.ndarray:
         if key not in self._ready:
             e = self._entry_of[key]
-            self._ready.update(zip(e.targets, _run_entry(e, read=self._read)))
+            self._ready.update(zip(e.targets, entry_views(e, tuple(self._read(k) for k in e.sources))))
         return self._ready.pop(key)
+
+
+def _deferred_weights(plan: Plan, read: Reader) -> dict[str, Any]:
+    """``{target: DeferredTensor}``: each plan entry runs when the writer reaches its first target."""
+    load = _Deferred(plan, read)
+    return {key: StreamedTensor(tuple(spec.shape), _spec_dtype(key, spec), lambda key=key: load(key))
+            for key, spec in plan.target_specs.items()}
 
 
 def write_ckptfmt_stream(dst: str, plan: Plan, read: Reader, *, optimizer: Any = None, extra: dict[str, Any] | None = None,
@@ -270,21 +286,16 @@ def write_ckptfmt_stream(dst: str, plan: Plan, read: Reader, *, optimizer: Any =
     Args:
         dst: the checkpoint directory.
         plan / read: the weight plan and ``read(source_key)``.
-        optimizer: the optimizer's ``state_dict()`` with numpy leaves, or None.
+        optimizer: the optimizer's ``state_dict()`` with numpy (or ``DeferredTensor``) leaves, or None.
         extra: plain values stored under ``"extra"`` (returned by ``ckptfmt.torch.restore``).
         overwrite / progress / metadata: as for :func:`ckptfmt.save`.
 
     Returns:
         The checkpoint's digest.
     """
-    from ckptfmt._writer import DeferredTensor
     from ckptfmt.api import save
 
-    load = _Deferred(plan, read)
-    model = {}
-    for key, spec in plan.target_specs.items():
-        model[key] = DeferredTensor(tuple(spec.shape), _spec_dtype(key, spec), lambda key=key: load(key))
-    sections: dict[str, Any] = {"model": model}
+    sections: dict[str, Any] = {"model": _deferred_weights(plan, read)}
     if optimizer is not None:
         sections["optimizer"] = optimizer
     if extra:
@@ -297,24 +308,70 @@ def write_ckptfmt_stream(dst: str, plan: Plan, read: Reader, *, optimizer: Any =
 # ----------------------------------------------------------------------- torch, with optimizer
 
 
-def _torch_optimizer(conv: Any, model: Any) -> Any:
-    """A live torch optimizer loaded with the converted state.
+def torch_optimizer_state(conv: Any, model: Any) -> dict[str, Any]:
+    """``optimizer.state_dict()`` of the torch optimizer the conversion fills, its slots still deferred.
 
-    Through a live optimizer, as torch's own loop would: its load_state_dict fills the keys
-    the conversion does not set and casts the state, so every output holds the same state.
+    What torch's own ``load_state_dict`` makes of the state (the keys the conversion does not
+    set, ``step`` as torch keeps it, slots cast to their parameter's dtype) is taken from a
+    live optimizer loaded with empty stand-ins for the slots; the slots themselves stay
+    ``DeferredTensor`` values (cast on load where torch would cast), read when written.
+
+    Example:
+        >>> sd = torch_optimizer_state(conv, model)  # doctest: +SKIP
+        >>> sd["state"][0]["exp_avg"]  # doctest: +SKIP
+        DeferredTensor(shape=(64, 3, 3, 3), dtype=dtype('float32'), load=...)
     """
-    from ckptfmt.adapters.torch import numpy_to_state
+    import torch
+
+    from ckptfmt._writer import DeferredTensor
+    from ckptfmt.adapters.torch import numpy_to_tensor, tensor_to_numpy
 
     from .optimizer import optimizer_type
 
     opt = optimizer_type(conv.optimizer)(model.parameters(), **conv.hyperparameters)
-    opt.load_state_dict(numpy_to_state(conv.state_dict(opt.state_dict())))
-    return opt
+    sd = conv.state_dict(opt.state_dict())
+    deferred: dict[tuple[int, str], DeferredTensor] = {}
+    probe: dict[int, dict[str, Any]] = {}
+    for i, st in sd["state"].items():
+        probe[i] = {}
+        for name, v in st.items():
+            if isinstance(v, DeferredTensor):
+                deferred[(i, name)] = v
+                v = np.empty(0, v.dtype)
+            probe[i][name] = numpy_to_tensor(np.asarray(v)) if isinstance(v, (np.ndarray, np.generic)) else v
+    opt.load_state_dict({"state": probe, "param_groups": sd["param_groups"]})
+    out = opt.state_dict()
+    for (i, name), v in deferred.items():
+        held = out["state"][i][name]
+        if not isinstance(held, torch.Tensor):  # pragma: no cover - torch keeps tensors as tensors
+            raise ConversionError(f"optimizer state {i}/{name}: torch turned the slot into a {type(held).__name__}")
+        want = tensor_to_numpy(held).dtype
+        out["state"][i][name] = v if want == v.dtype else _cast(v, want)
+    return out
+
+
+def _cast(v: Any, dtype: np.dtype) -> Any:
+    return StreamedTensor(v.shape, dtype, lambda: np.asarray(v.load()).astype(dtype))  # elementwise
+
+
+def _numpy_state(sd: dict[str, Any]) -> dict[str, Any]:
+    """:func:`torch_optimizer_state` with numpy leaves; the deferred ones stay deferred."""
+    from ckptfmt._writer import DeferredTensor
+    from ckptfmt.adapters.torch import state_to_numpy
+
+    deferred = {(i, n): v for i, st in sd["state"].items() for n, v in st.items() if isinstance(v, DeferredTensor)}
+    bare = {**sd, "state": {i: {n: v for n, v in st.items() if (i, n) not in deferred} for i, st in sd["state"].items()}}
+    out = state_to_numpy(bare)[0]
+    for (i, n), v in deferred.items():
+        out["state"][i][n] = v
+    # keep torch's key order within each parameter's state
+    out["state"] = {i: {n: out["state"][i][n] for n in st} for i, st in sd["state"].items()}
+    return out
 
 
 def write_ckptfmt(dst: str, plan: Plan, read: Reader, model: Any, conv: Any, report_text: str, source: str,
                   overwrite: bool, progress: bool | None) -> None:
-    """The ckptfmt destination of tf2torch: weights streamed, the optimizer through a live torch optimizer.
+    """The ckptfmt destination of tf2torch: weights and optimizer slots streamed.
 
     Example:
         >>> write_ckptfmt("out/step-3", plan, read, None, None, "", "ckpt-3", False, None)  # doctest: +SKIP
@@ -322,35 +379,42 @@ def write_ckptfmt(dst: str, plan: Plan, read: Reader, model: Any, conv: Any, rep
     optimizer = None
     extra: dict[str, Any] = {"conversion_report": report_text}
     if conv is not None:
-        from ckptfmt.adapters.torch import state_to_numpy
-
-        optimizer = state_to_numpy(_torch_optimizer(conv, model).state_dict())[0]
+        optimizer = _numpy_state(torch_optimizer_state(conv, model))
         extra.update(optimizer_class=conv.optimizer, optimizer_hyperparameters=dict(conv.hyperparameters))
     write_ckptfmt_stream(dst, plan, read, optimizer=optimizer, extra=extra, overwrite=overwrite,
                          progress=progress, metadata={"converted_by": "ckptfmt tf2torch", "source": source})
 
 
-def write_torch_checkpoint(dst: str, weights: dict[str, np.ndarray], model: Any, conv: Any, report_text: str) -> None:
-    """``torch.save`` of ``{"model", "optimizer", "optimizer_class", ...}``, atomically.
+def write_torch_checkpoint(dst: str, plan: Plan, read: Reader, model: Any, conv: Any, report_text: str,
+                           progress: bool | None = None) -> None:
+    """``{"model", "optimizer", "optimizer_class", ...}`` as ``torch.save`` writes it, one tensor at a time, atomically.
+
+    The file loads with ``torch.load(weights_only=True)`` into what ``torch.save`` of the
+    materialized dict gives (:func:`ckptfmt.converters.keras.torchfile.save_torch_stream`).
 
     Example:
-        >>> write_torch_checkpoint("run.pt", weights, model, conv, "")  # doctest: +SKIP
+        >>> write_torch_checkpoint("run.pt", plan, read, model, conv, "")  # doctest: +SKIP
     """
     require("torch", "tf2torch/torch2tf conversion")  # FrameworkNotAvailableError naming the extra
-    from ckptfmt.adapters.torch import numpy_to_tensor
+    from ckptfmt._writer import DeferredTensor
 
-    # Shares the arrays' memory (bfloat16/float8 through a bit view); nothing is copied.
-    state_dict = {k: numpy_to_tensor(v) for k, v in weights.items()}
-    out: dict[str, Any] = {"model": state_dict}
+    from .torchfile import save_torch_stream
+
+    out: dict[str, Any] = {"model": _deferred_weights(plan, read)}
+    total = _total(plan)
     if conv is not None:
-        model.load_state_dict(state_dict)
-        out.update(optimizer=_torch_optimizer(conv, model).state_dict(), optimizer_class=conv.optimizer,
-                   optimizer_hyperparameters=dict(conv.hyperparameters))
+        sd = torch_optimizer_state(conv, model)
+        total += sum(int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
+                     for st in sd["state"].values() for v in st.values() if isinstance(v, DeferredTensor))
+        out.update(optimizer=sd, optimizer_class=conv.optimizer, optimizer_hyperparameters=dict(conv.hyperparameters))
     out["conversion_report"] = report_text
-    from ..sources.torch import save_to
+    bar = progress_bar(total, f"writing {os.path.basename(dst)}", progress)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            save_to(out, f)  # a full disk surfaces as OSError(ENOSPC), not torch's enforce message
+            save_torch_stream(out, f, on_bytes=bar.update)
 
-    atomic_file(dst, write)
+    try:
+        atomic_file(dst, write)
+    finally:
+        bar.close()

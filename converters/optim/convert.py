@@ -37,6 +37,8 @@ __all__ = [
     "OptimizerConversion",
     "keras_optimizer_state",
     "describe_keras_optimizer",
+    "StreamedTensor",
+    "entry_views",
     "keras_to_torch_optimizer",
     "torch_to_keras_optimizer",
 ]
@@ -49,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from ckptfmt.converters.mapping.rules import Mean, Plan
+from ckptfmt._writer import DeferredTensor
+from ckptfmt.converters.mapping.rules import Entry, Mean, Plan
 from ckptfmt.errors import ConversionError, UnmappedKeyError
 
 from .tables import ADAM_EPS, KERAS_SLOTS, TABLES, TORCH_TO_KERAS, OptimizerTable
@@ -66,7 +69,9 @@ class KerasOptimizerState:
         class_name: ``"Adam"``, ``"AdamW"``, ``"SGD"`` or ``"RMSprop"``.
         config: ``optimizer.get_config()`` (``learning_rate`` a float: the current value).
         iterations: Keras ``optimizer.iterations``, the count of updates made.
-        slots: ``{variable key: {slot name: array}}`` in Keras layout.
+        slots: ``{variable key: {slot name: array}}`` in Keras layout; a value may be a
+            ``ckptfmt._writer.DeferredTensor`` (read when written), and then the converted
+            torch state holds deferred values too (:func:`keras_to_torch_optimizer`).
     """
 
     class_name: str
@@ -105,7 +110,8 @@ class OptimizerConversion:
     Attributes:
         optimizer: the class to build (``"torch.optim.AdamW"``, ``"ckptfmt.converters.optim.KerasAdam"``).
         hyperparameters: its constructor's keyword arguments.
-        state: ``{param index: {name: array}}`` in the order of ``param_names``.
+        state: ``{param index: {name: array}}`` in the order of ``param_names`` (a value is a
+            ``DeferredTensor`` where the Keras slot was one: read and converted when loaded).
         report: what was converted and how far a stock torch optimizer may drift from Keras.
     """
 
@@ -223,10 +229,119 @@ def _check_supported(config: AbcMapping[str, Any]) -> list[str]:
     return notes
 
 
-def _torch_slots(state: KerasOptimizerState, plan: Plan, param_names: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
-    """``{torch param name: {keras slot name: array in torch layout}}``."""
+@dataclass(frozen=True, slots=True)
+class StreamedTensor(DeferredTensor):
+    """A :class:`DeferredTensor` whose ``load()`` may return the tensor not yet reshaped.
+
+    ``load()`` returns an array of the declared dtype and size whose elements in C order are
+    the tensor's (what :func:`entry_views` gives: a transposed kernel whose final reshape
+    would copy it). Writers stream an array's bytes in C order, which a reshape does not
+    change, so they write it as it is; a contiguous one is reshaped here (free).
+
+    Example:
+        >>> t = StreamedTensor((2, 3), np.dtype(np.float32), lambda: np.zeros((3, 2), np.float32).T)
+        >>> t.materialize("w").shape
+        (2, 3)
+    """
+
+    def materialize(self, name: str) -> np.ndarray:
+        arr = np.asarray(self.load())
+        if arr.size != math.prod(self.shape) or arr.dtype != np.dtype(self.dtype):
+            raise ConversionError(f"tensor {name!r}: the converted value is {arr.dtype}{list(arr.shape)} but was declared "
+                                  f"{np.dtype(self.dtype)}{list(self.shape)}")
+        return arr.reshape(self.shape) if arr.flags.c_contiguous or arr.ndim == len(self.shape) == 0 else arr
+
+
+def entry_views(entry: Entry, arrays: tuple[np.ndarray, ...], *, slots: bool = False) -> tuple[np.ndarray, ...]:
+    """``entry.run(arrays)`` without copies: a transposed target stays a strided view.
+
+    A final reshape that would copy (merging transposed axes, e.g. a flattened kernel's rows
+    permuted to channels-first) is left out: each result holds its target's elements in C
+    order, maybe in another shape (a :class:`StreamedTensor`'s value). A writer copies such a
+    view block by block, so a big kernel never exists twice in full.
+
+    Example:
+        >>> from ckptfmt.converters.mapping import Mapping, Convert, Transpose
+        >>> e = Mapping((Convert(("k",), ("w",), (Transpose((1, 0)),)),)).plan({"k": (2, 3)}).entries[0]
+        >>> entry_views(e, (np.zeros((2, 3)),))[0].flags.c_contiguous
+        False
+    """
+    ops = [op.for_slots() if slots else op for op in entry.ops]
+    if len(arrays) == 1 and ops and all(type(op).__name__ in ("Reshape", "Transpose") for op in ops):
+        return (_layout_view(np.asarray(arrays[0]), ops),)
+    for op in ops:
+        arrays = op.apply(arrays)
+    return tuple(np.asarray(a) for a in arrays)
+
+
+def _merge_runs(logical: Sequence[int], target: Sequence[int]) -> list[list[int]] | None:
+    """The runs of consecutive ``logical`` axes whose products are ``target``'s dims, or None."""
+    if any(d <= 0 for d in (*logical, *target)):
+        return None
+    runs: list[list[int]] = []
+    i = 0
+    for want in target:
+        run, n = [], 1
+        while n < want and i < len(logical):
+            run.append(i)
+            n *= logical[i]
+            i += 1
+        if n != want:
+            return None
+        runs.append(run)
+    rest = list(range(i, len(logical)))
+    if any(logical[j] != 1 for j in rest) or (rest and not runs):
+        return None
+    if rest:
+        runs[-1] += rest
+    return runs
+
+
+def _layout_view(a: np.ndarray, ops: Sequence[Any]) -> np.ndarray:
+    """Reshapes and transposes of ``a`` as one strided view whose elements in C order are the result's.
+
+    Each axis of the result is a run of consecutive axes of the view, so a transpose moves
+    runs and a reshape that merges (or splits at) run boundaries only regroups them; a
+    reshape that does not fit the runs is done by numpy (copying where it must).
+    """
+    fine, groups = a, [[i] for i in range(a.ndim)]
+    for op in ops:
+        if type(op).__name__ == "Transpose":
+            fine = fine.transpose([f for ax in op.axes for f in groups[ax]])
+            sizes = [len(groups[ax]) for ax in op.axes]
+            starts = np.cumsum([0, *sizes])
+            groups = [list(range(int(starts[k]), int(starts[k] + n))) for k, n in enumerate(sizes)]
+            continue
+        logical = [math.prod(fine.shape[f] for f in g) for g in groups]
+        runs = _merge_runs(logical, tuple(op.shape))
+        if runs is None:
+            fine = np.reshape(fine.reshape(logical) if fine.ndim != len(logical) else fine, op.shape)
+            groups = [[i] for i in range(fine.ndim)]
+        else:
+            groups = [[f for ax in run for f in groups[ax]] for run in runs]
+    return fine
+
+
+class _DeferredEntry:
+    """One plan entry run on one slot's deferred values when the first of its targets is loaded;
+    the entry's other targets wait here until they are loaded (in entry order, at once)."""
+
+    def __init__(self, entry: Entry, values: tuple[Any, ...]) -> None:
+        self._entry, self._values = entry, values
+        self._ready: dict[int, np.ndarray] = {}
+
+    def load(self, i: int) -> np.ndarray:
+        if i not in self._ready:
+            arrays = tuple(v.materialize("optimizer slot") if isinstance(v, DeferredTensor) else np.asarray(v)
+                           for v in self._values)
+            self._ready = dict(enumerate(entry_views(self._entry, arrays, slots=True)))
+        return self._ready.pop(i)
+
+
+def _torch_slots(state: KerasOptimizerState, plan: Plan, param_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{torch param name: {keras slot name: array in torch layout}}``; deferred where the Keras slots are."""
     index = {n: i for i, n in enumerate(param_names)}
-    out: dict[str, dict[str, np.ndarray]] = {}
+    out: dict[str, dict[str, Any]] = {}
     unknown = [k for k in state.slots if not any(k in e.sources for e in plan.entries)]
     problems = [f"{k}: has optimizer slots but no entry of the weight plan reads it" for k in unknown]
     for entry in plan.entries:
@@ -237,7 +352,19 @@ def _torch_slots(state: KerasOptimizerState, plan: Plan, param_names: Sequence[s
             problems.append(f"{', '.join(entry.sources)}: converted together but their optimizer slots differ")
             continue
         for slot in state.slots[have[0]]:
-            values = entry.run(tuple(np.asarray(state.slots[k][slot]) for k in entry.sources), slots=True)
+            sources = tuple(state.slots[k][slot] for k in entry.sources)
+            if any(isinstance(v, DeferredTensor) for v in sources):
+                bad = [f"{k}: slot {slot!r} has shape {tuple(v.shape)}, its variable {tuple(spec.shape)}"
+                       for k, v, spec in zip(entry.sources, sources, entry.source_specs) if tuple(v.shape) != tuple(spec.shape)]
+                if bad:
+                    problems += bad
+                    continue
+                run = _DeferredEntry(entry, sources)
+                dtype = np.dtype(sources[0].dtype)
+                values: tuple[Any, ...] = tuple(StreamedTensor(tuple(spec.shape), dtype, lambda i=i, run=run: run.load(i))
+                                                for i, spec in enumerate(entry.target_specs))
+            else:
+                values = entry.run(tuple(np.asarray(v) for v in sources), slots=True)
             for target, value in zip(entry.targets, values):
                 out.setdefault(target, {})[slot] = value
     problems += [f"{t}: has optimizer slots but is not in param_names" for t in out if t not in index]
@@ -314,8 +441,15 @@ def _stock_state(table: OptimizerTable, cfg: AbcMapping[str, Any], lr: float, t:
     for link in table.slots:
         if link.when is None or cfg.get(link.when):
             v = keras_slots[link.keras]
-            o[link.torch] = (v / np.float32(link.lr_sign * lr)).astype(v.dtype) if link.lr_sign else v
+            o[link.torch] = _scaled(v, np.float32(link.lr_sign * lr)) if link.lr_sign else v
     return o
+
+
+def _scaled(v: Any, divisor: np.float32) -> Any:
+    """``v / divisor`` in ``v``'s dtype; deferred when ``v`` is."""
+    if isinstance(v, DeferredTensor):  # elementwise: a StreamedTensor's value in any shape
+        return StreamedTensor(v.shape, v.dtype, lambda: _scaled(np.asarray(v.load()), divisor))
+    return (v / divisor).astype(v.dtype)
 
 
 def _table(cls: str) -> OptimizerTable:

@@ -480,19 +480,20 @@ def test_tf2torch_disk_full_and_stale_temporaries(tmp_path, monkeypatch):
     dst = tmp_path / "w.pt"
     stale = tmp_path / f"w.pt.tmp-{_dead_pid()}"  # what a SIGKILLed tf2torch left
     stale.write_bytes(b"x" * 100)
-    import ckptfmt.converters.sources.torch as tfm
+    import ckptfmt.converters.keras.torchfile as tfm
 
-    real = tfm._Sink.write
+    real = tfm._record
 
-    def full(self, b):
-        self.error = OSError(errno.ENOSPC, "No space left on device")
-        raise self.error
+    def full(zf, name, size, pieces):  # the disk fills up once the first tensor's record is reached
+        if "/data/" in name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(zf, name, size, pieces)
 
-    monkeypatch.setattr(tfm._Sink, "write", full)
+    monkeypatch.setattr(tfm, "_record", full)
     r = run("convert", "tf2torch", example, dst, "--no-optimizer")
     assert r.exit_code == EXIT_ERROR and f"disk full (ENOSPC) writing {dst}" in r.output, r.output
     assert "inline_container" not in r.output and os.listdir(tmp_path) == []
-    monkeypatch.setattr(tfm._Sink, "write", real)
+    monkeypatch.setattr(tfm, "_record", real)
     assert run("convert", "tf2torch", example, dst, "--no-optimizer").exit_code == EXIT_OK
 
 

@@ -30,6 +30,8 @@ MODULES = [
     "ckptfmt.converters.keras.optimizer",
     "ckptfmt.converters.keras.report",
     "ckptfmt.converters.keras.outputs",
+    "ckptfmt.converters.keras.torchfile",
+    "ckptfmt.converters.optim.convert",
     "ckptfmt.converters.keras.torch_state",
     "ckptfmt.converters.keras.diff",
     "ckptfmt.converters.keras.keras2keras",
