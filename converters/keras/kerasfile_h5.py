@@ -312,12 +312,12 @@ class KerasFileReader:
             if key in self._offsets:  # contiguous: the bytes themselves, no HDF5 code involved
                 n = math.prod(ds.shape)
                 dt = ds.dtype
+                value = np.empty(ds.shape, dt)  # read straight into the array: one copy of the tensor, not two
                 with open(self._data_path, "rb") as f:
                     f.seek(self._base + self._offsets[key])
-                    buf = f.read(n * dt.itemsize)
-                if len(buf) != n * dt.itemsize:
-                    raise FormatError(f"{self.path}: dataset {key} is truncated ({len(buf)} of {n * dt.itemsize} bytes)")
-                value = np.frombuffer(buf, dt).reshape(ds.shape).copy() if n else np.zeros(ds.shape, dt)
+                    got = f.readinto(memoryview(value.reshape(-1).view(np.uint8))) if n else 0
+                if got != n * dt.itemsize:
+                    raise FormatError(f"{self.path}: dataset {key} is truncated ({got} of {n * dt.itemsize} bytes)")
             elif ds.id.get_storage_size() == 0:  # never written: HDF5's fill value
                 value = np.asarray(ds[()])
             else:
