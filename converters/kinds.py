@@ -71,14 +71,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ckptfmt.api
-from ckptfmt.api import VerifyReport
 from ckptfmt.errors import ConversionError
 from ckptfmt.format.dtypes import DTYPE_NAMES
 from ckptfmt.format.tree import unescape_key
 
 from .diff import DiffReport, TensorDiff, diff_any, diff_sources
 from .files import atomic_file, check_destination
-from .sources import KINDS, canonical_path, detect_kind, open_any, source_class
+from .sources import KINDS, detect_kind, open_any, verify_any
 from .sources import safetensors as _st
 from .sources.base import ConvertResult, Source, TensorInfo, jsonable
 from .sources.torch import TORCH_SUFFIXES
@@ -135,44 +134,6 @@ def inspect_any(path: str | os.PathLike[str], *, kind: str | None = None) -> Sum
     """
     with open_any(path, kind=kind) as src:
         return Summary(src.path, src.kind, src.version, src.digest, src.metadata, tuple(src.tensors()), src.content_digest)
-
-
-def verify_any(path: str | os.PathLike[str], *, kind: str | None = None, progress: bool | None = None) -> VerifyReport:
-    """Check a checkpoint of any kind completely; corruption is reported, not raised.
-
-    What is checked depends on what the kind records:
-
-    - ckptfmt: :func:`ckptfmt.verify` (every chunk hash, every file's size).
-    - tf: the index, every shard's presence, every tensor's CRC32C.
-    - safetensors: the header (length bounded by the file, JSON, dtypes, shapes) and the
-      data offsets (in bounds, no overlap, no gap, each matching its dtype and shape, the
-      last one ending where the file ends). safetensors has no checksums: a flipped bit
-      inside tensor data cannot be detected.
-    - torch: the zip archive's CRC-32 of every member (a corrupted member is traced to the
-      tensors stored in it), then ``torch.load(weights_only=True)``.
-    - onnx: the protobuf, ``onnx.checker``, and every external data file present and long
-      enough. ONNX has no checksums either.
-
-    Args:
-        path: the checkpoint.
-        kind: skip detection.
-        progress: show a progress bar (default: on a terminal, for large inputs).
-
-    Returns:
-        A :class:`ckptfmt.VerifyReport`; ``chunks_checked`` counts the kind's units (chunks,
-        tensors, archive members).
-
-    Raises:
-        CheckpointNotFoundError: nothing at ``path``. FormatError: not a known kind.
-        FrameworkNotAvailableError: torch or onnx is needed but missing.
-
-    Example:
-        >>> report = verify_any("model.safetensors")  # doctest: +SKIP
-        >>> report.ok, [str(p) for p in report.problems]  # doctest: +SKIP
-        (True, [])
-    """
-    p = canonical_path(path)
-    return source_class(kind or detect_kind(p)).verify(p, progress=progress)
 
 
 # --------------------------------------------------------------------------- convert

@@ -32,16 +32,20 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["KINDS", "SOURCES", "Source", "TensorInfo", "detect_kind", "open_any", "source_class", "canonical_path"]
+__all__ = ["KINDS", "SOURCES", "Source", "TensorInfo", "detect_kind", "open_any", "source_class", "canonical_path", "verify_any"]
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
 from ckptfmt.errors import CheckpointNotFoundError, FormatError, UnsupportedURLError
 from ckptfmt.format.spec import MANIFEST_NAME
 from ckptfmt.storage.urls import is_url, resolve
 
 from .base import Source, TensorInfo
+
+if TYPE_CHECKING:
+    from ckptfmt.api import VerifyReport
 
 #: Suffixes of the foreign formats: such files are never looked for on an object store.
 _FOREIGN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".index", ".h5", ".keras", ".ckpt")
@@ -169,3 +173,41 @@ def open_any(path: str | os.PathLike[str], *, kind: str | None = None) -> Source
     """
     p = canonical_path(path)
     return source_class(kind or detect_kind(p))(p)
+
+
+def verify_any(path: str | os.PathLike[str], *, kind: str | None = None, progress: bool | None = None) -> VerifyReport:
+    """Check a checkpoint of any kind completely; corruption is reported, not raised.
+
+    What is checked depends on what the kind records:
+
+    - ckptfmt: :func:`ckptfmt.verify` (every chunk hash, every file's size).
+    - tf: the index, every shard's presence, every tensor's CRC32C.
+    - safetensors: the header (length bounded by the file, JSON, dtypes, shapes) and the
+      data offsets (in bounds, no overlap, no gap, each matching its dtype and shape, the
+      last one ending where the file ends). safetensors has no checksums: a flipped bit
+      inside tensor data cannot be detected.
+    - torch: the zip archive's CRC-32 of every member (a corrupted member is traced to the
+      tensors stored in it), then ``torch.load(weights_only=True)``.
+    - onnx: the protobuf, ``onnx.checker``, and every external data file present and long
+      enough. ONNX has no checksums either.
+
+    Args:
+        path: the checkpoint.
+        kind: skip detection.
+        progress: show a progress bar (default: on a terminal, for large inputs).
+
+    Returns:
+        A :class:`ckptfmt.VerifyReport`; ``chunks_checked`` counts the kind's units (chunks,
+        tensors, archive members).
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``. FormatError: not a known kind.
+        FrameworkNotAvailableError: torch or onnx is needed but missing.
+
+    Example:
+        >>> report = verify_any("model.safetensors")  # doctest: +SKIP
+        >>> report.ok, [str(p) for p in report.problems]  # doctest: +SKIP
+        (True, [])
+    """
+    p = canonical_path(path)
+    return source_class(kind or detect_kind(p)).verify(p, progress=progress)
