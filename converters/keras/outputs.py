@@ -62,7 +62,7 @@ from ckptfmt.storage.urls import is_url, resolve
 from ..files import atomic_file, check_destination
 from ..kinds import target_kind
 from ..mapping.rules import Entry, Plan, TensorSpec
-from ..optim.convert import StreamedTensor, entry_views
+from ..optim._views import StreamedTensor, entry_views
 from ..optional import require
 from ..sources.base import TensorInfo
 

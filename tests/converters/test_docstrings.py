@@ -32,6 +32,7 @@ MODULES = [
     "ckptfmt.converters.keras.outputs",
     "ckptfmt.converters.keras.torchfile",
     "ckptfmt.converters.optim.convert",
+    "ckptfmt.converters.optim._views",
     "ckptfmt.converters.keras.torch_state",
     "ckptfmt.converters.keras.diff",
     "ckptfmt.converters.keras.keras2keras",
