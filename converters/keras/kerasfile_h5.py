@@ -326,7 +326,7 @@ class KerasFileReader:
             raise
         except Exception as e:
             raise FormatError(f"{self.path}: dataset {key} cannot be read: {_one_line(e)}") from None
-        if value.dtype.byteorder not in ("=", "|") and value.dtype.byteorder != np.dtype(value.dtype.newbyteorder("=")).byteorder:
+        if not value.dtype.isnative:  # h5py says "<f4" for native little-endian data: no copy for that
             value = value.astype(value.dtype.newbyteorder("="))
         if value.shape != tuple(ds.shape):
             raise FormatError(f"{self.path}: dataset {key} read as shape {value.shape}, declared {ds.shape}")

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("h5py")  # the keras extra; CI installs it
+h5py = pytest.importorskip("h5py")  # the keras extra; CI installs it
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st
+from hypothesis import strategies as st  # noqa: E402
 
 from ckptfmt.converters import kinds  # noqa: E402
 from ckptfmt.converters.keras.kerasfile import KerasFileReader, is_keras_file, read_keras_file, write_keras_file  # noqa: E402
@@ -98,6 +98,30 @@ def test_bfloat16_is_read_as_bfloat16():
         k = r.get(kc.keys["d/kernel"])
         assert str(k.dtype) == "bfloat16"
         np.testing.assert_array_equal(k.astype(np.float32), want["kernel"])
+
+
+def test_a_dataset_is_read_with_one_copy_in_memory(tmp_path):
+    """h5py reports native little-endian data as "<f4": reading it must not copy it a second time
+    (a VGG fc1 kernel is 392 MiB). Big-endian data (no Keras writes it) is refused, naming it."""
+    import tracemalloc
+
+    want = np.arange(1 << 20, dtype=np.float32).reshape(1024, 1024)
+    p, q = tmp_path / "w.weights.h5", tmp_path / "be.weights.h5"
+    for path, dt in ((p, "<f4"), (q, ">f4")):
+        with h5py.File(path, "w") as f:
+            f.create_dataset("layers/dense/vars/0", data=want.astype(dt))
+    with KerasFileReader(p) as r:
+        tracemalloc.start()
+        try:
+            got = r.get("layers/dense/vars/0")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_array_equal(got, want)
+    assert peak < 1.2 * want.nbytes, f"{peak} bytes traced reading a {want.nbytes}-byte dataset"
+    with pytest.raises(FormatError, match="layers/dense/vars/0 has dtype >f4"):
+        with KerasFileReader(q) as r:
+            r.get("layers/dense/vars/0")
 
 
 @pytest.mark.parametrize("name", ["k3_cnn_adam.keras", "k3_cnn_adam.weights.h5", "tfk_cnn_adam.h5", "k3_bf16.weights.h5"])
