@@ -30,7 +30,7 @@ import numpy as np
 
 from ckptfmt.errors import FormatError, IntegrityError, LimitExceededError, UnsupportedVersionError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_itemsize, numpy_dtype
-from ckptfmt.format.hashing import DEFAULT_HASH, get_fingerprint, get_hash
+from ckptfmt.format.hashing import DEFAULT_HASH, FINGERPRINTS, get_fingerprint, get_hash
 from ckptfmt.format.shards import decode_shards
 from ckptfmt.format.spec import (
     ALIGNMENT,
@@ -210,7 +210,7 @@ class Manifest:
         """The recorded fingerprint of chunk ``c`` (section 10.1), or None without fingerprints."""
         if self.chunk_fps is None:
             return None
-        size = get_fingerprint(self.fp_alg).digest_size
+        size = FINGERPRINTS[self.fp_alg]  # the size alone: reading needs no fingerprint library
         return self.chunk_fps[c * size : (c + 1) * size]
 
     def decode_tree(self, make_leaf, limits: Limits = LIMITS, *, make_shard=None, make_opaque=None) -> Any:
@@ -578,11 +578,11 @@ def _fingerprints(chunks: dict, total_chunks: int, where: str) -> tuple[str | No
         return None, None
     if not isinstance(alg, str) or not isinstance(fps, bytes):
         raise FormatError(f"{where}: chunks.fp_alg (a string) and chunks.fp (bytes) must be given together")
-    fp = get_fingerprint(alg)
-    if fp is None:
+    size = FINGERPRINTS.get(alg)  # only the digest size: opening a checkpoint imports no fingerprint library
+    if size is None:
         return None, None  # a function this ckptfmt does not know: the column is ignored
-    if len(fps) != total_chunks * fp.digest_size:
-        raise FormatError(f"{where}: chunk fingerprint column has {len(fps)} bytes, expected {total_chunks * fp.digest_size}")
+    if len(fps) != total_chunks * size:
+        raise FormatError(f"{where}: chunk fingerprint column has {len(fps)} bytes, expected {total_chunks * size}")
     return alg, fps
 
 

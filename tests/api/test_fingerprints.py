@@ -107,6 +107,11 @@ def test_a_forged_parent_fingerprint_is_found_by_verify_and_is_the_documented_tr
     # collision would do (and why a CheckpointManager builds only on parents it trusts).
     ckptfmt.save(new, tmp_path / "c", parent=tmp_path / "p")
     assert ckptfmt.load(tmp_path / "c")["w"][0, 0] == base["w"][0, 0]
+    assert "loads correctly" in rep.errors[0].message  # the parent's own chunk: its data is what it saved
+    # ... but the child's verify must not call it correct: its chunk is the parent's, not what was saved
+    child = ckptfmt.verify(tmp_path / "c")
+    assert not child.ok and [p.kind for p in child.errors] == ["fingerprint_mismatch"]
+    assert "instead of what was saved" in child.errors[0].message and "loads correctly" not in child.errors[0].message
 
 
 def test_a_byte_comparison_overrules_the_fingerprint(tmp_path):
