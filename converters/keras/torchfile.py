@@ -31,9 +31,9 @@ __all__ = ["save_torch_stream"]
 
 import collections
 import io
+import os
 import pickle
 import struct
-import sys
 import zipfile
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ckptfmt._writer import DeferredTensor, _pieces
-from ckptfmt.errors import CkptFmtError, ConversionError
+from ckptfmt.errors import ConversionError
 from ckptfmt.format.dtypes import dtype_name
 
 #: Data records start at multiples of this (torch's default ``storage_alignment``).
@@ -79,8 +79,11 @@ class _Pickler(pickle.Pickler):
     def __init__(self, file: BinaryIO, torch: Any) -> None:
         super().__init__(file, protocol=2)
         self._torch = torch
-        self._types: dict[str, Any] = {}
-        self.leaves: list[tuple[str, Any]] = []
+        self._types: dict[str, tuple[Any, Any]] = {}
+        #: (record key, leaf, its path in the tree) in pickling order
+        self.leaves: list[tuple[str, Any, str]] = []
+        #: id(leaf) -> its path in the tree ("optimizer/state/12/exp_avg"), for messages
+        self.paths: dict[int, str] = {}
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) is _Storage:
@@ -102,21 +105,27 @@ class _Pickler(pickle.Pickler):
         else:
             return NotImplemented
         numel = int(np.prod(shape, dtype=np.int64))
-        storage = _Storage(str(len(self.leaves)), self._storage_type(dt), numel)
-        self.leaves.append((storage.key, arr))
-        args = (storage, 0, shape, _contiguous_strides(shape), False, collections.OrderedDict())
-        return torch._utils._rebuild_tensor_v2, args
+        typed, tdt = self._storage_type(dt)
+        key = str(len(self.leaves))
+        self.leaves.append((key, arr, self.paths.get(id(obj), f"data/{key}")))
+        strides = _contiguous_strides(shape)
+        if typed is not None:  # a legacy typed storage (FloatStorage...): _rebuild_tensor_v2, as torch.save
+            return torch._utils._rebuild_tensor_v2, (_Storage(key, typed, numel), 0, shape, strides, False,
+                                                     collections.OrderedDict())
+        # dtypes without one (uint16/32/64, float8...): an untyped storage sized in bytes and the
+        # dtype passed to _rebuild_tensor_v3, as torch.save writes them
+        storage = _Storage(key, torch.storage.UntypedStorage, numel * dt.itemsize)
+        return torch._utils._rebuild_tensor_v3, (storage, 0, shape, strides, False, collections.OrderedDict(), tdt)
 
-    def _storage_type(self, dt: np.dtype) -> Any:
+    def _storage_type(self, dt: np.dtype) -> tuple[Any, Any]:
+        """The legacy typed storage class of ``dt`` (None when torch has none) and torch's dtype."""
         name = dtype_name(dt)
         if name not in self._types:
             from ckptfmt.adapters.torch import numpy_to_tensor
 
             tdt = numpy_to_tensor(np.empty(0, dt)).dtype
             names = self._torch.storage._dtype_to_storage_type_map()
-            if tdt not in names:
-                raise ConversionError(f"torch has no storage type for {name} ({tdt}) in the .pt format")
-            self._types[name] = getattr(self._torch, names[tdt])
+            self._types[name] = (getattr(self._torch, names[tdt]) if tdt in names else None, tdt)
         return self._types[name]
 
 
@@ -141,35 +150,48 @@ def _record(zf: zipfile.ZipFile, name: str, size: int, pieces: Iterable[Any]) ->
         raise ConversionError(f"{name}: wrote {written} bytes, expected {size}")
 
 
-def _materialize(key: str, leaf: Any) -> np.ndarray:
+def _materialize(path: str, leaf: Any) -> np.ndarray:
     """The leaf's array; a deferred one checks itself (a StreamedTensor's may be in another shape
-    with the same elements in C order, which is all a record holds)."""
-    try:
-        return leaf.materialize(f"data/{key}") if isinstance(leaf, DeferredTensor) else leaf
-    except CkptFmtError as e:
-        raise ConversionError(str(e)) from None
+    with the same elements in C order, which is all a record holds). Its errors pass unchanged:
+    a damaged source stays an IntegrityError."""
+    return leaf.materialize(path) if isinstance(leaf, DeferredTensor) else leaf
+
+
+def _leaf_paths(obj: Any, prefix: str = "") -> Iterable[tuple[int, str]]:
+    """(id, path) of every tensor-like leaf of a tree of dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaf_paths(v, f"{prefix}{k}/")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _leaf_paths(v, f"{prefix}{i}/")
+    elif prefix:
+        yield id(obj), prefix[:-1]
 
 
 def save_torch_stream(obj: Any, f: str | BinaryIO, *, on_bytes: Callable[[int], Any] | None = None) -> int:
     """Write ``obj`` as ``torch.save(obj, f)`` would, one tensor's bytes at a time.
 
     Tensor leaves are ``torch.Tensor`` (plain, CPU), ``np.ndarray`` (any strides or byte
-    order; bfloat16/float8 as ``ml_dtypes``) or :class:`DeferredTensor` (loaded when its record
+    order; bfloat16/float8 as ``ml_dtypes``; uint16/32/64 and float8, which torch keeps in
+    untyped storages, as ``torch.save`` writes them) or :class:`DeferredTensor` (loaded when its record
     is written, in the order the pickle meets them, and dropped right after). Each becomes a
     contiguous tensor of its own storage. Everything else is pickled as ``torch.save`` pickles
     it (use only what ``torch.load(weights_only=True)`` accepts).
 
     Args:
         obj: the tree to write.
-        f: a path or a seekable binary file opened for writing.
+        f: a path (written to a temporary name beside it, synced and renamed: an interrupted
+            write leaves the previous file) or a seekable binary file opened for writing.
         on_bytes: called with the byte count of each piece of tensor data written (progress).
 
     Returns:
         The number of tensor bytes written.
 
     Raises:
-        ConversionError: a dtype torch's format has no storage for, a tensor that requires
-            grad, or a deferred value other than declared.
+        ConversionError: a dtype torch cannot hold, a tensor that requires grad, or a deferred
+            value other than declared (named by its path in ``obj``).
+        CkptFmtError: a deferred value's own error, unchanged (a damaged source's IntegrityError).
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -177,10 +199,23 @@ def save_torch_stream(obj: Any, f: str | BinaryIO, *, on_bytes: Callable[[int], 
         >>> save_torch_stream({"a": np.arange(3, dtype=np.int64)}, p)
         24
     """
+    if isinstance(f, (str, os.PathLike)):  # a path: written beside it and renamed, never half a file
+        from ..files import atomic_file
+
+        total = 0
+
+        def write(tmp: str) -> None:
+            nonlocal total
+            with open(tmp, "wb") as out:
+                total = save_torch_stream(obj, out, on_bytes=on_bytes)
+
+        atomic_file(os.fspath(f), write)
+        return total
     import torch
 
     buf = io.BytesIO()
     pickler = _Pickler(buf, torch)
+    pickler.paths = dict(_leaf_paths(obj))
     pickler.dump(obj)
     leaves, pickler = collections.deque(pickler.leaves), None
     total = 0
@@ -189,11 +224,11 @@ def save_torch_stream(obj: Any, f: str | BinaryIO, *, on_bytes: Callable[[int], 
         _record(zf, "archive/data.pkl", len(data), [data])
         del data
         for name, value in ((".format_version", _FORMAT_VERSION), (".storage_alignment", str(_ALIGN).encode()),
-                            ("byteorder", sys.byteorder.encode())):
+                            ("byteorder", b"little")):  # _pieces writes little-endian on any host
             _record(zf, f"archive/{name}", len(value), [value])
         while leaves:
-            key, leaf = leaves.popleft()  # dropped once written
-            arr = _materialize(key, leaf)
+            key, leaf, path = leaves.popleft()  # dropped once written
+            arr = _materialize(path, leaf)
             leaf = None
             pieces = _pieces(arr, _BLOCK)
             if on_bytes is not None:

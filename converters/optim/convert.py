@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from ckptfmt._writer import DeferredTensor
-from ckptfmt.converters.mapping.rules import Entry, Mean, Plan
+from ckptfmt.converters.mapping.rules import Entry, Mean, Plan, TensorSpec
 from ckptfmt.errors import ConversionError, UnmappedKeyError
 
 from ._views import DeferredEntry, StreamedTensor, _layout_view, entry_views  # noqa: F401 (re-exported)
@@ -242,9 +242,12 @@ def _slot_values(entry: Entry, sources: tuple[Any, ...], slot: str, problems: li
         problems += bad
         return ()
     run = DeferredEntry(entry, sources)
-    dtype = np.dtype(sources[0].dtype)
-    return tuple(StreamedTensor(tuple(spec.shape), dtype, lambda i=i, run=run: run.load(i))
-                 for i, spec in enumerate(entry.target_specs))
+    # what the slot ops make of the slots' own dtypes (a Cast in a mapping file changes it)
+    specs = tuple(TensorSpec(tuple(v.shape), np.dtype(v.dtype).name) for v in sources)
+    for op in entry.ops:
+        specs = op.for_slots().infer(specs)
+    return tuple(StreamedTensor(tuple(spec.shape), np.dtype(out.dtype or sources[0].dtype), lambda i=i, run=run: run.load(i))
+                 for i, (spec, out) in enumerate(zip(entry.target_specs, specs)))
 
 
 def _torch_slots(state: KerasOptimizerState, plan: Plan, param_names: Sequence[str]) -> dict[str, dict[str, Any]]:

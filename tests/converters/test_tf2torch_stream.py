@@ -125,8 +125,8 @@ def test_numpy_deferred_and_strided_leaves_load_as_torch_save_of_the_tensors(tmp
 
 
 def test_refusals_name_the_tensor():
-    bad = {"w": DeferredTensor((2, 2), np.dtype(np.float32), lambda: np.zeros((2, 3), np.float32))}
-    with pytest.raises(CkptFmtError, match="data/0"):
+    bad = {"optimizer": {"state": {3: {"exp_avg": DeferredTensor((2, 2), np.dtype(np.float32), lambda: np.zeros((2, 3), np.float32))}}}}
+    with pytest.raises(CkptFmtError, match="optimizer/state/3/exp_avg"):  # its path in the tree, not a zip record
         _streamed(bad)
     with pytest.raises(ConversionError, match="requires_grad"):
         _streamed({"p": torch.nn.Parameter(torch.ones(2))})
@@ -263,3 +263,51 @@ def test_layout_view_has_the_results_elements_in_c_order(shape, ops, shared):
     got = _layout_view(a, parsed)
     assert got.size == want.size and np.shares_memory(got, a) == shared
     np.testing.assert_array_equal(np.ascontiguousarray(got).reshape(-1), np.ascontiguousarray(want).reshape(-1))
+
+
+@pytest.mark.parametrize("dt", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_dtypes_without_a_typed_storage_are_written_as_torch_save_writes_them(dt):
+    """torch keeps these in untyped storages (``_rebuild_tensor_v3``); the old eager path wrote them."""
+    t = (torch.arange(6, dtype=torch.float32) / 4).to(dt).reshape(2, 3)
+    ref = io.BytesIO()
+    torch.save({"w": t}, ref)
+    got = torch.load(io.BytesIO(_streamed({"w": t})), weights_only=True)["w"]
+    want = torch.load(io.BytesIO(ref.getvalue()), weights_only=True)["w"]
+    assert got.dtype == want.dtype == dt and got.shape == want.shape
+    assert got.view(torch.uint8).tolist() == want.view(torch.uint8).tolist()
+
+
+def test_the_byteorder_record_says_little_as_the_data_is():
+    """_pieces writes little-endian on any host: the record must not claim the host's order."""
+    with zipfile.ZipFile(io.BytesIO(_streamed({"w": np.arange(3, dtype=np.float32)}))) as z:
+        assert z.read([n for n in z.namelist() if n.endswith("/byteorder")][0]) == b"little"
+
+
+def test_a_failed_write_to_a_path_leaves_the_previous_file(tmp_path):
+    """The path form is atomic; a damaged source's own error (IntegrityError) passes unchanged."""
+    from ckptfmt.errors import IntegrityError
+
+    p = tmp_path / "w.pt"
+    save_torch_stream({"w": np.ones(3, np.float32)}, p)
+
+    def damaged():
+        raise IntegrityError("chunk 0 of 'w' does not match its hash")
+
+    with pytest.raises(IntegrityError, match="does not match"):
+        save_torch_stream({"a": np.zeros(1 << 20, np.float32), "w": DeferredTensor((3,), np.dtype(np.float32), damaged)}, p)
+    assert torch.load(p, weights_only=True)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["w.pt"]
+
+
+def test_a_streamed_slot_has_the_dtype_its_ops_make():
+    """A Cast in a mapping file changes the slots' dtype too: declared as the eager path computes it."""
+    from ckptfmt.converters.mapping import Cast, Convert, Mapping, Transpose
+    from ckptfmt.converters.optim.convert import _slot_values
+
+    entry = Mapping((Convert(("k",), ("w",), (Transpose((1, 0)), Cast("float64"))),)).plan({"k": (2, 3)}).entries[0]
+    m = np.arange(6, dtype=np.float32).reshape(2, 3)
+    problems: list[str] = []
+    (streamed,) = _slot_values(entry, (DeferredTensor((2, 3), np.dtype(np.float32), lambda: m),), "m", problems)
+    (eager,) = entry.run((m,), slots=True)
+    assert not problems and np.dtype(streamed.dtype) == eager.dtype == np.float64
+    np.testing.assert_array_equal(streamed.materialize("w"), eager)
