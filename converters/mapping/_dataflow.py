@@ -562,7 +562,7 @@ def _fed_from(x: Any, modules: AbcMapping[str, Any], memo: dict[int, LinearInput
             if fn in _ARITHMETIC and len(same) > 1:
                 fed = {_fed_from(a, modules, memo, last_axis) for a in same}
                 out = fed.pop() if len(fed) == 1 else LinearInput(
-                    None, f"a {fn} of tensors laid out differently", known=False)
+                    None, f"{fn} of tensors laid out differently", known=False)
                 break
             x = same[0]
             continue
