@@ -32,9 +32,9 @@ from __future__ import annotations
 
 __all__ = ["LinearInput", "TorchDataflow", "keras_graph", "producers"]
 
+import math
 from collections.abc import Iterable
 from collections.abc import Mapping as AbcMapping
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
