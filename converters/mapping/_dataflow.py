@@ -218,12 +218,11 @@ def _fx_module(model: Any, example_input: Any) -> Any:
     from torch.fx.passes.shape_prop import ShapeProp
 
     weighted = _weighted_types()
-    replaced = [p or "the model" for p, m in model.named_modules() if "forward" in vars(m)]
-    if replaced:
-        # fx traces type(module).forward: a forward set on the instance (a monkeypatch, accelerate's
-        # hooks) is not what runs, so only a recorded run sees the real dataflow
-        raise ConversionError(f"torch.fx cannot trace the torch model ({replaced[0]} has a forward set on the instance, "
-                              "and fx would trace its class's forward instead); its dataflow is unknown")
+    if "forward" in vars(model):
+        # fx traces type(root).forward: a forward set on the model instance (a monkeypatch, accelerate's
+        # hooks) is not what runs, so only a recorded run sees the real dataflow (a submodule's is honoured)
+        raise ConversionError("torch.fx cannot trace the torch model (it has a forward set on the instance, and fx "
+                              "would trace its class's forward instead); its dataflow is unknown")
 
     class _Tracer(fx.Tracer):
         # subclasses of weighted torch.nn layers (a conv that pads first, a LayerNorm2d)
@@ -544,7 +543,7 @@ def _fed_from(x: Any, modules: AbcMapping[str, Any], memo: dict[int, LinearInput
             if fed is not None:
                 out = fed
                 break
-            if _shape(x.args[0]) != shape:
+            if _shape(x.args[0]) != shape and not last_axis:
                 out = LinearInput(None, f"a {fn or mname} {_shape(x.args[0])} -> {shape}", known=False)
                 break
             x = x.args[0]
@@ -559,10 +558,16 @@ def _fed_from(x: Any, modules: AbcMapping[str, Any], memo: dict[int, LinearInput
         keeps = (mname in _ELEMENTWISE_MODULES or fn in _ELEMENTWISE_FUNCS
                  or (fn == "getitem" and len(x.args) > 1 and _full_slice(x.args[1])))
         if keeps and same:
-            if fn in _ARITHMETIC and len(same) > 1:
-                fed = {_fed_from(a, modules, memo, last_axis) for a in same}
-                out = fed.pop() if len(fed) == 1 else LinearInput(
-                    None, f"{fn} of tensors laid out differently", known=False)
+            if fn in _ARITHMETIC and len(same) > 1 and not last_axis:
+                # x = a + b: both must be laid out alike (a flattened map plus a vector is not)
+                fed = [_fed_from(a, modules, memo, last_axis) for a in same]
+                unknown = [f for f in fed if not f.known]
+                if unknown:
+                    out = unknown[0]
+                elif len({(f.flattened, f.channels_last) for f in fed}) == 1:
+                    out = fed[0]
+                else:
+                    out = LinearInput(None, f"{fn} of tensors laid out differently ({' and '.join(f.how for f in fed)})", known=False)
                 break
             x = same[0]
             continue

@@ -285,3 +285,29 @@ def test_a_forward_set_on_the_instance_is_recorded_not_traced_from_the_class():
     assert "forward set on the instance" in flow.recorded
     fed = flow.linear_input("fc")
     assert (fed.flattened, fed.channels_last) == (None, (2, 3, 4)), fed
+
+
+class _Sum(nn.Module):
+    """Linear(a + b): decided by both addends, whatever each says in words."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4 if how == "pooled" else 24, 5)
+
+    def forward(self, x):
+        m = torch.relu(self.conv(x))
+        if self.how == "pooled":  # a one-position flatten plus a Linear's output: both vectors
+            p = nn.functional.adaptive_avg_pool2d(m, 1).flatten(1)
+            return self.fc(p + self.proj(p))
+        a, b = m.flatten(1), m.permute(0, 2, 3, 1).flatten(1)
+        return self.fc(a + (a if self.how == "alike" else b))
+
+
+@pytest.mark.parametrize("how, known, flattened", [("pooled", True, None), ("alike", True, (2, 3, 4)), ("mixed", False, None)])
+def test_a_sum_is_decided_by_both_addends(how, known, flattened):
+    for flow in (TorchDataflow.trace(_Sum(how), torch.rand(2, 3, 2, 3)), TorchDataflow.record(_Sum(how), torch.rand(2, 3, 2, 3))):
+        fed = flow.linear_input("fc")
+        assert (fed.known, fed.flattened) == (known, flattened), fed
