@@ -32,6 +32,7 @@ from __future__ import annotations
 
 __all__ = ["LinearInput", "TorchDataflow", "keras_graph", "producers"]
 
+import math
 from collections.abc import Iterable
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field
@@ -43,9 +44,12 @@ from ._record import RunNode, record_run
 
 INPUT = "<input>"
 
-# Ops that keep each element where it is: a Linear after them sees the layout before them.
-_ELEMENTWISE_FUNCS = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "dropout", "hardswish", "leaky_relu",
-                      "elu", "contiguous", "clone", "mul", "add", "sub", "truediv", "neg", "identity"}
+# Ops that keep each element where it is: a Linear after them sees the layout before them. Names
+# are compared after _op_name (``__iadd__``, ``iadd``, ``add_`` and ``__radd__`` are ``add``).
+_ELEMENTWISE_FUNCS = {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "dropout", "hardswish", "leaky_relu",
+                      "elu", "contiguous", "clone", "mul", "add", "sub", "truediv", "div", "neg", "identity",
+                      "float", "to", "type", "detach", "cpu"}
+_ARITHMETIC = {"add", "sub", "mul", "truediv", "div", "floordiv", "pow", "and", "or", "xor"}
 _ELEMENTWISE_MODULES = {"ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Tanh", "Dropout", "Dropout1d", "Dropout2d",
                         "Identity", "Hardswish", "LeakyReLU", "ELU", "Softmax"}
 
@@ -72,6 +76,15 @@ class LinearInput:
 
 def _name(target: Any) -> str:
     return getattr(target, "__name__", str(target)).rsplit(".", 1)[-1]
+
+
+def _op_name(target: Any) -> str:
+    """The name of a function or method with its in-place and reflected spellings folded:
+    ``__iadd__`` (a recorded ``f += y``), ``iadd`` (fx's), ``add_`` and ``__radd__`` are ``add``."""
+    n = _name(target).strip("_")
+    if n[:1] in ("i", "r") and n[1:] in _ARITHMETIC:
+        n = n[1:]
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +218,11 @@ def _fx_module(model: Any, example_input: Any) -> Any:
     from torch.fx.passes.shape_prop import ShapeProp
 
     weighted = _weighted_types()
+    if "forward" in vars(model):
+        # fx traces type(root).forward: a forward set on the model instance (a monkeypatch, accelerate's
+        # hooks) is not what runs, so only a recorded run sees the real dataflow (a submodule's is honoured)
+        raise ConversionError("torch.fx cannot trace the torch model (it has a forward set on the instance, and fx "
+                              "would trace its class's forward instead); its dataflow is unknown")
 
     class _Tracer(fx.Tracer):
         # subclasses of weighted torch.nn layers (a conv that pads first, a LayerNorm2d)
@@ -350,7 +368,7 @@ def _layout_step(x: Any, perm: tuple[int, ...], shape: tuple[int, ...], modules:
         return None, perm, "the model's input"
     if x.op not in ("call_function", "call_method"):
         return None, None, "the model's input, whose layout is the caller's" if x.op == "placeholder" else f"{x.op} {x.target}"
-    fn = _name(x.target)
+    fn = _op_name(x.target)
     if fn in _CF_FUNCS:
         return None, perm, fn
     if fn in _MOVES:
@@ -418,28 +436,152 @@ def _flatten_input(x: Any, modules: AbcMapping[str, Any]) -> LinearInput | None:
     return LinearInput(None, f"flatten of {before[1:]} after {layout[len('unknown: '):]}", known=False)
 
 
+_RESHAPES = ("flatten", "view", "reshape", "squeeze")
+# Reductions: one to ``(N, K)`` of a map of rank >= 3 keeps a single axis of it, nothing to permute.
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nanmean", "nansum"}
+
+
+def _feature_module(module: Any) -> bool:
+    """Modules whose output's last axis is features, no positions of a map (evidence for "vector")."""
+    import torch
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Bilinear, torch.nn.Embedding, torch.nn.EmbeddingBag,
+                               torch.nn.RNNBase, torch.nn.MultiheadAttention))
+
+
+def _full_slice(index: Any) -> bool:
+    index = index if isinstance(index, tuple) else (index,)
+    return all(i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in index)
+
+
+def _is_node(x: Any) -> bool:
+    return hasattr(x, "op") and hasattr(x, "meta")
+
+
+def _describe(x: Any, modules: AbcMapping[str, Any]) -> str:
+    if x.op == "call_module":
+        return f"{type(modules.get(x.target)).__name__} {x.target}"
+    return _op_name(x.target) if x.op in ("call_function", "call_method") else f"{x.op} {x.target}"
+
+
+def _pooled(x: Any, fn: str | None, module: Any) -> bool:
+    """Whether ``x`` is positive evidence that its tensor holds no positions of a map left to permute:
+    the model's input, a parameter, a Linear/Embedding/RNN output, or a reduction or selection of a
+    map of rank >= 3 down to ``(N, K)`` (a mean over the spatial axes, ``x[:, 0]`` of a sequence)."""
+    if x.op in ("placeholder", "get_attr"):
+        return True
+    if x.op == "call_module":
+        return _feature_module(module)
+    src = x.args[0] if x.args and _is_node(x.args[0]) else None
+    before, after = (_shape(src) if src is not None else None), _shape(x)
+    if before is None or after is None or len(before) < 3 or len(after) != 2:
+        return False
+    return fn in _REDUCTIONS or (fn == "getitem" and not _full_slice(x.args[1] if len(x.args) > 1 else None))
+
+
+def _map_upstream(x: Any, modules: AbcMapping[str, Any]) -> str | None:
+    """A spatial map (more than one position) whose values reach ``x`` not through pooling, else None."""
+    seen: set[int] = set()
+    todo = [x]
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.meta.get("unseen"):
+            return n.meta.get("why", "a tensor whose origin the run did not see")
+        shape = _shape(n)
+        fn = _op_name(n.target) if n.op in ("call_function", "call_method") else None
+        module = modules.get(n.target) if n.op == "call_module" else None
+        if n.op == "placeholder":
+            if shape is not None and sum(1 for d in shape[1:] if d > 1) > 1:
+                return f"the model's input {shape[1:]}"
+            continue
+        if _pooled(n, fn, module):
+            continue
+        if (fn in _CF_FUNCS or (module is not None and _is_channels_first_module(module))) and shape is not None and len(shape) >= 3:
+            if math.prod(shape[2:]) > 1:
+                return f"the {shape[1:]} map of {_describe(n, modules)}"
+            continue  # pooled to one position
+        if (fn in _RESHAPES or type(module).__name__ == "Flatten") and _is_node(n.args[0] if n.args else None):
+            before = _shape(n.args[0])
+            if before is not None and len(before) >= 3 and shape is not None and len(shape) == 2 and sum(1 for d in before[1:] if d > 1) <= 1:
+                continue  # a flatten of one position
+        todo.extend(_node_args(n))
+    return None
+
+
 def _linear_input(node: Any, modules: AbcMapping[str, Any]) -> LinearInput:
-    """Walk back from a Linear's input through order-keeping ops to the flatten that made it."""
+    """How a Linear's input is laid out: walk back from it through ops known to keep every element in
+    place to the flatten that made it, or to evidence that it holds no positions of a map.
+
+    An op the walk does not know, with a spatial map upstream of it, makes the layout unknown
+    (refused by callers): it may have moved the map's positions (a ``cat`` of two flattened maps,
+    a BatchNorm1d or LayerNorm over a flattened map, whose own weights are in its order).
+    """
     x = node.args[0] if node.args else None
-    while x is not None:
-        fn = _name(x.target) if x.op in ("call_function", "call_method") else None
-        mod = type(modules[x.target]).__name__ if x.op == "call_module" else None
-        if fn in ("flatten", "view", "reshape") or mod == "Flatten":
+    if not _is_node(x):
+        return LinearInput(None, "vector")
+    top = _shape(x)
+    return _fed_from(x, modules, {}, top is not None and len(top) != 2)
+
+
+def _fed_from(x: Any, modules: AbcMapping[str, Any], memo: dict[int, LinearInput], last_axis: bool) -> LinearInput:
+    start = x
+    if id(start) in memo:
+        return memo[id(start)]
+    for _ in range(10_000):
+        if x.meta.get("unseen"):
+            out = LinearInput(None, x.meta.get("why", str(x.target)), known=False)
+            break
+        fn = _op_name(x.target) if x.op in ("call_function", "call_method") else None
+        module = modules.get(x.target) if x.op == "call_module" else None
+        mname = type(module).__name__ if module is not None else None
+        shape = _shape(x)
+        if (fn in _RESHAPES or mname == "Flatten") and x.args and _is_node(x.args[0]):
             fed = _flatten_input(x, modules)
             if fed is not None:
-                return fed
+                out = fed
+                break
+            if _shape(x.args[0]) != shape and not last_axis:
+                out = LinearInput(None, f"a {fn or mname} {_shape(x.args[0])} -> {shape}", known=False)
+                break
             x = x.args[0]
             continue
-        if fn not in _ELEMENTWISE_FUNCS and mod not in _ELEMENTWISE_MODULES:
+        if _pooled(x, fn, module):
+            out = LinearInput(None, "vector" if shape is None or len(shape) == 2 else f"last axis of {shape[1:]}")
             break
-        nodes = [a for a in _node_args(x) if _shape(a) == _shape(x)]
-        if not nodes:
+        same = [a for a in _node_args(x) if _shape(a) == shape] if shape is not None else []
+        if fn == "getitem" and x.args and _is_node(x.args[0]) and _shape(x.args[0]) is None:
+            x = x.args[0]  # one tensor of a module's tuple output (an LSTM's)
+            continue
+        keeps = (mname in _ELEMENTWISE_MODULES or fn in _ELEMENTWISE_FUNCS
+                 or (fn == "getitem" and len(x.args) > 1 and _full_slice(x.args[1])))
+        if keeps and same:
+            if fn in _ARITHMETIC and len(same) > 1 and not last_axis:
+                # x = a + b: both must be laid out alike (a flattened map plus a vector is not)
+                fed = [_fed_from(a, modules, memo, last_axis) for a in same]
+                unknown = [f for f in fed if not f.known]
+                if unknown:
+                    out = unknown[0]
+                elif len({(f.flattened, f.channels_last) for f in fed}) == 1:
+                    out = fed[0]
+                else:
+                    out = LinearInput(None, f"{fn} of tensors laid out differently ({' and '.join(f.how for f in fed)})", known=False)
+                break
+            x = same[0]
+            continue
+        if last_axis:  # a Linear over the last axis of a map: no flatten to permute
+            out = LinearInput(None, "vector" if shape is None or len(shape) == 2 else f"last axis of {shape[1:]}")
             break
-        x = nodes[0]
-    if x is not None and x.meta.get("unseen"):
-        return LinearInput(None, x.meta.get("why", str(x.target)), known=False)
-    shape = _shape(x) if x is not None else None
-    return LinearInput(None, "vector" if shape is None or len(shape) == 2 else f"last axis of {shape[1:]}")
+        found = _map_upstream(x, modules)
+        out = LinearInput(None, "vector") if found is None else LinearInput(
+            None, f"{_describe(x, modules)} (an op the converter cannot follow) applied after {found}", known=False)
+        break
+    else:
+        out = LinearInput(None, "a chain of ops too long to follow", known=False)
+    memo[id(start)] = out
+    return out
 
 
 def _norm_input(node: Any, modules: AbcMapping[str, Any]) -> str:

@@ -93,6 +93,61 @@ def vgg_skipping():
     return _VGGSkipping(), ra._example()
 
 
+def _iadd(f):
+    f += 0
+    return f
+
+
+# one op between the flatten and fc1 (reviewer's cases): each keeps the flattened map's order ...
+_KEEPING_HEADS = {
+    "float": lambda x: torch.flatten(x, 1).float(),
+    "to": lambda x: torch.flatten(x, 1).to(torch.float32),
+    "full_slice": lambda x: x.view(x.size(0), -1)[:, :],
+    "detach": lambda x: torch.flatten(x, 1).detach(),
+    "squeeze": lambda x: torch.flatten(x, 1).squeeze(),  # a batch of 2: nothing to squeeze
+    "iadd": lambda x: _iadd(torch.flatten(x, 1)),
+    "mul_": lambda x: torch.flatten(x, 1).mul_(1),
+}
+# ... or is one the converter cannot relate to Keras's order (here it happens to change no value)
+_REFUSED_HEADS = {"normalize": lambda x: nn.functional.normalize(torch.flatten(x, 1), dim=1) * torch.flatten(x, 1).norm(dim=1, keepdim=True)}
+
+
+class _VGGHead(ra.VGG):
+    def __init__(self, op: str, recorded: bool) -> None:
+        super().__init__()
+        self.op, self.recorded = op, recorded
+
+    def forward(self, x):
+        if self.recorded and torch.isnan(x).any():  # data-dependent: fx cannot trace it
+            raise ValueError("NaN in the input")
+        x = self.avgpool(self.pool(self.features(x)))
+        return self.classifier({**_KEEPING_HEADS, **_REFUSED_HEADS}[self.op](x))
+
+
+def _head_factory(op: str, recorded: bool):
+    return lambda: (_VGGHead(op, recorded), ra._example())
+
+
+for _op in [*_KEEPING_HEADS, *_REFUSED_HEADS]:
+    for _rec in (False, True):
+        globals()[f"vgg_head_{_op}_{'recorded' if _rec else 'fx'}"] = _head_factory(_op, _rec)
+
+
+def vgg_instance_forward():
+    """A forward set on the instance (a monkeypatch, accelerate's hooks) flattening channels-last:
+    fx would trace the class's channels-first forward and permute fc1's rows."""
+    import types
+
+    model = ra.VGG()
+
+    def forward(self, x):
+        x = self.avgpool(self.pool(self.features(x)))
+        return self.classifier(x.permute(0, 2, 3, 1).contiguous().view(x.size(0), -1))
+
+    model.forward = types.MethodType(forward, model)
+    return model, ra._example()
+
+
 # -- the Keras side ------------------------------------------------------------------------------
 
 
@@ -167,3 +222,29 @@ def test_what_the_recorded_run_cannot_see_is_refused(checkpoints, tmp_path, fact
     with pytest.raises(ConversionError, match=why):
         _convert(run, tmp_path / "v.pt", factory, "vgg")
     assert not (tmp_path / "v.pt").exists()
+
+
+@pytest.mark.parametrize("path", ["fx", "recorded"])
+@pytest.mark.parametrize("op", list(_KEEPING_HEADS))
+def test_ops_between_the_flatten_and_the_linear_that_keep_its_order(checkpoints, tmp_path, op, path):
+    run, factory = checkpoints("vgg"), f"vgg_head_{op}_{path}"
+    r = _convert(run, tmp_path / "v.pt", factory, "vgg")
+    assert _max_error(run, tmp_path / "v.pt", factory) <= 1e-5
+    assert any(n.startswith("DATAFLOW recorded") for n in r.notes) == (path == "recorded")
+
+
+@pytest.mark.parametrize("path", ["fx", "recorded"])
+@pytest.mark.parametrize("keras_name", [None, "vgg"])
+def test_an_op_between_the_flatten_and_the_linear_the_converter_cannot_follow_is_refused(checkpoints, tmp_path, path, keras_name):
+    run = checkpoints("vgg")
+    with pytest.raises(ConversionError, match=r"Dense 'fc1' -> Linear classifier\.0: .*normalize.*--map"):
+        _convert(run, tmp_path / "v.pt", f"vgg_head_normalize_{path}", keras_name)
+    assert not (tmp_path / "v.pt").exists()
+
+
+def test_a_forward_set_on_the_instance_is_what_decides(checkpoints, tmp_path):
+    run = checkpoints("vgg")
+    r = _convert(run, tmp_path / "v.pt", "vgg_instance_forward", "vgg")
+    assert _max_error(run, tmp_path / "v.pt", "vgg_instance_forward") <= 1e-5
+    assert any(n.startswith("DATAFLOW recorded") and "instance" in n for n in r.notes)
+    assert not any(n.startswith("Flatten:") for n in r.notes)  # channels-last: fc1 is not permuted
