@@ -461,7 +461,7 @@ class CheckedOutput:
 
         Example:
             >>> guard.discard()  # doctest: +SKIP
-            'out.pt was not written (the staged output was removed); convert without --check to keep an unchecked one'
+            'this run did not write out.pt (the staged output was removed); convert without --check to keep an unchecked one'
         """
         import os
 
@@ -471,7 +471,7 @@ class CheckedOutput:
         from ._temps import clear_partial_checkpoint
 
         dst, staged = self._dst, self.staged
-        untouched = f"{dst} was {'left unchanged' if self._existed else 'not written'}"
+        untouched = f"this run did not write {dst}" + (", which is left as it was" if self._existed else "")
         try:
             if self._dir and os.path.isdir(staged) and not os.path.islink(staged):
                 if os.path.exists(os.path.join(staged, MANIFEST_NAME)):
