@@ -379,10 +379,6 @@ def torch_to_tf(
         ...             model_factory="models.py:make")  # doctest: +SKIP
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    if check and not dry_run:  # a DST the staged check cannot guard: refused before anything is read
-        from .check import refuse_unstageable
-
-        refuse_unstageable(dst, overwrite)
     mapping = as_mapping(mapping)
     model, example = make_model(model_factory)
     ckpt = read_torch_side(src)  # numpy only; our errors name the file
