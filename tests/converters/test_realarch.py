@@ -426,7 +426,7 @@ def test_a_failing_check_leaves_an_empty_directory_empty_and_a_passing_one_fills
     assert _names(tmp_path) == ["ck"] and not _names(dst)
     r = tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", **kw)
     assert r.check.passed and r.destination == str(dst) and _names(tmp_path) == ["ck"]
-    assert "model/classifier.3.weight" in ckptfmt.load(dst)
+    assert "classifier.3.weight" in ckptfmt.load(dst)["model"]
 
 
 def test_an_interrupted_check_leaves_dst_unchanged_and_nothing_staged(runs, tmp_path):
@@ -465,7 +465,9 @@ def test_check_refuses_an_object_store_dst_and_overwriting_a_checkpoint_director
         tf_to_torch(run["prefix"], ck, overwrite=True, **kw)
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before and _names(tmp_path) == ["ck"]
     # without --overwrite the existing checkpoint is refused as ever; a new directory is written
-    with pytest.raises(ConversionError, match="already exists"):
+    from ckptfmt.errors import CheckpointExistsError
+
+    with pytest.raises(CheckpointExistsError, match="already exists"):
         tf_to_torch(run["prefix"], ck, **kw)
     assert tf_to_torch(run["prefix"], tmp_path / "ck2", **kw).check.passed and _names(tmp_path) == ["ck", "ck2"]
 
