@@ -430,8 +430,6 @@ class CheckedOutput:
         try:
             result = _check_written(self.staged, self._kc, plan, self._keras, self._factory, self._paths, self._tolerance,
                                     optimizer, name=f"the conversion to {self._dst}")
-            self._commit()
-            return result
         except CheckFailedError as e:
             raise CheckFailedError(f"{e}; {self.discard()}") from e
         except CkptFmtError as e:
@@ -441,20 +439,30 @@ class CheckedOutput:
         except BaseException:  # Ctrl-C, SIGTERM: no staged output left behind either
             self.discard()
             raise
+        self._commit()
+        return result
 
     def _commit(self) -> None:
+        """The passed output onto ``dst``: a file synced and renamed over it
+        (:func:`~ckptfmt.converters.files.commit_file`), a directory renamed onto a missing or
+        empty ``dst`` (rename(2) never replaces one holding anything); the directory synced."""
         import os
 
         from .files import commit_file, fsync_dir
 
         try:
-            if self._dir:  # rename(2) replaces a missing or empty directory, never one holding anything
+            if self._dir:
                 os.rename(self.staged, self._target)
                 fsync_dir(os.path.dirname(self._target))
             else:
                 commit_file(self.staged, self._target)
-        except OSError as e:
-            raise ConversionError(f"the check passed but the output could not be put at {self._dst} ({e})") from e
+        except BaseException as e:
+            if not os.path.lexists(self.staged):  # renamed: dst holds the checked output, only its sync failed
+                raise
+            clause = self.discard()
+            if isinstance(e, OSError):
+                raise ConversionError(f"the check passed but the output could not be put at {self._dst} ({e}); {clause}") from e
+            raise
 
     def discard(self) -> str:
         """Remove the staged output (if any); a clause saying what happened to ``dst``.

@@ -429,6 +429,26 @@ def test_a_failing_check_leaves_an_empty_directory_empty_and_a_passing_one_fills
     assert "classifier.3.weight" in ckptfmt.load(dst)["model"]
 
 
+def test_a_directory_another_writer_fills_during_the_check_is_not_replaced(runs, tmp_path, monkeypatch):
+    from ckptfmt.converters import check
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    dst = tmp_path / "ck"
+    real = check.check_conversion
+
+    def meanwhile(*a, **k):
+        dst.mkdir()
+        (dst / "theirs.txt").write_text("another writer")
+        return real(*a, **k)
+
+    monkeypatch.setattr(check, "check_conversion", meanwhile)
+    with pytest.raises(ConversionError, match=r"the check passed but the output could not be put at .*ck \(.*\); "
+                                              r"this run did not write .*ck \(the staged output was removed\)"):
+        tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_vgg", check=True)
+    assert _names(tmp_path) == ["ck"] and _names(dst) == ["theirs.txt"]
+
+
 def test_an_interrupted_check_leaves_dst_unchanged_and_nothing_staged(runs, tmp_path):
     from ckptfmt.converters.convert import tf_to_torch
 
