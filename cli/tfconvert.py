@@ -90,9 +90,10 @@ def _done(report: _convert.ConversionReport, dry_run: bool) -> None:
 @click.option("--exact-optimizer", is_flag=True, help="Target KerasAdam/KerasSGD/KerasRMSprop (identical updates) instead of stock torch.")
 @click.option("--optimizer-config", default=None, metavar="JSON", help="Keras optimizer config the checkpoint lacks: class_name, beta_1, epsilon, momentum, nesterov...")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal, for 256 MiB or more).")
-@click.option("--check", is_flag=True, help="After writing, run the Keras model (--keras-model) and the converted torch model on "
-              "the same inputs, and one optimizer step on identical gradients; above the tolerance exit 1, when the check "
-              "cannot run exit 3, and in both cases remove the DST this run wrote.")
+@click.option("--check", is_flag=True, help="Write beside DST (.NAME.check-PID), run the Keras model (--keras-model) and the "
+              "converted torch model on the same inputs, and one optimizer step on identical gradients; DST is written only "
+              "if they agree. Above the tolerance exit 1, when the check cannot run exit 3; either way DST is left as it was. "
+              "Not with an object-store DST, nor --overwrite of a ckptfmt checkpoint directory.")
 @click.option("--check-tolerance", type=float, default=1e-5, show_default=True, metavar="X",
               help="Largest output difference allowed by --check, relative to the outputs' magnitude.")
 @click.option("--fold-conv-bias", is_flag=True, help="A Keras conv bias the torch conv lacks is folded into the BatchNorm "

@@ -11,7 +11,9 @@ Keras 3 runs under any backend: the forward check needs TensorFlow only when Ker
 is TensorFlow (the default).
 
 :class:`CheckedOutput` is ``tf_to_torch(check=True)``'s guard: what the check needs is made
-ready before the output is written, and an output whose check fails or cannot run is removed.
+ready before the output is written, the output is written under a staging name beside DST and
+checked there, and only an output that passes is renamed to DST (a failing one is removed,
+DST left as it was).
 
 Example:
     >>> result = check_conversion(keras_model, torch_model)  # doctest: +SKIP
@@ -21,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["CheckResult", "CheckedOutput", "check_conversion", "check_output"]
+__all__ = ["CheckResult", "CheckedOutput", "check_conversion", "check_output", "refuse_unstageable"]
 
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as AbcMapping
@@ -79,12 +81,38 @@ def _nested(x: Any) -> list[Any]:
     return [x]
 
 
-def _to_torch_layout(x: np.ndarray, torch_shape: Sequence[int] | None) -> np.ndarray:
-    """NHWC -> NCHW where the torch model's example input has the channels-first shape."""
+def _first_weighted(torch_model: Any) -> Any:
+    """The first module (in registration order) holding parameters of its own, or None."""
+    modules = getattr(torch_model, "modules", None)
+    if modules is None:
+        return None
+    return next((m for m in modules() if next(iter(m.parameters(recurse=False)), None) is not None), None)
+
+
+def _to_torch_layout(x: np.ndarray, torch_shape: Sequence[int] | None, torch_model: Any = None) -> np.ndarray:
+    """NHWC -> NCHW where the torch model's example input has the channels-first shape.
+
+    When both layouts give the example's shape (``(H, W, C)`` and ``(C, H, W)`` equal, e.g.
+    8x8x8), the shape cannot decide and the torch model must: an input whose model's first
+    weighted module is a ``ConvNd`` over ``x.ndim - 2`` spatial axes is channels-first (moved),
+    one whose first weighted module is a ``Linear`` acts on the last axis as Keras does (kept).
+    Anything else is refused rather than guessed.
+    """
     if torch_shape is not None:
-        if tuple(torch_shape[1:]) == x.shape[1:]:
-            return x
+        same = tuple(torch_shape[1:]) == x.shape[1:]
         moved = np.moveaxis(x, -1, 1)
+        if same and moved.shape == x.shape and x.ndim >= 3:  # both layouts fit: the model decides
+            first = _first_weighted(torch_model)
+            kind = type(first).__name__ if first is not None else None
+            if kind == f"Conv{x.ndim - 2}d":
+                return np.ascontiguousarray(moved)
+            if kind == "Linear":
+                return x
+            raise ConversionError(f"the Keras model takes inputs of shape {x.shape[1:]}, as the torch model's example input "
+                                  f"does in both NHWC and NCHW, and the torch model's first weighted module ({kind}) does "
+                                  "not say which: give an example input whose dimensions differ")
+        if same:
+            return x
         if tuple(torch_shape[1:]) == moved.shape[1:]:
             return np.ascontiguousarray(moved)
         raise ConversionError(f"the Keras model takes inputs of shape {x.shape[1:]}, the torch model's example input "
@@ -133,7 +161,8 @@ def check_conversion(keras_model: Any, torch_model: Any, inputs: Sequence[np.nda
     examples = _nested(example_input) if example_input is not None else [None] * len(xs)
     if len(examples) != len(xs):
         examples = [None] * len(xs)
-    t_in = [torch.from_numpy(_to_torch_layout(x, None if e is None else tuple(e.shape))) for x, e in zip(xs, examples)]
+    t_in = [torch.from_numpy(_to_torch_layout(x, None if e is None else tuple(e.shape), torch_model))
+            for x, e in zip(xs, examples)]
     k_out = [np.asarray(o) for o in _nested(keras_model(xs[0] if len(xs) == 1 else xs, training=False))]
     was_training = torch_model.training
     torch_model.eval()
@@ -146,13 +175,36 @@ def check_conversion(keras_model: Any, torch_model: Any, inputs: Sequence[np.nda
         raise CheckFailedError(f"check FAILED: the Keras model gives {len(k_out)} output(s), the torch model {len(t_out)}")
     rows = []
     for i, (k, t) in enumerate(zip(k_out, t_out)):
-        if k.shape != t.shape and t.ndim >= 3 and np.moveaxis(t, 1, -1).shape == k.shape:
-            t = np.moveaxis(t, 1, -1)
-        if k.shape != t.shape:
-            raise CheckFailedError(f"check FAILED: output {i} has shape {k.shape} in Keras, {t.shape} in torch")
-        rows.append((str(i), float(np.max(np.abs(k.astype(np.float64) - t))) if k.size else 0.0,
-                     float(np.max(np.abs(k))) if k.size else 0.0))
+        rows.append(_compare_output(str(i), k, t))
     return CheckResult(tuple(rows), tolerance)
+
+
+def _max_diff(k: np.ndarray, t: np.ndarray) -> float:
+    return float(np.max(np.abs(k.astype(np.float64) - t))) if k.size else 0.0
+
+
+def _compare_output(name: str, k: np.ndarray, t: np.ndarray) -> tuple[str, float, float]:
+    """One output's row: ``(name, max |keras - torch|, max |keras|)``, in the layout the shapes allow.
+
+    A torch output of rank 3 or more may be channels-first where Keras's is channels-last.
+    When only one layout gives Keras's shape, it is used. When both do (``(C, H, W)`` and
+    ``(H, W, C)`` equal, e.g. an 8x8x8 feature map), the shapes cannot decide, so both are
+    compared and the closer one is reported, its name saying which layout it was: on random
+    inputs the wrong layout agrees only if the output is itself symmetric under the
+    transposition, in which case either reading is the same numbers. If neither is within the
+    tolerance the check fails.
+    """
+    scale = float(np.max(np.abs(k))) if k.size else 0.0
+    moved = np.moveaxis(t, 1, -1) if t.ndim >= 3 else t
+    as_is, channels_first = k.shape == t.shape, t.ndim >= 3 and moved.shape == k.shape
+    if not (as_is or channels_first):
+        raise CheckFailedError(f"check FAILED: output {name} has shape {k.shape} in Keras, {t.shape} in torch")
+    if not (as_is and channels_first):  # the shapes decide
+        return name, _max_diff(k, t if as_is else moved), scale
+    d_moved, d_same = _max_diff(k, moved), _max_diff(k, t)  # both layouts fit the shape: compare in both
+    if d_moved <= d_same:
+        return f"{name} (torch NCHW read as NHWC; as-is {d_same:.2g})", d_moved, scale
+    return f"{name} (torch output already NHWC; NCHW->NHWC {d_moved:.2g})", d_same, scale
 
 
 def keras_variable_keys(keras_model: Any, keys: AbcMapping[str, str], src: str = "the checkpoint") -> dict[str, str]:
@@ -304,8 +356,9 @@ def check_output(src: str, dst: str, kc: Any, plan: Plan, keras_model: Any, mode
 
 
 def _check_written(dst: str, kc: Any, plan: Plan, keras_model: Any, model_factory: Any, paths: dict[str, str],
-                   tolerance: float, optimizer: AbcMapping[str, Any] | None) -> CheckResult:
-    """:func:`check_output` once the Keras model holds the checkpoint's weights (``paths`` pairs its variables)."""
+                   tolerance: float, optimizer: AbcMapping[str, Any] | None, name: str | None = None) -> CheckResult:
+    """:func:`check_output` once the Keras model holds the checkpoint's weights (``paths`` pairs its variables);
+    ``name`` is what messages call the output (default ``dst``)."""
     from ckptfmt.adapters.torch import numpy_to_tensor
 
     from .keras.planner import make_model
@@ -322,7 +375,7 @@ def _check_written(dst: str, kc: Any, plan: Plan, keras_model: Any, model_factor
                            written["optimizer"], seed=1)
     result = CheckResult(result.outputs, tolerance, step, note)
     if not result.passed:
-        raise CheckFailedError(f"{dst} does not compute what the Keras model does: {result}")
+        raise CheckFailedError(f"{name or dst} does not compute what the Keras model does: {result}")
     return result
 
 
@@ -332,20 +385,24 @@ def _check_written(dst: str, kc: Any, plan: Plan, keras_model: Any, model_factor
 
 class CheckedOutput:
     """What ``tf_to_torch(check=True)`` runs around the write: the check made ready before the
-    output is written, and the output removed when the check fails or cannot run.
+    output is written, the output written beside ``dst`` under a staging name, and ``dst``
+    written only when the check passes.
 
-    Built before the conversion writes ``dst``: it needs Keras, loads the checkpoint's weights
+    Built before the conversion writes anything: it needs Keras, loads the checkpoint's weights
     into the Keras model by variable path (a Keras model that is not the checkpoint's is
-    refused here, with nothing written) and notes whether ``dst`` was an empty directory.
-    :meth:`run` then checks the written output; on anything but a pass (a failed check, an
-    error, an interrupt) it removes ``dst`` (this run wrote what is there: a file is replaced
-    atomically, a ckptfmt checkpoint is removed with :func:`ckptfmt.remove`, which deletes
-    only the files the format names) and raises, saying so. No unchecked output is left
-    looking like a success.
+    refused here, with nothing written) and names :attr:`staged`, where the conversion writes:
+    ``.NAME.check-PID.EXT`` beside a file ``dst`` (the extension kept: it chooses the kind),
+    ``.NAME.check-PID`` beside a ckptfmt checkpoint directory. It is never ``dst``.
+    :meth:`run` checks the staged output; on a pass it commits it (a file: synced and renamed
+    over ``dst``; a directory: renamed onto a missing or empty ``dst``; the directory synced).
+    On anything else (a failed check, an error, an interrupt) it removes only the staged
+    output and raises: ``dst`` (a previous file, another run's output) is left as it was. A
+    process killed during the check leaves at most the staged output, never an unchecked
+    ``dst``.
 
     Example:
         >>> guard = CheckedOutput("run/ckpt-1", "out.pt", kc, kmodel, "models.py:make")  # doctest: +SKIP
-        >>> report = keras_to_torch(kc, "out.pt", ...)  # doctest: +SKIP
+        >>> report = keras_to_torch(kc, "out.pt", write_to=guard.staged, ...)  # doctest: +SKIP
         >>> guard.run(report.plan, optimizer=report.check)  # doctest: +SKIP
     """
 
@@ -357,45 +414,129 @@ class CheckedOutput:
         require("keras", "--check (it runs the Keras model)", extra="tensorflow")
         self._src, self._dst, self._kc, self._keras, self._factory, self._tolerance = src, dst, kc, keras_model, model_factory, tolerance
         self._paths = _load_keras_weights(keras_model, src, kc.keys, kc.reader.get, kc.reader.shape)
-        self._empty_dir = os.path.isdir(dst) and not os.path.islink(dst) and not os.listdir(dst)
+        self._target, self.staged, self._dir = _staging(dst)
+        if os.path.lexists(self.staged):  # a run of this PID killed before: not ours to reuse or remove
+            raise ConversionError(f"{self.staged} exists (left by a --check run that was killed?): remove it, then run again")
+        self._existed = os.path.lexists(dst)
 
     def run(self, plan: Plan, optimizer: AbcMapping[str, Any] | None = None) -> CheckResult:
-        """Check the written output; remove it and raise unless the check passes.
+        """Check the staged output; commit it to ``dst`` on a pass, else remove it and raise.
 
         Raises:
-            CheckFailedError: the check ran and failed (``dst`` removed; the figures in the message).
-            ConversionError: the check could not run (``dst`` removed; the reason in the message).
+            CheckFailedError: the check ran and failed (``dst`` not written; the figures in the message).
+            ConversionError: the check could not run, or the passed output could not be put at
+                ``dst`` (``dst`` not written; the reason in the message).
         """
         try:
-            return _check_written(self._dst, self._kc, plan, self._keras, self._factory, self._paths, self._tolerance, optimizer)
+            result = _check_written(self.staged, self._kc, plan, self._keras, self._factory, self._paths, self._tolerance,
+                                    optimizer, name=f"the conversion to {self._dst}")
         except CheckFailedError as e:
-            raise CheckFailedError(f"{e}; {self._discard()}") from e
+            raise CheckFailedError(f"{e}; {self.discard()}") from e
         except CkptFmtError as e:
-            raise ConversionError(f"--check could not run: {e}; {self._discard()}") from e
+            raise ConversionError(f"--check could not run: {e}; {self.discard()}") from e
         except Exception as e:  # an error of a framework or of the user's model: ours to report, not to pass on raw
-            raise ConversionError(f"--check could not run: {type(e).__name__}: {e}; {self._discard()}") from e
-        except BaseException:  # Ctrl-C, SIGTERM: no unchecked output left behind either
-            self._discard()
+            raise ConversionError(f"--check could not run: {type(e).__name__}: {e}; {self.discard()}") from e
+        except BaseException:  # Ctrl-C, SIGTERM: no staged output left behind either
+            self.discard()
+            raise
+        self._commit()
+        return result
+
+    def _commit(self) -> None:
+        """The passed output onto ``dst``: a file synced and renamed over it
+        (:func:`~ckptfmt.converters.files.commit_file`), a directory renamed onto a missing or
+        empty ``dst`` (rename(2) never replaces one holding anything); the directory synced."""
+        import os
+
+        from .files import commit_file, fsync_dir
+
+        try:
+            if self._dir:
+                os.rename(self.staged, self._target)
+                fsync_dir(os.path.dirname(self._target))
+            else:
+                commit_file(self.staged, self._target)
+        except BaseException as e:
+            if not os.path.lexists(self.staged):  # renamed: dst holds the checked output, only its sync failed
+                raise
+            clause = self.discard()
+            if isinstance(e, OSError):
+                raise ConversionError(f"the check passed but the output could not be put at {self._dst} ({e}); {clause}") from e
             raise
 
-    def _discard(self) -> str:
-        """Remove what this run wrote at ``dst``; a clause saying what happened to it."""
+    def discard(self) -> str:
+        """Remove the staged output (if any); a clause saying what happened to ``dst``.
+
+        Example:
+            >>> guard.discard()  # doctest: +SKIP
+            'this run did not write out.pt (the staged output was removed); convert without --check to keep an unchecked one'
+        """
         import os
 
         from ckptfmt import remove
+        from ckptfmt.format.spec import MANIFEST_NAME
 
-        from .keras.outputs import output_kind
+        from ._temps import clear_partial_checkpoint
 
-        dst = self._dst
+        dst, staged = self._dst, self.staged
+        untouched = f"this run did not write {dst}" + (", which is left as it was" if self._existed else "")
         try:
-            if output_kind(dst) == "ckptfmt":
-                remove(dst)
-                if self._empty_dir:  # the directory the user gave stays, as empty as it was
-                    os.makedirs(dst, exist_ok=True)
-            elif os.path.isfile(dst) and not os.path.islink(dst):
-                os.remove(dst)
-            else:
-                return f"{dst} was not removed (not a file this run wrote): it is unchecked, do not use it"
+            if self._dir and os.path.isdir(staged) and not os.path.islink(staged):
+                if os.path.exists(os.path.join(staged, MANIFEST_NAME)):
+                    remove(staged)
+                else:  # a write stopped halfway: only the files the format names
+                    clear_partial_checkpoint(staged)
+                if os.path.isdir(staged) and not os.listdir(staged):
+                    os.rmdir(staged)
+            elif not self._dir and os.path.isfile(staged) and not os.path.islink(staged):
+                os.remove(staged)
         except (OSError, CkptFmtError) as e:
-            return f"{dst} could not be removed ({e}): it is unchecked, do not use it"
-        return f"the output this run wrote at {dst} was removed (convert without --check to keep an unchecked one)"
+            return f"{untouched}; the staged output {staged} could not be removed ({e}): delete it"
+        if os.path.lexists(staged):
+            return f"{untouched}; the staged output {staged} was left (not removable as ours): delete it"
+        return f"{untouched} (the staged output was removed); convert without --check to keep an unchecked one"
+
+
+def _staging(dst: str) -> tuple[str, str, bool]:
+    """``(the path committed to, the staging path beside it, whether it is a directory)`` for ``dst``.
+
+    A checkpoint directory given through a symbolic link is committed where the link points
+    (as a conversion without ``--check`` writes into it).
+    """
+    import os
+
+    from .keras.outputs import output_kind
+
+    is_dir = output_kind(dst) == "ckptfmt"
+    target = os.path.realpath(dst) if is_dir else os.path.abspath(dst)
+    parent, name = os.path.split(target)
+    stem, ext = ("", "") if is_dir else os.path.splitext(name)
+    staged = f".{name}.check-{os.getpid()}" if is_dir else f".{stem}.check-{os.getpid()}{ext}"
+    return target, os.path.join(parent, staged), is_dir
+
+
+def refuse_unstageable(dst: str, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, a ``--check`` destination the check cannot guard.
+
+    Raises:
+        ConversionError: an object-store URL (the staged output could not be committed
+            atomically), or with ``overwrite`` an existing ckptfmt checkpoint directory (a
+            directory holding files cannot be replaced atomically).
+
+    Example:
+        >>> refuse_unstageable("/tmp/new-out.pt", overwrite=True)
+    """
+    import os
+
+    from ckptfmt.format.spec import MANIFEST_NAME
+    from ckptfmt.storage.urls import is_url
+
+    from .keras.outputs import output_kind
+
+    if is_url(dst):
+        raise ConversionError(f"{dst}: --check cannot write an object store (the output is checked before it is put at "
+                              "DST, which a store cannot do atomically): convert to a local path with --check, then copy it")
+    if overwrite and output_kind(dst) == "ckptfmt" and os.path.isfile(os.path.join(dst, MANIFEST_NAME)):
+        raise ConversionError(f"{dst} is a ckptfmt checkpoint, which --check --overwrite cannot replace atomically (a "
+                              "failed check would leave neither): convert to a new directory with --check, then replace "
+                              "the old one with it")

@@ -148,14 +148,17 @@ def tf_to_torch(
         keras_model: the Keras model the checkpoint was saved from, or a factory for it
             (``"file.py:factory"``): its graph settles matches the torch model's dataflow
             cannot (same-shape layers on parallel branches), and ``check`` runs it.
-        check: after writing, run the Keras model (weights read from ``src`` by variable
-            path) and the torch model (loaded from ``dst``) on the same inputs in eval mode,
+        check: write the output under a staging name beside ``dst`` (``.NAME.check-PID.EXT``,
+            never ``dst``), run the Keras model (weights read from ``src`` by variable path) and
+            the torch model (loaded from the staged output) on the same inputs in eval mode,
             and one optimizer step on identical gradients
-            (:func:`ckptfmt.converters.check.check_output`); ``report.check`` holds the
-            figures. Needs ``model_factory`` and ``keras_model`` (and Keras); the Keras model
-            is loaded and paired with the checkpoint before anything is written. A check that
-            fails or cannot run removes the output this run wrote (no unchecked ``dst`` is left
-            looking like a success) and raises (:class:`ckptfmt.converters.check.CheckedOutput`).
+            (:func:`ckptfmt.converters.check.check_output`), and only on a pass rename it to
+            ``dst``; ``report.check`` holds the figures. Needs ``model_factory`` and
+            ``keras_model`` (and Keras); the Keras model is loaded and paired with the
+            checkpoint before anything is written. A check that fails, cannot run or is
+            interrupted removes the staged output and raises, ``dst`` left as it was (a previous
+            file stays; :class:`ckptfmt.converters.check.CheckedOutput`). Refused: an
+            object-store ``dst``, and ``overwrite`` of an existing ckptfmt checkpoint directory.
         check_tolerance: the largest output difference allowed, relative to the outputs'
             magnitude (at least 1).
         fold_conv_bias: a Keras convolution with a bias whose torch module has none is
@@ -172,8 +175,9 @@ def tf_to_torch(
         CheckpointExistsError: ``dst`` exists (without ``overwrite``), or is a non-empty
             directory that is not a ckptfmt checkpoint.
         CheckFailedError: ``check`` found outputs (or weights after one optimizer step)
-            further apart than the tolerance; the message gives every figure (``dst`` removed).
-        ConversionError: ``check`` could not run (the reason, and ``dst`` removed, in the message).
+            further apart than the tolerance; the message gives every figure (``dst`` not written).
+        ConversionError: ``check`` could not run (the reason, and ``dst`` not written, in the
+            message), or ``check`` with a ``dst`` it cannot guard (see ``check``).
 
     Example:
         >>> r = tf_to_torch("fixtures/tf/keras3_conv_adam", "/tmp/x.pt", dry_run=True)
@@ -181,6 +185,10 @@ def tf_to_torch(
         ('conv.weight',)
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    if check and not dry_run:  # a DST the staged check cannot guard: refused before anything is read
+        from .check import refuse_unstageable
+
+        refuse_unstageable(dst, overwrite)
     mapping = as_mapping(mapping)
     model, example = make_model(model_factory)
     kmodel = make_keras_model(keras_model)
@@ -196,13 +204,18 @@ def tf_to_torch(
             from .check import CheckedOutput
 
             guard = CheckedOutput(src, dst, kc, kmodel, model_factory, tolerance=check_tolerance)
-        report = keras_to_torch(
-            kc, dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
-            dry_run=dry_run, exact_optimizer=exact_optimizer, optimizer_config=file_optimizer_config(kc, optimizer_config),
-            strict=strict, overwrite=overwrite, preset=preset, pairs=pairs, progress=progress, keras_model=kmodel,
-            fold_conv_bias=fold_conv_bias,
-        )
-        if guard is not None:  # a failed or unrunnable check removes the output and raises
+        try:  # with check, written to the staged path beside dst (the report names dst)
+            report = keras_to_torch(
+                kc, dst, model=model, example=example, mapping=mapping, optimizer=optimizer,
+                dry_run=dry_run, exact_optimizer=exact_optimizer, optimizer_config=file_optimizer_config(kc, optimizer_config),
+                strict=strict, overwrite=overwrite, preset=preset, pairs=pairs, progress=progress, keras_model=kmodel,
+                fold_conv_bias=fold_conv_bias, write_to=None if guard is None else guard.staged,
+            )
+        except BaseException:
+            if guard is not None:  # a write stopped halfway: nothing staged left behind
+                guard.discard()
+            raise
+        if guard is not None:  # commits the staged output on a pass; else removes it and raises (dst untouched)
             # keras_to_torch leaves the optimizer's settings in report.check for the step check
             report = dataclasses.replace(report, check=guard.run(report.plan, optimizer=report.check))
         elif report.check is not None:
@@ -228,6 +241,7 @@ def keras_to_torch(
     progress: bool | None = None,
     keras_model: Any = None,
     fold_conv_bias: bool = False,
+    write_to: str | None = None,
 ) -> ConversionReport:
     """The tf2torch pipeline on a :class:`KerasCheckpoint` from any reader: plan, optimizer, write.
 
@@ -238,6 +252,8 @@ def keras_to_torch(
         mapping, optimizer, dry_run, exact_optimizer, optimizer_config, strict, overwrite,
             preset, pairs, progress, keras_model, fold_conv_bias: as for :func:`tf_to_torch`
             (``keras_model`` a Keras model object).
+        write_to: where to write instead of ``dst`` (a staging path of the same kind, as
+            ``check`` uses); the report, also the one stored in the output, names ``dst``.
 
     Raises:
         As :func:`tf_to_torch`.
@@ -271,7 +287,7 @@ def keras_to_torch(
          "torch_class": conv.optimizer, "torch_hyperparameters": dict(conv.hyperparameters)} if conv and state else None,
     )
     if not dry_run:
-        _write_torch_side(dst, kc, plan, model, conv, report, overwrite, progress)
+        _write_torch_side(write_to or dst, kc, plan, model, conv, report, overwrite, progress)
     return report
 
 

@@ -219,8 +219,8 @@ def test_check_fails_with_the_figures_when_the_torch_model_differs(runs, tmp_pat
 
     with pytest.raises(CheckFailedError, match=r"check FAILED: output 0: max \|keras - torch\|") as e:
         tf_to_torch(run["prefix"], tmp_path / "v.pt", model_factory=other, keras_model=f"{MODELS}:keras_vgg", check=True)
-    # no output that fails its check is left at DST, and the message says so
-    assert "v.pt was removed" in str(e.value) and not (tmp_path / "v.pt").exists()
+    # no output that fails its check is left at DST (nor its staged copy), and the message says so
+    assert "this run did not write" in str(e.value) and "v.pt" in str(e.value) and not list(tmp_path.iterdir())
 
 
 def test_check_from_the_command_line(runs, tmp_path):
@@ -285,8 +285,8 @@ def test_command_line_refusals_exit_non_zero_and_write_nothing(runs, tmp_path):
     res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:resnet",
                                     "--keras-model", f"{MODELS}:keras_resnet", "--check", "--check-tolerance", "1e-12"])
     # a check that ran and failed: exit 1 (as the help and README say), the output it wrote removed
-    assert res.exit_code == 1 and "check FAILED" in res.output and "was removed" in res.output, res.output
-    assert not out.exists()
+    assert res.exit_code == 1 and "check FAILED" in res.output and "this run did not write" in res.output, res.output
+    assert not list(tmp_path.iterdir())
 
 
 # -- --check that cannot run: refused before writing, or the output removed -------------------
@@ -319,8 +319,9 @@ def test_a_check_that_cannot_run_is_refused_before_anything_is_written(runs, tmp
 
 @pytest.mark.parametrize("dst_kind", ["pt", "new_dir", "empty_dir", "interrupted"])
 def test_a_check_that_fails_to_run_after_writing_removes_the_output(runs, tmp_path, monkeypatch, dst_kind):
-    """An error inside the check (a framework, the user's model) or an interrupt, after DST was
-    written: DST is removed (a user's empty directory stays), and the error says why."""
+    """An error inside the check (a framework, the user's model) or an interrupt, after the output
+    was written to its staging name beside DST: the staged output is removed, DST never written
+    (a user's empty directory stays), and the error says why."""
     from ckptfmt.converters import check
     from ckptfmt.converters.convert import tf_to_torch
 
@@ -333,7 +334,7 @@ def test_a_check_that_fails_to_run_after_writing_removes_the_output(runs, tmp_pa
     seen = []
 
     def broken(keras_model, torch_model, *a, **k):
-        seen.append(sorted(p.name for p in out.iterdir()))  # DST was written when the check ran
+        seen.append(sorted(p.name for p in out.iterdir()))  # the staged output, not DST, when the check ran
         if dst_kind == "interrupted":
             raise KeyboardInterrupt
         raise RuntimeError("the Keras backend failed")
@@ -345,10 +346,11 @@ def test_a_check_that_fails_to_run_after_writing_removes_the_output(runs, tmp_pa
             tf_to_torch(run["prefix"], dst, **kwargs)
     else:
         with pytest.raises(ConversionError, match=r"--check could not run: RuntimeError: the Keras backend failed; "
-                                                  r"the output this run wrote at .* was removed") as e:
+                                                  r"this run did not write .* \(the staged output was removed\)") as e:
             tf_to_torch(run["prefix"], dst, **kwargs)
         assert not isinstance(e.value, CheckFailedError)
-    assert seen == [[dst.name]]
+    staged = f".v.check-{os.getpid()}.pt" if dst.suffix == ".pt" else f".ck.check-{os.getpid()}"
+    assert seen == [sorted([staged] + (["ck"] if dst_kind == "empty_dir" else []))]
     if dst_kind == "empty_dir":
         assert dst.is_dir() and not list(dst.iterdir())
     else:
@@ -369,8 +371,182 @@ def test_a_check_that_cannot_run_exits_3_from_the_command_line(runs, tmp_path, m
     out = tmp_path / "v.pt"
     res = CliRunner().invoke(main, ["convert", "tf2torch", run["prefix"], str(out), "--model", f"{MODELS}:vgg",
                                     "--keras-model", f"{MODELS}:keras_vgg", "--check"])
-    assert res.exit_code == 3 and "--check could not run" in res.output and "was removed" in res.output, res.output
-    assert f"wrote {out} (" not in res.output and not out.exists()
+    assert res.exit_code == 3 and "--check could not run" in res.output and "this run did not write" in res.output, res.output
+    assert f"wrote {out} (" not in res.output and not list(tmp_path.iterdir())
+
+
+# -- --check writes DST only on a pass: a previous DST survives anything else ----------------------
+
+
+def _vgg_other():
+    model, x = _load_models().vgg()
+    model.classifier[1] = __import__("torch").nn.Tanh()  # not the Keras model's ReLU: the check fails
+    return model, x
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_a_failing_check_with_overwrite_keeps_the_previous_file_and_a_passing_one_replaces_it(runs, tmp_path):
+    import torch
+
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    dst = tmp_path / "model.pt"
+    torch.save({"model": {"w": torch.ones(3)}, "epoch": 41}, dst)  # the user's own file
+    before = dst.read_bytes()
+    kw = dict(keras_model=f"{MODELS}:keras_vgg", check=True, overwrite=True)
+    with pytest.raises(CheckFailedError, match=r"this run did not write .*model\.pt, which is left as it was"):
+        tf_to_torch(run["prefix"], dst, model_factory=_vgg_other, **kw)
+    assert dst.read_bytes() == before and _names(tmp_path) == ["model.pt"]
+    # a second run to the same DST whose check passes replaces it; the report (also the one in the file) names DST
+    r = tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", **kw)
+    assert r.check.passed and r.destination == str(dst) and _names(tmp_path) == ["model.pt"]
+    written = dst.read_bytes()
+    assert written != before
+    assert torch.load(dst, weights_only=True)["conversion_report"].splitlines()[0].endswith(f" -> {dst}")
+    # a third, failing again, leaves the second's checked output
+    with pytest.raises(CheckFailedError):
+        tf_to_torch(run["prefix"], dst, model_factory=_vgg_other, **kw)
+    assert dst.read_bytes() == written and _names(tmp_path) == ["model.pt"]
+
+
+def test_a_failing_check_leaves_an_empty_directory_empty_and_a_passing_one_fills_it(runs, tmp_path):
+    import ckptfmt
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    dst = tmp_path / "ck"
+    dst.mkdir()
+    kw = dict(keras_model=f"{MODELS}:keras_vgg", check=True, overwrite=True)
+    with pytest.raises(CheckFailedError, match=r"this run did not write .*ck, which is left as it was"):
+        tf_to_torch(run["prefix"], dst, model_factory=_vgg_other, **kw)
+    assert _names(tmp_path) == ["ck"] and not _names(dst)
+    r = tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", **kw)
+    assert r.check.passed and r.destination == str(dst) and _names(tmp_path) == ["ck"]
+    assert "classifier.3.weight" in ckptfmt.load(dst)["model"]
+
+
+def test_a_directory_another_writer_fills_during_the_check_is_not_replaced(runs, tmp_path, monkeypatch):
+    from ckptfmt.converters import check
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    dst = tmp_path / "ck"
+    real = check.check_conversion
+
+    def meanwhile(*a, **k):
+        dst.mkdir()
+        (dst / "theirs.txt").write_text("another writer")
+        return real(*a, **k)
+
+    monkeypatch.setattr(check, "check_conversion", meanwhile)
+    with pytest.raises(ConversionError, match=r"the check passed but the output could not be put at .*ck \(.*\); "
+                                              r"this run did not write .*ck \(the staged output was removed\)"):
+        tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_vgg", check=True)
+    assert _names(tmp_path) == ["ck"] and _names(dst) == ["theirs.txt"]
+
+
+def test_an_interrupted_check_leaves_dst_unchanged_and_nothing_staged(runs, tmp_path):
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    calls = []
+
+    def factory():
+        calls.append(1)
+        if len(calls) == 2:  # the check's call (the first one plans the conversion)
+            raise KeyboardInterrupt
+        return _load_models().vgg()
+
+    dst = tmp_path / "out.pt"
+    dst.write_bytes(b"the previous file")
+    with pytest.raises(KeyboardInterrupt):
+        tf_to_torch(run["prefix"], dst, model_factory=factory, keras_model=f"{MODELS}:keras_vgg", check=True, overwrite=True)
+    assert len(calls) == 2 and dst.read_bytes() == b"the previous file" and _names(tmp_path) == ["out.pt"]
+
+
+def test_check_refuses_an_object_store_dst_and_overwriting_a_checkpoint_directory(runs, tmp_path):
+    import ckptfmt
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    kw = dict(model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_vgg", check=True)
+    with pytest.raises(ConversionError, match=r"s3://bucket/run/ck: --check cannot write an object store.*"
+                                              r"convert to a local path with --check, then copy it"):
+        tf_to_torch(run["prefix"], "s3://bucket/run/ck", overwrite=True, **kw)
+    ck = tmp_path / "ck"
+    ckptfmt.save({"w": np.ones(3, np.float32)}, ck)
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    with pytest.raises(ConversionError, match=r"ck is a ckptfmt checkpoint, which --check --overwrite cannot replace "
+                                              r"atomically.*convert to a new directory with --check, then replace"):
+        tf_to_torch(run["prefix"], ck, overwrite=True, **kw)
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before and _names(tmp_path) == ["ck"]
+    # without --overwrite the existing checkpoint is refused as ever; a new directory is written
+    from ckptfmt.errors import CheckpointExistsError
+
+    with pytest.raises(CheckpointExistsError, match="already exists"):
+        tf_to_torch(run["prefix"], ck, **kw)
+    assert tf_to_torch(run["prefix"], tmp_path / "ck2", **kw).check.passed and _names(tmp_path) == ["ck", "ck2"]
+
+
+# -- --check when NHWC and NCHW have the same shape (8x8x8) -------------------------------------
+
+
+def _keras_cube():
+    import keras
+
+    i = keras.Input((8, 8, 8))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(i)
+    return keras.Model(i, keras.layers.Conv2D(8, 3, padding="same", name="head")(x))
+
+
+def _torch_cube(relu: bool = False):
+    import torch
+
+    class Cube(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.head = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head(torch.relu(x) if relu else x)
+
+    return Cube(), torch.zeros(2, 8, 8, 8)
+
+
+def test_check_of_an_8x8x8_model_compares_in_the_layout_that_matches(tf, tmp_path):
+    """Input and output are 8x8x8: the shapes cannot tell NHWC from NCHW. The input goes
+    channels-first (the torch model starts with a Conv2d), the output is compared in both
+    layouts, and the one that matches is named; a torch model that computes something else fails."""
+    import keras
+
+    from ckptfmt.converters.convert import tf_to_torch
+
+    keras.utils.set_random_seed(1)
+    prefix = tf.train.Checkpoint(model=_keras_cube()).write(str(tmp_path / "ck" / "ckpt"))
+    r = tf_to_torch(prefix, tmp_path / "cube.pt", model_factory=_torch_cube, keras_model=_keras_cube, check=True)
+    ((name, diff, scale),) = r.check.outputs
+    assert r.check.passed and "torch NCHW read as NHWC" in name and diff < 1e-4 < scale, r.check
+    with pytest.raises(CheckFailedError, match=r"check FAILED: output 0 \(torch NCHW read as NHWC"):
+        tf_to_torch(prefix, tmp_path / "bad.pt", model_factory=lambda: _torch_cube(relu=True), keras_model=_keras_cube, check=True)
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_an_input_whose_layout_the_torch_model_does_not_settle_is_refused(tf):
+    import torch
+
+    from ckptfmt.converters.check import _to_torch_layout
+
+    x = np.arange(2 * 8 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 8)
+    np.testing.assert_array_equal(_to_torch_layout(x, (2, 8, 8, 8), torch.nn.Conv2d(8, 8, 1)), x.transpose(0, 3, 1, 2))
+    assert _to_torch_layout(x, (2, 8, 8, 8), torch.nn.Linear(8, 8)) is x
+    with pytest.raises(ConversionError, match=r"first weighted module \(LayerNorm\) does not say which"):
+        _to_torch_layout(x, (2, 8, 8, 8), torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Conv2d(8, 8, 1)))
 
 
 # -- diff --tf2torch with the Keras graph --------------------------------------------------------
