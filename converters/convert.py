@@ -265,16 +265,7 @@ def keras_to_torch(
     dst = os.fspath(dst)
     plan, notes = plan_conversion(kc, model, example, as_mapping(mapping), strict, preset=preset, pairs=pairs,
                                   keras_model=keras_model, fold_conv_bias=fold_conv_bias)
-    folds = [e for e in plan.entries if any(type(op).__name__ == "Subtract" for op in e.ops)]
-    if folds and optimizer and kc.has_optimizer and not dry_run:
-        raise ConversionError(f"{len(folds)} conv bias(es) are folded into BatchNorm running means ({folds[0].sources[1]}...): "
-                              "their optimizer state has no torch parameter to go to; convert the weights only (--no-optimizer)")
-    check_config_mismatches(kc, notes)
-    if not plan.entries:  # never "wrote ... (0 tensors)"
-        raise ConversionError(
-            f"{kc.path}: nothing to convert: no variable of {kc.root!r} maps to a torch tensor "
-            f"({len(kc.keys)} model variables read); check --root, --map or --preset"
-        )
+    _refuse_unwritable_plan(kc, plan, notes, with_optimizer=optimizer and kc.has_optimizer and not dry_run)
     conv, opt_notes, state = _torch_optimizer(kc, plan, model, optimizer=optimizer, dry_run=dry_run, exact=exact_optimizer,
                                               optimizer_config=optimizer_config)
     used = set(kc.keys.values()) | (optimizer_keys(kc) if conv is not None else set())
@@ -289,6 +280,21 @@ def keras_to_torch(
     if not dry_run:
         _write_torch_side(write_to or dst, kc, plan, model, conv, report, overwrite, progress)
     return report
+
+
+def _refuse_unwritable_plan(kc: KerasCheckpoint, plan: Plan, notes: list[str], *, with_optimizer: bool) -> None:
+    """Refuse a plan that writes nothing, or folds conv biases whose optimizer state would be converted;
+    and a Keras file whose config disagrees with the notes."""
+    folds = [e for e in plan.entries if any(type(op).__name__ == "Subtract" for op in e.ops)]
+    if folds and with_optimizer:
+        raise ConversionError(f"{len(folds)} conv bias(es) are folded into BatchNorm running means ({folds[0].sources[1]}...): "
+                              "their optimizer state has no torch parameter to go to; convert the weights only (--no-optimizer)")
+    check_config_mismatches(kc, notes)
+    if not plan.entries:  # never "wrote ... (0 tensors)"
+        raise ConversionError(
+            f"{kc.path}: nothing to convert: no variable of {kc.root!r} maps to a torch tensor "
+            f"({len(kc.keys)} model variables read); check --root, --map or --preset"
+        )
 
 
 def _torch_optimizer(kc: KerasCheckpoint, plan: Plan, model: Any, *, optimizer: bool, dry_run: bool, exact: bool,
