@@ -406,7 +406,8 @@ class CheckedOutput:
         >>> guard.run(report.plan, optimizer=report.check)  # doctest: +SKIP
     """
 
-    def __init__(self, src: str, dst: str, kc: Any, keras_model: Any, model_factory: Any, *, tolerance: float = 1e-5) -> None:
+    def __init__(self, src: str, dst: str, kc: Any, keras_model: Any, model_factory: Any, *, tolerance: float = 1e-5,
+                 overwrite: bool = False) -> None:
         import os
 
         from .optional import require
@@ -418,6 +419,7 @@ class CheckedOutput:
         if os.path.lexists(self.staged):  # a run of this PID killed before: not ours to reuse or remove
             raise ConversionError(f"{self.staged} exists (left by a --check run that was killed?): remove it, then run again")
         self._existed = os.path.lexists(dst)
+        self._overwrite = overwrite
 
     def run(self, plan: Plan, optimizer: AbcMapping[str, Any] | None = None) -> CheckResult:
         """Check the staged output; commit it to ``dst`` on a pass, else remove it and raise.
@@ -448,14 +450,21 @@ class CheckedOutput:
         empty ``dst`` (rename(2) never replaces one holding anything); the directory synced."""
         import os
 
-        from .files import commit_file, fsync_dir
+        from .files import commit_file, fsync_dir, fsync_path
 
         try:
             if self._dir:
-                os.rename(self.staged, self._target)
+                os.rename(self.staged, self._target)  # onto a missing dst only (refuse_unstageable)
                 fsync_dir(os.path.dirname(self._target))
-            else:
+            elif self._overwrite:
                 commit_file(self.staged, self._target)
+            else:
+                # without overwrite, a file someone put at dst during the check is not replaced:
+                # link(2) fails on an existing name, where rename(2) would replace it
+                fsync_path(self.staged)
+                os.link(self.staged, self._target)
+                os.unlink(self.staged)
+                fsync_dir(os.path.dirname(self._target))
         except BaseException as e:
             if not os.path.lexists(self.staged):  # renamed: dst holds the checked output, only its sync failed
                 raise
@@ -520,8 +529,9 @@ def refuse_unstageable(dst: str, overwrite: bool) -> None:
 
     Raises:
         ConversionError: an object-store URL (the staged output could not be committed
-            atomically), or with ``overwrite`` an existing ckptfmt checkpoint directory (a
-            directory holding files cannot be replaced atomically).
+            atomically), with ``overwrite`` an existing ckptfmt checkpoint directory (a
+            directory holding files cannot be replaced atomically), or any existing directory
+            as a checkpoint destination (renaming onto it would replace the directory itself).
 
     Example:
         >>> refuse_unstageable("/tmp/new-out.pt", overwrite=True)
@@ -540,3 +550,9 @@ def refuse_unstageable(dst: str, overwrite: bool) -> None:
         raise ConversionError(f"{dst} is a ckptfmt checkpoint, which --check --overwrite cannot replace atomically (a "
                               "failed check would leave neither): convert to a new directory with --check, then replace "
                               "the old one with it")
+    if output_kind(dst) == "ckptfmt" and os.path.isdir(dst) and (overwrite or not os.listdir(dst)):
+        # (one holding files without overwrite is refused as existing, as without --check)
+        # the checked output is renamed into place: onto an existing (even empty) directory that would
+        # replace the user's directory itself (its inode, mode, owner), or stage outside it for "."
+        raise ConversionError(f"{dst} is an existing directory: --check writes its checkpoint beside DST and renames it "
+                              "into place once checked, so DST must not exist yet: give a new directory name")

@@ -203,7 +203,7 @@ def tf_to_torch(
         if check:  # what the check needs, made ready before anything is written
             from .check import CheckedOutput
 
-            guard = CheckedOutput(src, dst, kc, kmodel, model_factory, tolerance=check_tolerance)
+            guard = CheckedOutput(src, dst, kc, kmodel, model_factory, tolerance=check_tolerance, overwrite=overwrite)
         try:  # with check, written to the staged path beside dst (the report names dst)
             report = keras_to_torch(
                 kc, dst, model=model, example=example, mapping=mapping, optimizer=optimizer,

@@ -102,6 +102,10 @@ def atomic_file(dst: str, write: Callable[[str], object]) -> None:
     # first; a full disk is reported naming ``dst``
     remove_stale_temporaries(dst)
     tmp = temp_path(dst)
+    if os.path.lexists(tmp):  # this process's own name: something put there (a symlink would be followed)
+        from ckptfmt.errors import CheckpointExistsError
+
+        raise CheckpointExistsError(f"{tmp} is in the way of writing {dst} (this process's temporary name): remove it")
     try:
         write(tmp)
         commit_file(tmp, dst)

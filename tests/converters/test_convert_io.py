@@ -281,3 +281,18 @@ def test_docstring_examples(tmp_path, monkeypatch):
     for mod in (outputs, safetensors):
         result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, mod.__name__
+
+
+def test_atomic_file_refuses_a_link_at_its_temporary_name(tmp_path):
+    """Something at this process's own temporary name (a symlink would be followed by open())
+    is refused; the link's target and dst are untouched."""
+    from ckptfmt.converters.files import atomic_file, temp_path
+    from ckptfmt.errors import CheckpointExistsError
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    dst = str(tmp_path / "out.pt")
+    os.symlink(victim, temp_path(dst))
+    with pytest.raises(CheckpointExistsError, match="in the way"):
+        atomic_file(dst, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert victim.read_text() == "keep" and not os.path.exists(dst)

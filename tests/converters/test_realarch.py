@@ -317,11 +317,11 @@ def test_a_check_that_cannot_run_is_refused_before_anything_is_written(runs, tmp
     assert not dst.exists() and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("dst_kind", ["pt", "new_dir", "empty_dir", "interrupted"])
+@pytest.mark.parametrize("dst_kind", ["pt", "new_dir", "interrupted"])
 def test_a_check_that_fails_to_run_after_writing_removes_the_output(runs, tmp_path, monkeypatch, dst_kind):
     """An error inside the check (a framework, the user's model) or an interrupt, after the output
-    was written to its staging name beside DST: the staged output is removed, DST never written
-    (a user's empty directory stays), and the error says why."""
+    was written to its staging name beside DST: the staged output is removed, DST never written,
+    and the error says why."""
     from ckptfmt.converters import check
     from ckptfmt.converters.convert import tf_to_torch
 
@@ -329,8 +329,6 @@ def test_a_check_that_fails_to_run_after_writing_removes_the_output(runs, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     dst = out / ("v.pt" if dst_kind in ("pt", "interrupted") else "ck")
-    if dst_kind == "empty_dir":
-        dst.mkdir()
     seen = []
 
     def broken(keras_model, torch_model, *a, **k):
@@ -350,11 +348,8 @@ def test_a_check_that_fails_to_run_after_writing_removes_the_output(runs, tmp_pa
             tf_to_torch(run["prefix"], dst, **kwargs)
         assert not isinstance(e.value, CheckFailedError)
     staged = f".v.check-{os.getpid()}.pt" if dst.suffix == ".pt" else f".ck.check-{os.getpid()}"
-    assert seen == [sorted([staged] + (["ck"] if dst_kind == "empty_dir" else []))]
-    if dst_kind == "empty_dir":
-        assert dst.is_dir() and not list(dst.iterdir())
-    else:
-        assert not list(out.iterdir())
+    assert seen == [[staged]]
+    assert not list(out.iterdir())
 
 
 def test_a_check_that_cannot_run_exits_3_from_the_command_line(runs, tmp_path, monkeypatch):
@@ -413,20 +408,43 @@ def test_a_failing_check_with_overwrite_keeps_the_previous_file_and_a_passing_on
     assert dst.read_bytes() == written and _names(tmp_path) == ["model.pt"]
 
 
-def test_a_failing_check_leaves_an_empty_directory_empty_and_a_passing_one_fills_it(runs, tmp_path):
+def test_check_refuses_an_existing_directory_and_leaves_it_as_it_was(runs, tmp_path, monkeypatch):
+    """The checked checkpoint is renamed into place: onto an existing (even empty) directory that
+    would replace the user's directory itself (inode, mode, owner), and "." would be staged outside
+    the directory given. Refused before anything is written; a new name works."""
     import ckptfmt
     from ckptfmt.converters.convert import tf_to_torch
 
     run = runs("vgg")
     dst = tmp_path / "ck"
-    dst.mkdir()
-    kw = dict(keras_model=f"{MODELS}:keras_vgg", check=True, overwrite=True)
-    with pytest.raises(CheckFailedError, match=r"this run did not write .*ck, which is left as it was"):
-        tf_to_torch(run["prefix"], dst, model_factory=_vgg_other, **kw)
-    assert _names(tmp_path) == ["ck"] and not _names(dst)
-    r = tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", **kw)
-    assert r.check.passed and r.destination == str(dst) and _names(tmp_path) == ["ck"]
-    assert "classifier.3.weight" in ckptfmt.load(dst)["model"]
+    dst.mkdir(mode=0o700)
+    before = (dst.stat().st_ino, dst.stat().st_mode)
+    kw = dict(model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_vgg", check=True, overwrite=True)
+    for given in (dst, "."):
+        monkeypatch.chdir(dst)
+        with pytest.raises(ConversionError, match=r"is an existing directory: --check .* DST must not exist yet"):
+            tf_to_torch(run["prefix"], given, **kw)
+    assert (dst.stat().st_ino, dst.stat().st_mode) == before and not _names(dst) and _names(tmp_path) == ["ck"]
+    r = tf_to_torch(run["prefix"], tmp_path / "new", **kw)
+    assert r.check.passed and "classifier.3.weight" in ckptfmt.load(tmp_path / "new")["model"]
+
+
+def test_a_file_put_at_dst_during_the_check_is_not_replaced_without_overwrite(runs, tmp_path, monkeypatch):
+    from ckptfmt.converters import check
+    from ckptfmt.converters.convert import tf_to_torch
+
+    run = runs("vgg")
+    dst = tmp_path / "out.pt"
+    real = check.check_conversion
+
+    def meanwhile(*a, **k):
+        dst.write_bytes(b"the user's own file")
+        return real(*a, **k)
+
+    monkeypatch.setattr(check, "check_conversion", meanwhile)
+    with pytest.raises(ConversionError, match=r"the check passed but the output could not be put at .*out.pt"):
+        tf_to_torch(run["prefix"], dst, model_factory=f"{MODELS}:vgg", keras_model=f"{MODELS}:keras_vgg", check=True)
+    assert dst.read_bytes() == b"the user's own file" and _names(tmp_path) == ["out.pt"]
 
 
 def test_a_directory_another_writer_fills_during_the_check_is_not_replaced(runs, tmp_path, monkeypatch):
