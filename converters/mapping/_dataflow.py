@@ -40,7 +40,7 @@ from typing import Any
 from ckptfmt.errors import ConversionError
 
 from ._record import record_run
-from ._walk import LinearInput, _linear_input, _name, _node_args, _norm_input, _op_name, _shape  # noqa: F401
+from ._walk import LinearInput, _feature_input, _linear_input, _name, _node_args, _norm_input, _op_name, _shape  # noqa: F401
 
 INPUT = "<input>"
 
@@ -66,6 +66,9 @@ class TorchDataflow:
     linear_inputs: dict[str, LinearInput] = field(default_factory=dict)
     norm_inputs: dict[str, str] = field(default_factory=dict)
     recorded: str | None = None
+    #: ``{path: LinearInput}`` of the other weighted modules that take a feature vector
+    #: (:func:`._walk._feature_input`): a BatchNorm1d or LayerNorm after a flatten, say.
+    feature_inputs: dict[str, LinearInput] = field(default_factory=dict)
 
     @classmethod
     def trace(cls, model: Any, example_input: Any) -> TorchDataflow:
@@ -106,18 +109,23 @@ class TorchDataflow:
         import torch
 
         calls, order = _calls(nodes)
-        linear, norms = {}, {}
+        linear, norms, features = {}, {}, {}
         for node in nodes:
             if node.op != "call_module":
                 continue
             module = modules.get(node.target)
             if isinstance(module, torch.nn.Linear):
                 linear[str(node.target)] = _linear_input(node, modules)
-            elif isinstance(module, torch.nn.LayerNorm):
+                continue
+            if isinstance(module, torch.nn.LayerNorm):
                 seen = norms.get(str(node.target))
                 layout = _norm_input(node, modules)
                 norms[str(node.target)] = layout if seen in (None, layout) else "unknown: called on maps of two layouts"
-        return cls(calls, order, linear, norms, recorded)
+            if module is not None and any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+                fed = _feature_input(node, modules)
+                if fed is not None and (fed.flattened is not None or not fed.known):
+                    features[str(node.target)] = fed
+        return cls(calls, order, linear, norms, recorded, features)
 
     def linear_input(self, path: str) -> LinearInput | None:
         """How the Linear at ``path`` was fed, or None if the pass did not call it."""

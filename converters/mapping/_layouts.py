@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["dense_inputs", "layernorm_layouts"]
+__all__ = ["dense_inputs", "flattened_features", "layernorm_layouts"]
 
 import math
 from collections.abc import Mapping as AbcMapping
@@ -107,6 +107,24 @@ def dense_inputs(matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow 
     if problems:
         raise ConversionError("cannot tell how the Dense layers are fed:\n  " + "\n  ".join(problems))
     return flatten_from
+
+
+def flattened_features(matched: Sequence[tuple[KerasLayer, str]], flow: TorchDataflow | None) -> None:
+    """Refuse a layer other than a Dense whose per-feature weights meet a flattened map (a
+    BatchNormalization or LayerNormalization after a Flatten, a 1x1 convolution on a flattened
+    vector): its weights would need a Dense's row permutation, which only a Dense gets.
+
+    Raises:
+        ConversionError: every such layer, naming what feeds its torch module.
+    """
+    if flow is None:
+        return
+    problems = [f"{layer.class_name} {layer.name!r} -> {path}: the torch model feeds it {fed.how}; its per-feature "
+                "weights would have to be permuted like a Dense's rows from Keras's (H, W, C) order, which the converter "
+                "does only for a Dense: write its rules in a mapping file (--map)"
+                for layer, path in matched if layer.class_name != "Dense" and (fed := flow.feature_inputs.get(path)) is not None]
+    if problems:
+        raise ConversionError("cannot convert layers fed by a flattened map:\n  " + "\n  ".join(problems))
 
 
 def _norm_axes(axis: Any) -> list[int] | None:

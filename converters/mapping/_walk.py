@@ -267,8 +267,9 @@ def _pooled(x: Any, fn: str | None, module: Any) -> bool:
     return fn in _REDUCTIONS or (fn == "getitem" and not _full_slice(x.args[1] if len(x.args) > 1 else None))
 
 
-def _map_upstream(x: Any, modules: AbcMapping[str, Any]) -> str | None:
-    """A spatial map (more than one position) whose values reach ``x`` not through pooling, else None."""
+def _map_upstream(x: Any, modules: AbcMapping[str, Any]) -> tuple[str, tuple[int, ...] | None] | None:
+    """A spatial map (more than one position) whose values reach ``x`` not through pooling, else None:
+    (its description, its shape or None when unknown)."""
     seen: set[int] = set()
     todo = [x]
     while todo:
@@ -278,7 +279,7 @@ def _map_upstream(x: Any, modules: AbcMapping[str, Any]) -> str | None:
         seen.add(id(n))
         found, stop = _map_at(n, modules)
         if found is not None:
-            return found
+            return found, (_shape(n) if not n.meta.get("unseen") else None)
         if not stop:
             todo.extend(_node_args(n))
     return None
@@ -383,13 +384,26 @@ def _walk_step(x: Any, modules: AbcMapping[str, Any], memo: dict[int, LinearInpu
 
 
 def _unfollowed(x: Any, shape: tuple[int, ...] | None, modules: AbcMapping[str, Any], last_axis: bool) -> LinearInput:
-    """An op the walk cannot follow: harmless over the last axis or with no map upstream, else unknown."""
-    if last_axis:  # a Linear over the last axis of a map: no flatten to permute
-        return _vector(shape)
+    """An op the walk cannot follow: harmless with no map upstream, or over the last axis when that
+    axis cannot hold a whole flattened map; else unknown."""
     found = _map_upstream(x, modules)
     if found is None:
-        return LinearInput(None, "vector")
-    return LinearInput(None, f"{_describe(x, modules)} (an op the converter cannot follow) applied after {found}", known=False)
+        return _vector(shape) if last_axis else LinearInput(None, "vector")
+    what, map_shape = found
+    if last_axis and shape is not None and map_shape is not None and shape[-1] != math.prod(map_shape[1:]):
+        return _vector(shape)  # a Linear over the last axis of a map: its channels, no flatten to permute
+    return LinearInput(None, f"{_describe(x, modules)} (an op the converter cannot follow) applied after {what}", known=False)
+
+
+def _feature_input(node: Any, modules: AbcMapping[str, Any]) -> LinearInput | None:
+    """How a weighted module other than a Linear is fed when it takes a feature vector (``(N, F)``
+    or ``(N, F, 1, ...)``: a BatchNorm1d, a LayerNorm, a 1x1 conv on a vector), else None. Its
+    per-feature weights need the same permutation as a Dense's rows if F is a flattened map."""
+    x = node.args[0] if node.args else None
+    shape = _shape(x) if _is_node(x) else None
+    if shape is None or len(shape) < 2 or any(d != 1 for d in shape[2:]):
+        return None
+    return _fed_from(x, modules, {}, False)
 
 
 def _through_reshape(x: Any, name: str, modules: AbcMapping[str, Any], last_axis: bool) -> tuple[LinearInput | None, Any]:

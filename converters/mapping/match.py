@@ -33,7 +33,7 @@ from ..optional import require
 from ._candidates import Candidates, check_pairs, few, key, no_module_problem, own_shapes, settle_kinds, signatures
 from ._dataflow import TorchDataflow
 from ._folding import fold_targets, without_foldable_bias
-from ._layouts import dense_inputs, layernorm_layouts
+from ._layouts import dense_inputs, flattened_features, layernorm_layouts
 from ._pairing import decide_by_order, match_by_graph, trace_order
 from .describe import find_flatten_dense
 from .layers import BN_UNKNOWN_NOTE, LN_UNKNOWN_NOTE
@@ -234,6 +234,7 @@ def build_mapping(
     matched = match_layers(layers, model, example_input, pairs=pairs, flatten_from=keras_flatten, dataflow=flow,
                            keras_graph=keras_graph, exclude=exclude, decided_by_order=order_notes, order_known=order_known)
     flatten_from = dense_inputs(matched, flow, keras_flatten, guessed, order_known)
+    flattened_features(matched, flow)
     fold_into = fold_targets(folded, matched, flow, modules) if folded else {}
     mapping = _assemble(extra, matched, flatten_from, layernorm_layouts(matched, flow), fold_into)
     notes += _hyper_notes(matched, modules)

@@ -311,3 +311,52 @@ def test_a_sum_is_decided_by_both_addends(how, known, flattened):
     for flow in (TorchDataflow.trace(_Sum(how), torch.rand(2, 3, 2, 3)), TorchDataflow.record(_Sum(how), torch.rand(2, 3, 2, 3))):
         fed = flow.linear_input("fc")
         assert (fed.known, fed.flattened) == (known, flattened), fed
+
+
+class _LastAxis(nn.Module):
+    """conv -> flatten -> op adding a length-1 axis -> Linear over the last axis (rank 3 input)."""
+
+    def __init__(self, op, dynamic: bool = False) -> None:
+        super().__init__()
+        self.op, self.dynamic = op, dynamic
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        if self.dynamic and torch.isnan(x).any():
+            raise ValueError("NaN")
+        return self.fc(self.op(torch.relu(self.conv(x)).flatten(1)))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["fx", "recorded"])
+@pytest.mark.parametrize("op", [lambda f: f.unsqueeze(1), lambda f: f[:, None], lambda f: torch.stack([f], 1)],
+                         ids=["unsqueeze", "none-index", "stack"])
+def test_a_flattened_map_given_a_new_axis_is_not_a_last_axis_vector(op, dynamic):
+    """A Linear over the last axis whose length is a whole flattened map may need its rows permuted:
+    an op the walk cannot follow there is unknown, never "vector"."""
+    fed = TorchDataflow.of(_LastAxis(op, dynamic), torch.rand(2, 3, 2, 3)).linear_input("fc")
+    assert not fed.known and fed.flattened is None, fed
+
+
+class _FeatureAfterFlatten(nn.Module):
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head_kind = head
+        self.head = {"bn": nn.BatchNorm1d(24), "ln": nn.LayerNorm(24), "conv": nn.Conv2d(24, 5, 1)}[head]
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).flatten(1)
+        return self.head(f[:, :, None, None] if self.head_kind == "conv" else f)
+
+
+@pytest.mark.parametrize("head", ["bn", "ln", "conv"])
+def test_per_feature_weights_after_a_flatten_are_recorded_for_refusal(head):
+    """A BatchNorm1d/LayerNorm/1x1 conv whose features are a flattened channels-first map: its
+    weights would need a Dense's permutation; matching refuses it (flattened_features)."""
+    flow = TorchDataflow.of(_FeatureAfterFlatten(head), torch.rand(2, 3, 2, 3))
+    fed = flow.feature_inputs["head"]
+    assert fed.flattened == (2, 3, 4) or not fed.known, fed
+    pooled = TorchDataflow.of(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4)),
+                              torch.rand(2, 3, 5, 5))
+    assert pooled.feature_inputs == {}  # a pooled vector: nothing to permute
