@@ -445,9 +445,11 @@ class CheckedOutput:
         return result
 
     def _commit(self) -> None:
-        """The passed output onto ``dst``: a file synced and renamed over it
-        (:func:`~ckptfmt.converters.files.commit_file`), a directory renamed onto a missing or
-        empty ``dst`` (rename(2) never replaces one holding anything); the directory synced."""
+        """The passed output onto ``dst``: a file synced and renamed over it with overwrite
+        (:func:`~ckptfmt.converters.files.commit_file`), else linked to it (link(2) never
+        replaces a file that appeared at ``dst`` during the check); a directory renamed onto a
+        ``dst`` that does not exist (:func:`refuse_unstageable`); the directory synced."""
+        import errno
         import os
 
         from .files import commit_file, fsync_dir, fsync_path
@@ -462,8 +464,13 @@ class CheckedOutput:
                 # without overwrite, a file someone put at dst during the check is not replaced:
                 # link(2) fails on an existing name, where rename(2) would replace it
                 fsync_path(self.staged)
-                os.link(self.staged, self._target)
-                os.unlink(self.staged)
+                try:
+                    os.link(self.staged, self._target)
+                    os.unlink(self.staged)
+                except OSError as e:  # a filesystem without hard links: rename onto a still-missing dst
+                    if e.errno == errno.EEXIST or os.path.lexists(self._target) or not os.path.lexists(self.staged):
+                        raise
+                    os.rename(self.staged, self._target)
                 fsync_dir(os.path.dirname(self._target))
         except BaseException as e:
             if not os.path.lexists(self.staged):  # renamed: dst holds the checked output, only its sync failed
