@@ -547,11 +547,13 @@ def write_checkpoint(
             lock.release()
 
 
-def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, chunk_size, hash_alg, sync, progress,
-           producer, parent, shared_store, same_as_parent=None) -> str:
-    directory, name = split_checkpoint(path)
-    path = storage.join(directory, name)  # "ck/." names ck: its run directory is ck's parent
-    manifest_path = storage.join(path, MANIFEST_NAME)
+def destination_entry(storage: Storage, directory: str, name: str, path: str) -> Any:
+    """What is at a checkpoint's destination ``directory/name`` (None: nothing), refusing what no
+    save may write into: the run's shared store, a symbolic link, anything but a directory.
+
+    Raises:
+        UnsafePathError: the store's name, or a symbolic link. CheckpointExistsError: a file.
+    """
     if name == STORE_NAME:
         raise UnsafePathError(f"{path}: {STORE_NAME} is the name of a run's shared store; save the checkpoint under another name")
     entry = {e.name: e for e in storage.scan(directory)}.get(name)
@@ -559,6 +561,15 @@ def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, c
         raise UnsafePathError(f"{path} is a symbolic link; save to the directory it points to, or to another path")
     if entry is not None and entry.kind != "dir":
         raise CheckpointExistsError(f"{path} exists and is not a directory; choose another path")
+    return entry
+
+
+def _write(tree, tensors, path: str, storage: Storage, *, metadata, overwrite, chunk_size, hash_alg, sync, progress,
+           producer, parent, shared_store, same_as_parent=None) -> str:
+    directory, name = split_checkpoint(path)
+    path = storage.join(directory, name)  # "ck/." names ck: its run directory is ck's parent
+    manifest_path = storage.join(path, MANIFEST_NAME)
+    entry = destination_entry(storage, directory, name, path)
     old_files: list[str] = []
     if entry is not None and storage.exists(manifest_path):
         if not overwrite:

@@ -64,8 +64,8 @@ from ckptfmt._lock import DEFAULT_LOCK_TIMEOUT, run_lock
 from ckptfmt._pool import workers
 from ckptfmt._progress import progress_bar
 from ckptfmt._reader import CheckpointReader
-from ckptfmt._writer import _ZEROS, DATA_FILE_TARGET, _ParentRef, _producer, _Sums, _write_delta, _write_tensor
-from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, IntegrityError, UnsafePathError, UnsupportedDtypeError
+from ckptfmt._writer import _ZEROS, DATA_FILE_TARGET, _ParentRef, _producer, _Sums, _write_delta, _write_tensor, destination_entry
+from ckptfmt.errors import CheckpointExistsError, CkptFmtError, FormatError, IntegrityError, UnsupportedDtypeError
 from ckptfmt.format.dtypes import DTYPE_NAMES, dtype_name, numpy_dtype
 from ckptfmt.format.hashing import DEFAULT_HASH
 from ckptfmt.format.manifest import ManifestBuilder, decode_manifest
@@ -259,13 +259,7 @@ class Writer(StorageWriter):
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         s = self.storage
         directory, name = split(self.path)
-        if name == STORE_NAME:
-            raise UnsafePathError(f"{self.path}: {STORE_NAME} is the name of a run's shared store; save the checkpoint under another name")
-        e = {x.name: x for x in s.scan(directory)}.get(name)
-        if e is not None and e.kind == "link":
-            raise UnsafePathError(f"{self.path} is a symbolic link; save to the directory it points to, or to another path")
-        if e is not None and e.kind != "dir":
-            raise CheckpointExistsError(f"{self.path} exists and is not a directory; choose another path")
+        e = destination_entry(s, directory, name, self.path)
         if e is not None and s.exists(s.join(self.path, MANIFEST_NAME)) and not self.overwrite:
             raise CheckpointExistsError(f"a checkpoint already exists at {self.path}; pass overwrite=True to replace it")
         if self.parent is not None:
